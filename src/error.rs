@@ -1,0 +1,96 @@
+//! Typed errors of the library: each says what failed, on which image or path, and what to do.
+
+use std::path::PathBuf;
+
+/// Result alias of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every failure the library reports. The `kind()` string is stable and sent over the socket so
+/// that clients and tests can tell failures apart without parsing messages.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path} is not a regular file or block device; capture takes raw disk images")]
+    NotAnImage { path: PathBuf },
+
+    #[error("{path} is empty; there is nothing to capture")]
+    EmptyImage { path: PathBuf },
+
+    #[error(
+        "{path} is {size} bytes, not a multiple of 512; raw images are whole sectors (convert it with qemu-img first)"
+    )]
+    UnalignedSize { path: PathBuf, size: u64 },
+
+    #[error(
+        "invalid name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ - not starting with . or -"
+    )]
+    InvalidName { name: String },
+
+    #[error("no image named {name:?} in the catalog (see `vmarctl list`)")]
+    UnknownImage { name: String },
+
+    #[error("the name {name:?} is already used by {path}; choose another with --name")]
+    NameTaken { name: String, path: PathBuf },
+
+    #[error("{path} is already captured as {name:?}")]
+    AlreadyCaptured { name: String, path: PathBuf },
+
+    #[error(
+        "image {name:?} ({path}) changed since it was captured ({what}); re-capture it with `vmarctl capture --recapture {path}`"
+    )]
+    ImageChanged {
+        name: String,
+        path: PathBuf,
+        what: String,
+    },
+
+    #[error(
+        "{path} changed while it was being captured ({what}); stop whatever writes it and capture again"
+    )]
+    ChangedDuringCapture { path: PathBuf, what: String },
+
+    #[error("catalog in {dir}: {message}")]
+    Catalog { dir: PathBuf, message: String },
+
+    #[error("{0}")]
+    Protocol(String),
+
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+}
+
+impl Error {
+    /// Short stable identifier of the failure, for the wire protocol and `--json` output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "io",
+            Error::NotAnImage { .. } => "not-an-image",
+            Error::EmptyImage { .. } => "empty-image",
+            Error::UnalignedSize { .. } => "unaligned-size",
+            Error::InvalidName { .. } => "invalid-name",
+            Error::UnknownImage { .. } => "unknown-image",
+            Error::NameTaken { .. } => "name-taken",
+            Error::AlreadyCaptured { .. } => "already-captured",
+            Error::ImageChanged { .. } => "image-changed",
+            Error::ChangedDuringCapture { .. } => "changed-during-capture",
+            Error::Catalog { .. } => "catalog",
+            Error::Protocol(_) => "protocol",
+            Error::PermissionDenied(_) => "permission-denied",
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

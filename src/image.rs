@@ -1,0 +1,283 @@
+//! Image files: opening them read-only, their size, and the identity that tells whether an image
+//! is still the one that was captured. Images are never opened for writing.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Size of a catalog block: the unit of hashing, sharing and redirection.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Size of a device-mapper sector.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// What identifies one version of an image file: if any field differs, its content may have
+/// changed and every map built from it is stale. For block devices `mtime` does not follow
+/// writes, so only the device number and size are meaningful there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+impl ImageIdentity {
+    /// Human description of how `now` differs from `self`, e.g. "size 4096 -> 8192".
+    pub fn describe_change(&self, now: &ImageIdentity) -> String {
+        let mut parts = Vec::new();
+        if self.dev != now.dev || self.ino != now.ino {
+            parts.push("it is a different file now".to_string());
+        }
+        if self.size != now.size {
+            parts.push(format!("size {} -> {}", self.size, now.size));
+        }
+        if self.mtime_ns != now.mtime_ns {
+            parts.push("modification time differs".to_string());
+        }
+        if parts.is_empty() {
+            parts.push("unchanged".to_string());
+        }
+        parts.join(", ")
+    }
+}
+
+/// An image opened read-only, with its canonical path, size and identity at open time.
+#[derive(Debug)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub file: File,
+    pub size: u64,
+    pub identity: ImageIdentity,
+    pub is_block_device: bool,
+}
+
+impl ImageFile {
+    /// Opens `path` read-only and checks that it can be an image: a regular file or block
+    /// device, not empty, whole 512-byte sectors.
+    pub fn open(path: &Path) -> Result<ImageFile> {
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| Error::io("cannot resolve", path, e))?;
+        let file = File::open(&canonical).map_err(|e| Error::io("cannot open", &canonical, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", &canonical, e))?;
+        let ft = meta.file_type();
+        let is_block_device = ft.is_block_device();
+        if !ft.is_file() && !is_block_device {
+            return Err(Error::NotAnImage { path: canonical });
+        }
+        let mut image = ImageFile {
+            identity: ImageIdentity {
+                dev: 0,
+                ino: 0,
+                size: 0,
+                mtime_ns: 0,
+            },
+            path: canonical,
+            file,
+            size: 0,
+            is_block_device,
+        };
+        image.identity = image.current_identity()?;
+        image.size = image.identity.size;
+        if image.size == 0 {
+            return Err(Error::EmptyImage { path: image.path });
+        }
+        if image.size % SECTOR_SIZE != 0 {
+            return Err(Error::UnalignedSize {
+                path: image.path,
+                size: image.size,
+            });
+        }
+        Ok(image)
+    }
+
+    /// Identity of the open file as it is now (fstat, and the device size for block devices).
+    pub fn current_identity(&self) -> Result<ImageIdentity> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", &self.path, e))?;
+        let size = if self.is_block_device {
+            // st_size is 0 for block devices; seeking to the end gives the device size.
+            (&self.file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::io("cannot size", &self.path, e))?
+        } else {
+            meta.len()
+        };
+        let (dev, ino) = if self.is_block_device {
+            (meta.rdev(), 0)
+        } else {
+            (meta.dev(), meta.ino())
+        };
+        Ok(ImageIdentity {
+            dev,
+            ino,
+            size,
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        })
+    }
+
+    /// Number of catalog blocks, the last one possibly partial.
+    pub fn block_count(&self) -> u64 {
+        self.size.div_ceil(BLOCK_SIZE)
+    }
+}
+
+/// Opens a captured image again and fails with [`Error::ImageChanged`] unless it is still the
+/// same version that was captured.
+pub fn open_unchanged(name: &str, path: &Path, captured: &ImageIdentity) -> Result<ImageFile> {
+    let changed = |what: String| Error::ImageChanged {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        what,
+    };
+    let image = match ImageFile::open(path) {
+        Ok(image) => image,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Err(changed("it no longer exists".to_string()));
+        }
+        Err(e) => return Err(e),
+    };
+    if image.identity != *captured {
+        return Err(changed(captured.describe_change(&image.identity)));
+    }
+    Ok(image)
+}
+
+/// Checks an image or device name: it becomes part of file and device-mapper names, so it is
+/// kept to a portable character set.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            name: name.to_string(),
+        })
+    }
+}
+
+/// Default image name: the file name without its extension, with other characters replaced.
+pub fn default_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut name: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name = name.trim_start_matches(['.', '-']).to_string();
+    name.truncate(64);
+    if name.is_empty() {
+        name.push_str("image");
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for good in ["web", "db-1.raw", "A_b.c-9", &"x".repeat(64)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "-opt",
+            "a/b",
+            "a b",
+            "ü",
+            &"x".repeat(65),
+            "../x",
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(Error::InvalidName { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_names_are_valid() {
+        for (path, want) in [
+            ("/img/web.raw", "web"),
+            ("/img/my disk.img", "my_disk"),
+            ("/img/.x.raw", "x"),
+            ("/img/--", "image"),
+        ] {
+            let name = default_name(Path::new(path));
+            assert_eq!(name, want);
+            validate_name(&name).unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            ImageFile::open(dir.path()),
+            Err(Error::NotAnImage { .. })
+        ));
+        assert!(matches!(
+            ImageFile::open(&dir.path().join("missing")),
+            Err(Error::Io { .. })
+        ));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(matches!(
+            ImageFile::open(&empty),
+            Err(Error::EmptyImage { .. })
+        ));
+        let odd = dir.path().join("odd");
+        std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+        assert!(matches!(
+            ImageFile::open(&odd),
+            Err(Error::UnalignedSize { size: 1000, .. })
+        ));
+        let ok = dir.path().join("ok");
+        std::fs::write(&ok, vec![1u8; 4096 + 512]).unwrap();
+        let image = ImageFile::open(&ok).unwrap();
+        assert_eq!(image.size, 4608);
+        assert_eq!(image.block_count(), 2);
+    }
+
+    #[test]
+    fn changes_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let captured = ImageFile::open(&path).unwrap().identity;
+        assert!(open_unchanged("img", &path, &captured).is_ok());
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let err = open_unchanged("img", &path, &captured).unwrap_err();
+        assert!(matches!(err, Error::ImageChanged { .. }), "{err}");
+        assert!(err.to_string().contains("size 8192 -> 4096"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = open_unchanged("img", &path, &captured).unwrap_err();
+        assert!(err.to_string().contains("no longer exists"), "{err}");
+    }
+}

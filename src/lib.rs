@@ -1,0 +1,16 @@
+//! vmar: VM I/O access redirection.
+//!
+//! The modules follow the data flow: [`scan`] hashes an image's blocks, [`catalog`] stores
+//! them and finds each block's canonical copy, [`map`] holds the resulting translation map,
+//! [`table`] turns it into a device-mapper table, and [`verify`] proves a map serves exactly
+//! the image's bytes. [`protocol`], [`server`] and [`client`] connect `vmarctl` to `vmard`.
+
+pub mod catalog;
+pub mod error;
+pub mod image;
+pub mod map;
+pub mod scan;
+pub mod table;
+pub mod verify;
+
+pub use error::{Error, Result};

@@ -1,0 +1,380 @@
+//! Scanning an image: find its data regions (skipping holes of sparse files), then hash every
+//! non-zero 4 KiB block with blake3, in parallel. Pure of catalog concerns: the result is a
+//! stream of batches of `(block, digest)` for the non-zero blocks, in block order.
+
+use std::fs::File;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::mpsc;
+
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::image::BLOCK_SIZE;
+
+/// Content digest of one block (blake3 of the block's bytes; a partial last block is hashed
+/// at its real length, so it only ever matches a partial block of the same length).
+pub type Digest = [u8; 32];
+
+/// Blocks read and hashed by one parallel task.
+const CHUNK_BLOCKS: u64 = 256;
+/// Blocks handed to the consumer at once; one batch is hashed while the previous is stored.
+const BATCH_BLOCKS: u64 = 16 * 1024;
+
+/// Hashes one block.
+pub fn hash_block(data: &[u8]) -> Digest {
+    *blake3::hash(data).as_bytes()
+}
+
+/// True when every byte is zero. Checks 256-byte pieces so that data blocks, which almost
+/// always differ early, stop early, while each piece still compiles to wide vector ORs.
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(256)
+        .all(|piece| piece.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Block ranges of `file` (of `size` bytes) that may hold data, in order and disjoint. Holes
+/// reported by SEEK_HOLE are left out; where the file system cannot tell, everything is data.
+pub fn data_ranges(file: &File, size: u64, path: &Path) -> Result<Vec<Range<u64>>> {
+    let blocks = size.div_ceil(BLOCK_SIZE);
+    let fd = file.as_raw_fd();
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let mut offset: u64 = 0;
+    while offset < size {
+        let data = match lseek(fd, offset as i64, Whence::SeekData) {
+            Ok(pos) => pos as u64,
+            // No data after `offset`: the rest is a hole.
+            Err(Errno::ENXIO) => break,
+            // File system (or device) without hole support: treat all as data.
+            Err(Errno::EINVAL) | Err(Errno::EOPNOTSUPP) if ranges.is_empty() => {
+                return Ok(std::iter::once(0..blocks)
+                    .filter(|r| !r.is_empty())
+                    .collect());
+            }
+            Err(e) => return Err(Error::io("cannot seek data in", path, e.into())),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = match lseek(fd, data as i64, Whence::SeekHole) {
+            Ok(pos) => (pos as u64).min(size),
+            Err(Errno::ENXIO) => size,
+            Err(e) => return Err(Error::io("cannot seek hole in", path, e.into())),
+        };
+        let range = data / BLOCK_SIZE..hole.div_ceil(BLOCK_SIZE);
+        match ranges.last_mut() {
+            Some(last) if last.end >= range.start => last.end = last.end.max(range.end),
+            _ => ranges.push(range),
+        }
+        offset = hole.max(data + 1);
+    }
+    Ok(ranges)
+}
+
+/// Non-zero blocks of one batch, in block order. Blocks of `blocks` not listed are zero.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// First and end block of the chunks read; holes inside are not read.
+    pub blocks: Range<u64>,
+    /// Blocks and bytes really read.
+    pub read_blocks: u64,
+    pub read_bytes: u64,
+    pub digests: Vec<(u64, Digest)>,
+}
+
+/// What a scan did, for reports and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScanStats {
+    /// Blocks in the image.
+    pub blocks: u64,
+    /// Blocks inside holes, never read.
+    pub hole_blocks: u64,
+    /// Blocks read and found all zero (not hashed).
+    pub zero_blocks: u64,
+    /// Blocks hashed.
+    pub hashed_blocks: u64,
+    /// Bytes read from the image.
+    pub bytes_read: u64,
+}
+
+/// Splits data ranges into batches of whole chunks, each chunk a range of at most
+/// `CHUNK_BLOCKS` blocks, each batch at most `BATCH_BLOCKS` blocks.
+fn plan_batches(ranges: &[Range<u64>]) -> Vec<Vec<Range<u64>>> {
+    let mut batches = Vec::new();
+    let mut current: Vec<Range<u64>> = Vec::new();
+    let mut in_batch = 0;
+    for range in ranges {
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + CHUNK_BLOCKS).min(range.end);
+            current.push(start..end);
+            in_batch += end - start;
+            start = end;
+            if in_batch >= BATCH_BLOCKS {
+                batches.push(std::mem::take(&mut current));
+                in_batch = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
+    batches
+}
+
+/// Reads and hashes the chunks of one batch in parallel.
+fn hash_batch(file: &File, size: u64, path: &Path, chunks: &[Range<u64>]) -> Result<Batch> {
+    let per_chunk: Vec<Vec<(u64, Digest)>> = chunks
+        .par_iter()
+        .map_init(
+            || vec![0u8; (CHUNK_BLOCKS * BLOCK_SIZE) as usize],
+            |buf, chunk| {
+                let start = chunk.start * BLOCK_SIZE;
+                let end = (chunk.end * BLOCK_SIZE).min(size);
+                let data = &mut buf[..(end - start) as usize];
+                file.read_exact_at(data, start).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        Error::ChangedDuringCapture {
+                            path: path.to_path_buf(),
+                            what: "it became shorter".into(),
+                        }
+                    } else {
+                        Error::io("cannot read", path, e)
+                    }
+                })?;
+                Ok(data
+                    .chunks(BLOCK_SIZE as usize)
+                    .zip(chunk.start..)
+                    .filter(|(block, _)| !is_zero(block))
+                    .map(|(block, index)| (index, hash_block(block)))
+                    .collect())
+            },
+        )
+        .collect::<Result<_>>()?;
+    let digests = per_chunk.into_iter().flatten().collect();
+    let blocks = match (chunks.first(), chunks.last()) {
+        (Some(first), Some(last)) => first.start..last.end,
+        _ => 0..0,
+    };
+    let read_blocks = chunks.iter().map(|c| c.end - c.start).sum();
+    let read_bytes = chunks
+        .iter()
+        .map(|c| (c.end * BLOCK_SIZE).min(size) - c.start * BLOCK_SIZE)
+        .sum();
+    Ok(Batch {
+        blocks,
+        read_blocks,
+        read_bytes,
+        digests,
+    })
+}
+
+/// A scan of one image: its data ranges are found up front so that progress can be reported
+/// against the bytes that will really be read.
+pub struct Scan<'a> {
+    file: &'a File,
+    size: u64,
+    path: &'a Path,
+    ranges: Vec<Range<u64>>,
+}
+
+impl<'a> Scan<'a> {
+    pub fn new(file: &'a File, size: u64, path: &'a Path) -> Result<Scan<'a>> {
+        let ranges = data_ranges(file, size, path)?;
+        Ok(Scan {
+            file,
+            size,
+            path,
+            ranges,
+        })
+    }
+
+    /// Bytes inside data ranges: what the scan will read.
+    pub fn data_bytes(&self) -> u64 {
+        self.ranges
+            .iter()
+            .map(|r| (r.end * BLOCK_SIZE).min(self.size) - r.start * BLOCK_SIZE)
+            .sum()
+    }
+
+    /// Hashes the non-zero blocks and hands them to `consume` batch by batch, in block order.
+    /// The next batch is hashed while `consume` stores the previous one, so storing does not
+    /// stall hashing. Memory stays bounded by two batches of digests.
+    pub fn run(self, mut consume: impl FnMut(Batch) -> Result<()>) -> Result<ScanStats> {
+        let Scan {
+            file,
+            size,
+            path,
+            ranges,
+        } = self;
+        let blocks = size.div_ceil(BLOCK_SIZE);
+        let data_blocks: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        let batches = plan_batches(&ranges);
+        let mut stats = ScanStats {
+            blocks,
+            hole_blocks: blocks - data_blocks,
+            ..ScanStats::default()
+        };
+        std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(1);
+            let producer = scope.spawn(move || {
+                for chunks in &batches {
+                    let batch = hash_batch(file, size, path, chunks);
+                    let failed = batch.is_err();
+                    if tx.send(batch).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+            let mut result = Ok(());
+            for batch in rx.iter() {
+                let step = batch.and_then(|batch| {
+                    let hashed = batch.digests.len() as u64;
+                    stats.hashed_blocks += hashed;
+                    stats.zero_blocks += batch.read_blocks - hashed;
+                    stats.bytes_read += batch.read_bytes;
+                    consume(batch)
+                });
+                if let Err(e) = step {
+                    result = Err(e);
+                    break;
+                }
+            }
+            // Dropping the receiver makes a producer blocked in `send` stop.
+            drop(rx);
+            if producer.join().is_err() {
+                result = Err(Error::Protocol("hashing thread panicked".into()));
+            }
+            result
+        })?;
+        Ok(stats)
+    }
+}
+
+/// Scans a whole image in one call; see [`Scan::run`].
+pub fn scan(
+    file: &File,
+    size: u64,
+    path: &Path,
+    consume: impl FnMut(Batch) -> Result<()>,
+) -> Result<ScanStats> {
+    Scan::new(file, size, path)?.run(consume)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+
+    fn sparse_file(layout: &[(u64, &[u8])], size: u64) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        let mut file = File::create(&path).unwrap();
+        for (offset, data) in layout {
+            file.seek(SeekFrom::Start(*offset)).unwrap();
+            file.write_all(data).unwrap();
+        }
+        file.set_len(size).unwrap();
+        (dir, File::open(path).unwrap())
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0u8; 4096]));
+        assert!(is_zero(&[]));
+        for pos in [0, 255, 256, 4095] {
+            let mut block = [0u8; 4096];
+            block[pos] = 1;
+            assert!(!is_zero(&block), "{pos}");
+        }
+    }
+
+    #[test]
+    fn digests_depend_on_content_and_length() {
+        let a = [1u8; 4096];
+        let mut b = a;
+        b[4000] = 2;
+        assert_ne!(hash_block(&a), hash_block(&b));
+        assert_eq!(hash_block(&a), hash_block(&[1u8; 4096]));
+        assert_ne!(hash_block(&a[..512]), hash_block(&a));
+        assert_eq!(hash_block(&a), *blake3::hash(&a).as_bytes());
+    }
+
+    #[test]
+    fn holes_are_skipped() {
+        let mib = 1 << 20;
+        let (_dir, file) =
+            sparse_file(&[(mib, &[1u8; 4096]), (5 * mib + 100, &[2u8; 10])], 8 * mib);
+        let ranges = data_ranges(&file, 8 * mib, Path::new("img")).unwrap();
+        // Every range is inside the file, they are sorted and disjoint, and both writes are
+        // covered; the holes between them are not (file systems allocate at least 4 KiB).
+        assert!(ranges.windows(2).all(|w| w[0].end < w[1].start));
+        let covered = |block: u64| ranges.iter().any(|r| r.contains(&block));
+        assert!(covered(mib / BLOCK_SIZE));
+        assert!(covered((5 * mib + 100) / BLOCK_SIZE));
+        let data: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        assert!(data < (8 * mib / BLOCK_SIZE) / 2, "{ranges:?}");
+    }
+
+    #[test]
+    fn scan_finds_exactly_the_nonzero_blocks() {
+        let mib = 1 << 20;
+        let size = 4 * mib + 1024; // partial last block
+        let mut dense = vec![0u8; 64 * 4096];
+        dense[3 * 4096] = 9; // block 3 of the dense part is non-zero, the others zero
+        let (_dir, file) = sparse_file(
+            &[
+                (0, &dense),
+                (2 * mib, &[5u8; 4096]),
+                (4 * mib, &[6u8; 1024]),
+            ],
+            size,
+        );
+        let mut seen = Vec::new();
+        let stats = scan(&file, size, Path::new("img"), |batch| {
+            seen.extend(batch.digests);
+            Ok(())
+        })
+        .unwrap();
+        let blocks: Vec<u64> = seen.iter().map(|(b, _)| *b).collect();
+        assert_eq!(blocks, vec![3, 2 * mib / 4096, 4 * mib / 4096]);
+        assert_eq!(seen[2].1, hash_block(&[6u8; 1024]));
+        assert_eq!(stats.blocks, 4 * mib / 4096 + 1);
+        assert_eq!(stats.hashed_blocks, 3);
+        assert_eq!(
+            stats.blocks,
+            stats.hole_blocks + stats.zero_blocks + stats.hashed_blocks
+        );
+        assert!(stats.hole_blocks > 0);
+    }
+
+    #[test]
+    fn batches_cover_ranges_in_order() {
+        let ranges = vec![0..10, 20..(20 + 3 * BATCH_BLOCKS)];
+        let batches = plan_batches(&ranges);
+        let chunks: Vec<Range<u64>> = batches.iter().flatten().cloned().collect();
+        assert!(chunks.iter().all(|c| c.end - c.start <= CHUNK_BLOCKS));
+        assert!(chunks.windows(2).all(|w| w[0].end <= w[1].start));
+        let total: u64 = chunks.iter().map(|c| c.end - c.start).sum();
+        assert_eq!(total, 10 + 3 * BATCH_BLOCKS);
+        assert!(batches.len() >= 3);
+    }
+
+    #[test]
+    fn consumer_errors_stop_the_scan() {
+        let size = 3 * BATCH_BLOCKS * BLOCK_SIZE;
+        let (_dir, file) = sparse_file(&[(0, &vec![1u8; size as usize])], size);
+        let mut calls = 0;
+        let err = scan(&file, size, Path::new("img"), |_| {
+            calls += 1;
+            Err(Error::Protocol("stop".into()))
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), "protocol");
+        assert_eq!(calls, 1);
+    }
+}

@@ -1,0 +1,194 @@
+//! Property tests of capture, maps and verify on random images with shared, zero, hole and
+//! unique blocks, through the library (no daemon).
+
+mod common;
+
+use common::{Block, expected_sources, write_image};
+use proptest::prelude::*;
+use vmar::catalog::{CaptureStatus, Catalog};
+use vmar::image::ImageFile;
+use vmar::map::Source;
+use vmar::verify::verify;
+
+fn block_strategy() -> impl Strategy<Value = Block> {
+    prop_oneof![
+        3 => Just(Block::Hole),
+        1 => Just(Block::Zero),
+        4 => (0u8..6).prop_map(Block::Shared),
+        2 => any::<u64>().prop_map(Block::Unique),
+    ]
+}
+
+fn image_strategy() -> impl Strategy<Value = (Vec<Block>, usize)> {
+    (
+        prop::collection::vec(block_strategy(), 1..48),
+        prop_oneof![3 => Just(0usize), 1 => (1usize..8).prop_map(|s| s * 512)],
+    )
+}
+
+fn capture_all(catalog: &Catalog, dir: &std::path::Path, images: &[(Vec<Block>, usize)]) {
+    for (i, (blocks, tail)) in images.iter().enumerate() {
+        let path = dir.join(format!("img{i}.raw"));
+        write_image(&path, blocks, *tail);
+        let image = ImageFile::open(&path).unwrap();
+        let (record, status) = catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+        assert_eq!(status, CaptureStatus::Captured);
+        assert_eq!(record.name, format!("img{i}"));
+    }
+}
+
+/// Every block's source is exactly the independently computed one: identical content only,
+/// first captured copy canonical, every zero block zero.
+fn check_maps(catalog: &Catalog, images: &[(Vec<Block>, usize)], names: &[String]) {
+    let ids: Vec<u32> = names.iter().map(|n| catalog.image(n).unwrap().id).collect();
+    let want = expected_sources(images, &ids);
+    for (name, want) in names.iter().zip(&want) {
+        let (record, map) = catalog.map(name).unwrap();
+        assert_eq!(map.blocks as usize, want.len());
+        for (block, source) in want.iter().enumerate() {
+            assert_eq!(
+                map.source_of(block as u64),
+                Some(*source),
+                "{name} block {block}"
+            );
+        }
+        // Extents are merged: no two neighbours continue each other.
+        for w in map.extents.windows(2) {
+            assert_eq!(w[0].end(), w[1].start);
+            let continues = match (w[0].source, w[1].source) {
+                (Source::Zero, Source::Zero) | (Source::Own, Source::Own) => true,
+                (
+                    Source::Redirect { image: a, block: x },
+                    Source::Redirect { image: b, block: y },
+                ) => a == b && x + w[0].len == y,
+                _ => false,
+            };
+            assert!(!continues, "{name}: unmerged extents {w:?}");
+        }
+        let s = record.summary;
+        assert_eq!(s.zero_blocks + s.own_blocks + s.redirected_blocks, s.blocks);
+        let report = verify(catalog, name, &mut |_| {}).unwrap();
+        assert!(report.ok, "{name}: {:?}", report.mismatch);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn maps_redirect_identical_content_only(images in prop::collection::vec(image_strategy(), 1..5)) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        capture_all(&catalog, dir.path(), &images);
+        let names: Vec<String> = (0..images.len()).map(|i| format!("img{i}")).collect();
+        check_maps(&catalog, &images, &names);
+    }
+
+    #[test]
+    fn earlier_maps_never_change(images in prop::collection::vec(image_strategy(), 2..5)) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        capture_all(&catalog, dir.path(), &images[..1]);
+        let (_, before) = catalog.map("img0").unwrap();
+        for (i, (blocks, tail)) in images.iter().enumerate().skip(1) {
+            let path = dir.path().join(format!("img{i}.raw"));
+            write_image(&path, blocks, *tail);
+            catalog.capture(&ImageFile::open(&path).unwrap(), None, false, &mut |_| {}).unwrap();
+        }
+        let (_, after) = catalog.map("img0").unwrap();
+        prop_assert_eq!(before, after);
+    }
+
+    #[test]
+    fn recapture_and_forget_rebuild_later_maps(
+        images in prop::collection::vec(image_strategy(), 2..5),
+        replacement in image_strategy(),
+        which in any::<prop::sample::Index>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        capture_all(&catalog, dir.path(), &images);
+        let k = which.index(images.len());
+        let names: Vec<String> = (0..images.len()).map(|i| format!("img{i}")).collect();
+
+        // Change image k on disk: refused until re-captured explicitly.
+        let path = dir.path().join(format!("img{k}.raw"));
+        std::fs::remove_file(&path).unwrap();
+        write_image(&path, &replacement.0, replacement.1);
+        let image = ImageFile::open(&path).unwrap();
+        let err = catalog.capture(&image, None, false, &mut |_| {}).unwrap_err();
+        prop_assert_eq!(err.kind(), "image-changed");
+        let err = verify(&catalog, &names[k], &mut |_| {}).unwrap_err();
+        prop_assert_eq!(err.kind(), "image-changed");
+
+        let (_, status) = catalog.capture(&image, None, true, &mut |_| {}).unwrap();
+        prop_assert_eq!(status, CaptureStatus::Recaptured);
+        let mut now = images.clone();
+        now[k] = replacement;
+        check_maps(&catalog, &now, &names);
+
+        // Forget image k: the others are mapped as if it had never been captured.
+        catalog.forget(&names[k]).unwrap();
+        prop_assert_eq!(catalog.image(&names[k]).unwrap_err().kind(), "unknown-image");
+        let mut rest = now.clone();
+        rest.remove(k);
+        let mut rest_names = names.clone();
+        rest_names.remove(k);
+        check_maps(&catalog, &rest, &rest_names);
+    }
+}
+
+#[test]
+fn capture_is_idempotent_and_names_are_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+    let a = dir.path().join("a.raw");
+    write_image(&a, &[Block::Shared(1), Block::Unique(2)], 0);
+    let image = ImageFile::open(&a).unwrap();
+    let (first, status) = catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+    assert_eq!(status, CaptureStatus::Captured);
+    let (again, status) = catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+    assert_eq!(status, CaptureStatus::Unchanged);
+    assert_eq!(first, again);
+    // Same file under another name: refused, naming the existing entry.
+    let err = catalog
+        .capture(&image, Some("other"), false, &mut |_| {})
+        .unwrap_err();
+    assert_eq!(err.kind(), "already-captured");
+    // Another file under a taken name.
+    let b = dir.path().join("b.raw");
+    write_image(&b, &[Block::Shared(1)], 0);
+    let err = catalog
+        .capture(&ImageFile::open(&b).unwrap(), Some("a"), false, &mut |_| {})
+        .unwrap_err();
+    assert_eq!(err.kind(), "name-taken");
+    let err = catalog
+        .capture(
+            &ImageFile::open(&b).unwrap(),
+            Some("../x"),
+            false,
+            &mut |_| {},
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), "invalid-name");
+    assert_eq!(catalog.images().unwrap(), vec![first]);
+}
+
+#[test]
+fn catalog_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let a = dir.path().join("a.raw");
+    write_image(&a, &[Block::Shared(1), Block::Hole, Block::Shared(1)], 1024);
+    let before = {
+        let catalog = Catalog::open(&state).unwrap();
+        catalog
+            .capture(&ImageFile::open(&a).unwrap(), None, false, &mut |_| {})
+            .unwrap();
+        catalog.map("a").unwrap()
+    };
+    let catalog = Catalog::open(&state).unwrap();
+    assert_eq!(catalog.map("a").unwrap(), before);
+    // Block 2 is a partial copy of block 0: different length, so not shared.
+    assert_eq!(before.1.source_of(2), Some(Source::Own));
+}

@@ -1,0 +1,105 @@
+//! Helpers shared by the integration tests: images built from a description of their blocks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use vmar::map::Source;
+
+pub const BLOCK: usize = 4096;
+
+/// One block of a test image.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Block {
+    /// Never written: a hole in the sparse file.
+    Hole,
+    /// Written as zeros.
+    Zero,
+    /// Content shared between images: the same `u8` gives the same bytes everywhere.
+    Shared(u8),
+    /// Content unique to this image and position.
+    Unique(u64),
+}
+
+/// Bytes of a block (full size).
+pub fn block_bytes(block: &Block) -> Vec<u8> {
+    match block {
+        Block::Hole | Block::Zero => vec![0; BLOCK],
+        Block::Shared(n) => pattern(0x5348_4152_4544_0000 + u64::from(*n)),
+        Block::Unique(n) => pattern(0x554e_4951_0000_0000 ^ n),
+    }
+}
+
+/// Pseudo-random but reproducible block content from a seed (never all zero).
+fn pattern(seed: u64) -> Vec<u8> {
+    // splitmix64 of the seed: distinct seeds give distinct, non-zero xorshift states.
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    if x == 0 {
+        x = 1;
+    }
+    let mut out = Vec::with_capacity(BLOCK);
+    while out.len() < BLOCK {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// Writes an image of `blocks`, the last one cut to `tail` bytes (a multiple of 512, 0 for a
+/// full block). Holes are left unwritten so the file is sparse.
+pub fn write_image(path: &Path, blocks: &[Block], tail: usize) -> u64 {
+    let mut file = File::create(path).unwrap();
+    let mut size = (blocks.len() * BLOCK) as u64;
+    if tail > 0 && !blocks.is_empty() {
+        size -= (BLOCK - tail) as u64;
+    }
+    for (i, block) in blocks.iter().enumerate() {
+        if *block == Block::Hole {
+            continue;
+        }
+        let offset = (i * BLOCK) as u64;
+        let len = (size - offset).min(BLOCK as u64) as usize;
+        file.seek(SeekFrom::Start(offset)).unwrap();
+        file.write_all(&block_bytes(block)[..len]).unwrap();
+    }
+    file.set_len(size).unwrap();
+    size
+}
+
+/// Expected source of every block of every image, computed independently of vmar: the first
+/// occurrence of a content in capture order is canonical, later ones redirect to it.
+/// A partial block's content includes its length.
+pub fn expected_sources(images: &[(Vec<Block>, usize)], ids: &[u32]) -> Vec<Vec<Source>> {
+    let mut first: HashMap<(Block, usize), (u32, u64)> = HashMap::new();
+    let mut all = Vec::new();
+    for ((blocks, tail), id) in images.iter().zip(ids) {
+        let mut sources = Vec::new();
+        for (i, block) in blocks.iter().enumerate() {
+            let len = if i + 1 == blocks.len() && *tail > 0 {
+                *tail
+            } else {
+                BLOCK
+            };
+            let source = match block {
+                Block::Hole | Block::Zero => Source::Zero,
+                content => match first.get(&(content.clone(), len)) {
+                    Some(&(image, block)) => Source::Redirect { image, block },
+                    None => {
+                        first.insert((content.clone(), len), (*id, i as u64));
+                        Source::Own
+                    }
+                },
+            };
+            sources.push(source);
+        }
+        all.push(sources);
+    }
+    all
+}
