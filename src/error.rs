@@ -9,12 +9,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// that clients and tests can tell failures apart without parsing messages.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {error}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{path} is not a regular file or block device; capture takes raw disk images")]
@@ -62,6 +61,18 @@ pub enum Error {
     #[error("{0}")]
     Protocol(String),
 
+    #[error(
+        "cannot reach vmard at {socket}: {error} (is vmard running? start it with `systemctl start vmard`, or pass --socket)"
+    )]
+    DaemonUnavailable {
+        socket: PathBuf,
+        error: std::io::Error,
+    },
+
+    /// An error vmard reported; `kind` is the daemon-side [`Error::kind`].
+    #[error("{message}")]
+    Remote { kind: String, message: String },
+
     #[error("permission denied: {0}")]
     PermissionDenied(String),
 }
@@ -82,15 +93,17 @@ impl Error {
             Error::ChangedDuringCapture { .. } => "changed-during-capture",
             Error::Catalog { .. } => "catalog",
             Error::Protocol(_) => "protocol",
+            Error::DaemonUnavailable { .. } => "daemon-unavailable",
+            Error::Remote { .. } => "remote",
             Error::PermissionDenied(_) => "permission-denied",
         }
     }
 
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
-            source,
+            error,
         }
     }
 }

@@ -60,6 +60,21 @@ impl ImageFile {
     /// Opens `path` read-only and checks that it can be an image: a regular file or block
     /// device, not empty, whole 512-byte sectors.
     pub fn open(path: &Path) -> Result<ImageFile> {
+        let image = ImageFile::open_unchecked(path)?;
+        if image.size == 0 {
+            return Err(Error::EmptyImage { path: image.path });
+        }
+        if image.size % SECTOR_SIZE != 0 {
+            return Err(Error::UnalignedSize {
+                path: image.path,
+                size: image.size,
+            });
+        }
+        Ok(image)
+    }
+
+    /// Opens `path` read-only without checking its size.
+    fn open_unchecked(path: &Path) -> Result<ImageFile> {
         let canonical = path
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", path, e))?;
@@ -86,15 +101,6 @@ impl ImageFile {
         };
         image.identity = image.current_identity()?;
         image.size = image.identity.size;
-        if image.size == 0 {
-            return Err(Error::EmptyImage { path: image.path });
-        }
-        if image.size % SECTOR_SIZE != 0 {
-            return Err(Error::UnalignedSize {
-                path: image.path,
-                size: image.size,
-            });
-        }
         Ok(image)
     }
 
@@ -139,9 +145,9 @@ pub fn open_unchanged(name: &str, path: &Path, captured: &ImageIdentity) -> Resu
         path: path.to_path_buf(),
         what,
     };
-    let image = match ImageFile::open(path) {
+    let image = match ImageFile::open_unchecked(path) {
         Ok(image) => image,
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(Error::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
             return Err(changed("it no longer exists".to_string()));
         }
         Err(e) => return Err(e),
@@ -276,6 +282,10 @@ mod tests {
         let err = open_unchanged("img", &path, &captured).unwrap_err();
         assert!(matches!(err, Error::ImageChanged { .. }), "{err}");
         assert!(err.to_string().contains("size 8192 -> 4096"), "{err}");
+        // A size no image may have is still reported as a change, not as a bad image.
+        std::fs::write(&path, vec![7u8; 8193]).unwrap();
+        let err = open_unchanged("img", &path, &captured).unwrap_err();
+        assert!(err.to_string().contains("size 8192 -> 8193"), "{err}");
         std::fs::remove_file(&path).unwrap();
         let err = open_unchanged("img", &path, &captured).unwrap_err();
         assert!(err.to_string().contains("no longer exists"), "{err}");

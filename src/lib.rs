@@ -3,13 +3,18 @@
 //! The modules follow the data flow: [`scan`] hashes an image's blocks, [`catalog`] stores
 //! them and finds each block's canonical copy, [`map`] holds the resulting translation map,
 //! [`table`] turns it into a device-mapper table, and [`verify`] proves a map serves exactly
-//! the image's bytes. [`protocol`], [`server`] and [`client`] connect `vmarctl` to `vmard`.
+//! the image's bytes. [`protocol`], [`server`], [`service`] and [`client`] connect `vmarctl` to
+//! `vmard`.
 
 pub mod catalog;
+pub mod client;
 pub mod error;
 pub mod image;
 pub mod map;
+pub mod protocol;
 pub mod scan;
+pub mod server;
+pub mod service;
 pub mod table;
 pub mod verify;
 

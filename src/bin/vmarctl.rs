@@ -1,1 +1,390 @@
-fn main() {}
+//! vmarctl: the command-line client of vmard.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use serde::Serialize;
+use vmar::catalog::{CaptureStatus, ImageRecord, Progress};
+use vmar::client::Client;
+use vmar::protocol::{CaptureResult, ListResult, MapResult, PingResult, Request, TableResult};
+use vmar::server::DEFAULT_SOCKET;
+use vmar::verify::VerifyReport;
+
+/// Control vmard: capture VM images, inspect their block maps and tables, verify them.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// vmard's socket.
+    #[arg(long, global = true, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    /// Print results as JSON (one document on stdout) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check that vmard answers.
+    Ping,
+    /// Hash raw images into the catalog (read-only; a captured, unchanged image is skipped).
+    Capture {
+        /// Raw images: regular files or block devices.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Name of the image (only with one image; default: file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Capture again an image that changed since it was captured; maps of images
+        /// captured after it are rebuilt.
+        #[arg(long)]
+        recapture: bool,
+    },
+    /// List captured images in capture order.
+    List,
+    /// Show an image's block translation map.
+    Map {
+        name: String,
+        /// Also list every extent.
+        #[arg(long)]
+        extents: bool,
+    },
+    /// Print the device-mapper table of an image (512-byte sectors).
+    Table {
+        name: String,
+        /// Block device of an image, as IMAGE=DEVICE (repeatable); others get a
+        /// `loop:IMAGE` placeholder.
+        #[arg(long = "device", value_name = "IMAGE=DEVICE")]
+        devices: Vec<String>,
+    },
+    /// Read an image through its map and prove it equals the image.
+    Verify { name: String },
+    /// Remove an image from the catalog (maps of later images are rebuilt).
+    Forget { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if cli.json {
+                let kind = e
+                    .downcast_ref::<vmar::Error>()
+                    .map(|e| match e {
+                        vmar::Error::Remote { kind, .. } => kind.clone(),
+                        other => other.kind().to_string(),
+                    })
+                    .unwrap_or_else(|| "error".into());
+                println!(
+                    "{}",
+                    serde_json::json!({"error": {"kind": kind, "message": format!("{e:#}")}})
+                );
+            }
+            eprintln!("vmarctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A progress bar on stderr when it is a terminal and output is not JSON.
+fn progress_bar(cli: &Cli, label: &str) -> ProgressBar {
+    if cli.json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+fn update(bar: &ProgressBar) -> impl FnMut(Progress) + '_ {
+    |p| {
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+    }
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<ExitCode> {
+    let client = Client::new(&cli.socket);
+    match &cli.command {
+        Command::Ping => {
+            let pong: PingResult = client.call(&Request::Ping, &mut |_| {})?;
+            if cli.json {
+                print_json(&pong)?;
+            } else {
+                println!(
+                    "vmard {} (protocol {}) at {}, state in {}",
+                    pong.version,
+                    pong.protocol,
+                    cli.socket.display(),
+                    pong.state_dir.display()
+                );
+            }
+        }
+        Command::Capture {
+            images,
+            name,
+            recapture,
+        } => return capture(cli, &client, images, name.as_deref(), *recapture),
+        Command::List => {
+            let list: ListResult = client.call(&Request::List, &mut |_| {})?;
+            if cli.json {
+                print_json(&list)?;
+            } else {
+                print_list(&list.images);
+            }
+        }
+        Command::Map { name, extents } => {
+            let request = Request::Map {
+                name: name.clone(),
+                extents: *extents,
+            };
+            let map: MapResult = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&map)?;
+            } else {
+                print_map(&map);
+            }
+        }
+        Command::Table { name, devices } => {
+            let devices = parse_devices(devices)?;
+            let request = Request::Table {
+                name: name.clone(),
+                devices,
+            };
+            let table: TableResult = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&table)?;
+            } else {
+                print!("{}", table.text);
+            }
+        }
+        Command::Verify { name } => {
+            let bar = progress_bar(cli, name);
+            let request = Request::Verify { name: name.clone() };
+            let report: VerifyReport = client.call(&request, &mut update(&bar))?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&report)?;
+            } else if let Some(m) = &report.mismatch {
+                println!(
+                    "{}: MISMATCH at block {} (byte {}), mapped to {:?}{}",
+                    report.name,
+                    m.block,
+                    m.offset,
+                    m.source,
+                    m.source_image
+                        .as_ref()
+                        .map(|n| format!(" in image {n}"))
+                        .unwrap_or_default()
+                );
+            } else {
+                println!(
+                    "{}: ok, {} blocks, {} compared through the map",
+                    report.name,
+                    report.blocks,
+                    HumanBytes(report.bytes_compared)
+                );
+            }
+            if !report.ok {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Forget { name } => {
+            let request = Request::Forget { name: name.clone() };
+            let record: ImageRecord = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&record)?;
+            } else {
+                println!("forgot {} ({})", record.name, record.path.display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_devices(specs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut devices = BTreeMap::new();
+    for spec in specs {
+        let Some((image, device)) = spec.split_once('=') else {
+            bail!("--device {spec:?}: expected IMAGE=DEVICE, e.g. web=/dev/loop3");
+        };
+        devices.insert(image.to_string(), device.to_string());
+    }
+    Ok(devices)
+}
+
+/// Per-image outcome of `capture`, for `--json`.
+#[derive(Serialize)]
+struct CaptureOutcome {
+    path: PathBuf,
+    #[serde(flatten)]
+    outcome: CaptureEither,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum CaptureEither {
+    Result(CaptureResult),
+    Error { kind: String, message: String },
+}
+
+fn capture(
+    cli: &Cli,
+    client: &Client,
+    images: &[PathBuf],
+    name: Option<&str>,
+    recapture: bool,
+) -> Result<ExitCode> {
+    if name.is_some() && images.len() > 1 {
+        bail!("--name applies to one image; capture the images one by one to name them");
+    }
+    let mut outcomes = Vec::new();
+    let mut failed = false;
+    for path in images {
+        let absolute = std::path::absolute(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        let bar = progress_bar(cli, &path.display().to_string());
+        let request = Request::Capture {
+            path: absolute,
+            name: name.map(str::to_string),
+            recapture,
+        };
+        let outcome = client.call::<CaptureResult>(&request, &mut update(&bar));
+        bar.finish_and_clear();
+        let outcome = match outcome {
+            Ok(result) => {
+                if !cli.json {
+                    print_capture(&result);
+                }
+                CaptureEither::Result(result)
+            }
+            Err(e @ vmar::Error::DaemonUnavailable { .. }) => return Err(e.into()),
+            Err(e) => {
+                failed = true;
+                eprintln!("vmarctl: capture {}: {e}", path.display());
+                let kind = match &e {
+                    vmar::Error::Remote { kind, .. } => kind.clone(),
+                    other => other.kind().to_string(),
+                };
+                CaptureEither::Error {
+                    kind,
+                    message: e.to_string(),
+                }
+            }
+        };
+        outcomes.push(CaptureOutcome {
+            path: path.clone(),
+            outcome,
+        });
+    }
+    if cli.json {
+        print_json(&outcomes)?;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn print_capture(result: &CaptureResult) {
+    let image = &result.image;
+    let verb = match result.status {
+        CaptureStatus::Captured => "captured",
+        CaptureStatus::Recaptured => "re-captured",
+        CaptureStatus::Unchanged => "unchanged, already captured as",
+    };
+    let s = &image.summary;
+    println!(
+        "{verb} {} ({}): {} read in {:.2}s, {} blocks: {} zero, {} own, {} redirected ({} shared), {} extents",
+        image.name,
+        HumanBytes(image.size),
+        HumanBytes(image.scan.bytes_read),
+        result.seconds,
+        s.blocks,
+        s.zero_blocks,
+        s.own_blocks,
+        s.redirected_blocks,
+        HumanBytes(s.bytes_shared),
+        s.extents
+    );
+}
+
+fn print_list(images: &[ImageRecord]) {
+    println!(
+        "{:>4}  {:<20} {:>10} {:>10} {:>10} {:>10} {:>9}  PATH",
+        "ID", "NAME", "SIZE", "ZERO", "OWN", "REDIRECTED", "EXTENTS"
+    );
+    for image in images {
+        let s = &image.summary;
+        println!(
+            "{:>4}  {:<20} {:>10} {:>10} {:>10} {:>10} {:>9}  {}",
+            image.id,
+            image.name,
+            HumanBytes(image.size).to_string(),
+            s.zero_blocks,
+            s.own_blocks,
+            s.redirected_blocks,
+            s.extents,
+            image.path.display()
+        );
+    }
+}
+
+fn print_map(map: &MapResult) {
+    let s = &map.summary;
+    println!("image       {} ({})", map.name, HumanBytes(map.size));
+    println!("blocks      {} of 4 KiB", s.blocks);
+    println!("zero        {}", s.zero_blocks);
+    println!("own         {}", s.own_blocks);
+    println!(
+        "redirected  {} ({} to other images)",
+        s.redirected_blocks, s.redirected_to_other_images
+    );
+    println!("shared      {}", HumanBytes(s.bytes_shared));
+    println!("extents     {}", s.extents);
+    let name_of = |id| {
+        map.references
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.name.clone())
+            .unwrap_or_else(|| map.name.clone())
+    };
+    if !map.references.is_empty() {
+        let names: Vec<String> = map.references.iter().map(|r| r.name.clone()).collect();
+        println!("reads from  {}", names.join(", "));
+    }
+    if let Some(extents) = &map.extents {
+        println!("\n{:>12} {:>10}  SOURCE", "START", "BLOCKS");
+        for e in extents {
+            let source = match e.source {
+                vmar::map::Source::Zero => "zero".to_string(),
+                vmar::map::Source::Own => "own".to_string(),
+                vmar::map::Source::Redirect { image, block } => {
+                    format!("{} block {block}", name_of(image))
+                }
+            };
+            println!("{:>12} {:>10}  {source}", e.start, e.len);
+        }
+    }
+}

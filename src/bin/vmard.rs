@@ -1,1 +1,54 @@
-fn main() {}
+//! vmard: the vmar daemon. Owns the catalog and answers vmarctl over a local socket.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nix::unistd::Group;
+use vmar::server::{Access, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Server};
+
+/// The vmar daemon: captures VM images into its catalog and serves their maps.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Directory of the catalog.
+    #[arg(long, env = "VMAR_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+
+    /// Unix socket to listen on.
+    #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    /// Group whose members may use the socket besides root (socket mode 0660).
+    #[arg(long, env = "VMAR_SOCKET_GROUP")]
+    socket_group: Option<String>,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMAR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let group = match &args.socket_group {
+        Some(name) => Some(
+            Group::from_name(name)
+                .with_context(|| format!("cannot look up group {name:?}"))?
+                .with_context(|| format!("no group named {name:?}"))?
+                .gid,
+        ),
+        None => None,
+    };
+    let server = Server::bind(&args.state_dir, &args.socket, Access { group })
+        .context("cannot start vmard")?;
+    tracing::info!(
+        socket = %server.socket().display(),
+        state_dir = %args.state_dir.display(),
+        "vmard ready"
+    );
+    server.run().context("vmard stopped")
+}

@@ -1,0 +1,467 @@
+//! Integration tests through vmard and vmarctl, each with its own state dir and socket.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{Block, write_image};
+use serde_json::Value;
+
+/// A vmard running for one test; killed when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &dir.join("state"), &dir.join("run/vmard.sock"))
+    }
+
+    fn start_with(_dir: &Path, state: &Path, socket: &Path) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_vmard"))
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(socket)
+            .env("VMAR_LOG", "error")
+            .spawn()
+            .expect("vmard starts");
+        let daemon = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            state: state.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if daemon.ctl(&["ping"]).status.success() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("vmard did not answer within 20 s");
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        vmarctl(&self.socket, args)
+    }
+
+    /// Runs vmarctl --json and returns its exit status and parsed stdout.
+    fn json(&self, args: &[&str]) -> (bool, Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vmarctl {args:?} printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), value)
+    }
+
+    fn stop(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.state.clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn vmarctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmarctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("vmarctl runs")
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Three images: a base, a derived one sharing most of it, and one sharing a little.
+fn three_images(dir: &Path) -> Vec<PathBuf> {
+    let base: Vec<Block> = (0..64)
+        .map(|i| match i % 8 {
+            0 => Block::Hole,
+            1 => Block::Zero,
+            _ => Block::Shared(i as u8),
+        })
+        .collect();
+    let mut derived = base.clone();
+    for (i, block) in derived.iter_mut().enumerate().skip(40) {
+        *block = Block::Unique(i as u64);
+    }
+    derived.extend((0..32).map(|_| Block::Hole));
+    let mut other: Vec<Block> = (0..48).map(|i| Block::Unique(1000 + i)).collect();
+    other[10] = Block::Shared(2);
+    other[11] = Block::Shared(3);
+    let paths = vec![
+        dir.join("base.raw"),
+        dir.join("derived.raw"),
+        dir.join("other.raw"),
+    ];
+    write_image(&paths[0], &base, 0);
+    write_image(&paths[1], &derived, 0);
+    write_image(&paths[2], &other, 2048);
+    paths
+}
+
+fn image_names(list: &Value) -> Vec<String> {
+    list["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn capture_map_table_verify_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = three_images(dir.path());
+    let args: Vec<&str> = std::iter::once("capture")
+        .chain(images.iter().map(|p| s(p)))
+        .collect();
+    let (ok, captured) = daemon.json(&args);
+    assert!(ok, "{captured}");
+    assert_eq!(captured.as_array().unwrap().len(), 3);
+    for c in captured.as_array().unwrap() {
+        assert_eq!(c["result"]["status"], "captured", "{c}");
+    }
+
+    let (ok, list) = daemon.json(&["list"]);
+    assert!(ok);
+    assert_eq!(image_names(&list), ["base", "derived", "other"]);
+
+    let (ok, map) = daemon.json(&["map", "derived", "--extents"]);
+    assert!(ok, "{map}");
+    let summary = &map["summary"];
+    // Blocks 0..40 of derived equal base's: all non-zero ones redirect there.
+    assert_eq!(summary["redirected_to_other_images"], 30);
+    assert_eq!(summary["own_blocks"], 24);
+    assert_eq!(summary["zero_blocks"], 96 - 54);
+    assert_eq!(map["references"][0]["name"], "base");
+    assert!(!map["extents"].as_array().unwrap().is_empty());
+
+    // The table is deterministic, tiles the device and uses the given devices.
+    let table_args = [
+        "table",
+        "derived",
+        "--device",
+        "base=/dev/loop7",
+        "--device",
+        "derived=7:8",
+    ];
+    let first = daemon.ctl(&table_args);
+    let second = daemon.ctl(&table_args);
+    assert!(first.status.success());
+    assert_eq!(first.stdout, second.stdout);
+    let text = String::from_utf8(first.stdout).unwrap();
+    let mut next = 0;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert_eq!(fields[0].parse::<u64>().unwrap(), next, "{text}");
+        next += fields[1].parse::<u64>().unwrap();
+        match fields[2] {
+            "zero" => assert_eq!(fields.len(), 3),
+            "linear" => assert!(fields[3] == "/dev/loop7" || fields[3] == "7:8", "{line}"),
+            other => panic!("unexpected target {other}"),
+        }
+    }
+    assert_eq!(next, 96 * 8);
+    let placeholder = String::from_utf8(daemon.ctl(&["table", "derived"]).stdout).unwrap();
+    assert!(placeholder.contains("linear loop:base "), "{placeholder}");
+
+    for name in ["base", "derived", "other"] {
+        let (ok, report) = daemon.json(&["verify", name]);
+        assert!(ok, "{report}");
+        assert_eq!(report["ok"], true);
+    }
+
+    // Capturing again is a no-op.
+    let (ok, again) = daemon.json(&["capture", s(&images[1])]);
+    assert!(ok);
+    assert_eq!(again[0]["result"]["status"], "unchanged");
+}
+
+#[test]
+fn bad_input_gives_clear_errors_and_keeps_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = three_images(dir.path());
+    assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
+    let odd = dir.path().join("odd.raw");
+    std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+    let cases: Vec<(Vec<String>, &str, &str)> = vec![
+        (
+            vec!["capture".into(), s(&dir.path().join("missing.raw")).into()],
+            "io",
+            "missing.raw",
+        ),
+        (
+            vec!["capture".into(), s(dir.path()).into()],
+            "not-an-image",
+            "not a regular file",
+        ),
+        (
+            vec!["capture".into(), s(&odd).into()],
+            "unaligned-size",
+            "multiple of 512",
+        ),
+        (
+            vec![
+                "capture".into(),
+                s(&images[1]).into(),
+                "--name".into(),
+                "base".into(),
+            ],
+            "name-taken",
+            "already used",
+        ),
+        (
+            vec![
+                "capture".into(),
+                s(&images[1]).into(),
+                "--name".into(),
+                "a/b".into(),
+            ],
+            "invalid-name",
+            "invalid name",
+        ),
+        (
+            vec!["map".into(), "nosuch".into()],
+            "unknown-image",
+            "no image named",
+        ),
+        (
+            vec!["verify".into(), "nosuch".into()],
+            "unknown-image",
+            "no image named",
+        ),
+        (
+            vec!["table".into(), "../etc".into()],
+            "invalid-name",
+            "invalid name",
+        ),
+        (
+            vec![
+                "table".into(),
+                "base".into(),
+                "--device".into(),
+                "base=/etc/passwd x".into(),
+            ],
+            "protocol",
+            "must be a /dev path",
+        ),
+    ];
+    for (args, kind, text) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, value) = daemon.json(&args);
+        assert!(!ok, "{args:?} succeeded: {value}");
+        let error = if value.is_array() {
+            value[0]["error"].clone()
+        } else {
+            value["error"].clone()
+        };
+        assert_eq!(error["kind"], kind, "{args:?}: {value}");
+        assert!(
+            error["message"].as_str().unwrap().contains(text),
+            "{args:?}: {value}"
+        );
+        // Without --json the error goes to stderr.
+        let out = daemon.ctl(&args);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(text));
+    }
+    let (_, list) = daemon.json(&["list"]);
+    assert_eq!(image_names(&list), ["base"]);
+    assert_eq!(daemon.json(&["verify", "base"]).1["ok"], true);
+}
+
+#[test]
+fn changed_images_are_refused_until_recaptured() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = three_images(dir.path());
+    for image in &images[..2] {
+        assert!(daemon.ctl(&["capture", s(image)]).status.success());
+    }
+    let before = daemon.json(&["map", "base", "--extents"]).1;
+    // Change one block of the base image in place: derived redirects into it.
+    write_image(&images[0], &[Block::Unique(77)], 0);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&images[0])
+        .unwrap()
+        .set_len(64 * 4096)
+        .unwrap();
+    let (ok, out) = daemon.json(&["capture", s(&images[0])]);
+    assert!(!ok);
+    assert_eq!(out[0]["error"]["kind"], "image-changed", "{out}");
+    assert!(
+        out[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--recapture")
+    );
+    for name in ["base", "derived"] {
+        let (ok, out) = daemon.json(&["verify", name]);
+        assert!(!ok);
+        assert_eq!(out["error"]["kind"], "image-changed", "{out}");
+    }
+    // Refused means untouched.
+    assert_eq!(daemon.json(&["map", "base", "--extents"]).1, before);
+
+    let (ok, out) = daemon.json(&["capture", "--recapture", s(&images[0])]);
+    assert!(ok, "{out}");
+    assert_eq!(out[0]["result"]["status"], "recaptured");
+    for name in ["base", "derived"] {
+        let (ok, out) = daemon.json(&["verify", name]);
+        assert!(ok, "{out}");
+    }
+    // Base now holds one unique block and holes: derived's blocks became its own.
+    let derived = daemon.json(&["map", "derived"]).1;
+    assert_eq!(derived["summary"]["redirected_to_other_images"], 0);
+    assert_eq!(derived["summary"]["own_blocks"], 54);
+}
+
+#[test]
+fn verify_reports_the_first_mismatch() {
+    // A map is only as good as the catalog: simulate a block that changed content while
+    // keeping size and modification time (e.g. a restored mtime), and verify must notice.
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = three_images(dir.path());
+    for image in &images[..2] {
+        assert!(daemon.ctl(&["capture", s(image)]).status.success());
+    }
+    let path = &images[1];
+    let meta = std::fs::metadata(path).unwrap();
+    let mut data = std::fs::read(path).unwrap();
+    data[5 * 4096 + 17] ^= 0xff;
+    std::fs::write(path, &data).unwrap();
+    let mtime = nix::sys::time::TimeSpec::new(
+        std::os::unix::fs::MetadataExt::mtime(&meta),
+        std::os::unix::fs::MetadataExt::mtime_nsec(&meta),
+    );
+    nix::sys::stat::utimensat(
+        None,
+        path.as_path(),
+        &mtime,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::FollowSymlink,
+    )
+    .unwrap();
+    let (ok, report) = daemon.json(&["verify", "derived"]);
+    assert!(!ok, "{report}");
+    assert_eq!(report["ok"], false);
+    assert_eq!(report["mismatch"]["block"], 5);
+    assert_eq!(report["mismatch"]["offset"], 5 * 4096 + 17);
+    assert_eq!(report["mismatch"]["source_image"], "base");
+}
+
+#[test]
+fn vmarctl_without_daemon_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let out = vmarctl(&socket, &["list"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot reach vmard"), "{stderr}");
+    assert!(stderr.contains("is vmard running"), "{stderr}");
+    let out = vmarctl(&socket, &["--json", "list"]);
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["error"]["kind"], "daemon-unavailable");
+}
+
+#[test]
+fn a_crash_during_capture_leaves_the_catalog_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = three_images(dir.path());
+    let daemon = Daemon::start(dir.path());
+    assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
+    let before = daemon.json(&["list"]).1;
+
+    // A large dense image, so the capture is still running when vmard is killed.
+    let big = dir.path().join("big.raw");
+    let blocks: Vec<Block> = (0..64 * 1024).map(|i| Block::Unique(i + 50_000)).collect();
+    write_image(&big, &blocks, 0);
+    // Raw protocol client, to see the first progress line before killing the daemon.
+    let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+    use std::io::Write;
+    writeln!(
+        stream,
+        "{}",
+        serde_json::json!({"op": "capture", "path": big, "name": null, "recapture": false})
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"progress\""), "{line}");
+    let state = daemon.stop();
+
+    let daemon = Daemon::start_with(dir.path(), &state, &dir.path().join("run/vmard.sock"));
+    let after = daemon.json(&["list"]).1;
+    assert_eq!(before, after, "a killed capture must leave no trace");
+    assert_eq!(daemon.json(&["verify", "base"]).1["ok"], true);
+    let (ok, out) = daemon.json(&["capture", s(&big)]);
+    assert!(ok, "{out}");
+    assert_eq!(daemon.json(&["verify", "big"]).1["ok"], true);
+}
+
+#[test]
+fn other_users_are_refused() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = Daemon::start(dir.path());
+    let mode = std::fs::metadata(&daemon.socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket is for root only by default");
+    // Open the socket file so that only SO_PEERCRED stands in the way.
+    std::fs::set_permissions(&daemon.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(
+        dir.path().join("run"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vmarctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--json", "list"])
+        .output()
+        .expect("setpriv runs");
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(!out.status.success());
+    assert_eq!(value["error"]["kind"], "permission-denied", "{value}");
+}
