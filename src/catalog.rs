@@ -1,24 +1,26 @@
-//! The catalog: an embedded, transactional store (redb) of captured images, their block
-//! digests, the content index digest -> canonical location, and each image's map.
+//! The catalog: an embedded, transactional store of captured images (redb), their block
+//! digests and maps, and the content index of canonical copies ([`crate::index`]).
 //!
-//! Crash safety comes from redb: every capture, re-capture and removal is one write
-//! transaction, committed with fsync, so after a crash the catalog holds either the whole
-//! change or none of it. The content index is a B-tree on disk; lookups read the pages they
-//! need through a bounded cache, never the whole index.
+//! Crash safety: every capture, re-capture and removal commits one redb transaction (fsync)
+//! that names the index runs it relies on; runs are synced to disk before that commit, and
+//! runs no commit names are removed on open. After a crash the catalog holds the whole change
+//! or none of it.
 //!
-//! Invariant: the canonical location of a digest is its first occurrence in capture order
-//! (image id, then block). Capturing a new image only adds entries, so the maps of images
-//! captured before never change. Re-capturing or removing image K rebuilds the index and maps
-//! of images K.. from their stored digests, without reading any image.
+//! Invariant: the canonical copy of a content is its first occurrence in capture order (image
+//! id, then block). A capture only adds index entries, so maps of images captured before never
+//! change. Re-capturing or removing image K rebuilds the index, and the maps of images K and
+//! later, from the stored digests, without reading any image.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::image::{ImageFile, ImageIdentity, default_name, validate_name};
+use crate::image::{BLOCK_SIZE, ImageFile, ImageIdentity, default_name, validate_name};
+use crate::index::{self, Run, resolve};
 use crate::map::{BlockMap, Extent, ImageId, MapBuilder, MapSummary, Source};
 use crate::scan::{Digest, Scan, ScanStats};
 
@@ -26,19 +28,26 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// id -> JSON of [`ImageRecord`].
 const IMAGES: TableDefinition<u32, &[u8]> = TableDefinition::new("images");
 const NAMES: TableDefinition<&str, u32> = TableDefinition::new("image_names");
-/// (image, block) -> digest, for non-zero blocks only.
-const DIGESTS: TableDefinition<(u32, u64), Digest> = TableDefinition::new("digests");
-/// digest -> (image, block) of the canonical copy.
-const CONTENT: TableDefinition<Digest, (u32, u64)> = TableDefinition::new("content");
-/// (image, start) -> (kind, len, source image, source block).
-const EXTENTS: TableDefinition<(u32, u64), (u8, u64, u32, u64)> = TableDefinition::new("extents");
+/// (image, chunk) -> digests of non-zero blocks, [`DIGEST_RECORD`] bytes each, block order.
+const DIGESTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("digests");
+/// (image, chunk) -> extents of the map, [`EXTENT_RECORD`] bytes each, in order.
+const EXTENTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("extents");
+/// Run id -> entries: the runs of the content index, oldest first.
+const RUNS: TableDefinition<u64, u64> = TableDefinition::new("index_runs");
 
-const SCHEMA_VERSION: u64 = 1;
+const SCHEMA_VERSION: u64 = 2;
 const NEXT_ID: &str = "next_image_id";
+const NEXT_RUN: &str = "next_run_id";
 /// File name of the catalog inside the state directory.
 pub const CATALOG_FILE: &str = "catalog.redb";
+/// Directory of the content index runs inside the state directory.
+pub const INDEX_DIR: &str = "index";
 /// Page cache of the catalog: bounds its memory whatever the number of images.
-const CACHE_BYTES: usize = 64 << 20;
+const CACHE_BYTES: usize = 32 << 20;
+/// Records per stored chunk of digests or extents.
+const CHUNK_RECORDS: usize = 16 * 1024;
+const DIGEST_RECORD: usize = 8 + 32;
+const EXTENT_RECORD: usize = 8 + 8 + 1 + 4 + 8;
 
 /// A captured image as the catalog knows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +84,9 @@ pub struct Progress {
 pub struct Catalog {
     db: Database,
     dir: PathBuf,
+    index_dir: PathBuf,
+    /// Serialises changes, and holds the runs of the content index as last committed.
+    runs: Mutex<Vec<Run>>,
 }
 
 /// Turns any redb error into a catalog error naming the directory.
@@ -98,10 +110,21 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// A change to the catalog that needs the index rebuilt from image `from` on.
+struct Rebuild {
+    from: ImageId,
+    /// New record and digests of a re-captured image.
+    replace: Option<(ImageRecord, Vec<(u64, Digest)>)>,
+    /// An image being removed.
+    remove: Option<ImageRecord>,
+}
+
 impl Catalog {
     /// Opens (creating if needed) the catalog in `dir`. Only one process may hold it.
     pub fn open(dir: &Path) -> Result<Catalog> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create state dir", dir, e))?;
+        let index_dir = dir.join(INDEX_DIR);
+        std::fs::create_dir_all(&index_dir)
+            .map_err(|e| Error::io("cannot create state dir", &index_dir, e))?;
         let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(dir.join(CATALOG_FILE))
@@ -109,8 +132,19 @@ impl Catalog {
         let catalog = Catalog {
             db,
             dir: dir.to_path_buf(),
+            index_dir,
+            runs: Mutex::new(Vec::new()),
         };
-        catalog.init()?;
+        let ids = catalog.init()?;
+        let removed = index::remove_orphans(&catalog.index_dir, &ids.iter().copied().collect())?;
+        if removed > 0 {
+            tracing::info!(removed, "removed index runs left by an interrupted change");
+        }
+        let runs = ids
+            .iter()
+            .map(|&id| Run::open(&catalog.index_dir, id))
+            .collect::<Result<Vec<_>>>()?;
+        *catalog.lock()? = runs;
         Ok(catalog)
     }
 
@@ -118,7 +152,22 @@ impl Catalog {
         &self.dir
     }
 
-    fn init(&self) -> Result<()> {
+    fn lock(&self) -> Result<MutexGuard<'_, Vec<Run>>> {
+        self.runs.lock().map_err(|_| Error::Catalog {
+            dir: self.dir.clone(),
+            message: "an earlier change panicked; restart vmard".into(),
+        })
+    }
+
+    fn corrupt(&self, message: String) -> Error {
+        Error::Catalog {
+            dir: self.dir.clone(),
+            message,
+        }
+    }
+
+    /// Creates the tables, checks the schema and returns the committed index runs.
+    fn init(&self) -> Result<Vec<u64>> {
         let dir = &self.dir;
         let txn = self.db.begin_write().ctx(dir)?;
         {
@@ -130,28 +179,30 @@ impl Catalog {
                 }
                 Some(SCHEMA_VERSION) => {}
                 Some(other) => {
-                    return Err(Error::Catalog {
-                        dir: dir.clone(),
-                        message: format!(
-                            "schema version {other} is not supported by this vmar (it reads {SCHEMA_VERSION})"
-                        ),
-                    });
+                    return Err(self.corrupt(format!(
+                        "schema version {other} is not supported by this vmar (it reads {SCHEMA_VERSION})"
+                    )));
                 }
             }
             txn.open_table(IMAGES).ctx(dir)?;
             txn.open_table(NAMES).ctx(dir)?;
             txn.open_table(DIGESTS).ctx(dir)?;
-            txn.open_table(CONTENT).ctx(dir)?;
             txn.open_table(EXTENTS).ctx(dir)?;
+            txn.open_table(RUNS).ctx(dir)?;
         }
-        txn.commit().ctx(dir)
+        txn.commit().ctx(dir)?;
+        let txn = self.db.begin_read().ctx(dir)?;
+        let runs = txn.open_table(RUNS).ctx(dir)?;
+        let mut ids = Vec::new();
+        for entry in runs.iter().ctx(dir)? {
+            ids.push(entry.ctx(dir)?.0.value());
+        }
+        Ok(ids)
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<ImageRecord> {
-        serde_json::from_slice(bytes).map_err(|e| Error::Catalog {
-            dir: self.dir.clone(),
-            message: format!("corrupt image record: {e}"),
-        })
+        serde_json::from_slice(bytes)
+            .map_err(|e| self.corrupt(format!("corrupt image record: {e}")))
     }
 
     /// All images in capture order.
@@ -177,10 +228,9 @@ impl Catalog {
             name: name.to_string(),
         })?;
         let images = txn.open_table(IMAGES).ctx(dir)?;
-        let record = images.get(id).ctx(dir)?.ok_or_else(|| Error::Catalog {
-            dir: dir.clone(),
-            message: format!("name {name:?} points to missing image {id}"),
-        })?;
+        let record = images.get(id).ctx(dir)?;
+        let record = record
+            .ok_or_else(|| self.corrupt(format!("name {name:?} points to missing image {id}")))?;
         self.decode(record.value())
     }
 
@@ -189,10 +239,9 @@ impl Catalog {
         let dir = &self.dir;
         let txn = self.db.begin_read().ctx(dir)?;
         let images = txn.open_table(IMAGES).ctx(dir)?;
-        let record = images.get(id).ctx(dir)?.ok_or_else(|| Error::Catalog {
-            dir: dir.clone(),
-            message: format!("image {id} is referenced but missing"),
-        })?;
+        let record = images.get(id).ctx(dir)?;
+        let record =
+            record.ok_or_else(|| self.corrupt(format!("image {id} is referenced but missing")))?;
         self.decode(record.value())
     }
 
@@ -204,27 +253,15 @@ impl Catalog {
         let table = txn.open_table(EXTENTS).ctx(dir)?;
         let mut extents = Vec::new();
         for entry in table
-            .range((record.id, 0)..=(record.id, u64::MAX))
+            .range((record.id, 0)..=(record.id, u32::MAX))
             .ctx(dir)?
         {
-            let (key, value) = entry.ctx(dir)?;
-            let ((_, start), (kind, len, image, block)) = (key.value(), value.value());
-            let source = match kind {
-                0 => Source::Zero,
-                1 => Source::Own,
-                2 => Source::Redirect { image, block },
-                other => {
-                    return Err(Error::Catalog {
-                        dir: dir.clone(),
-                        message: format!("corrupt extent kind {other} in image {name:?}"),
-                    });
-                }
-            };
-            extents.push(Extent { start, len, source });
+            let (_, value) = entry.ctx(dir)?;
+            extents.extend(decode_extents(value.value()).map_err(|m| self.corrupt(m))?);
         }
         let map = BlockMap {
             image: record.id,
-            blocks: record.size.div_ceil(crate::image::BLOCK_SIZE),
+            blocks: record.size.div_ceil(BLOCK_SIZE),
             extents,
         };
         Ok((record, map))
@@ -240,13 +277,12 @@ impl Catalog {
         recapture: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(ImageRecord, CaptureStatus)> {
-        let dir = &self.dir;
         if let Some(name) = name {
             validate_name(name)?;
         }
-        // Write transactions are exclusive: what is checked here stays true until commit.
-        let txn = self.db.begin_write().ctx(dir)?;
-        let existing = self.find_by_path(&txn, &image.path)?;
+        // Changes are serialised: what is checked here stays true until this one commits.
+        let mut runs = self.lock()?;
+        let existing = self.images()?.into_iter().find(|r| r.path == image.path);
         let (id, name, status) = match existing {
             Some(record) => {
                 if let Some(wanted) = name
@@ -275,39 +311,27 @@ impl Catalog {
                     None => default_name(&image.path),
                 };
                 validate_name(&name)?;
-                let taken = txn
-                    .open_table(NAMES)
-                    .ctx(dir)?
-                    .get(name.as_str())
-                    .ctx(dir)?
-                    .map(|v| v.value());
-                if let Some(other) = taken {
-                    let other = self.record_in(&txn, other)?;
-                    return Err(Error::NameTaken {
-                        name,
-                        path: other.path,
-                    });
+                match self.image(&name) {
+                    Ok(other) => {
+                        return Err(Error::NameTaken {
+                            name,
+                            path: other.path,
+                        });
+                    }
+                    Err(Error::UnknownImage { .. }) => {}
+                    Err(e) => return Err(e),
                 }
-                let mut meta = txn.open_table(META).ctx(dir)?;
-                let next = meta.get(NEXT_ID).ctx(dir)?.map(|v| v.value()).unwrap_or(0);
-                let id = ImageId::try_from(next).map_err(|_| Error::Catalog {
-                    dir: dir.clone(),
-                    message: "too many images".into(),
-                })?;
-                meta.insert(NEXT_ID, next + 1).ctx(dir)?;
-                (id, name, CaptureStatus::Captured)
+                (
+                    self.meta(NEXT_ID)? as ImageId,
+                    name,
+                    CaptureStatus::Captured,
+                )
             }
         };
-        let later: Vec<ImageId> = if status == CaptureStatus::Recaptured {
-            let later = self.ids_from(&txn, id + 1)?;
-            self.unindex_from(&txn, id)?;
-            self.clear_image(&txn, id)?;
-            later
-        } else {
-            Vec::new()
-        };
 
-        let (map, scan) = self.index_image(&txn, image, id, progress)?;
+        let started = std::time::Instant::now();
+        let (digests, scan) = hash_image(image, progress)?;
+        let hashed = started.elapsed();
         let now = image.current_identity()?;
         if now != image.identity {
             return Err(Error::ChangedDuringCapture {
@@ -315,7 +339,7 @@ impl Catalog {
                 what: image.identity.describe_change(&now),
             });
         }
-        let record = ImageRecord {
+        let mut record = ImageRecord {
             id,
             name,
             path: image.path.clone(),
@@ -323,184 +347,311 @@ impl Catalog {
             identity: image.identity,
             captured_at: now_secs(),
             scan,
-            summary: map.summary(image.size),
+            summary: MapSummary::default(),
         };
-        self.write_map(&txn, &map)?;
-        self.write_record(&txn, &record)?;
-        for later_id in later {
-            self.remap(&txn, later_id)?;
+        if status == CaptureStatus::Recaptured {
+            let rebuild = Rebuild {
+                from: id,
+                replace: Some((record, digests)),
+                remove: None,
+            };
+            let record = self.rebuild(&mut runs, rebuild)?;
+            return Ok((record, status));
         }
+
+        let resolution = resolve(id, &digests, &runs);
+        let resolved = started.elapsed();
+        let map = build_map(&record, &digests, &resolution.sources);
+        record.summary = map.summary(record.size);
+        let run_id = self.meta(NEXT_RUN)?;
+        let dir = &self.dir;
+        // The new run is written and synced while the catalog transaction is prepared; it must
+        // be durable before the commit that names it.
+        let (run, txn) = std::thread::scope(|scope| {
+            let entries = resolution.new_entries;
+            let writer =
+                scope.spawn(|| index::write_run(&self.index_dir, run_id, entries.into_iter()));
+            let txn = self.prepare_capture(id, run_id, &digests, &map, &record);
+            let run = writer
+                .join()
+                .map_err(|_| self.corrupt("index writer panicked".into()))?;
+            Ok::<_, Error>((run?, txn?))
+        })?;
+        let run_written = started.elapsed();
+        let run_len = run.len() as u64;
+        txn.open_table(RUNS)
+            .ctx(dir)?
+            .insert(run_id, run_len)
+            .ctx(dir)?;
         txn.commit().ctx(dir)?;
+        runs.push(run);
+        tracing::debug!(
+            image = %record.name,
+            ?hashed,
+            ?resolved,
+            ?run_written,
+            committed = ?started.elapsed(),
+            "capture phases"
+        );
         Ok((record, status))
+    }
+
+    /// A transaction holding a new image's digests, map, record and counters.
+    fn prepare_capture(
+        &self,
+        id: ImageId,
+        run_id: u64,
+        digests: &[(u64, Digest)],
+        map: &BlockMap,
+        record: &ImageRecord,
+    ) -> Result<WriteTransaction> {
+        let dir = &self.dir;
+        let txn = self.db.begin_write().ctx(dir)?;
+        self.write_digests(&txn, id, digests)?;
+        self.write_map(&txn, map)?;
+        self.write_record(&txn, record)?;
+        {
+            let mut meta = txn.open_table(META).ctx(dir)?;
+            meta.insert(NEXT_ID, u64::from(id) + 1).ctx(dir)?;
+            meta.insert(NEXT_RUN, run_id + 1).ctx(dir)?;
+        }
+        Ok(txn)
     }
 
     /// Removes image `name` from the catalog. Images captured after it that redirected to it
     /// get new maps (their blocks' new canonical copies), rebuilt from stored digests.
     pub fn forget(&self, name: &str) -> Result<ImageRecord> {
-        let dir = &self.dir;
-        let txn = self.db.begin_write().ctx(dir)?;
-        let id = txn
-            .open_table(NAMES)
-            .ctx(dir)?
-            .get(name)
-            .ctx(dir)?
-            .map(|v| v.value())
-            .ok_or_else(|| Error::UnknownImage {
-                name: name.to_string(),
-            })?;
-        let record = self.record_in(&txn, id)?;
-        let later = self.ids_from(&txn, id + 1)?;
-        self.unindex_from(&txn, id)?;
-        self.clear_image(&txn, id)?;
-        txn.open_table(IMAGES).ctx(dir)?.remove(id).ctx(dir)?;
-        txn.open_table(NAMES).ctx(dir)?.remove(name).ctx(dir)?;
-        for later_id in later {
-            self.remap(&txn, later_id)?;
-        }
-        txn.commit().ctx(dir)?;
+        let mut runs = self.lock()?;
+        let record = self.image(name)?;
+        self.rebuild(
+            &mut runs,
+            Rebuild {
+                from: record.id,
+                replace: None,
+                remove: Some(record.clone()),
+            },
+        )?;
         Ok(record)
     }
 
-    fn record_in(&self, txn: &WriteTransaction, id: ImageId) -> Result<ImageRecord> {
-        let table = txn.open_table(IMAGES).ctx(&self.dir)?;
-        let value = table
-            .get(id)
-            .ctx(&self.dir)?
-            .ok_or_else(|| Error::Catalog {
-                dir: self.dir.clone(),
-                message: format!("image {id} is referenced but missing"),
-            })?;
-        self.decode(value.value())
+    fn meta(&self, key: &str) -> Result<u64> {
+        let dir = &self.dir;
+        let txn = self.db.begin_read().ctx(dir)?;
+        let meta = txn.open_table(META).ctx(dir)?;
+        Ok(meta.get(key).ctx(dir)?.map(|v| v.value()).unwrap_or(0))
     }
 
-    fn find_by_path(&self, txn: &WriteTransaction, path: &Path) -> Result<Option<ImageRecord>> {
-        let table = txn.open_table(IMAGES).ctx(&self.dir)?;
-        for entry in table.iter().ctx(&self.dir)? {
-            let (_, value) = entry.ctx(&self.dir)?;
-            let record = self.decode(value.value())?;
-            if record.path == path {
-                return Ok(Some(record));
+    /// Merges the newest runs of the content index while the newest is at least half the
+    /// size of the one before, committing each merge; this keeps the number of runs, and so
+    /// the cost of a lookup, logarithmic in the index size. Captures leave this to be done
+    /// after they answer (vmard runs it after replying), as maintenance off the critical path.
+    pub fn compact_index(&self) -> Result<()> {
+        let mut runs = self.lock()?;
+        let started = std::time::Instant::now();
+        let before = runs.len();
+        self.compact(&mut runs)?;
+        if runs.len() != before {
+            tracing::debug!(before, after = runs.len(), took = ?started.elapsed(), "index compacted");
+        }
+        Ok(())
+    }
+
+    /// Number of runs of the content index.
+    pub fn index_runs(&self) -> Result<usize> {
+        Ok(self.lock()?.len())
+    }
+
+    fn compact(&self, runs: &mut Vec<Run>) -> Result<()> {
+        while runs.len() >= 2 && runs[runs.len() - 1].len() * 2 >= runs[runs.len() - 2].len() {
+            let (older, newer) = (&runs[runs.len() - 2], &runs[runs.len() - 1]);
+            let dir = &self.dir;
+            let id = self.meta(NEXT_RUN)?;
+            let merged = index::merge_runs(&self.index_dir, id, older, newer)?;
+            let txn = self.db.begin_write().ctx(dir)?;
+            {
+                let mut table = txn.open_table(RUNS).ctx(dir)?;
+                table.remove(older.id).ctx(dir)?;
+                table.remove(newer.id).ctx(dir)?;
+                table.insert(id, merged.len() as u64).ctx(dir)?;
+                txn.open_table(META)
+                    .ctx(dir)?
+                    .insert(NEXT_RUN, id + 1)
+                    .ctx(dir)?;
+            }
+            txn.commit().ctx(dir)?;
+            let old: Vec<Run> = runs.drain(runs.len() - 2..).collect();
+            runs.push(merged);
+            self.remove_runs(old);
+        }
+        Ok(())
+    }
+
+    /// Deletes run files no longer named by the catalog. A failure only leaves an orphan that
+    /// the next open removes.
+    fn remove_runs(&self, old: Vec<Run>) {
+        for run in old {
+            let path = index::run_path(&self.index_dir, run.id);
+            drop(run);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("cannot remove old index run {}: {e}", path.display());
             }
         }
-        Ok(None)
     }
 
-    fn ids_from(&self, txn: &WriteTransaction, first: ImageId) -> Result<Vec<ImageId>> {
+    /// Rebuilds the index from scratch over all images in capture order, with one image
+    /// replaced or removed, and rewrites the maps of images `from` and later. Maps of earlier
+    /// images come out identical, so they are not rewritten.
+    fn rebuild(&self, runs: &mut Vec<Run>, change: Rebuild) -> Result<ImageRecord> {
+        let dir = &self.dir;
+        let mut next_run = self.meta(NEXT_RUN)?;
+        let mut new_runs: Vec<Run> = Vec::new();
+        let mut result = None;
+        let txn = self.db.begin_write().ctx(dir)?;
+        let ids = self.ids(&txn)?;
+        let outcome = (|| {
+            let mut replace = change.replace;
+            for id in ids {
+                if change.remove.as_ref().is_some_and(|r| r.id == id) {
+                    continue;
+                }
+                let (mut record, digests, replaced) = match replace.take_if(|(r, _)| r.id == id) {
+                    Some((record, digests)) => (record, digests, true),
+                    None => (
+                        self.record_in(&txn, id)?,
+                        self.read_digests(&txn, id)?,
+                        false,
+                    ),
+                };
+                let resolution = resolve(id, &digests, &new_runs);
+                let run = index::write_run(
+                    &self.index_dir,
+                    next_run,
+                    resolution.new_entries.into_iter(),
+                )?;
+                next_run += 1;
+                new_runs.push(run);
+                while new_runs.len() >= 2
+                    && new_runs[new_runs.len() - 1].len() * 2 >= new_runs[new_runs.len() - 2].len()
+                {
+                    let n = new_runs.len();
+                    let merged = index::merge_runs(
+                        &self.index_dir,
+                        next_run,
+                        &new_runs[n - 2],
+                        &new_runs[n - 1],
+                    )?;
+                    next_run += 1;
+                    let old: Vec<Run> = new_runs.drain(n - 2..).collect();
+                    new_runs.push(merged);
+                    self.remove_runs(old);
+                }
+                if id >= change.from {
+                    let map = build_map(&record, &digests, &resolution.sources);
+                    record.summary = map.summary(record.size);
+                    clear(&txn, EXTENTS, id, dir)?;
+                    self.write_map(&txn, &map)?;
+                    if replaced {
+                        clear(&txn, DIGESTS, id, dir)?;
+                        self.write_digests(&txn, id, &digests)?;
+                    }
+                    self.write_record(&txn, &record)?;
+                    if replaced {
+                        result = Some(record);
+                    }
+                }
+            }
+            if let Some(removed) = &change.remove {
+                clear(&txn, EXTENTS, removed.id, dir)?;
+                clear(&txn, DIGESTS, removed.id, dir)?;
+                txn.open_table(IMAGES)
+                    .ctx(dir)?
+                    .remove(removed.id)
+                    .ctx(dir)?;
+                txn.open_table(NAMES)
+                    .ctx(dir)?
+                    .remove(removed.name.as_str())
+                    .ctx(dir)?;
+                result = Some(removed.clone());
+            }
+            let mut table = txn.open_table(RUNS).ctx(dir)?;
+            table.retain(|_, _| false).ctx(dir)?;
+            for run in &new_runs {
+                table.insert(run.id, run.len() as u64).ctx(dir)?;
+            }
+            txn.open_table(META)
+                .ctx(dir)?
+                .insert(NEXT_RUN, next_run)
+                .ctx(dir)?;
+            Ok(())
+        })();
+        if let Err(e) = outcome {
+            self.remove_runs(new_runs);
+            return Err(e);
+        }
+        txn.commit().ctx(dir)?;
+        let old = std::mem::replace(runs, new_runs);
+        self.remove_runs(old);
+        result.ok_or_else(|| self.corrupt("rebuild did not meet the changed image".into()))
+    }
+
+    fn ids(&self, txn: &WriteTransaction) -> Result<Vec<ImageId>> {
         let table = txn.open_table(IMAGES).ctx(&self.dir)?;
         let mut ids = Vec::new();
-        for entry in table.range(first..).ctx(&self.dir)? {
+        for entry in table.iter().ctx(&self.dir)? {
             ids.push(entry.ctx(&self.dir)?.0.value());
         }
         Ok(ids)
     }
 
-    /// Removes from the content index every entry whose canonical copy is in image `first` or
-    /// later; entries of earlier images stay, so their maps stay valid.
-    fn unindex_from(&self, txn: &WriteTransaction, first: ImageId) -> Result<()> {
-        let dir = &self.dir;
-        let digests = txn.open_table(DIGESTS).ctx(dir)?;
-        let mut content = txn.open_table(CONTENT).ctx(dir)?;
-        for entry in digests.range((first, 0)..).ctx(dir)? {
-            let (_, digest) = entry.ctx(dir)?;
-            let digest = digest.value();
-            let canonical = content.get(&digest).ctx(dir)?.map(|v| v.value());
-            if let Some((image, _)) = canonical
-                && image >= first
-            {
-                content.remove(&digest).ctx(dir)?;
-            }
+    fn record_in(&self, txn: &WriteTransaction, id: ImageId) -> Result<ImageRecord> {
+        let table = txn.open_table(IMAGES).ctx(&self.dir)?;
+        let value = table.get(id).ctx(&self.dir)?;
+        let value =
+            value.ok_or_else(|| self.corrupt(format!("image {id} is referenced but missing")))?;
+        self.decode(value.value())
+    }
+
+    fn read_digests(&self, txn: &WriteTransaction, id: ImageId) -> Result<Vec<(u64, Digest)>> {
+        let table = txn.open_table(DIGESTS).ctx(&self.dir)?;
+        let mut digests = Vec::new();
+        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
+            let (_, value) = entry.ctx(&self.dir)?;
+            digests.extend(decode_digests(value.value()).map_err(|m| self.corrupt(m))?);
+        }
+        Ok(digests)
+    }
+
+    fn write_digests(
+        &self,
+        txn: &WriteTransaction,
+        id: ImageId,
+        digests: &[(u64, Digest)],
+    ) -> Result<()> {
+        let mut table = txn.open_table(DIGESTS).ctx(&self.dir)?;
+        for (n, chunk) in digests.chunks(CHUNK_RECORDS).enumerate() {
+            let bytes = encode_digests(chunk);
+            table
+                .insert((id, n as u32), bytes.as_slice())
+                .ctx(&self.dir)?;
         }
         Ok(())
     }
 
-    /// Deletes the digests and extents of image `id`.
-    fn clear_image(&self, txn: &WriteTransaction, id: ImageId) -> Result<()> {
-        let dir = &self.dir;
-        let range = (id, 0)..=(id, u64::MAX);
-        txn.open_table(DIGESTS)
-            .ctx(dir)?
-            .retain_in(range.clone(), |_, _| false)
-            .ctx(dir)?;
-        txn.open_table(EXTENTS)
-            .ctx(dir)?
-            .retain_in(range, |_, _| false)
-            .ctx(dir)
-    }
-
-    /// Reads `image` and records its digests; returns its map.
-    fn index_image(
-        &self,
-        txn: &WriteTransaction,
-        image: &ImageFile,
-        id: ImageId,
-        progress: &mut dyn FnMut(Progress),
-    ) -> Result<(BlockMap, ScanStats)> {
-        let dir = &self.dir;
-        let mut digests = txn.open_table(DIGESTS).ctx(dir)?;
-        let mut content = txn.open_table(CONTENT).ctx(dir)?;
-        let mut builder = MapBuilder::new(id, image.block_count());
-        let scan = Scan::new(&image.file, image.size, &image.path)?;
-        let total = scan.data_bytes();
-        let mut done = 0;
-        progress(Progress { done, total });
-        let stats = scan.run(|batch| {
-            for (block, digest) in &batch.digests {
-                digests.insert((id, *block), digest).ctx(dir)?;
-                let source = canonical_source(&mut content, dir, id, *block, digest)?;
-                builder.push(*block, 1, source);
-            }
-            done += batch.read_bytes;
-            progress(Progress { done, total });
-            Ok(())
-        })?;
-        Ok((builder.finish(), stats))
-    }
-
-    /// Rebuilds the map of image `id` from its stored digests (after the index changed
-    /// under it), re-registering its canonical copies.
-    fn remap(&self, txn: &WriteTransaction, id: ImageId) -> Result<()> {
-        let dir = &self.dir;
-        let mut record = self.record_in(txn, id)?;
-        let mut builder = MapBuilder::new(id, record.size.div_ceil(crate::image::BLOCK_SIZE));
-        {
-            let digests = txn.open_table(DIGESTS).ctx(dir)?;
-            let mut content = txn.open_table(CONTENT).ctx(dir)?;
-            for entry in digests.range((id, 0)..=(id, u64::MAX)).ctx(dir)? {
-                let (key, digest) = entry.ctx(dir)?;
-                let block = key.value().1;
-                let source = canonical_source(&mut content, dir, id, block, &digest.value())?;
-                builder.push(block, 1, source);
-            }
-        }
-        let map = builder.finish();
-        txn.open_table(EXTENTS)
-            .ctx(dir)?
-            .retain_in((id, 0)..=(id, u64::MAX), |_, _| false)
-            .ctx(dir)?;
-        self.write_map(txn, &map)?;
-        record.summary = map.summary(record.size);
-        self.write_record(txn, &record)
-    }
-
     fn write_map(&self, txn: &WriteTransaction, map: &BlockMap) -> Result<()> {
         let mut table = txn.open_table(EXTENTS).ctx(&self.dir)?;
-        for e in &map.extents {
-            let value = match e.source {
-                Source::Zero => (0u8, e.len, 0, 0),
-                Source::Own => (1, e.len, 0, 0),
-                Source::Redirect { image, block } => (2, e.len, image, block),
-            };
-            table.insert((map.image, e.start), value).ctx(&self.dir)?;
+        for (n, chunk) in map.extents.chunks(CHUNK_RECORDS).enumerate() {
+            let bytes = encode_extents(chunk);
+            table
+                .insert((map.image, n as u32), bytes.as_slice())
+                .ctx(&self.dir)?;
         }
         Ok(())
     }
 
     fn write_record(&self, txn: &WriteTransaction, record: &ImageRecord) -> Result<()> {
         let dir = &self.dir;
-        let bytes = serde_json::to_vec(record).map_err(|e| Error::Catalog {
-            dir: dir.clone(),
-            message: format!("cannot encode image record: {e}"),
-        })?;
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| self.corrupt(format!("cannot encode image record: {e}")))?;
         txn.open_table(IMAGES)
             .ctx(dir)?
             .insert(record.id, bytes.as_slice())
@@ -513,21 +664,151 @@ impl Catalog {
     }
 }
 
-/// Where block `block` of image `id` with content `digest` is served from: the canonical copy
-/// if the content was seen before, else the block itself, which becomes canonical.
-fn canonical_source(
-    content: &mut Table<Digest, (u32, u64)>,
-    dir: &Path,
+/// Deletes the chunks of image `id` from a chunked table.
+fn clear(
+    txn: &WriteTransaction,
+    table: TableDefinition<(u32, u32), &[u8]>,
     id: ImageId,
-    block: u64,
-    digest: &Digest,
-) -> Result<Source> {
-    let existing = content.get(digest).ctx(dir)?.map(|v| v.value());
-    match existing {
-        Some((image, block)) => Ok(Source::Redirect { image, block }),
-        None => {
-            content.insert(digest, (id, block)).ctx(dir)?;
-            Ok(Source::Own)
-        }
+    dir: &Path,
+) -> Result<()> {
+    txn.open_table(table)
+        .ctx(dir)?
+        .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)
+        .ctx(dir)
+}
+
+/// Reads and hashes `image`; returns the digests of its non-zero blocks in block order.
+fn hash_image(
+    image: &ImageFile,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Vec<(u64, Digest)>, ScanStats)> {
+    let scan = Scan::new(&image.file, image.size, &image.path)?;
+    let total = scan.data_bytes();
+    let mut done = 0;
+    let mut digests = Vec::new();
+    progress(Progress { done, total });
+    let stats = scan.run(|batch| {
+        digests.extend_from_slice(&batch.digests);
+        done += batch.read_bytes;
+        progress(Progress { done, total });
+        Ok(())
+    })?;
+    Ok((digests, stats))
+}
+
+/// The map of an image from the sources of its non-zero blocks.
+fn build_map(record: &ImageRecord, digests: &[(u64, Digest)], sources: &[Source]) -> BlockMap {
+    let mut builder = MapBuilder::new(record.id, record.size.div_ceil(BLOCK_SIZE));
+    for ((block, _), source) in digests.iter().zip(sources) {
+        builder.push(*block, 1, *source);
+    }
+    builder.finish()
+}
+
+fn encode_digests(digests: &[(u64, Digest)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(digests.len() * DIGEST_RECORD);
+    for (block, digest) in digests {
+        out.extend_from_slice(&block.to_le_bytes());
+        out.extend_from_slice(digest);
+    }
+    out
+}
+
+fn decode_digests(bytes: &[u8]) -> Result<Vec<(u64, Digest)>, String> {
+    if bytes.len() % DIGEST_RECORD != 0 {
+        return Err(format!("digest chunk of {} bytes", bytes.len()));
+    }
+    Ok(bytes
+        .chunks_exact(DIGEST_RECORD)
+        .map(|r| {
+            let (block, digest) = r.split_at(8);
+            (le_u64(block), digest.try_into().unwrap_or([0; 32]))
+        })
+        .collect())
+}
+
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(b)
+}
+
+fn encode_extents(extents: &[Extent]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(extents.len() * EXTENT_RECORD);
+    for e in extents {
+        let (kind, image, block) = match e.source {
+            Source::Zero => (0u8, 0u32, 0u64),
+            Source::Own => (1, 0, 0),
+            Source::Redirect { image, block } => (2, image, block),
+        };
+        out.extend_from_slice(&e.start.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+        out.push(kind);
+        out.extend_from_slice(&image.to_le_bytes());
+        out.extend_from_slice(&block.to_le_bytes());
+    }
+    out
+}
+
+fn decode_extents(bytes: &[u8]) -> Result<Vec<Extent>, String> {
+    if bytes.len() % EXTENT_RECORD != 0 {
+        return Err(format!("extent chunk of {} bytes", bytes.len()));
+    }
+    bytes
+        .chunks_exact(EXTENT_RECORD)
+        .map(|r| {
+            let mut image = [0u8; 4];
+            image.copy_from_slice(&r[17..21]);
+            let image = u32::from_le_bytes(image);
+            let block = le_u64(&r[21..29]);
+            let source = match r[16] {
+                0 => Source::Zero,
+                1 => Source::Own,
+                2 => Source::Redirect { image, block },
+                other => return Err(format!("extent kind {other}")),
+            };
+            Ok(Extent {
+                start: le_u64(&r[0..8]),
+                len: le_u64(&r[8..16]),
+                source,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let digests = vec![(0u64, [1u8; 32]), (u64::MAX, [255u8; 32])];
+        assert_eq!(decode_digests(&encode_digests(&digests)).unwrap(), digests);
+        let extents = vec![
+            Extent {
+                start: 0,
+                len: 5,
+                source: Source::Zero,
+            },
+            Extent {
+                start: 5,
+                len: 1,
+                source: Source::Own,
+            },
+            Extent {
+                start: 6,
+                len: u64::MAX - 6,
+                source: Source::Redirect {
+                    image: u32::MAX,
+                    block: 1 << 40,
+                },
+            },
+        ];
+        assert_eq!(decode_extents(&encode_extents(&extents)).unwrap(), extents);
+        assert!(decode_digests(&[0u8; 41]).is_err());
+        assert!(decode_extents(&[0u8; 30]).is_err());
+        let mut bad = encode_extents(&extents[..1]);
+        bad[16] = 9;
+        assert!(decode_extents(&bad).is_err());
     }
 }

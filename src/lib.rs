@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod client;
 pub mod error;
 pub mod image;
+pub mod index;
 pub mod map;
 pub mod protocol;
 pub mod scan;

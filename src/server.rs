@@ -136,8 +136,10 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
 }
 
 fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
+    let mut captured = false;
     let outcome = access.check(&stream).and_then(|()| {
         let request = read_request(&stream)?;
+        captured = matches!(request, Request::Capture { .. });
         tracing::info!(?request, "request");
         let mut writer = stream
             .try_clone()
@@ -166,6 +168,10 @@ fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
     };
     if let Err(e) = send(&mut stream, &reply) {
         tracing::debug!("client went away before the reply: {e}");
+    }
+    drop(stream);
+    if captured && let Err(e) = catalog.compact_index() {
+        tracing::warn!("index compaction failed (retried after the next capture): {e}");
     }
 }
 

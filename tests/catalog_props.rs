@@ -33,6 +33,10 @@ fn capture_all(catalog: &Catalog, dir: &std::path::Path, images: &[(Vec<Block>, 
         let image = ImageFile::open(&path).unwrap();
         let (record, status) = catalog.capture(&image, None, false, &mut |_| {}).unwrap();
         assert_eq!(status, CaptureStatus::Captured);
+        // Compact after some captures only, so lookups meet both one and several runs.
+        if i % 2 == 1 {
+            catalog.compact_index().unwrap();
+        }
         assert_eq!(record.name, format!("img{i}"));
     }
 }
