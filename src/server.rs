@@ -137,8 +137,11 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
 
 fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
     let mut captured = false;
+    // The request line is read before the check, so that the client finishes writing and
+    // sees the refusal instead of a broken pipe; it is parsed only once the peer is allowed.
+    let line = read_line(&stream);
     let outcome = access.check(&stream).and_then(|()| {
-        let request = read_request(&stream)?;
+        let request = parse_request(&line?)?;
         captured = matches!(request, Request::Capture { .. });
         tracing::info!(?request, "request");
         let mut writer = stream
@@ -175,7 +178,11 @@ fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
     }
 }
 
-fn read_request(stream: &UnixStream) -> Result<Request> {
+fn read_line(stream: &UnixStream) -> Result<String> {
+    // A client that connects and never sends a request must not hold a thread forever.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .map_err(|e| Error::io("cannot set timeout on", "socket", e))?;
     let mut line = String::new();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES));
     reader
@@ -186,5 +193,9 @@ fn read_request(stream: &UnixStream) -> Result<Request> {
             "request must be one JSON line of at most 1 MiB".into(),
         ));
     }
-    serde_json::from_str(&line).map_err(|e| Error::Protocol(format!("bad request: {e}")))
+    Ok(line)
+}
+
+fn parse_request(line: &str) -> Result<Request> {
+    serde_json::from_str(line).map_err(|e| Error::Protocol(format!("bad request: {e}")))
 }

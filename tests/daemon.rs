@@ -465,3 +465,25 @@ fn other_users_are_refused() {
     assert!(!out.status.success());
     assert_eq!(value["error"]["kind"], "permission-denied", "{value}");
 }
+
+#[test]
+fn malformed_requests_are_answered_with_protocol_errors() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    for request in [
+        "not json",
+        r#"{"op":"explode"}"#,
+        r#"{"op":"capture","path":"relative.raw"}"#,
+    ] {
+        let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+        writeln!(stream, "{request}").unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        let reply: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply["type"], "error", "{request}: {reply}");
+        assert_eq!(reply["kind"], "protocol", "{request}: {reply}");
+    }
+    // The daemon is still serving.
+    assert!(daemon.ctl(&["ping"]).status.success());
+}
