@@ -368,9 +368,8 @@ impl Catalog {
         // The new run is written and synced while the catalog transaction is prepared; it must
         // be durable before the commit that names it.
         let (run, txn) = std::thread::scope(|scope| {
-            let entries = resolution.new_entries;
-            let writer =
-                scope.spawn(|| index::write_run(&self.index_dir, run_id, entries.into_iter()));
+            let entries = resolution.new_entries(id, &digests);
+            let writer = scope.spawn(|| index::write_run(&self.index_dir, run_id, entries));
             let txn = self.prepare_capture(id, run_id, &digests, &map, &record);
             let run = writer
                 .join()
@@ -526,7 +525,7 @@ impl Catalog {
                 let run = index::write_run(
                     &self.index_dir,
                     next_run,
-                    resolution.new_entries.into_iter(),
+                    resolution.new_entries(id, &digests),
                 )?;
                 next_run += 1;
                 new_runs.push(run);

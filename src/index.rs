@@ -225,8 +225,27 @@ fn prefix(digest: &Digest) -> u64 {
 pub struct Resolution {
     /// Source of each input block, in input order.
     pub sources: Vec<Source>,
-    /// Contents seen for the first time, sorted by digest: the image's new run.
-    pub new_entries: Vec<Entry>,
+    /// Positions (in the input) of contents seen for the first time, sorted by digest: the
+    /// image's new run. Positions, not entries, keep this at 4 bytes a block.
+    pub new: Vec<u32>,
+}
+
+impl Resolution {
+    /// The new run's entries, in digest order, for the input `blocks` of image `image`.
+    pub fn new_entries<'a>(
+        &'a self,
+        image: ImageId,
+        blocks: &'a [(u64, Digest)],
+    ) -> impl Iterator<Item = Entry> + 'a {
+        self.new.iter().map(move |&i| {
+            let (block, digest) = blocks[i as usize];
+            Entry {
+                digest,
+                image,
+                block,
+            }
+        })
+    }
 }
 
 /// Resolves the non-zero blocks of image `image` (`(block, digest)` in block order) against
@@ -246,12 +265,12 @@ pub fn resolve(image: ImageId, blocks: &[(u64, Digest)], runs: &[Run]) -> Resolu
             .then_with(|| blocks[a.1 as usize].1.cmp(&blocks[b.1 as usize].1))
             .then(a.1.cmp(&b.1))
     });
-    let order: Vec<u32> = keyed.into_iter().map(|(_, i)| i).collect();
     let mut sources = vec![Source::Own; blocks.len()];
-    let mut new_entries = Vec::new();
+    let mut new = Vec::new();
     let mut cursors = vec![0usize; runs.len()];
-    for group in order.chunk_by(|&a, &b| blocks[a as usize].1 == blocks[b as usize].1) {
-        let (first_block, digest) = blocks[group[0] as usize];
+    for group in keyed.chunk_by(|a, b| blocks[a.1 as usize].1 == blocks[b.1 as usize].1) {
+        let first = group[0].1;
+        let (first_block, digest) = blocks[first as usize];
         let mut found = None;
         for (run, cursor) in runs.iter().zip(cursors.iter_mut()) {
             let (pos, hit) = run.seek(*cursor, &digest);
@@ -267,12 +286,8 @@ pub fn resolve(image: ImageId, blocks: &[(u64, Digest)], runs: &[Run]) -> Resolu
                 block: entry.block,
             },
             None => {
-                new_entries.push(Entry {
-                    digest,
-                    image,
-                    block: first_block,
-                });
-                sources[group[0] as usize] = Source::Own;
+                new.push(first);
+                sources[first as usize] = Source::Own;
                 Source::Redirect {
                     image,
                     block: first_block,
@@ -280,14 +295,11 @@ pub fn resolve(image: ImageId, blocks: &[(u64, Digest)], runs: &[Run]) -> Resolu
             }
         };
         let skip = usize::from(found.is_none());
-        for &i in &group[skip..] {
+        for &(_, i) in &group[skip..] {
             sources[i as usize] = canonical;
         }
     }
-    Resolution {
-        sources,
-        new_entries,
-    }
+    Resolution { sources, new }
 }
 
 #[cfg(test)]
@@ -380,8 +392,7 @@ mod tests {
             ]
         );
         let new: Vec<(u8, u64)> = r
-            .new_entries
-            .iter()
+            .new_entries(2, &blocks)
             .map(|e| (e.digest[0], e.block))
             .collect();
         assert_eq!(new, vec![(1, 3), (9, 0)]);

@@ -196,3 +196,33 @@ fn catalog_survives_reopen() {
     // Block 2 is a partial copy of block 0: different length, so not shared.
     assert_eq!(before.1.source_of(2), Some(Source::Own));
 }
+
+#[test]
+fn index_runs_left_by_a_crash_are_removed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let images: Vec<(Vec<Block>, usize)> = vec![
+        (
+            vec![Block::Shared(1), Block::Unique(1), Block::Shared(2)],
+            0,
+        ),
+        (
+            vec![Block::Shared(2), Block::Shared(1), Block::Unique(2)],
+            0,
+        ),
+    ];
+    let before = {
+        let catalog = Catalog::open(&state).unwrap();
+        capture_all(&catalog, dir.path(), &images);
+        catalog.map("img1").unwrap()
+    };
+    // A run written by a capture that died before its commit, and a half-written one.
+    let index = state.join(vmar::catalog::INDEX_DIR);
+    std::fs::write(index.join("run-00000000000000ff.idx"), [7u8; 44]).unwrap();
+    std::fs::write(index.join("run-0000000000000100.tmp"), [7u8; 10]).unwrap();
+    let catalog = Catalog::open(&state).unwrap();
+    assert!(!index.join("run-00000000000000ff.idx").exists());
+    assert!(!index.join("run-0000000000000100.tmp").exists());
+    assert_eq!(catalog.map("img1").unwrap(), before);
+    check_maps(&catalog, &images, &["img0".into(), "img1".into()]);
+}
