@@ -32,6 +32,8 @@ const NAMES: TableDefinition<&str, u32> = TableDefinition::new("image_names");
 const DIGESTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("digests");
 /// (image, chunk) -> extents of the map, [`EXTENT_RECORD`] bytes each, in order.
 const EXTENTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("extents");
+/// Device name -> JSON of [`DeviceRecord`]: the devices vmard should serve (desired state).
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Run id -> entries: the runs of the content index, oldest first.
 const RUNS: TableDefinition<u64, u64> = TableDefinition::new("index_runs");
 
@@ -61,6 +63,16 @@ pub struct ImageRecord {
     pub captured_at: u64,
     pub scan: ScanStats,
     pub summary: MapSummary,
+}
+
+/// A device vmard should serve: saved when created, removed when removed, restored at boot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub name: String,
+    /// Name of the captured image it serves.
+    pub image: String,
+    /// Seconds since the epoch.
+    pub created_at: u64,
 }
 
 /// What a capture request did.
@@ -189,6 +201,7 @@ impl Catalog {
             txn.open_table(DIGESTS).ctx(dir)?;
             txn.open_table(EXTENTS).ctx(dir)?;
             txn.open_table(RUNS).ctx(dir)?;
+            txn.open_table(DEVICES).ctx(dir)?;
         }
         txn.commit().ctx(dir)?;
         let txn = self.db.begin_read().ctx(dir)?;
@@ -417,9 +430,65 @@ impl Catalog {
         Ok(txn)
     }
 
+    /// Saved devices, by name.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        let dir = &self.dir;
+        let txn = self.db.begin_read().ctx(dir)?;
+        let table = txn.open_table(DEVICES).ctx(dir)?;
+        let mut records = Vec::new();
+        for entry in table.iter().ctx(dir)? {
+            let (_, value) = entry.ctx(dir)?;
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| self.corrupt(format!("corrupt device record: {e}")))?;
+            records.push(record);
+        }
+        Ok(records)
+    }
+
+    /// The saved device `name`, if any.
+    pub fn device(&self, name: &str) -> Result<Option<DeviceRecord>> {
+        Ok(self.devices()?.into_iter().find(|d| d.name == name))
+    }
+
+    /// Saves (or replaces) a device record.
+    pub fn save_device(&self, record: &DeviceRecord) -> Result<()> {
+        let _guard = self.lock()?;
+        let dir = &self.dir;
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| self.corrupt(format!("cannot encode device record: {e}")))?;
+        let txn = self.db.begin_write().ctx(dir)?;
+        txn.open_table(DEVICES)
+            .ctx(dir)?
+            .insert(record.name.as_str(), bytes.as_slice())
+            .ctx(dir)?;
+        txn.commit().ctx(dir)
+    }
+
+    /// Removes a device record; true if there was one.
+    pub fn forget_device(&self, name: &str) -> Result<bool> {
+        let _guard = self.lock()?;
+        let dir = &self.dir;
+        let txn = self.db.begin_write().ctx(dir)?;
+        let existed = txn
+            .open_table(DEVICES)
+            .ctx(dir)?
+            .remove(name)
+            .ctx(dir)?
+            .is_some();
+        txn.commit().ctx(dir)?;
+        Ok(existed)
+    }
+
     /// Removes image `name` from the catalog. Images captured after it that redirected to it
     /// get new maps (their blocks' new canonical copies), rebuilt from stored digests.
+    /// Refused while a saved device serves the image.
     pub fn forget(&self, name: &str) -> Result<ImageRecord> {
+        if let Some(device) = self.devices()?.into_iter().find(|d| d.image == name) {
+            return Err(Error::ImageInUse {
+                name: name.to_string(),
+                device: device.name,
+            });
+        }
         let mut runs = self.lock()?;
         let record = self.image(name)?;
         self.rebuild(

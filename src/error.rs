@@ -75,6 +75,27 @@ pub enum Error {
 
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+
+    #[error("device-mapper {op} {device}: {message}")]
+    DeviceMapper {
+        op: &'static str,
+        device: String,
+        message: String,
+    },
+
+    #[error("image {name:?} is served by device {device:?}; remove the device first")]
+    ImageInUse { name: String, device: String },
+
+    #[error("no vmar device named {name:?} (see `vmarctl list`)")]
+    UnknownDevice { name: String },
+
+    #[error("a vmar device named {name:?} already exists (remove it first, or refresh it)")]
+    DeviceExists { name: String },
+
+    #[error(
+        "device {name:?} is open ({open_count} users); close it (stop the VM) and retry, or use --force to remove it when the last user closes it"
+    )]
+    DeviceBusy { name: String, open_count: i32 },
 }
 
 impl Error {
@@ -96,6 +117,11 @@ impl Error {
             Error::DaemonUnavailable { .. } => "daemon-unavailable",
             Error::Remote { .. } => "remote",
             Error::PermissionDenied(_) => "permission-denied",
+            Error::DeviceMapper { .. } => "device-mapper",
+            Error::UnknownDevice { .. } => "unknown-device",
+            Error::ImageInUse { .. } => "image-in-use",
+            Error::DeviceExists { .. } => "device-exists",
+            Error::DeviceBusy { .. } => "device-busy",
         }
     }
 

@@ -6,11 +6,15 @@
 //! the image's bytes. [`protocol`], [`server`], [`service`] and [`client`] connect `vmarctl` to
 //! `vmard`.
 
+pub mod budget;
 pub mod catalog;
 pub mod client;
+pub mod device;
+pub mod dm;
 pub mod error;
 pub mod image;
 pub mod index;
+pub mod loopdev;
 pub mod map;
 pub mod protocol;
 pub mod scan;

@@ -39,7 +39,7 @@ pub enum Request {
         recapture: bool,
     },
     /// All captured images, in capture order.
-    List,
+    Images,
     /// The map of an image: its figures, and its extents if `extents`.
     Map {
         name: String,
@@ -57,6 +57,30 @@ pub enum Request {
     Verify { name: String },
     /// Remove an image from the catalog.
     Forget { name: String },
+    /// Create device `name` serving `image` (a captured image's name, or an absolute path;
+    /// with `capture`, a path not captured yet is captured first).
+    Create {
+        name: String,
+        image: String,
+        #[serde(default)]
+        capture: bool,
+    },
+    /// Remove a device; `force` defers the removal of an open device to its last close.
+    Remove {
+        name: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Saved and live devices.
+    List,
+    /// One device; with `table`, its live table.
+    Status {
+        name: String,
+        #[serde(default)]
+        table: bool,
+    },
+    /// Load the current map of a device's image into the live device, atomically.
+    Refresh { name: String },
 }
 
 /// One line vmard sends.
@@ -85,9 +109,9 @@ pub struct CaptureResult {
     pub seconds: f64,
 }
 
-/// Result of `list`.
+/// Result of `images`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListResult {
+pub struct ImagesResult {
     pub images: Vec<ImageRecord>,
 }
 

@@ -14,7 +14,7 @@ use nix::unistd::{Gid, Uid, User, getgrouplist};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::protocol::{MAX_REQUEST_BYTES, Reply, Request};
-use crate::service;
+use crate::service::{self, Context};
 
 /// Where vmard keeps its catalog unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmar";
@@ -67,15 +67,23 @@ fn user_in_group(uid: Uid, group: Gid) -> bool {
 pub struct Server {
     listener: UnixListener,
     socket: PathBuf,
-    catalog: Arc<Catalog>,
+    context: Arc<Context>,
     access: Access,
 }
 
 impl Server {
     /// Opens the catalog in `state_dir` and binds `socket` (replacing a stale one). The socket
     /// is mode 0600, or 0660 owned by `access.group` when a group is configured.
-    pub fn bind(state_dir: &Path, socket: &Path, access: Access) -> Result<Server> {
-        let catalog = Arc::new(Catalog::open(state_dir)?);
+    pub fn bind(
+        state_dir: &Path,
+        socket: &Path,
+        access: Access,
+        max_targets: u64,
+    ) -> Result<Server> {
+        let context = Arc::new(Context {
+            catalog: Catalog::open(state_dir)?,
+            max_targets,
+        });
         if let Some(dir) = socket.parent() {
             fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;
         }
@@ -102,7 +110,7 @@ impl Server {
         Ok(Server {
             listener,
             socket: socket.to_path_buf(),
-            catalog,
+            context,
             access,
         })
     }
@@ -121,9 +129,9 @@ impl Server {
                     continue;
                 }
             };
-            let catalog = Arc::clone(&self.catalog);
+            let context = Arc::clone(&self.context);
             let access = self.access;
-            std::thread::spawn(move || serve_connection(&catalog, access, stream));
+            std::thread::spawn(move || serve_connection(&context, access, stream));
         }
         Ok(())
     }
@@ -135,7 +143,7 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.write_all(&line)
 }
 
-fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
+fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
     let mut captured = false;
     // The request line is read before the check, so that the client finishes writing and
     // sees the refusal instead of a broken pipe; it is parsed only once the peer is allowed.
@@ -157,7 +165,7 @@ fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
                 },
             );
         };
-        service::handle(catalog, request, &mut progress)
+        service::handle(context, request, &mut progress)
     });
     let reply = match outcome {
         Ok(result) => Reply::Ok { result },
@@ -173,7 +181,7 @@ fn serve_connection(catalog: &Catalog, access: Access, mut stream: UnixStream) {
         tracing::debug!("client went away before the reply: {e}");
     }
     drop(stream);
-    if captured && let Err(e) = catalog.compact_index() {
+    if captured && let Err(e) = context.catalog.compact_index() {
         tracing::warn!("index compaction failed (retried after the next capture): {e}");
     }
 }

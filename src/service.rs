@@ -8,14 +8,22 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::catalog::{Catalog, Progress};
+use crate::device;
 use crate::error::{Error, Result};
 use crate::image::{ImageFile, validate_name};
 use crate::protocol::{
-    CaptureResult, ImageRef, ListResult, MapResult, PROTOCOL_VERSION, PingResult, Request,
+    CaptureResult, ImageRef, ImagesResult, MapResult, PROTOCOL_VERSION, PingResult, Request,
     TableResult,
 };
 use crate::table;
 use crate::verify::verify;
+
+/// What the service needs besides the request.
+pub struct Context {
+    pub catalog: Catalog,
+    /// Most targets of one device table.
+    pub max_targets: u64,
+}
 
 fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
     serde_json::to_value(result).map_err(|e| Error::Protocol(format!("cannot encode reply: {e}")))
@@ -23,10 +31,11 @@ fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
 
 /// Carries out one request. `progress` receives byte progress of long operations.
 pub fn handle(
-    catalog: &Catalog,
+    ctx: &Context,
     request: Request,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<serde_json::Value> {
+    let catalog = &ctx.catalog;
     match request {
         Request::Ping => to_value(PingResult {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -53,7 +62,7 @@ pub fn handle(
                 seconds: started.elapsed().as_secs_f64(),
             })
         }
-        Request::List => to_value(ListResult {
+        Request::Images => to_value(ImagesResult {
             images: catalog.images()?,
         }),
         Request::Map { name, extents } => {
@@ -88,6 +97,30 @@ pub fn handle(
             validate_name(&name)?;
             to_value(catalog.forget(&name)?)
         }
+        Request::Create {
+            name,
+            image,
+            capture,
+        } => {
+            validate_name(&name)?;
+            let image = if capture && image.starts_with('/') {
+                let file = ImageFile::open(Path::new(&image))?;
+                catalog.capture(&file, None, false, progress)?.0.name
+            } else {
+                device::image_name(catalog, &image)?
+            };
+            to_value(device::create(catalog, &name, &image, ctx.max_targets)?)
+        }
+        Request::Remove { name, force } => to_value(device::remove(catalog, &name, force)?),
+        Request::List => to_value(device::list(catalog, ctx.max_targets)?),
+        Request::Status { name, table } => {
+            let mut status = device::status(catalog, &name, ctx.max_targets)?;
+            if table && status.live.is_some() {
+                status.table = Some(device::live_table(&name)?);
+            }
+            to_value(status)
+        }
+        Request::Refresh { name } => to_value(device::refresh(catalog, &name, ctx.max_targets)?),
     }
 }
 

@@ -145,7 +145,7 @@ fn capture_map_table_verify_end_to_end() {
         assert_eq!(c["result"]["status"], "captured", "{c}");
     }
 
-    let (ok, list) = daemon.json(&["list"]);
+    let (ok, list) = daemon.json(&["images"]);
     assert!(ok);
     assert_eq!(image_names(&list), ["base", "derived", "other"]);
 
@@ -289,7 +289,7 @@ fn bad_input_gives_clear_errors_and_keeps_the_catalog() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains(text));
     }
-    let (_, list) = daemon.json(&["list"]);
+    let (_, list) = daemon.json(&["images"]);
     assert_eq!(image_names(&list), ["base"]);
     assert_eq!(daemon.json(&["verify", "base"]).1["ok"], true);
 }
@@ -380,12 +380,12 @@ fn verify_reports_the_first_mismatch() {
 fn vmarctl_without_daemon_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("none.sock");
-    let out = vmarctl(&socket, &["list"]);
+    let out = vmarctl(&socket, &["images"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach vmard"), "{stderr}");
     assert!(stderr.contains("is vmard running"), "{stderr}");
-    let out = vmarctl(&socket, &["--json", "list"]);
+    let out = vmarctl(&socket, &["--json", "images"]);
     let value: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(value["error"]["kind"], "daemon-unavailable");
 }
@@ -396,7 +396,7 @@ fn a_crash_during_capture_leaves_the_catalog_intact() {
     let images = three_images(dir.path());
     let daemon = Daemon::start(dir.path());
     assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
-    let before = daemon.json(&["list"]).1;
+    let before = daemon.json(&["images"]).1;
 
     // A large dense image, so the capture is still running when vmard is killed.
     let big = dir.path().join("big.raw");
@@ -418,7 +418,7 @@ fn a_crash_during_capture_leaves_the_catalog_intact() {
     let state = daemon.stop();
 
     let daemon = Daemon::start_with(dir.path(), &state, &dir.path().join("run/vmard.sock"));
-    let after = daemon.json(&["list"]).1;
+    let after = daemon.json(&["images"]).1;
     assert_eq!(before, after, "a killed capture must leave no trace");
     assert_eq!(daemon.json(&["verify", "base"]).1["ok"], true);
     let (ok, out) = daemon.json(&["capture", s(&big)]);
@@ -452,7 +452,7 @@ fn other_users_are_refused() {
         .arg(env!("CARGO_BIN_EXE_vmarctl"))
         .arg("--socket")
         .arg(&daemon.socket)
-        .args(["--json", "list"])
+        .args(["--json", "images"])
         .output()
         .expect("setpriv runs");
     let value: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {

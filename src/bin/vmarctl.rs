@@ -11,7 +11,8 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmar::catalog::{CaptureStatus, ImageRecord, Progress};
 use vmar::client::Client;
-use vmar::protocol::{CaptureResult, ListResult, MapResult, PingResult, Request, TableResult};
+use vmar::device::{DeviceChange, DeviceStatus, Removed};
+use vmar::protocol::{CaptureResult, ImagesResult, MapResult, PingResult, Request, TableResult};
 use vmar::server::DEFAULT_SOCKET;
 use vmar::verify::VerifyReport;
 
@@ -49,7 +50,7 @@ enum Command {
         recapture: bool,
     },
     /// List captured images in capture order.
-    List,
+    Images,
     /// Show an image's block translation map.
     Map {
         name: String,
@@ -69,6 +70,33 @@ enum Command {
     Verify { name: String },
     /// Remove an image from the catalog (maps of later images are rebuilt).
     Forget { name: String },
+    /// Create read-only device /dev/mapper/vmar-NAME serving a captured image.
+    Create {
+        name: String,
+        /// A captured image's name, or the path of an image file.
+        image: String,
+        /// Capture the image file first if it is not captured yet.
+        #[arg(long)]
+        capture: bool,
+    },
+    /// Remove a device; its loop devices go when no device uses them.
+    Remove {
+        name: String,
+        /// Remove an open device when its last user closes it (deferred removal).
+        #[arg(long)]
+        force: bool,
+    },
+    /// List devices: saved, live, and their state.
+    List,
+    /// Show one device: image, state, targets, loop devices, budget cost.
+    Status {
+        name: String,
+        /// Also print the live table as the kernel has it.
+        #[arg(long)]
+        table: bool,
+    },
+    /// Load the current map of a device's image into the live device, atomically.
+    Refresh { name: String },
 }
 
 fn main() -> ExitCode {
@@ -145,12 +173,82 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             name,
             recapture,
         } => return capture(cli, &client, images, name.as_deref(), *recapture),
-        Command::List => {
-            let list: ListResult = client.call(&Request::List, &mut |_| {})?;
+        Command::Images => {
+            let list: ImagesResult = client.call(&Request::Images, &mut |_| {})?;
             if cli.json {
                 print_json(&list)?;
             } else {
-                print_list(&list.images);
+                print_images(&list.images);
+            }
+        }
+        Command::Create {
+            name,
+            image,
+            capture,
+        } => {
+            let image = if image.contains('/') {
+                std::path::absolute(image)
+                    .with_context(|| format!("cannot resolve {image}"))?
+                    .display()
+                    .to_string()
+            } else {
+                image.clone()
+            };
+            let bar = progress_bar(cli, &image);
+            let request = Request::Create {
+                name: name.clone(),
+                image,
+                capture: *capture,
+            };
+            let created: DeviceChange = client.call(&request, &mut update(&bar))?;
+            bar.finish_and_clear();
+            if cli.json {
+                print_json(&created)?;
+            } else {
+                print_change("created", &created);
+            }
+        }
+        Command::Refresh { name } => {
+            let request = Request::Refresh { name: name.clone() };
+            let refreshed: DeviceChange = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&refreshed)?;
+            } else {
+                print_change("refreshed", &refreshed);
+            }
+        }
+        Command::Remove { name, force } => {
+            let request = Request::Remove {
+                name: name.clone(),
+                force: *force,
+            };
+            let removed: Removed = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&removed)?;
+            } else if removed.deferred {
+                println!("{name}: open; it will be removed when its last user closes it");
+            } else {
+                println!("removed {name}");
+            }
+        }
+        Command::List => {
+            let devices: Vec<DeviceStatus> = client.call(&Request::List, &mut |_| {})?;
+            if cli.json {
+                print_json(&devices)?;
+            } else {
+                print_devices(&devices);
+            }
+        }
+        Command::Status { name, table } => {
+            let request = Request::Status {
+                name: name.clone(),
+                table: *table,
+            };
+            let status: DeviceStatus = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&status)?;
+            } else {
+                print_status(&status);
             }
         }
         Command::Map { name, extents } => {
@@ -330,7 +428,94 @@ fn print_capture(result: &CaptureResult) {
     );
 }
 
-fn print_list(images: &[ImageRecord]) {
+fn print_change(verb: &str, change: &DeviceChange) {
+    let b = &change.budget;
+    println!(
+        "{verb} {} ({}): {} targets in {:.2}s{}",
+        change.device.name,
+        change.device.node,
+        change.targets,
+        change.seconds,
+        if b.extents_before > b.extents_after {
+            format!(
+                "; target budget {} dropped {} redirected and {} zero blocks",
+                b.budget, b.redirected_blocks_dropped, b.zero_blocks_dropped
+            )
+        } else {
+            String::new()
+        }
+    );
+    for (image, (device, attached)) in &change.loops {
+        let how = if *attached { "attached" } else { "reused" };
+        println!("  {image}: {device} ({how})");
+    }
+}
+
+fn print_devices(devices: &[DeviceStatus]) {
+    println!(
+        "{:<20} {:<10} {:<20} {:>8} {:>5}  NODE",
+        "NAME", "STATE", "IMAGE", "TARGETS", "OPEN"
+    );
+    for d in devices {
+        let (targets, open) = match &d.live {
+            Some(live) => (live.targets.to_string(), live.open_count.to_string()),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<20} {:<10} {:<20} {:>8} {:>5}  {}",
+            d.name,
+            d.state,
+            d.image.as_deref().unwrap_or("-"),
+            targets,
+            open,
+            d.node
+        );
+    }
+}
+
+fn print_status(d: &DeviceStatus) {
+    println!("device      {} ({})", d.name, d.node);
+    println!("state       {}", d.state);
+    println!("image       {}", d.image.as_deref().unwrap_or("-"));
+    if let Some(live) = &d.live {
+        println!(
+            "kernel      {} {}:{}, {}, {} open",
+            live.dm_name,
+            live.major,
+            live.minor,
+            if live.read_only {
+                "read-only"
+            } else {
+                "WRITABLE"
+            },
+            live.open_count
+        );
+        let types: Vec<String> = d
+            .target_types
+            .iter()
+            .map(|(t, n)| format!("{n} {t}"))
+            .collect();
+        println!("targets     {} ({})", live.targets, types.join(", "));
+        println!("reads from  {}", d.reads_from.join(" "));
+    }
+    if let Some(b) = &d.budget {
+        println!(
+            "budget      {} targets: map has {} extents, table {}; {} redirected and {} zero blocks given up",
+            b.budget,
+            b.extents_before,
+            b.extents_after,
+            b.redirected_blocks_dropped,
+            b.zero_blocks_dropped
+        );
+    }
+    if let Some(table) = &d.table {
+        for t in table {
+            println!("{} {} {} {}", t.start, t.len, t.target_type, t.params);
+        }
+    }
+}
+
+fn print_images(images: &[ImageRecord]) {
     println!(
         "{:>4}  {:<20} {:>10} {:>10} {:>10} {:>10} {:>9}  PATH",
         "ID", "NAME", "SIZE", "ZERO", "OWN", "REDIRECTED", "EXTENTS"

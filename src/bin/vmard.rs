@@ -19,6 +19,11 @@ struct Args {
     #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 
+    /// Most device-mapper targets of one device table; longer maps give up their least
+    /// useful redirections to fit.
+    #[arg(long, env = "VMAR_MAX_TARGETS", default_value_t = vmar::device::DEFAULT_MAX_TARGETS)]
+    max_targets: u64,
+
     /// Group whose members may use the socket besides root (socket mode 0660).
     #[arg(long, env = "VMAR_SOCKET_GROUP")]
     socket_group: Option<String>,
@@ -43,8 +48,13 @@ fn main() -> Result<()> {
         ),
         None => None,
     };
-    let server = Server::bind(&args.state_dir, &args.socket, Access { group })
-        .context("cannot start vmard")?;
+    let server = Server::bind(
+        &args.state_dir,
+        &args.socket,
+        Access { group },
+        args.max_targets,
+    )
+    .context("cannot start vmard")?;
     tracing::info!(
         socket = %server.socket().display(),
         state_dir = %args.state_dir.display(),

@@ -1,0 +1,297 @@
+//! vmar devices: what `create`, `refresh`, `remove`, `list` and `status` do. A device
+//! serves one captured image through a read-only dm table over read-only, buffered loop
+//! devices of that image and of the images holding its canonical blocks. Kernel work is in
+//! [`crate::dm`] and [`crate::loopdev`]; this module plans it and keeps the catalog's desired
+//! state in step.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::budget::{self, BudgetCost};
+use crate::catalog::{Catalog, DeviceRecord, ImageRecord};
+use crate::dm::{DeviceMapper, LiveDevice, LiveTarget, node_path};
+use crate::error::{Error, Result};
+use crate::image::{open_unchanged, validate_name};
+use crate::loopdev::{self, LoopAttachment};
+use crate::map::ImageId;
+use crate::table::{self, Target};
+
+/// Default most targets of one table: far below the kernel's 1,048,576, and still enough for
+/// the maps of real multi-GiB images we measured (tens of thousands of extents).
+pub const DEFAULT_MAX_TARGETS: u64 = 100_000;
+
+/// A table ready to load, with the loop devices it needs held open.
+pub struct Plan {
+    pub image: ImageRecord,
+    pub targets: Vec<Target>,
+    pub cost: BudgetCost,
+    pub loops: BTreeMap<String, LoopAttachment>,
+}
+
+/// Plans the table of `image`: refuses it if the image or any image it reads from changed
+/// since capture, fits the map into `max_targets`, attaches the loop devices.
+pub fn plan(catalog: &Catalog, image: &str, max_targets: u64) -> Result<Plan> {
+    let (record, map) = catalog.map(image)?;
+    let (map, cost) = budget::fit(&map, max_targets);
+    let mut ids: Vec<ImageId> = map.referenced_images();
+    ids.push(record.id);
+    let mut by_id = BTreeMap::new();
+    let mut loops = BTreeMap::new();
+    for id in ids {
+        let other = if id == record.id {
+            record.clone()
+        } else {
+            catalog.image_by_id(id)?
+        };
+        let file = open_unchanged(&other.name, &other.path, &other.identity)?;
+        let attachment = loopdev::attach(&file)?;
+        by_id.insert(id, attachment.dm_name());
+        loops.insert(other.name, attachment);
+    }
+    let targets = table::build(&map, record.size, |id| {
+        by_id.get(&id).cloned().unwrap_or_default()
+    });
+    Ok(Plan {
+        image: record,
+        targets,
+        cost,
+        loops,
+    })
+}
+
+/// How a device stands: saved (desired), live (in the kernel), both, or one only.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    /// Image it serves, when saved.
+    pub image: Option<String>,
+    /// `active`: saved and live; `missing`: saved, not in the kernel; `unmanaged`: a
+    /// `vmar-` device the catalog does not know.
+    pub state: String,
+    pub node: String,
+    pub live: Option<LiveDevice>,
+    /// Target counts of the live table by type.
+    #[serde(default)]
+    pub target_types: BTreeMap<String, u64>,
+    /// Devices (`MAJOR:MINOR`) the live table reads from.
+    #[serde(default)]
+    pub reads_from: Vec<String>,
+    /// What the target budget costs the image's current map.
+    pub budget: Option<BudgetCost>,
+    /// The live table, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<Vec<LiveTarget>>,
+}
+
+/// Result of `create` and `refresh`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceChange {
+    pub device: DeviceStatus,
+    pub targets: u64,
+    pub budget: BudgetCost,
+    /// Loop devices by image, and whether this change attached them.
+    pub loops: BTreeMap<String, (String, bool)>,
+    pub seconds: f64,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn change(plan: &Plan, device: DeviceStatus, started: std::time::Instant) -> DeviceChange {
+    DeviceChange {
+        device,
+        targets: plan.targets.len() as u64,
+        budget: plan.cost,
+        loops: plan
+            .loops
+            .iter()
+            .map(|(name, l)| (name.clone(), (l.device.display().to_string(), l.attached)))
+            .collect(),
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Creates device `name` serving captured image `image`, and saves it.
+pub fn create(
+    catalog: &Catalog,
+    name: &str,
+    image: &str,
+    max_targets: u64,
+) -> Result<DeviceChange> {
+    validate_name(name)?;
+    let started = std::time::Instant::now();
+    if catalog.device(name)?.is_some() {
+        return Err(Error::DeviceExists {
+            name: name.to_string(),
+        });
+    }
+    let dm = DeviceMapper::open()?;
+    let plan = plan(catalog, image, max_targets)?;
+    dm.create(name, &plan.targets)?;
+    let record = DeviceRecord {
+        name: name.to_string(),
+        image: plan.image.name.clone(),
+        created_at: now_secs(),
+    };
+    if let Err(e) = catalog.save_device(&record) {
+        let _ = dm.remove(name, false);
+        return Err(e);
+    }
+    let status = status_with(catalog, &dm, name, max_targets)?;
+    Ok(change(&plan, status, started))
+}
+
+/// Swaps the current map of a live device's image in, atomically.
+pub fn refresh(catalog: &Catalog, name: &str, max_targets: u64) -> Result<DeviceChange> {
+    validate_name(name)?;
+    let started = std::time::Instant::now();
+    let record = catalog.device(name)?.ok_or_else(|| Error::UnknownDevice {
+        name: name.to_string(),
+    })?;
+    let dm = DeviceMapper::open()?;
+    let plan = plan(catalog, &record.image, max_targets)?;
+    dm.reload(name, &plan.targets)?;
+    let status = status_with(catalog, &dm, name, max_targets)?;
+    Ok(change(&plan, status, started))
+}
+
+/// Result of `remove`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub name: String,
+    /// The device was open: it goes away when its last user closes it.
+    pub deferred: bool,
+    /// It was in the kernel (not only saved).
+    pub was_live: bool,
+}
+
+/// Removes device `name` from the kernel and the catalog.
+pub fn remove(catalog: &Catalog, name: &str, force: bool) -> Result<Removed> {
+    validate_name(name)?;
+    let dm = DeviceMapper::open()?;
+    let live = dm.info(name)?.is_some();
+    let saved = catalog.device(name)?.is_some();
+    if !live && !saved {
+        return Err(Error::UnknownDevice {
+            name: name.to_string(),
+        });
+    }
+    let deferred = if live { dm.remove(name, force)? } else { false };
+    catalog.forget_device(name)?;
+    Ok(Removed {
+        name: name.to_string(),
+        deferred,
+        was_live: live,
+    })
+}
+
+/// Saved and live devices, by name.
+pub fn list(catalog: &Catalog, max_targets: u64) -> Result<Vec<DeviceStatus>> {
+    let dm = DeviceMapper::open()?;
+    let mut names: Vec<String> = catalog.devices()?.into_iter().map(|d| d.name).collect();
+    names.extend(dm.list()?.into_iter().map(|d| d.name));
+    names.sort();
+    names.dedup();
+    names
+        .iter()
+        .map(|name| status_with(catalog, &dm, name, max_targets))
+        .collect()
+}
+
+/// Status of one device.
+pub fn status(catalog: &Catalog, name: &str, max_targets: u64) -> Result<DeviceStatus> {
+    validate_name(name)?;
+    let dm = DeviceMapper::open()?;
+    let status = status_with(catalog, &dm, name, max_targets)?;
+    if status.image.is_none() && status.live.is_none() {
+        return Err(Error::UnknownDevice {
+            name: name.to_string(),
+        });
+    }
+    Ok(status)
+}
+
+/// The live table of device `name`.
+pub fn live_table(name: &str) -> Result<Vec<LiveTarget>> {
+    validate_name(name)?;
+    let dm = DeviceMapper::open()?;
+    if dm.info(name)?.is_none() {
+        return Err(Error::UnknownDevice {
+            name: name.to_string(),
+        });
+    }
+    dm.table(name)
+}
+
+fn status_with(
+    catalog: &Catalog,
+    dm: &DeviceMapper,
+    name: &str,
+    max_targets: u64,
+) -> Result<DeviceStatus> {
+    let saved = catalog.device(name)?;
+    let live = dm.info(name)?;
+    let state = match (&saved, &live) {
+        (Some(_), Some(_)) => "active",
+        (Some(_), None) => "missing",
+        (None, _) => "unmanaged",
+    };
+    let mut target_types = BTreeMap::new();
+    let mut reads_from = Vec::new();
+    if live.is_some() {
+        for target in dm.table(name)? {
+            *target_types.entry(target.target_type.clone()).or_insert(0) += 1;
+            if target.target_type == "linear"
+                && let Some(device) = target.params.split_whitespace().next()
+                && !reads_from.iter().any(|d| d == device)
+            {
+                reads_from.push(device.to_string());
+            }
+        }
+    }
+    reads_from.sort();
+    let budget = match &saved {
+        Some(record) => match catalog.map(&record.image) {
+            Ok((_, map)) => Some(budget::fit(&map, max_targets).1),
+            Err(_) => None,
+        },
+        None => None,
+    };
+    Ok(DeviceStatus {
+        name: name.to_string(),
+        image: saved.map(|s| s.image),
+        state: state.to_string(),
+        node: node_path(name).display().to_string(),
+        live,
+        target_types,
+        reads_from,
+        budget,
+        table: None,
+    })
+}
+
+/// Resolves what `vmarctl create` names as the image: a captured image's name, or the path
+/// of a captured image file.
+pub fn image_name(catalog: &Catalog, reference: &str) -> Result<String> {
+    if reference.starts_with('/') {
+        let path = std::path::Path::new(reference)
+            .canonicalize()
+            .map_err(|e| Error::io("cannot resolve", reference, e))?;
+        return catalog
+            .images()?
+            .into_iter()
+            .find(|i| i.path == path)
+            .map(|i| i.name)
+            .ok_or_else(|| Error::UnknownImage {
+                name: reference.to_string(),
+            });
+    }
+    validate_name(reference)?;
+    catalog.image(reference).map(|i| i.name)
+}

@@ -1,0 +1,321 @@
+//! Device-mapper devices: read-only `vmar-NAME` devices (UUID `VMAR-NAME`) whose tables are
+//! `linear` and `zero` targets, through the devicemapper crate's raw ioctls (its `LinearDev`
+//! has no `zero` target and makes writable devices).
+//!
+//! With udev running the crate synchronises with it and udev makes `/dev/mapper/NAME`;
+//! without udev (a guest, a container) the crate skips the sync and this module makes the
+//! node itself.
+
+use std::path::{Path, PathBuf};
+
+use devicemapper::{DM, DevId, DmError, DmFlags, DmName, DmOptions, DmUuid};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::table::Target;
+
+/// Prefix of vmar's dm device names; the rest is the device name.
+pub const NAME_PREFIX: &str = "vmar-";
+/// Prefix of vmar's dm UUIDs, which udev rules and the boot-time cleanup match.
+pub const UUID_PREFIX: &str = "VMAR-";
+
+/// A vmar device as the kernel has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveDevice {
+    /// Name without the `vmar-` prefix.
+    pub name: String,
+    pub dm_name: String,
+    pub uuid: Option<String>,
+    pub major: u32,
+    pub minor: u32,
+    pub open_count: i32,
+    pub read_only: bool,
+    pub suspended: bool,
+    /// Targets of the active table.
+    pub targets: u64,
+}
+
+/// One line of a live table, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveTarget {
+    pub start: u64,
+    pub len: u64,
+    pub target_type: String,
+    pub params: String,
+}
+
+/// Handle on the kernel's device-mapper.
+pub struct DeviceMapper {
+    dm: DM,
+}
+
+fn dm_error(op: &'static str, device: &str, e: impl std::fmt::Display) -> Error {
+    Error::DeviceMapper {
+        op,
+        device: device.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// The errno of a failed ioctl, if that is what `e` is.
+fn errno_of(e: &DmError) -> Option<nix::errno::Errno> {
+    match e {
+        DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno)) => {
+            Some(nix::errno::Errno::from_raw(**errno as i32))
+        }
+        _ => None,
+    }
+}
+
+/// Like [`dm_error`], but says only the errno of failed ioctls: the crate's message dumps
+/// whole ioctl headers, which help nobody reading a vmarctl error.
+fn ioctl_error(op: &'static str, device: &str, e: DmError) -> Error {
+    match errno_of(&e) {
+        Some(errno) => dm_error(op, device, format!("{errno}: {}", errno.desc())),
+        None => dm_error(op, device, e),
+    }
+}
+
+fn udev_running() -> bool {
+    Path::new("/run/udev/control").exists()
+}
+
+/// Path of the device node of `vmar-NAME`.
+pub fn node_path(name: &str) -> PathBuf {
+    Path::new("/dev/mapper").join(format!("{NAME_PREFIX}{name}"))
+}
+
+fn read_only() -> DmOptions {
+    DmOptions::default().set_flags(DmFlags::DM_READONLY)
+}
+
+impl DeviceMapper {
+    /// Opens `/dev/mapper/control`.
+    pub fn open() -> Result<DeviceMapper> {
+        let dm = DM::new().map_err(|e| {
+            dm_error(
+                "open",
+                "/dev/mapper/control",
+                format!("{e} (is the dm-mod kernel module loaded, and is vmard root?)"),
+            )
+        })?;
+        Ok(DeviceMapper { dm })
+    }
+
+    fn ids(name: &str) -> Result<(String, String)> {
+        let dm_name = format!("{NAME_PREFIX}{name}");
+        let uuid = format!("{UUID_PREFIX}{name}");
+        DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
+        DmUuid::new(&uuid).map_err(|e| dm_error("uuid", &uuid, e))?;
+        Ok((dm_name, uuid))
+    }
+
+    /// Creates read-only device `vmar-NAME` with `targets` and activates it. On failure
+    /// nothing is left behind.
+    pub fn create(&self, name: &str, targets: &[Target]) -> Result<LiveDevice> {
+        let (dm_name, uuid) = Self::ids(name)?;
+        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
+        let dmu = DmUuid::new(&uuid).map_err(|e| dm_error("uuid", &uuid, e))?;
+        if self.info(name)?.is_some() {
+            return Err(Error::DeviceExists {
+                name: name.to_string(),
+            });
+        }
+        self.dm
+            .device_create(dmn, Some(dmu), read_only())
+            .map_err(|e| ioctl_error("create", &dm_name, e))?;
+        let id = DevId::Name(dmn);
+        let activated = self
+            .dm
+            .table_load(&id, &lines(targets), read_only())
+            .map_err(|e| ioctl_error("load table of", &dm_name, e))
+            .and_then(|_| {
+                self.dm
+                    .device_suspend(&id, DmOptions::default())
+                    .map_err(|e| ioctl_error("resume", &dm_name, e))
+            });
+        match activated {
+            Ok(info) => {
+                let device = info.device();
+                make_node(name, device.major, device.minor)?;
+                self.info(name)?
+                    .ok_or_else(|| dm_error("find", &dm_name, "device vanished after creation"))
+            }
+            Err(e) => {
+                let _ = self.dm.device_remove(&id, DmOptions::default());
+                Err(e)
+            }
+        }
+    }
+
+    /// Replaces the table of a live device atomically: the new table is loaded into the
+    /// inactive slot, then the device is suspended and resumed, which swaps it in.
+    pub fn reload(&self, name: &str, targets: &[Target]) -> Result<LiveDevice> {
+        let (dm_name, _) = Self::ids(name)?;
+        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
+        let id = DevId::Name(dmn);
+        if self.info(name)?.is_none() {
+            return Err(Error::UnknownDevice {
+                name: name.to_string(),
+            });
+        }
+        self.dm
+            .table_load(&id, &lines(targets), read_only())
+            .map_err(|e| ioctl_error("load table of", &dm_name, e))?;
+        let swapped = self
+            .dm
+            .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
+            .map_err(|e| ioctl_error("suspend", &dm_name, e))
+            .and_then(|_| {
+                self.dm
+                    .device_suspend(&id, DmOptions::default())
+                    .map_err(|e| ioctl_error("resume", &dm_name, e))
+            });
+        if let Err(e) = swapped {
+            let _ = self.dm.table_clear(&id);
+            let _ = self.dm.device_suspend(&id, DmOptions::default());
+            return Err(e);
+        }
+        self.info(name)?
+            .ok_or_else(|| dm_error("find", &dm_name, "device vanished during reload"))
+    }
+
+    /// Removes `vmar-NAME`. An open device is refused unless `force`, which defers the
+    /// removal to its last close. Returns true when the removal was deferred.
+    pub fn remove(&self, name: &str, force: bool) -> Result<bool> {
+        let (dm_name, _) = Self::ids(name)?;
+        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
+        let Some(live) = self.info(name)? else {
+            return Err(Error::UnknownDevice {
+                name: name.to_string(),
+            });
+        };
+        let id = DevId::Name(dmn);
+        if live.open_count > 0 {
+            if !force {
+                return Err(Error::DeviceBusy {
+                    name: name.to_string(),
+                    open_count: live.open_count,
+                });
+            }
+            self.dm
+                .device_remove(
+                    &id,
+                    DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+                )
+                .map_err(|e| ioctl_error("defer removal of", &dm_name, e))?;
+            return Ok(true);
+        }
+        self.dm
+            .device_remove(&id, DmOptions::default())
+            .map_err(|e| ioctl_error("remove", &dm_name, e))?;
+        remove_node(name, live.major, live.minor);
+        Ok(false)
+    }
+
+    /// The device `vmar-NAME`, if the kernel has it.
+    pub fn info(&self, name: &str) -> Result<Option<LiveDevice>> {
+        let (dm_name, _) = Self::ids(name)?;
+        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
+        let id = DevId::Name(dmn);
+        let info = match self.dm.device_info(&id) {
+            Ok(info) => info,
+            Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
+            Err(e) => return Err(ioctl_error("query", &dm_name, e)),
+        };
+        let targets = self.table(name)?.len() as u64;
+        let device = info.device();
+        let flags = info.flags();
+        Ok(Some(LiveDevice {
+            name: name.to_string(),
+            dm_name,
+            uuid: info.uuid().map(|u| u.to_string()),
+            major: device.major,
+            minor: device.minor,
+            open_count: info.open_count(),
+            read_only: flags.contains(DmFlags::DM_READONLY),
+            suspended: flags.contains(DmFlags::DM_SUSPEND),
+            targets,
+        }))
+    }
+
+    /// The active table of `vmar-NAME`.
+    pub fn table(&self, name: &str) -> Result<Vec<LiveTarget>> {
+        let (dm_name, _) = Self::ids(name)?;
+        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
+        let (_, lines) = self
+            .dm
+            .table_status(
+                &DevId::Name(dmn),
+                DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+            )
+            .map_err(|e| ioctl_error("read table of", &dm_name, e))?;
+        Ok(lines
+            .into_iter()
+            .map(|(start, len, target_type, params)| LiveTarget {
+                start,
+                len,
+                target_type,
+                params,
+            })
+            .collect())
+    }
+
+    /// All devices whose name starts with `vmar-`, by name.
+    pub fn list(&self) -> Result<Vec<LiveDevice>> {
+        let devices = self
+            .dm
+            .list_devices()
+            .map_err(|e| ioctl_error("list", "devices", e))?;
+        let mut live = Vec::new();
+        for (dm_name, _, _) in devices {
+            if let Some(name) = dm_name.to_string().strip_prefix(NAME_PREFIX)
+                && let Some(device) = self.info(name)?
+            {
+                live.push(device);
+            }
+        }
+        live.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(live)
+    }
+}
+
+fn lines(targets: &[Target]) -> Vec<(u64, u64, String, String)> {
+    targets
+        .iter()
+        .map(|t| (t.start, t.len, t.target_type().to_string(), t.params()))
+        .collect()
+}
+
+/// Without udev nobody makes `/dev/mapper/NAME`: make it (a block node, mode 0600).
+fn make_node(name: &str, major: u32, minor: u32) -> Result<()> {
+    if udev_running() {
+        return Ok(());
+    }
+    let path = node_path(name);
+    let _ = std::fs::remove_file(&path);
+    nix::sys::stat::mknod(
+        &path,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(u64::from(major), u64::from(minor)),
+    )
+    .map_err(|e| Error::io("cannot create device node", &path, e.into()))
+}
+
+/// Removes a node made by [`make_node`], if it is still that device.
+fn remove_node(name: &str, major: u32, minor: u32) {
+    if udev_running() {
+        return;
+    }
+    let path = node_path(name);
+    if let Ok(meta) = std::fs::metadata(&path) {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = meta.rdev();
+        if nix::sys::stat::major(rdev) as u32 == major
+            && nix::sys::stat::minor(rdev) as u32 == minor
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
