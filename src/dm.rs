@@ -2,9 +2,10 @@
 //! `linear` and `zero` targets, through the devicemapper crate's raw ioctls (its `LinearDev`
 //! has no `zero` target and makes writable devices).
 //!
-//! With udev running the crate synchronises with it and udev makes `/dev/mapper/NAME`;
-//! without udev (a guest, a container) the crate skips the sync and this module makes the
-//! node itself.
+//! The crate synchronises every change with udev (cookies on a SysV semaphore, completed by
+//! the `95-dm-notify.rules` of dmsetup) and refuses to work at all when udev is not running
+//! (checked through `/run/udev/control`, in every version up to 0.34.7). So vmard needs udev;
+//! udev's dm rules then make `/dev/mapper/NAME` and vmar's rules `/dev/vmar/NAME`.
 
 use std::path::{Path, PathBuf};
 
@@ -92,6 +93,14 @@ fn read_only() -> DmOptions {
 impl DeviceMapper {
     /// Opens `/dev/mapper/control`.
     pub fn open() -> Result<DeviceMapper> {
+        if !udev_running() {
+            return Err(dm_error(
+                "open",
+                "/dev/mapper/control",
+                "udev is not running (no /run/udev/control); the devicemapper crate synchronises \
+                 every device change with udev and refuses without it: start systemd-udevd",
+            ));
+        }
         let dm = DM::new().map_err(|e| {
             dm_error(
                 "open",
@@ -135,12 +144,9 @@ impl DeviceMapper {
                     .map_err(|e| ioctl_error("resume", &dm_name, e))
             });
         match activated {
-            Ok(info) => {
-                let device = info.device();
-                make_node(name, device.major, device.minor)?;
-                self.info(name)?
-                    .ok_or_else(|| dm_error("find", &dm_name, "device vanished after creation"))
-            }
+            Ok(_) => self
+                .info(name)?
+                .ok_or_else(|| dm_error("find", &dm_name, "device vanished after creation")),
             Err(e) => {
                 let _ = self.dm.device_remove(&id, DmOptions::default());
                 Err(e)
@@ -209,7 +215,6 @@ impl DeviceMapper {
         self.dm
             .device_remove(&id, DmOptions::default())
             .map_err(|e| ioctl_error("remove", &dm_name, e))?;
-        remove_node(name, live.major, live.minor);
         Ok(false)
     }
 
@@ -285,37 +290,4 @@ fn lines(targets: &[Target]) -> Vec<(u64, u64, String, String)> {
         .iter()
         .map(|t| (t.start, t.len, t.target_type().to_string(), t.params()))
         .collect()
-}
-
-/// Without udev nobody makes `/dev/mapper/NAME`: make it (a block node, mode 0600).
-fn make_node(name: &str, major: u32, minor: u32) -> Result<()> {
-    if udev_running() {
-        return Ok(());
-    }
-    let path = node_path(name);
-    let _ = std::fs::remove_file(&path);
-    nix::sys::stat::mknod(
-        &path,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        nix::sys::stat::makedev(u64::from(major), u64::from(minor)),
-    )
-    .map_err(|e| Error::io("cannot create device node", &path, e.into()))
-}
-
-/// Removes a node made by [`make_node`], if it is still that device.
-fn remove_node(name: &str, major: u32, minor: u32) {
-    if udev_running() {
-        return;
-    }
-    let path = node_path(name);
-    if let Ok(meta) = std::fs::metadata(&path) {
-        use std::os::unix::fs::MetadataExt;
-        let rdev = meta.rdev();
-        if nix::sys::stat::major(rdev) as u32 == major
-            && nix::sys::stat::minor(rdev) as u32 == minor
-        {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
 }

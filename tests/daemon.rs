@@ -5,93 +5,10 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::{Block, write_image};
+use common::{Block, Daemon, s, vmarctl, write_image};
 use serde_json::Value;
-
-/// A vmard running for one test; killed when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
-    state: PathBuf,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        Daemon::start_with(dir, &dir.join("state"), &dir.join("run/vmard.sock"))
-    }
-
-    fn start_with(_dir: &Path, state: &Path, socket: &Path) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_vmard"))
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--socket")
-            .arg(socket)
-            .env("VMAR_LOG", "error")
-            .spawn()
-            .expect("vmard starts");
-        let daemon = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-            state: state.to_path_buf(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if daemon.ctl(&["ping"]).status.success() {
-                return daemon;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("vmard did not answer within 20 s");
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        vmarctl(&self.socket, args)
-    }
-
-    /// Runs vmarctl --json and returns its exit status and parsed stdout.
-    fn json(&self, args: &[&str]) -> (bool, Value) {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        let out = self.ctl(&all);
-        let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "vmarctl {args:?} printed no JSON ({e}): {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.success(), value)
-    }
-
-    fn stop(mut self) -> PathBuf {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        self.state.clone()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn vmarctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmarctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("vmarctl runs")
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// Three images: a base, a derived one sharing most of it, and one sharing a little.
 fn three_images(dir: &Path) -> Vec<PathBuf> {

@@ -4,7 +4,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
 
 use vmar::map::Source;
 
@@ -102,4 +106,92 @@ pub fn expected_sources(images: &[(Vec<Block>, usize)], ids: &[u32]) -> Vec<Vec<
         all.push(sources);
     }
     all
+}
+
+/// A vmard running for one test; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &dir.join("state"), &dir.join("run/vmard.sock"))
+    }
+
+    pub fn start_with(dir: &Path, state: &Path, socket: &Path) -> Daemon {
+        Daemon::start_args(dir, state, socket, &[])
+    }
+
+    /// Starts vmard with extra arguments.
+    pub fn start_args(_dir: &Path, state: &Path, socket: &Path, args: &[&str]) -> Daemon {
+        let child = Command::new(env!("CARGO_BIN_EXE_vmard"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(socket)
+            .env("VMAR_LOG", "error")
+            .spawn()
+            .expect("vmard starts");
+        let daemon = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            state: state.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if daemon.ctl(&["ping"]).status.success() {
+                return daemon;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("vmard did not answer within 20 s");
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        vmarctl(&self.socket, args)
+    }
+
+    /// Runs vmarctl --json and returns its exit status and parsed stdout.
+    pub fn json(&self, args: &[&str]) -> (bool, Value) {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vmarctl {args:?} printed no JSON ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), value)
+    }
+
+    pub fn stop(mut self) -> PathBuf {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.state.clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn vmarctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmarctl"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("vmarctl runs")
+}
+
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
 }

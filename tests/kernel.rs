@@ -1,0 +1,451 @@
+//! Real-kernel tests of the device path: device-mapper and loop devices. They need root and
+//! a kernel with dm-mod, so they are ignored by `cargo test`; `tools/kernel-test` builds
+//! them, boots Debian's kernel in QEMU and runs them there with `--ignored`.
+
+mod common;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Block, Daemon, s, write_image};
+use serde_json::Value;
+
+const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test";
+
+/// Removes every dm device when a test ends, passed or failed, so that one failure does not
+/// leave devices behind that make the next tests fail too. Only in the test guest.
+struct CleanKernel;
+
+impl Drop for CleanKernel {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("dmsetup")
+            .args(["remove_all", "--force"])
+            .output();
+    }
+}
+
+#[must_use]
+fn require_dm() -> CleanKernel {
+    assert!(
+        Path::new("/dev/mapper/control").exists(),
+        "no /dev/mapper/control: {NEEDS}"
+    );
+    CleanKernel
+}
+
+fn node(name: &str) -> PathBuf {
+    PathBuf::from(format!("/dev/mapper/vmar-{name}"))
+}
+
+fn read_all(path: &Path) -> Vec<u8> {
+    let mut data = Vec::new();
+    File::open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+        .read_to_end(&mut data)
+        .unwrap();
+    data
+}
+
+/// Asserts that the device serves exactly the image's bytes, naming the first differing block.
+fn assert_same(device: &Path, image: &Path) {
+    let got = read_all(device);
+    let want = std::fs::read(image).unwrap();
+    assert_eq!(got.len(), want.len(), "{} size", device.display());
+    if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!(
+            "{} differs from {} at byte {at} (block {})",
+            device.display(),
+            image.display(),
+            at / 4096
+        );
+    }
+}
+
+/// Waits up to 5 s for `done`.
+fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn loop_backing_files() -> Vec<String> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(file) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            files.push(file.trim().to_string());
+        }
+    }
+    files
+}
+
+/// A base image, two derived ones sharing most of it, and one sharing little; holes, zero
+/// blocks, unique blocks, and a partial last block.
+fn family(dir: &Path) -> Vec<PathBuf> {
+    let base: Vec<Block> = (0..256)
+        .map(|i| match i % 10 {
+            0 | 1 => Block::Hole,
+            2 => Block::Zero,
+            _ => Block::Shared((i % 200) as u8),
+        })
+        .collect();
+    let mut web = base.clone();
+    for (i, b) in web.iter_mut().enumerate().skip(180) {
+        *b = Block::Unique(i as u64);
+    }
+    let mut db = base.clone();
+    for (i, b) in db.iter_mut().enumerate().step_by(7) {
+        *b = Block::Unique(10_000 + i as u64);
+    }
+    db.extend((0..64).map(|i| Block::Unique(20_000 + i)));
+    let other: Vec<Block> = (0..100)
+        .map(|i| {
+            if i % 3 == 0 {
+                Block::Shared(5)
+            } else {
+                Block::Unique(30_000 + i)
+            }
+        })
+        .collect();
+    let paths: Vec<PathBuf> = ["base", "web", "db", "other"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.raw")))
+        .collect();
+    write_image(&paths[0], &base, 0);
+    write_image(&paths[1], &web, 0);
+    write_image(&paths[2], &db, 1536);
+    write_image(&paths[3], &other, 0);
+    paths
+}
+
+fn capture(daemon: &Daemon, images: &[PathBuf]) {
+    for image in images {
+        let (ok, out) = daemon.json(&["capture", s(image)]);
+        assert!(ok, "{out}");
+    }
+}
+
+fn create(daemon: &Daemon, name: &str, image: &str) -> Value {
+    let (ok, out) = daemon.json(&["create", name, image]);
+    assert!(ok, "create {name}: {out}");
+    out
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_devices_serve_images_byte_for_byte() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images);
+    for name in ["base", "web", "db", "other"] {
+        let out = create(&daemon, name, name);
+        assert_eq!(out["device"]["state"], "active", "{out}");
+        assert_eq!(out["device"]["live"]["read_only"], true, "{out}");
+    }
+    let (ok, list) = daemon.json(&["list"]);
+    assert!(ok, "{list}");
+    let states: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().into(),
+                d["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(states.len(), 4, "{list}");
+    assert!(states.iter().all(|(_, state)| state == "active"), "{list}");
+    for (name, image) in ["base", "web", "db", "other"].iter().zip(&images) {
+        assert_same(&node(name), image);
+    }
+    // Writes are refused: the device is read-only end to end (the kernel may allow opening
+    // it for writing, but not writing).
+    if let Ok(mut device) = std::fs::OpenOptions::new().write(true).open(node("web")) {
+        use std::io::Write;
+        assert!(
+            device
+                .write_all(&[0u8; 4096])
+                .and_then(|_| device.sync_all())
+                .is_err()
+        );
+    }
+    assert_same(&node("web"), &images[1]);
+    // One loop device per image file, shared by all devices.
+    let backing = loop_backing_files();
+    for image in &images {
+        let n = backing.iter().filter(|b| **b == s(image)).count();
+        assert_eq!(
+            n,
+            1,
+            "{} has {n} loop devices: {backing:?}",
+            image.display()
+        );
+    }
+    let (ok, out) = daemon.json(&["create", "web", "web"]);
+    assert!(!ok);
+    assert_eq!(out["error"]["kind"], "device-exists", "{out}");
+
+    for name in ["base", "web", "db", "other"] {
+        let (ok, out) = daemon.json(&["remove", name]);
+        assert!(ok, "{out}");
+        assert!(!node(name).exists());
+    }
+    assert_eq!(daemon.json(&["list"]).1, serde_json::json!([]));
+    eventually("loop devices to detach", || {
+        let backing = loop_backing_files();
+        images.iter().all(|i| !backing.iter().any(|b| b == s(i)))
+    });
+    let (ok, out) = daemon.json(&["remove", "web"]);
+    assert!(!ok);
+    assert_eq!(out["error"]["kind"], "unknown-device", "{out}");
+}
+
+/// Linear targets of a device's live table as (device, offset) by start sector.
+fn linear_targets(daemon: &Daemon, name: &str) -> Vec<(u64, u64, String, u64)> {
+    let (ok, out) = daemon.json(&["status", name, "--table"]);
+    assert!(ok, "{out}");
+    out["table"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["target_type"] == "linear")
+        .map(|t| {
+            let params: Vec<&str> = t["params"].as_str().unwrap().split(' ').collect();
+            (
+                t["start"].as_u64().unwrap(),
+                t["len"].as_u64().unwrap(),
+                params[0].to_string(),
+                params[1].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_shared_blocks_come_from_one_place() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..3]);
+    create(&daemon, "base", "base");
+    create(&daemon, "web", "web");
+    create(&daemon, "db", "db");
+    let base = linear_targets(&daemon, "base");
+    let base_dev = base[0].2.clone();
+    let web = linear_targets(&daemon, "web");
+    let db = linear_targets(&daemon, "db");
+    // Block 3 holds the same content in all three images: both derived devices read it from
+    // base's loop device at the very sector base itself serves it from.
+    let sector = 3 * 8;
+    let find = |table: &[(u64, u64, String, u64)]| {
+        table
+            .iter()
+            .find(|(start, len, _, _)| *start <= sector && sector < start + len)
+            .map(|(start, _, dev, off)| (dev.clone(), off + (sector - start)))
+            .unwrap()
+    };
+    let in_base = find(&base);
+    assert_eq!(in_base, (base_dev.clone(), sector));
+    assert_eq!(find(&web), in_base);
+    assert_eq!(find(&db), in_base);
+    for name in ["web", "db"] {
+        let (_, status) = daemon.json(&["status", name]);
+        let reads: Vec<&str> = status["reads_from"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(reads.contains(&base_dev.as_str()), "{status}");
+    }
+    for name in ["base", "web", "db"] {
+        assert!(daemon.json(&["remove", name]).0);
+    }
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_refresh_while_reading() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..2]);
+    create(&daemon, "web", "web");
+    let before = linear_targets(&daemon, "web");
+    let devices: std::collections::BTreeSet<String> = before.iter().map(|t| t.2.clone()).collect();
+    assert_eq!(
+        devices.len(),
+        2,
+        "web reads from base and itself: {before:?}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let want = std::fs::read(&images[1]).unwrap();
+    let reader = {
+        let (stop, reads) = (Arc::clone(&stop), Arc::clone(&reads));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let got = read_all(&node("web"));
+                if got != want {
+                    return Err(got.iter().zip(&want).position(|(a, b)| a != b));
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })
+    };
+    eventually("a first full read", || reads.load(Ordering::Relaxed) > 0);
+    // Forgetting base (no device serves it) rebuilds web's map without it.
+    let (ok, out) = daemon.json(&["forget", "base"]);
+    assert!(ok, "{out}");
+    let (ok, out) = daemon.json(&["refresh", "web"]);
+    assert!(ok, "{out}");
+    let after = linear_targets(&daemon, "web");
+    let devices: std::collections::BTreeSet<String> = after.iter().map(|t| t.2.clone()).collect();
+    assert_eq!(devices.len(), 1, "web now reads only itself: {after:?}");
+    let seen = reads.load(Ordering::Relaxed);
+    eventually("reads after the swap", || {
+        reads.load(Ordering::Relaxed) > seen + 1
+    });
+    stop.store(true, Ordering::Relaxed);
+    let outcome = reader.join().unwrap();
+    assert_eq!(outcome, Ok(()), "a read during refresh saw wrong data");
+    assert_same(&node("web"), &images[1]);
+    assert!(daemon.json(&["remove", "web"]).0);
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_remove_while_open() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..1]);
+    create(&daemon, "base", "base");
+    let open = File::open(node("base")).unwrap();
+    let (ok, out) = daemon.json(&["remove", "base"]);
+    assert!(!ok);
+    assert_eq!(out["error"]["kind"], "device-busy", "{out}");
+    assert!(
+        out["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--force")
+    );
+    assert_eq!(daemon.json(&["status", "base"]).1["state"], "active");
+    let (ok, out) = daemon.json(&["remove", "--force", "base"]);
+    assert!(ok, "{out}");
+    assert_eq!(out["deferred"], true);
+    drop(open);
+    eventually("the deferred removal", || {
+        daemon.json(&["list"]).1 == serde_json::json!([])
+    });
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_target_budget() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_args(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("vmard.sock"),
+        &["--max-targets", "8"],
+    );
+    // Short shared runs alternating with unique ones: dozens of extents.
+    let base: Vec<Block> = (0..64).map(|i| Block::Shared(i as u8)).collect();
+    let derived: Vec<Block> = (0..128)
+        .map(|i| {
+            if i % 4 == 0 {
+                Block::Shared((i / 2) as u8)
+            } else {
+                Block::Unique(i)
+            }
+        })
+        .collect();
+    let paths = [dir.path().join("base.raw"), dir.path().join("derived.raw")];
+    write_image(&paths[0], &base, 0);
+    write_image(&paths[1], &derived, 0);
+    capture(&daemon, &paths);
+    let out = create(&daemon, "derived", "derived");
+    assert!(out["targets"].as_u64().unwrap() <= 8, "{out}");
+    assert!(
+        out["budget"]["extents_before"].as_u64().unwrap() > 8,
+        "{out}"
+    );
+    assert!(
+        out["budget"]["redirected_blocks_dropped"].as_u64().unwrap() > 0,
+        "{out}"
+    );
+    let (_, status) = daemon.json(&["status", "derived"]);
+    assert!(status["live"]["targets"].as_u64().unwrap() <= 8, "{status}");
+    assert_same(&node("derived"), &paths[1]);
+    assert!(daemon.json(&["remove", "derived"]).0);
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_changed_images_are_refused() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..2]);
+    // Base changes after capture: base, and web which reads from it, are refused.
+    write_image(&images[0], &[Block::Unique(1)], 0);
+    for (name, image) in [("base", "base"), ("web", "web")] {
+        let (ok, out) = daemon.json(&["create", name, image]);
+        assert!(!ok, "{out}");
+        assert_eq!(out["error"]["kind"], "image-changed", "{out}");
+        assert!(!node(name).exists());
+    }
+    assert_eq!(daemon.json(&["list"]).1, serde_json::json!([]));
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_large_table() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    // Every other block shared: one target per block.
+    let blocks = 16 * 1024;
+    let base: Vec<Block> = (0..blocks / 2).map(|i| Block::Unique(i as u64)).collect();
+    let derived: Vec<Block> = (0..blocks)
+        .map(|i| {
+            if i % 2 == 0 {
+                base[i / 2].clone()
+            } else {
+                Block::Unique(1 << 40 | i as u64)
+            }
+        })
+        .collect();
+    let paths = [dir.path().join("base.raw"), dir.path().join("derived.raw")];
+    write_image(&paths[0], &base, 0);
+    write_image(&paths[1], &derived, 0);
+    capture(&daemon, &paths);
+    let out = create(&daemon, "derived", "derived");
+    let targets = out["targets"].as_u64().unwrap();
+    assert_eq!(targets, blocks as u64, "{}", out["budget"]);
+    println!(
+        "LARGE-TABLE: {targets} targets created and loaded in {:.3} s",
+        out["seconds"].as_f64().unwrap()
+    );
+    assert_same(&node("derived"), &paths[1]);
+    assert!(daemon.json(&["remove", "derived"]).0);
+}
