@@ -147,6 +147,88 @@ pub fn create(
     Ok(change(&plan, status, started))
 }
 
+/// What [`restore`] did at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// Saved devices that were missing and were created.
+    pub created: Vec<String>,
+    /// Saved devices already live with the expected table: left alone.
+    pub unchanged: Vec<String>,
+    /// Saved devices live with another table (e.g. a map changed while vmard was down):
+    /// left alone, `vmarctl refresh` swaps the new table in.
+    pub differs: Vec<String>,
+    /// Saved devices that could not be served, with the reason; the others were restored.
+    pub failed: Vec<(String, String)>,
+    /// `VMAR-` devices the catalog does not know (left by a crash between creating the
+    /// device and saving it), removed.
+    pub cleaned: Vec<String>,
+}
+
+/// Brings the kernel in line with the saved devices, as at boot: creates missing ones,
+/// leaves correct ones, reports broken ones without letting them block the rest, and removes
+/// unsaved `VMAR-` leftovers that nobody has open.
+pub fn restore(catalog: &Catalog, max_targets: u64) -> Result<RestoreReport> {
+    let saved = catalog.devices()?;
+    let dm = match DeviceMapper::open() {
+        Ok(dm) => dm,
+        // Nothing to restore, and no device-mapper to clean up: not an error (a host that
+        // only captures, or the tests).
+        Err(_) if saved.is_empty() => return Ok(RestoreReport::default()),
+        Err(e) => return Err(e),
+    };
+    let mut report = RestoreReport::default();
+    let live_devices = dm.list().unwrap_or_else(|e| {
+        report.failed.push(("(list)".into(), e.to_string()));
+        Vec::new()
+    });
+    for live in live_devices {
+        let ours = live
+            .uuid
+            .as_deref()
+            .is_some_and(|u| u.starts_with(crate::dm::UUID_PREFIX));
+        if ours && live.open_count == 0 && !saved.iter().any(|d| d.name == live.name) {
+            match dm.remove(&live.name, false) {
+                Ok(_) => report.cleaned.push(live.name),
+                Err(e) => report.failed.push((live.name, e.to_string())),
+            }
+        }
+    }
+    for record in saved {
+        enum Outcome {
+            Created,
+            Unchanged,
+            Differs,
+        }
+        let outcome = (|| -> Result<Outcome> {
+            let plan = plan(catalog, &record.image, max_targets)?;
+            if dm.info(&record.name)?.is_none() {
+                dm.create(&record.name, &plan.targets)?;
+                return Ok(Outcome::Created);
+            }
+            let live = dm.table(&record.name)?;
+            let same = live.len() == plan.targets.len()
+                && live.iter().zip(&plan.targets).all(|(l, t)| {
+                    l.start == t.start
+                        && l.len == t.len
+                        && l.target_type == t.target_type()
+                        && l.params == t.params()
+                });
+            Ok(if same {
+                Outcome::Unchanged
+            } else {
+                Outcome::Differs
+            })
+        })();
+        match outcome {
+            Ok(Outcome::Created) => report.created.push(record.name),
+            Ok(Outcome::Unchanged) => report.unchanged.push(record.name),
+            Ok(Outcome::Differs) => report.differs.push(record.name),
+            Err(e) => report.failed.push((record.name, e.to_string())),
+        }
+    }
+    Ok(report)
+}
+
 /// Swaps the current map of a live device's image in, atomically.
 pub fn refresh(catalog: &Catalog, name: &str, max_targets: u64) -> Result<DeviceChange> {
     validate_name(name)?;

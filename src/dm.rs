@@ -228,7 +228,8 @@ impl DeviceMapper {
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
             Err(e) => return Err(ioctl_error("query", &dm_name, e)),
         };
-        let targets = self.table(name)?.len() as u64;
+        // A device created without a table (left by a crash) has none to read.
+        let targets = self.table(name).map(|t| t.len() as u64).unwrap_or(0);
         let device = info.device();
         let flags = info.flags();
         Ok(Some(LiveDevice {

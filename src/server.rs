@@ -119,6 +119,10 @@ impl Server {
         &self.socket
     }
 
+    pub fn catalog(&self) -> &Catalog {
+        &self.context.catalog
+    }
+
     /// Serves clients until the process ends.
     pub fn run(self) -> Result<()> {
         for stream in self.listener.incoming() {

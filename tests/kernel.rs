@@ -449,3 +449,92 @@ fn real_large_table() {
     assert_same(&node("derived"), &paths[1]);
     assert!(daemon.json(&["remove", "derived"]).0);
 }
+
+fn live_table(daemon: &Daemon, name: &str) -> Value {
+    let (ok, out) = daemon.json(&["status", name, "--table"]);
+    assert!(ok, "{out}");
+    out["table"].clone()
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_restore_after_reboot() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vmard.sock");
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..3]);
+    for name in ["base", "web", "db"] {
+        create(&daemon, name, name);
+    }
+    // udev gives each device a stable name from vmar's rules.
+    for name in ["base", "web", "db"] {
+        let link = PathBuf::from(format!("/dev/vmar/{name}"));
+        eventually("the /dev/vmar link", || link.exists());
+        assert_eq!(
+            std::fs::canonicalize(&link).unwrap(),
+            std::fs::canonicalize(node(name)).unwrap()
+        );
+    }
+    let before: Vec<Value> = ["base", "web"]
+        .iter()
+        .map(|n| live_table(&daemon, n))
+        .collect();
+    let state = daemon.stop();
+
+    // A reboot: no device survives. A crash left a half-created device behind, and db's image
+    // changed while the host was down.
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("dmsetup")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dmsetup {args:?}: {out:?}");
+    };
+    run(&["remove_all", "--force"]);
+    run(&["create", "vmar-junk", "--uuid", "VMAR-junk", "--notable"]);
+    write_image(&images[2], &[Block::Unique(99)], 0);
+
+    let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    let (ok, list) = daemon.json(&["list"]);
+    assert!(ok, "{list}");
+    let states: Vec<(String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().into(),
+                d["state"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("base".to_string(), "active".to_string()),
+            ("db".to_string(), "missing".to_string()),
+            ("web".to_string(), "active".to_string()),
+        ],
+        "{list}"
+    );
+    let after: Vec<Value> = ["base", "web"]
+        .iter()
+        .map(|n| live_table(&daemon, n))
+        .collect();
+    assert_eq!(before, after, "restored tables differ");
+    assert_same(&node("base"), &images[0]);
+    assert_same(&node("web"), &images[1]);
+    assert!(!node("junk").exists());
+
+    // A restart with everything in place leaves the devices alone (same tables, still open).
+    let open = File::open(node("web")).unwrap();
+    let state = daemon.stop();
+    let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    assert_eq!(live_table(&daemon, "web"), before[1]);
+    drop(open);
+    for name in ["base", "web", "db"] {
+        assert!(daemon.json(&["remove", name]).0, "remove {name}");
+    }
+}

@@ -24,6 +24,10 @@ struct Args {
     #[arg(long, env = "VMAR_MAX_TARGETS", default_value_t = vmar::device::DEFAULT_MAX_TARGETS)]
     max_targets: u64,
 
+    /// Do not restore saved devices at start-up.
+    #[arg(long)]
+    no_restore: bool,
+
     /// Group whose members may use the socket besides root (socket mode 0660).
     #[arg(long, env = "VMAR_SOCKET_GROUP")]
     socket_group: Option<String>,
@@ -55,10 +59,57 @@ fn main() -> Result<()> {
         args.max_targets,
     )
     .context("cannot start vmard")?;
+    // Restore saved devices before reporting ready, so that units ordered after vmard (VMs)
+    // find their devices. A device that cannot be served is reported and skipped. Clients
+    // that connect meanwhile wait in the socket's backlog.
+    let status = if args.no_restore {
+        "devices not restored (--no-restore)".to_string()
+    } else {
+        restore(&server, args.max_targets)
+    };
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    );
     tracing::info!(
         socket = %server.socket().display(),
         state_dir = %args.state_dir.display(),
+        %status,
         "vmard ready"
     );
     server.run().context("vmard stopped")
+}
+
+/// Restores the saved devices; returns a one-line status for systemd.
+fn restore(server: &Server, max_targets: u64) -> String {
+    match vmar::device::restore(server.catalog(), max_targets) {
+        Ok(report) => {
+            for (name, error) in &report.failed {
+                tracing::error!(device = %name, "cannot restore: {error}");
+            }
+            tracing::info!(
+                created = ?report.created,
+                unchanged = ?report.unchanged,
+                differs = ?report.differs,
+                cleaned = ?report.cleaned,
+                failed = report.failed.len(),
+                "devices restored"
+            );
+            format!(
+                "{} devices created, {} unchanged, {} differ, {} failed, {} leftovers removed",
+                report.created.len(),
+                report.unchanged.len(),
+                report.differs.len(),
+                report.failed.len(),
+                report.cleaned.len()
+            )
+        }
+        Err(e) => {
+            tracing::error!("devices not restored: {e}");
+            format!("devices not restored: {e}")
+        }
+    }
 }

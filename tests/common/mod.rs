@@ -126,13 +126,16 @@ impl Daemon {
 
     /// Starts vmard with extra arguments.
     pub fn start_args(_dir: &Path, state: &Path, socket: &Path, args: &[&str]) -> Daemon {
-        let child = Command::new(env!("CARGO_BIN_EXE_vmard"))
+        let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
             .args(args)
             .arg("--state-dir")
             .arg(state)
             .arg("--socket")
             .arg(socket)
-            .env("VMAR_LOG", "error")
+            .env(
+                "VMAR_LOG",
+                std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .spawn()
             .expect("vmard starts");
         let daemon = Daemon {
@@ -183,8 +186,17 @@ impl Drop for Daemon {
     }
 }
 
+/// A project binary: from `VMAR_BIN_DIR` when set (the kernel test guest, where the build
+/// tree is not mounted), else where cargo built it.
+pub fn binary(name: &str, built: &str) -> PathBuf {
+    match std::env::var_os("VMAR_BIN_DIR") {
+        Some(dir) => Path::new(&dir).join(name),
+        None => PathBuf::from(built),
+    }
+}
+
 pub fn vmarctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmarctl"))
+    Command::new(binary("vmarctl", env!("CARGO_BIN_EXE_vmarctl")))
         .arg("--socket")
         .arg(socket)
         .args(args)
