@@ -32,7 +32,12 @@ pub enum Error {
     )]
     InvalidName { name: String },
 
-    #[error("no image named {name:?} in the catalog (see `vmarctl list`)")]
+    #[error(
+        "{path} is outside the image roots {roots:?}; add its directory to image_roots in /etc/vmar/vmar.toml (or vmard --image-root)"
+    )]
+    OutsideImageRoots { path: PathBuf, roots: Vec<PathBuf> },
+
+    #[error("no image named {name:?} in the catalog (see `vmarctl images`)")]
     UnknownImage { name: String },
 
     #[error("the name {name:?} is already used by {path}; choose another with --name")]
@@ -54,6 +59,9 @@ pub enum Error {
         "{path} changed while it was being captured ({what}); stop whatever writes it and capture again"
     )]
     ChangedDuringCapture { path: PathBuf, what: String },
+
+    #[error("configuration {path}: {message}")]
+    Config { path: PathBuf, message: String },
 
     #[error("catalog in {dir}: {message}")]
     Catalog { dir: PathBuf, message: String },
@@ -108,11 +116,13 @@ impl Error {
             Error::UnalignedSize { .. } => "unaligned-size",
             Error::InvalidName { .. } => "invalid-name",
             Error::UnknownImage { .. } => "unknown-image",
+            Error::OutsideImageRoots { .. } => "outside-image-roots",
             Error::NameTaken { .. } => "name-taken",
             Error::AlreadyCaptured { .. } => "already-captured",
             Error::ImageChanged { .. } => "image-changed",
             Error::ChangedDuringCapture { .. } => "changed-during-capture",
             Error::Catalog { .. } => "catalog",
+            Error::Config { .. } => "config",
             Error::Protocol(_) => "protocol",
             Error::DaemonUnavailable { .. } => "daemon-unavailable",
             Error::Remote { .. } => "remote",

@@ -61,15 +61,7 @@ impl ImageFile {
     /// device, not empty, whole 512-byte sectors.
     pub fn open(path: &Path) -> Result<ImageFile> {
         let image = ImageFile::open_unchecked(path)?;
-        if image.size == 0 {
-            return Err(Error::EmptyImage { path: image.path });
-        }
-        if image.size % SECTOR_SIZE != 0 {
-            return Err(Error::UnalignedSize {
-                path: image.path,
-                size: image.size,
-            });
-        }
+        image.check_size()?;
         Ok(image)
     }
 
@@ -79,13 +71,25 @@ impl ImageFile {
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", path, e))?;
         let file = File::open(&canonical).map_err(|e| Error::io("cannot open", &canonical, e))?;
+        ImageFile::from_file_unchecked(canonical, file)
+    }
+
+    /// An image from a file already opened read-only at `path` (canonical), checked like
+    /// [`ImageFile::open`].
+    pub fn from_file(path: PathBuf, file: File) -> Result<ImageFile> {
+        let image = ImageFile::from_file_unchecked(path, file)?;
+        image.check_size()?;
+        Ok(image)
+    }
+
+    fn from_file_unchecked(path: PathBuf, file: File) -> Result<ImageFile> {
         let meta = file
             .metadata()
-            .map_err(|e| Error::io("cannot stat", &canonical, e))?;
+            .map_err(|e| Error::io("cannot stat", &path, e))?;
         let ft = meta.file_type();
         let is_block_device = ft.is_block_device();
         if !ft.is_file() && !is_block_device {
-            return Err(Error::NotAnImage { path: canonical });
+            return Err(Error::NotAnImage { path });
         }
         let mut image = ImageFile {
             identity: ImageIdentity {
@@ -94,7 +98,7 @@ impl ImageFile {
                 size: 0,
                 mtime_ns: 0,
             },
-            path: canonical,
+            path,
             file,
             size: 0,
             is_block_device,
@@ -102,6 +106,21 @@ impl ImageFile {
         image.identity = image.current_identity()?;
         image.size = image.identity.size;
         Ok(image)
+    }
+
+    fn check_size(&self) -> Result<()> {
+        if self.size == 0 {
+            return Err(Error::EmptyImage {
+                path: self.path.clone(),
+            });
+        }
+        if self.size % SECTOR_SIZE != 0 {
+            return Err(Error::UnalignedSize {
+                path: self.path.clone(),
+                size: self.size,
+            });
+        }
+        Ok(())
     }
 
     /// Identity of the open file as it is now (fstat, and the device size for block devices).

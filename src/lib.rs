@@ -9,6 +9,7 @@
 pub mod budget;
 pub mod catalog;
 pub mod client;
+pub mod config;
 pub mod device;
 pub mod dm;
 pub mod error;
@@ -17,6 +18,7 @@ pub mod index;
 pub mod loopdev;
 pub mod map;
 pub mod protocol;
+pub mod roots;
 pub mod scan;
 pub mod server;
 pub mod service;

@@ -14,6 +14,7 @@ use nix::unistd::{Gid, Uid, User, getgrouplist};
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::protocol::{MAX_REQUEST_BYTES, Reply, Request};
+use crate::roots::ImageRoots;
 use crate::service::{self, Context};
 
 /// Where vmard keeps its catalog unless told otherwise.
@@ -79,10 +80,12 @@ impl Server {
         socket: &Path,
         access: Access,
         max_targets: u64,
+        roots: ImageRoots,
     ) -> Result<Server> {
         let context = Arc::new(Context {
             catalog: Catalog::open(state_dir)?,
             max_targets,
+            roots,
         });
         if let Some(dir) = socket.parent() {
             fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;

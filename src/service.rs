@@ -10,11 +10,12 @@ use serde::Serialize;
 use crate::catalog::{Catalog, Progress};
 use crate::device;
 use crate::error::{Error, Result};
-use crate::image::{ImageFile, validate_name};
+use crate::image::validate_name;
 use crate::protocol::{
     CaptureResult, ImageRef, ImagesResult, MapResult, PROTOCOL_VERSION, PingResult, Request,
     TableResult,
 };
+use crate::roots::ImageRoots;
 use crate::table;
 use crate::verify::verify;
 
@@ -23,6 +24,8 @@ pub struct Context {
     pub catalog: Catalog,
     /// Most targets of one device table.
     pub max_targets: u64,
+    /// Where images may be captured from.
+    pub roots: ImageRoots,
 }
 
 fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
@@ -54,7 +57,7 @@ pub fn handle(
                 )));
             }
             let started = Instant::now();
-            let image = ImageFile::open(&path)?;
+            let image = ctx.roots.open(&path)?;
             let (image, status) = catalog.capture(&image, name.as_deref(), recapture, progress)?;
             to_value(CaptureResult {
                 status,
@@ -104,7 +107,7 @@ pub fn handle(
         } => {
             validate_name(&name)?;
             let image = if capture && image.starts_with('/') {
-                let file = ImageFile::open(Path::new(&image))?;
+                let file = ctx.roots.open(Path::new(&image))?;
                 catalog.capture(&file, None, false, progress)?.0.name
             } else {
                 device::image_name(catalog, &image)?

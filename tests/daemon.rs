@@ -428,7 +428,12 @@ fn loop_capture_block_device() {
     }
     let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let detach = scopeguard(&device);
-    let daemon = Daemon::start(dir.path());
+    let daemon = Daemon::start_args(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("vmard.sock"),
+        &["--image-root", "/dev"],
+    );
     assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
     let (ok, out) = daemon.json(&["capture", &device, "--name", "derived-dev"]);
     assert!(ok, "{out}");
@@ -449,4 +454,34 @@ fn scopeguard(device: &str) -> impl Drop + '_ {
         }
     }
     Detach(device)
+}
+
+#[test]
+fn only_files_under_image_roots_are_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    let outside = dir.path().join("private");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    write_image(&root.join("ok.raw"), &[Block::Unique(1)], 0);
+    write_image(&outside.join("secret.raw"), &[Block::Unique(2)], 0);
+    std::os::unix::fs::symlink(outside.join("secret.raw"), root.join("link.raw")).unwrap();
+    let daemon = Daemon::start_args(
+        &root,
+        &dir.path().join("state"),
+        &dir.path().join("vmard.sock"),
+        &[],
+    );
+    assert!(daemon.json(&["capture", s(&root.join("ok.raw"))]).0);
+    for path in [
+        outside.join("secret.raw"),
+        root.join("link.raw"),
+        root.join("../private/secret.raw"),
+    ] {
+        let (ok, out) = daemon.json(&["capture", s(&path)]);
+        assert!(!ok, "{path:?} was captured");
+        assert_eq!(out[0]["error"]["kind"], "outside-image-roots", "{out}");
+    }
+    let (_, list) = daemon.json(&["images"]);
+    assert_eq!(image_names(&list), ["ok"]);
 }

@@ -19,10 +19,19 @@ struct Args {
     #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 
+    /// Configuration file (image_roots, socket_group, max_targets); options override it.
+    #[arg(long, env = "VMAR_CONFIG", default_value = vmar::config::DEFAULT_CONFIG)]
+    config: PathBuf,
+
+    /// A directory whose files may be captured (repeatable; adds to image_roots). Nothing
+    /// outside the image roots can be captured.
+    #[arg(long = "image-root", value_name = "DIR")]
+    image_roots: Vec<PathBuf>,
+
     /// Most device-mapper targets of one device table; longer maps give up their least
-    /// useful redirections to fit.
-    #[arg(long, env = "VMAR_MAX_TARGETS", default_value_t = vmar::device::DEFAULT_MAX_TARGETS)]
-    max_targets: u64,
+    /// useful redirections to fit [default: 100000].
+    #[arg(long, env = "VMAR_MAX_TARGETS")]
+    max_targets: Option<u64>,
 
     /// Do not restore saved devices at start-up.
     #[arg(long)]
@@ -43,7 +52,24 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let group = match &args.socket_group {
+    // The default file may be absent; one named explicitly must exist.
+    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
+    let config = vmar::config::Config::load(&args.config, explicit)?;
+    let max_targets = args
+        .max_targets
+        .or(config.max_targets)
+        .unwrap_or(vmar::device::DEFAULT_MAX_TARGETS);
+    let mut roots = config.image_roots.clone();
+    roots.extend(args.image_roots.iter().cloned());
+    let roots = vmar::roots::ImageRoots::new(&roots).context("bad image root")?;
+    if roots.roots().is_empty() {
+        tracing::warn!(
+            "no image roots configured: nothing can be captured (set image_roots in {})",
+            args.config.display()
+        );
+    }
+    let socket_group = args.socket_group.clone().or(config.socket_group.clone());
+    let group = match &socket_group {
         Some(name) => Some(
             Group::from_name(name)
                 .with_context(|| format!("cannot look up group {name:?}"))?
@@ -56,7 +82,8 @@ fn main() -> Result<()> {
         &args.state_dir,
         &args.socket,
         Access { group },
-        args.max_targets,
+        max_targets,
+        roots,
     )
     .context("cannot start vmard")?;
     // Restore saved devices before reporting ready, so that units ordered after vmard (VMs)
@@ -65,7 +92,7 @@ fn main() -> Result<()> {
     let status = if args.no_restore {
         "devices not restored (--no-restore)".to_string()
     } else {
-        restore(&server, args.max_targets)
+        restore(&server, max_targets)
     };
     let _ = sd_notify::notify(
         false,

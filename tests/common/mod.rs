@@ -124,9 +124,11 @@ impl Daemon {
         Daemon::start_args(dir, state, socket, &[])
     }
 
-    /// Starts vmard with extra arguments.
-    pub fn start_args(_dir: &Path, state: &Path, socket: &Path, args: &[&str]) -> Daemon {
+    /// Starts vmard with extra arguments; `dir` is its image root.
+    pub fn start_args(dir: &Path, state: &Path, socket: &Path, args: &[&str]) -> Daemon {
         let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .arg("--image-root")
+            .arg(dir)
             .args(args)
             .arg("--state-dir")
             .arg(state)

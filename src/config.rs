@@ -1,0 +1,74 @@
+//! vmard's configuration file (`/etc/vmar/vmar.toml`); command-line options override it.
+//!
+//! ```toml
+//! # Directories whose files may be captured (nothing may be captured without one).
+//! image_roots = ["/var/lib/vmar/images", "/var/lib/libvirt/images"]
+//! # Group whose members may use vmard's socket besides root.
+//! socket_group = "vmar"
+//! # Most device-mapper targets of one device table.
+//! max_targets = 100000
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default location of the configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/vmar/vmar.toml";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub image_roots: Vec<PathBuf>,
+    pub socket_group: Option<String>,
+    pub max_targets: Option<u64>,
+}
+
+impl Config {
+    /// Reads `path`. A missing file gives the defaults unless `required`.
+    pub fn load(path: &Path, required: bool) -> Result<Config> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default());
+            }
+            Err(e) => return Err(Error::io("cannot read config", path, e)),
+        };
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_files_parse_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vmar.toml");
+        assert_eq!(Config::load(&path, false).unwrap(), Config::default());
+        assert!(Config::load(&path, true).is_err());
+        std::fs::write(
+            &path,
+            "image_roots = [\"/a\", \"/b\"]\nsocket_group = \"vmar\"\nmax_targets = 5\n",
+        )
+        .unwrap();
+        let config = Config::load(&path, false).unwrap();
+        assert_eq!(
+            config.image_roots,
+            vec![PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(config.socket_group.as_deref(), Some("vmar"));
+        assert_eq!(config.max_targets, Some(5));
+        std::fs::write(&path, "image_root = [\"/a\"]\n").unwrap();
+        let err = Config::load(&path, false).unwrap_err();
+        assert_eq!(err.kind(), "config");
+        assert!(err.to_string().contains("image_root"), "{err}");
+    }
+}

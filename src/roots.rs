@@ -1,0 +1,109 @@
+//! Image roots: the directories whose files a socket client may capture. vmard turns any
+//! captured file into a block device, so without this a client could expose any host file
+//! (a key, another tenant's disk) to a VM. A path is resolved once, and the file is then
+//! opened with `openat2(RESOLVE_BENEATH)` relative to its root, so a symlink or `..` swapped
+//! in between cannot lead the open out of the root.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+
+use crate::error::{Error, Result};
+use crate::image::ImageFile;
+
+/// The configured image roots, canonical.
+#[derive(Clone, Debug, Default)]
+pub struct ImageRoots {
+    roots: Vec<PathBuf>,
+}
+
+impl ImageRoots {
+    /// Roots from configuration; each must exist.
+    pub fn new(roots: &[PathBuf]) -> Result<ImageRoots> {
+        let roots = roots
+            .iter()
+            .map(|r| {
+                r.canonicalize()
+                    .map_err(|e| Error::io("cannot resolve image root", r, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ImageRoots { roots })
+    }
+
+    pub fn roots(&self) -> &[PathBuf] {
+        &self.roots
+    }
+
+    /// Opens the image at `path` read-only if it lies inside a root.
+    pub fn open(&self, path: &Path) -> Result<ImageFile> {
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| Error::io("cannot resolve", path, e))?;
+        let outside = || Error::OutsideImageRoots {
+            path: canonical.clone(),
+            roots: self.roots.clone(),
+        };
+        let root = self
+            .roots
+            .iter()
+            .filter(|r| canonical.starts_with(r))
+            .max_by_key(|r| r.as_os_str().len())
+            .ok_or_else(outside)?;
+        let relative = canonical.strip_prefix(root).map_err(|_| outside())?;
+        let relative = if relative.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            relative
+        };
+        let dir = File::open(root).map_err(|e| Error::io("cannot open image root", root, e))?;
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = openat2(dir.as_raw_fd(), relative, how).map_err(|e| match e {
+            nix::errno::Errno::EXDEV => outside(),
+            e => Error::io("cannot open", &canonical, e.into()),
+        })?;
+        // SAFETY: openat2 returned a new descriptor that nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        ImageFile::from_file(canonical, file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_files_inside_roots_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        let other = dir.path().join("secret");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(root.join("sub/a.raw"), [1u8; 4096]).unwrap();
+        std::fs::write(other.join("key"), [2u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(other.join("key"), root.join("link.raw")).unwrap();
+        std::os::unix::fs::symlink("../a.raw", root.join("sub/up.raw")).unwrap();
+        let roots = ImageRoots::new(std::slice::from_ref(&root)).unwrap();
+
+        assert!(roots.open(&root.join("sub/a.raw")).is_ok());
+        // .. inside the root stays inside; a symlink inside the root to a file inside is fine.
+        assert!(roots.open(&root.join("sub/../sub/a.raw")).is_ok());
+        for escape in [
+            other.join("key"),
+            root.join("link.raw"),
+            root.join("../secret/key"),
+        ] {
+            let err = roots.open(&escape).unwrap_err();
+            assert_eq!(err.kind(), "outside-image-roots", "{escape:?}: {err}");
+        }
+        let none = ImageRoots::default();
+        assert_eq!(
+            none.open(&root.join("sub/a.raw")).unwrap_err().kind(),
+            "outside-image-roots"
+        );
+        assert!(ImageRoots::new(&[dir.path().join("missing")]).is_err());
+    }
+}
