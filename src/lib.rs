@@ -15,6 +15,7 @@ pub mod dm;
 pub mod error;
 pub mod image;
 pub mod index;
+pub mod libvirt;
 pub mod loopdev;
 pub mod map;
 pub mod protocol;

@@ -16,9 +16,9 @@ use vmar::protocol::{CaptureResult, ImagesResult, MapResult, PingResult, Request
 use vmar::server::DEFAULT_SOCKET;
 use vmar::verify::VerifyReport;
 
-/// Control vmard: capture VM images, inspect their block maps and tables, verify them.
+/// Control vmard: capture VM images, inspect their maps, create and manage their devices.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "vmarctl", version)]
 struct Cli {
     /// vmard's socket.
     #[arg(long, global = true, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
@@ -97,6 +97,22 @@ enum Command {
     },
     /// Load the current map of a device's image into the live device, atomically.
     Refresh { name: String },
+    /// Print a libvirt <disk> element for a device.
+    LibvirtXml {
+        name: String,
+        /// Guest disk name.
+        #[arg(long, default_value = "vda")]
+        target: String,
+        /// A qcow2 overlay file backed by the device (create it with
+        /// `qemu-img create -f qcow2 -b /dev/vmar/NAME -F raw FILE`); without it the disk is
+        /// the device itself, read-only.
+        #[arg(long)]
+        overlay: Option<PathBuf>,
+    },
+    /// Print shell completions for vmarctl.
+    Completions { shell: clap_complete::Shell },
+    /// Print vmarctl's man page (roff).
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -238,6 +254,37 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             } else {
                 print_devices(&devices);
             }
+        }
+        Command::LibvirtXml {
+            name,
+            target,
+            overlay,
+        } => {
+            // The device must be one vmard knows.
+            let request = Request::Status {
+                name: name.clone(),
+                table: false,
+            };
+            let _: DeviceStatus = client.call(&request, &mut |_| {})?;
+            let overlay = overlay
+                .as_deref()
+                .map(std::path::absolute)
+                .transpose()
+                .context("cannot resolve the overlay path")?;
+            let xml = vmar::libvirt::disk_xml(name, target, overlay.as_deref())?;
+            if cli.json {
+                print_json(&serde_json::json!({ "xml": xml }))?;
+            } else {
+                print!("{xml}");
+            }
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "vmarctl", &mut std::io::stdout());
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
         }
         Command::Status { name, table } => {
             let request = Request::Status {

@@ -7,9 +7,9 @@ use clap::Parser;
 use nix::unistd::Group;
 use vmar::server::{Access, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Server};
 
-/// The vmar daemon: captures VM images into its catalog and serves their maps.
+/// The vmar daemon: captures VM images into its catalog and serves them as shared dm devices.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(name = "vmard", version)]
 struct Args {
     /// Directory of the catalog.
     #[arg(long, env = "VMAR_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
