@@ -470,12 +470,16 @@ fn real_restore_after_reboot() {
     }
     // udev gives each device a stable name from vmar's rules.
     for name in ["base", "web", "db"] {
-        let link = PathBuf::from(format!("/dev/vmar/{name}"));
-        eventually("the /dev/vmar link", || link.exists());
-        assert_eq!(
-            std::fs::canonicalize(&link).unwrap(),
-            std::fs::canonicalize(node(name)).unwrap()
-        );
+        for link in [
+            PathBuf::from(format!("/dev/vmar/{name}")),
+            PathBuf::from(format!("/dev/disk/by-id/vmar-{name}")),
+        ] {
+            eventually("the udev links", || link.exists());
+            assert_eq!(
+                std::fs::canonicalize(&link).unwrap(),
+                std::fs::canonicalize(node(name)).unwrap()
+            );
+        }
     }
     let before: Vec<Value> = ["base", "web"]
         .iter()
