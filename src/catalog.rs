@@ -220,13 +220,24 @@ impl Catalog {
 
     /// All images in capture order.
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        self.records(IMAGES, "image")
+    }
+
+    /// Every JSON record of `table`, in key order.
+    fn records<K: redb::Key + 'static, T: serde::de::DeserializeOwned>(
+        &self,
+        table: TableDefinition<K, &[u8]>,
+        what: &str,
+    ) -> Result<Vec<T>> {
         let dir = &self.dir;
         let txn = self.db.begin_read().ctx(dir)?;
-        let table = txn.open_table(IMAGES).ctx(dir)?;
+        let table = txn.open_table(table).ctx(dir)?;
         let mut records = Vec::new();
         for entry in table.iter().ctx(dir)? {
             let (_, value) = entry.ctx(dir)?;
-            records.push(self.decode(value.value())?);
+            let record = serde_json::from_slice(value.value())
+                .map_err(|e| self.corrupt(format!("corrupt {what} record: {e}")))?;
+            records.push(record);
         }
         Ok(records)
     }
@@ -432,17 +443,7 @@ impl Catalog {
 
     /// Saved devices, by name.
     pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
-        let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
-        let table = txn.open_table(DEVICES).ctx(dir)?;
-        let mut records = Vec::new();
-        for entry in table.iter().ctx(dir)? {
-            let (_, value) = entry.ctx(dir)?;
-            let record = serde_json::from_slice(value.value())
-                .map_err(|e| self.corrupt(format!("corrupt device record: {e}")))?;
-            records.push(record);
-        }
-        Ok(records)
+        self.records(DEVICES, "device")
     }
 
     /// The saved device `name`, if any.

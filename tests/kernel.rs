@@ -123,6 +123,20 @@ fn family(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
+/// (name, state) of every device `vmarctl list` shows.
+fn device_states(daemon: &Daemon) -> Vec<(String, String)> {
+    let (ok, list) = daemon.json(&["list"]);
+    assert!(ok, "{list}");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let field = |f: &str| d[f].as_str().unwrap().to_string();
+            (field("name"), field("state"))
+        })
+        .collect()
+}
+
 fn capture(daemon: &Daemon, images: &[PathBuf]) {
     for image in images {
         let (ok, out) = daemon.json(&["capture", s(image)]);
@@ -149,21 +163,12 @@ fn real_devices_serve_images_byte_for_byte() {
         assert_eq!(out["device"]["state"], "active", "{out}");
         assert_eq!(out["device"]["live"]["read_only"], true, "{out}");
     }
-    let (ok, list) = daemon.json(&["list"]);
-    assert!(ok, "{list}");
-    let states: Vec<(String, String)> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["name"].as_str().unwrap().into(),
-                d["state"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
-    assert_eq!(states.len(), 4, "{list}");
-    assert!(states.iter().all(|(_, state)| state == "active"), "{list}");
+    let states = device_states(&daemon);
+    assert_eq!(states.len(), 4, "{states:?}");
+    assert!(
+        states.iter().all(|(_, state)| state == "active"),
+        "{states:?}"
+    );
     for (name, image) in ["base", "web", "db", "other"].iter().zip(&images) {
         assert_same(&node(name), image);
     }
@@ -501,19 +506,7 @@ fn real_restore_after_reboot() {
     write_image(&images[2], &[Block::Unique(99)], 0);
 
     let daemon = Daemon::start_with(dir.path(), &state, &socket);
-    let (ok, list) = daemon.json(&["list"]);
-    assert!(ok, "{list}");
-    let states: Vec<(String, String)> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["name"].as_str().unwrap().into(),
-                d["state"].as_str().unwrap().into(),
-            )
-        })
-        .collect();
+    let states = device_states(&daemon);
     assert_eq!(
         states,
         vec![
@@ -521,7 +514,6 @@ fn real_restore_after_reboot() {
             ("db".to_string(), "missing".to_string()),
             ("web".to_string(), "active".to_string()),
         ],
-        "{list}"
     );
     let after: Vec<Value> = ["base", "web"]
         .iter()
