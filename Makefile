@@ -22,6 +22,7 @@ install: build
 	install -d $(MANDIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	$(RELEASE)/vmarctl man > $(MANDIR)/vmarctl.1
+	$(RELEASE)/vmard --man > $(MANDIR)/vmard.1
 	$(RELEASE)/vmarctl completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl
 	$(RELEASE)/vmarctl completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_vmarctl
 	$(RELEASE)/vmarctl completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/vmarctl.fish
@@ -29,7 +30,7 @@ install: build
 
 uninstall:
 	rm -f $(BINDIR)/vmard $(BINDIR)/vmarctl $(UNITDIR)/vmard.service $(RULESDIR)/61-vmar.rules \
-		$(MANDIR)/vmarctl.1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \
+		$(MANDIR)/vmarctl.1 $(MANDIR)/vmard.1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_vmarctl \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/vmarctl.fish
 

@@ -37,6 +37,10 @@ struct Args {
     #[arg(long)]
     no_restore: bool,
 
+    /// Print this manual page (roff) and exit; `make install` uses it.
+    #[arg(long, hide = true)]
+    man: bool,
+
     /// Group whose members may use the socket besides root (socket mode 0660).
     #[arg(long, env = "VMAR_SOCKET_GROUP")]
     socket_group: Option<String>,
@@ -52,6 +56,11 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    if args.man {
+        let command = <Args as clap::CommandFactory>::command();
+        clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        return Ok(());
+    }
     // The default file may be absent; one named explicitly must exist.
     let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
     let config = vmar::config::Config::load(&args.config, explicit)?;
