@@ -242,6 +242,11 @@ impl Catalog {
         Ok(records)
     }
 
+    /// The image captured from `path` (canonical), if any.
+    pub fn image_at(&self, path: &Path) -> Result<Option<ImageRecord>> {
+        Ok(self.images()?.into_iter().find(|r| r.path == path))
+    }
+
     /// The image called `name`.
     pub fn image(&self, name: &str) -> Result<ImageRecord> {
         let dir = &self.dir;
@@ -306,7 +311,7 @@ impl Catalog {
         }
         // Changes are serialised: what is checked here stays true until this one commits.
         let mut runs = self.lock()?;
-        let existing = self.images()?.into_iter().find(|r| r.path == image.path);
+        let existing = self.image_at(&image.path)?;
         let (id, name, status) = match existing {
             Some(record) => {
                 if let Some(wanted) = name
@@ -525,13 +530,8 @@ impl Catalog {
         Ok(())
     }
 
-    /// Number of runs of the content index.
-    pub fn index_runs(&self) -> Result<usize> {
-        Ok(self.lock()?.len())
-    }
-
     fn compact(&self, runs: &mut Vec<Run>) -> Result<()> {
-        while runs.len() >= 2 && runs[runs.len() - 1].len() * 2 >= runs[runs.len() - 2].len() {
+        while index::should_merge(runs) {
             let (older, newer) = (&runs[runs.len() - 2], &runs[runs.len() - 1]);
             let dir = &self.dir;
             let id = self.meta(NEXT_RUN)?;
@@ -599,9 +599,7 @@ impl Catalog {
                 )?;
                 next_run += 1;
                 new_runs.push(run);
-                while new_runs.len() >= 2
-                    && new_runs[new_runs.len() - 1].len() * 2 >= new_runs[new_runs.len() - 2].len()
-                {
+                while index::should_merge(&new_runs) {
                     let n = new_runs.len();
                     let merged = index::merge_runs(
                         &self.index_dir,

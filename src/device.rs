@@ -366,9 +366,7 @@ pub fn image_name(catalog: &Catalog, reference: &str) -> Result<String> {
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", reference, e))?;
         return catalog
-            .images()?
-            .into_iter()
-            .find(|i| i.path == path)
+            .image_at(&path)?
             .map(|i| i.name)
             .ok_or_else(|| Error::UnknownImage {
                 name: reference.to_string(),

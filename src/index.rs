@@ -169,6 +169,16 @@ pub fn write_run(dir: &Path, id: u64, entries: impl Iterator<Item = Entry>) -> R
     Run::open(dir, id)
 }
 
+/// True when the newest run should be merged into the one before it: it has grown to half
+/// that one's size. Applied until false, this keeps run sizes roughly halving from oldest to
+/// newest, so there are O(log n) runs.
+pub fn should_merge(runs: &[Run]) -> bool {
+    match runs {
+        [.., older, newer] => newer.len() * 2 >= older.len(),
+        _ => false,
+    }
+}
+
 /// Merges two runs (disjoint digests) into new run `id`.
 pub fn merge_runs(dir: &Path, id: u64, a: &Run, b: &Run) -> Result<Run> {
     let mut left = a.entries().peekable();
@@ -357,6 +367,24 @@ mod tests {
         assert_eq!(removed, 3);
         assert!(run_path(dir.path(), 3).exists());
         assert!(!run_path(dir.path(), 1).exists());
+    }
+
+    #[test]
+    fn runs_merge_when_the_newest_reaches_half_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |id: u64, n: u8| {
+            let entries = (0..n).map(|i| Entry {
+                digest: d(i),
+                image: 0,
+                block: u64::from(i),
+            });
+            write_run(dir.path(), id, entries).unwrap()
+        };
+        assert!(!should_merge(&[]));
+        assert!(!should_merge(&[run(1, 8)]));
+        assert!(!should_merge(&[run(2, 8), run(3, 3)]));
+        assert!(should_merge(&[run(4, 8), run(5, 4)]));
+        assert!(should_merge(&[run(6, 100), run(7, 8), run(8, 4)]));
     }
 
     #[test]
