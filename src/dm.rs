@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use devicemapper::{DM, DevId, DmError, DmFlags, DmName, DmOptions, DmUuid};
+use devicemapper::{DM, DevId, DmError, DmFlags, DmNameBuf, DmOptions, DmUuidBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -50,7 +50,7 @@ pub struct DeviceMapper {
     dm: DM,
 }
 
-fn dm_error(op: &'static str, device: &str, e: impl std::fmt::Display) -> Error {
+fn dm_error(op: &'static str, device: impl std::fmt::Display, e: impl std::fmt::Display) -> Error {
     Error::DeviceMapper {
         op,
         device: device.to_string(),
@@ -70,7 +70,7 @@ fn errno_of(e: &DmError) -> Option<nix::errno::Errno> {
 
 /// Like [`dm_error`], but says only the errno of failed ioctls: the crate's message dumps
 /// whole ioctl headers, which help nobody reading a vmarctl error.
-fn ioctl_error(op: &'static str, device: &str, e: DmError) -> Error {
+fn ioctl_error(op: &'static str, device: impl std::fmt::Display, e: DmError) -> Error {
     match errno_of(&e) {
         Some(errno) => dm_error(op, device, format!("{errno}: {}", errno.desc())),
         None => dm_error(op, device, e),
@@ -111,11 +111,13 @@ impl DeviceMapper {
         Ok(DeviceMapper { dm })
     }
 
-    fn ids(name: &str) -> Result<(String, String)> {
+    /// The dm name `vmar-NAME` and UUID `VMAR-NAME` of device `name`, as the crate takes them.
+    fn ids(name: &str) -> Result<(DmNameBuf, DmUuidBuf)> {
         let dm_name = format!("{NAME_PREFIX}{name}");
         let uuid = format!("{UUID_PREFIX}{name}");
-        DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
-        DmUuid::new(&uuid).map_err(|e| dm_error("uuid", &uuid, e))?;
+        let dm_name =
+            DmNameBuf::new(dm_name.clone()).map_err(|e| dm_error("name", &*dm_name, e))?;
+        let uuid = DmUuidBuf::new(uuid.clone()).map_err(|e| dm_error("uuid", &uuid, e))?;
         Ok((dm_name, uuid))
     }
 
@@ -123,30 +125,28 @@ impl DeviceMapper {
     /// nothing is left behind.
     pub fn create(&self, name: &str, targets: &[Target]) -> Result<LiveDevice> {
         let (dm_name, uuid) = Self::ids(name)?;
-        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
-        let dmu = DmUuid::new(&uuid).map_err(|e| dm_error("uuid", &uuid, e))?;
         if self.info(name)?.is_some() {
             return Err(Error::DeviceExists {
                 name: name.to_string(),
             });
         }
         self.dm
-            .device_create(dmn, Some(dmu), read_only())
-            .map_err(|e| ioctl_error("create", &dm_name, e))?;
-        let id = DevId::Name(dmn);
+            .device_create(&dm_name, Some(&uuid), read_only())
+            .map_err(|e| ioctl_error("create", &*dm_name, e))?;
+        let id = DevId::Name(&dm_name);
         let activated = self
             .dm
             .table_load(&id, &lines(targets), read_only())
-            .map_err(|e| ioctl_error("load table of", &dm_name, e))
+            .map_err(|e| ioctl_error("load table of", &*dm_name, e))
             .and_then(|_| {
                 self.dm
                     .device_suspend(&id, DmOptions::default())
-                    .map_err(|e| ioctl_error("resume", &dm_name, e))
+                    .map_err(|e| ioctl_error("resume", &*dm_name, e))
             });
         match activated {
             Ok(_) => self
                 .info(name)?
-                .ok_or_else(|| dm_error("find", &dm_name, "device vanished after creation")),
+                .ok_or_else(|| dm_error("find", &*dm_name, "device vanished after creation")),
             Err(e) => {
                 let _ = self.dm.device_remove(&id, DmOptions::default());
                 Err(e)
@@ -158,8 +158,7 @@ impl DeviceMapper {
     /// inactive slot, then the device is suspended and resumed, which swaps it in.
     pub fn reload(&self, name: &str, targets: &[Target]) -> Result<LiveDevice> {
         let (dm_name, _) = Self::ids(name)?;
-        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
-        let id = DevId::Name(dmn);
+        let id = DevId::Name(&dm_name);
         if self.info(name)?.is_none() {
             return Err(Error::UnknownDevice {
                 name: name.to_string(),
@@ -167,15 +166,15 @@ impl DeviceMapper {
         }
         self.dm
             .table_load(&id, &lines(targets), read_only())
-            .map_err(|e| ioctl_error("load table of", &dm_name, e))?;
+            .map_err(|e| ioctl_error("load table of", &*dm_name, e))?;
         let swapped = self
             .dm
             .device_suspend(&id, DmOptions::default().set_flags(DmFlags::DM_SUSPEND))
-            .map_err(|e| ioctl_error("suspend", &dm_name, e))
+            .map_err(|e| ioctl_error("suspend", &*dm_name, e))
             .and_then(|_| {
                 self.dm
                     .device_suspend(&id, DmOptions::default())
-                    .map_err(|e| ioctl_error("resume", &dm_name, e))
+                    .map_err(|e| ioctl_error("resume", &*dm_name, e))
             });
         if let Err(e) = swapped {
             let _ = self.dm.table_clear(&id);
@@ -183,20 +182,19 @@ impl DeviceMapper {
             return Err(e);
         }
         self.info(name)?
-            .ok_or_else(|| dm_error("find", &dm_name, "device vanished during reload"))
+            .ok_or_else(|| dm_error("find", &*dm_name, "device vanished during reload"))
     }
 
     /// Removes `vmar-NAME`. An open device is refused unless `force`, which defers the
     /// removal to its last close. Returns true when the removal was deferred.
     pub fn remove(&self, name: &str, force: bool) -> Result<bool> {
         let (dm_name, _) = Self::ids(name)?;
-        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
         let Some(live) = self.info(name)? else {
             return Err(Error::UnknownDevice {
                 name: name.to_string(),
             });
         };
-        let id = DevId::Name(dmn);
+        let id = DevId::Name(&dm_name);
         if live.open_count > 0 {
             if !force {
                 return Err(Error::DeviceBusy {
@@ -209,24 +207,23 @@ impl DeviceMapper {
                     &id,
                     DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
                 )
-                .map_err(|e| ioctl_error("defer removal of", &dm_name, e))?;
+                .map_err(|e| ioctl_error("defer removal of", &*dm_name, e))?;
             return Ok(true);
         }
         self.dm
             .device_remove(&id, DmOptions::default())
-            .map_err(|e| ioctl_error("remove", &dm_name, e))?;
+            .map_err(|e| ioctl_error("remove", &*dm_name, e))?;
         Ok(false)
     }
 
     /// The device `vmar-NAME`, if the kernel has it.
     pub fn info(&self, name: &str) -> Result<Option<LiveDevice>> {
         let (dm_name, _) = Self::ids(name)?;
-        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
-        let id = DevId::Name(dmn);
+        let id = DevId::Name(&dm_name);
         let info = match self.dm.device_info(&id) {
             Ok(info) => info,
             Err(e) if errno_of(&e) == Some(nix::errno::Errno::ENXIO) => return Ok(None),
-            Err(e) => return Err(ioctl_error("query", &dm_name, e)),
+            Err(e) => return Err(ioctl_error("query", &*dm_name, e)),
         };
         // A device created without a table (left by a crash) has none to read.
         let targets = self.table(name).map(|t| t.len() as u64).unwrap_or(0);
@@ -234,7 +231,7 @@ impl DeviceMapper {
         let flags = info.flags();
         Ok(Some(LiveDevice {
             name: name.to_string(),
-            dm_name,
+            dm_name: dm_name.to_string(),
             uuid: info.uuid().map(|u| u.to_string()),
             major: device.major,
             minor: device.minor,
@@ -248,14 +245,13 @@ impl DeviceMapper {
     /// The active table of `vmar-NAME`.
     pub fn table(&self, name: &str) -> Result<Vec<LiveTarget>> {
         let (dm_name, _) = Self::ids(name)?;
-        let dmn = DmName::new(&dm_name).map_err(|e| dm_error("name", &dm_name, e))?;
         let (_, lines) = self
             .dm
             .table_status(
-                &DevId::Name(dmn),
+                &DevId::Name(&dm_name),
                 DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
             )
-            .map_err(|e| ioctl_error("read table of", &dm_name, e))?;
+            .map_err(|e| ioctl_error("read table of", &*dm_name, e))?;
         Ok(lines
             .into_iter()
             .map(|(start, len, target_type, params)| LiveTarget {
