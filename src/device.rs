@@ -5,6 +5,7 @@
 //! state in step.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -13,9 +14,11 @@ use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, ImageRecord};
 use crate::dm::{DeviceMapper, LiveDevice, LiveTarget, node_path};
 use crate::error::{Error, Result};
-use crate::image::{open_unchanged, validate_name};
+use crate::image::{SECTOR_SIZE, open_unchanged, validate_name};
 use crate::loopdev::{self, LoopAttachment};
 use crate::map::ImageId;
+use crate::pagecache::{self, Residency};
+use crate::stats::{self, Class, ClassBytes, ReadBytes};
 use crate::table::{self, Target};
 
 /// Default most targets of one table: far below the kernel's 1,048,576, and still enough for
@@ -362,7 +365,7 @@ fn status_with(
 /// of a captured image file.
 pub fn image_name(catalog: &Catalog, reference: &str) -> Result<String> {
     if reference.starts_with('/') {
-        let path = std::path::Path::new(reference)
+        let path = Path::new(reference)
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", reference, e))?;
         return catalog
@@ -374,4 +377,168 @@ pub fn image_name(catalog: &Catalog, reference: &str) -> Result<String> {
     }
     validate_name(reference)?;
     catalog.image(reference).map(|i| i.name)
+}
+
+/// Target counts of a live table by class of extent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetCounts {
+    pub own: u64,
+    pub redirected: u64,
+    pub zero: u64,
+}
+
+/// What `vmarctl stats` reports of one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    pub name: String,
+    pub image: Option<String>,
+    pub targets: TargetCounts,
+    /// Bytes of the device each class of extent maps.
+    pub mapped: ClassBytes,
+    /// Bytes read since the device was created (or since its statistics region was).
+    pub read: ReadBytes,
+    /// Bytes of the device whose backing pages are in the host page cache.
+    pub cached: u64,
+}
+
+/// Page cache of one image file that devices read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCache {
+    pub path: String,
+    /// Loop device (`MAJOR:MINOR`) the tables read it through.
+    pub loop_device: String,
+    pub size: u64,
+    pub cached: u64,
+}
+
+/// Result of `stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub devices: Vec<DeviceStats>,
+    pub images: Vec<ImageCache>,
+    /// Sums over `devices`.
+    pub targets: TargetCounts,
+    pub mapped: ClassBytes,
+    pub read: ReadBytes,
+    /// Cached bytes all devices can read, over cached bytes of the image files: how many
+    /// devices' worth of data each cached byte serves (1.0: no sharing).
+    pub sharing_factor: Option<f64>,
+}
+
+/// Read statistics, target counts and page-cache sharing of device `name`, or of all live
+/// devices.
+pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
+    let dm = DeviceMapper::open()?;
+    let names: Vec<String> = match name {
+        Some(name) => {
+            validate_name(name)?;
+            if dm.info(name)?.is_none() {
+                return Err(Error::UnknownDevice {
+                    name: name.to_string(),
+                });
+            }
+            vec![name.to_string()]
+        }
+        None => dm.list()?.into_iter().map(|d| d.name).collect(),
+    };
+    let mut images: BTreeMap<String, (ImageCache, Residency)> = BTreeMap::new();
+    let mut report = StatsReport {
+        devices: Vec::new(),
+        images: Vec::new(),
+        targets: TargetCounts::default(),
+        mapped: ClassBytes::default(),
+        read: ReadBytes::default(),
+        sharing_factor: None,
+    };
+    let mut visible = 0;
+    for name in names {
+        let table = dm.table(&name)?;
+        for source in table
+            .iter()
+            .filter(|t| t.target_type == "linear")
+            .filter_map(|t| t.params.split_whitespace().next())
+        {
+            if !images.contains_key(source) {
+                images.insert(source.to_string(), image_cache(source)?);
+            }
+        }
+        let image = catalog.device(&name)?.map(|d| d.image);
+        let own_path = match &image {
+            Some(image) => Some(catalog.image(image)?.path.display().to_string()),
+            None => None,
+        };
+        let own = images
+            .iter()
+            .find(|(_, (cache, _))| Some(&cache.path) == own_path.as_ref())
+            .map(|(device, _)| device.clone());
+        let mapped = stats::classify(&table, own.as_deref());
+        let mut targets = TargetCounts::default();
+        let mut cached = 0;
+        for m in &mapped {
+            match m.class {
+                Class::Own => targets.own += 1,
+                Class::Redirected => targets.redirected += 1,
+                Class::Zero => targets.zero += 1,
+            }
+            if let Some((device, offset)) = &m.source
+                && let Some((_, residency)) = images.get(device)
+            {
+                cached += stats::resident_bytes(
+                    &residency.pages,
+                    residency.page_size,
+                    offset * SECTOR_SIZE,
+                    m.len * SECTOR_SIZE,
+                );
+            }
+        }
+        let sectors = table.last().map_or(0, |t| t.start + t.len);
+        let region = dm.ensure_stats_region(&name, stats::area_sectors(sectors))?;
+        let read = stats::attribute(&mapped, &dm.stats_areas(&name, region.id)?);
+        let device = DeviceStats {
+            name,
+            image,
+            targets,
+            mapped: stats::layout(&mapped),
+            read,
+            cached,
+        };
+        report.targets.own += targets.own;
+        report.targets.redirected += targets.redirected;
+        report.targets.zero += targets.zero;
+        report.mapped.accumulate(&device.mapped);
+        report.read.total += read.total;
+        report.read.requests += read.requests;
+        report.read.estimated += read.estimated;
+        report.read.by_class.accumulate(&read.by_class);
+        visible += cached;
+        report.devices.push(device);
+    }
+    report.images = images.into_values().map(|(cache, _)| cache).collect();
+    let cached: u64 = report.images.iter().map(|i| i.cached).sum();
+    report.sharing_factor = stats::sharing_factor(visible, cached);
+    Ok(report)
+}
+
+/// The image file behind loop device `device` (`MAJOR:MINOR`) and its page-cache residency.
+fn image_cache(device: &str) -> Result<(ImageCache, Residency)> {
+    let sys = Path::new("/sys/dev/block")
+        .join(device)
+        .join("loop/backing_file");
+    let path = std::fs::read_to_string(&sys)
+        .map_err(|e| Error::io("cannot find the image file of", &sys, e))?
+        .trim()
+        .to_string();
+    let size = std::fs::metadata(&path)
+        .map_err(|e| Error::io("cannot stat", &path, e))?
+        .len();
+    let residency = pagecache::residency(Path::new(&path), size)?;
+    Ok((
+        ImageCache {
+            cached: residency.cached_bytes(),
+            path,
+            loop_device: device.to_string(),
+            size,
+        },
+        residency,
+    ))
 }

@@ -13,6 +13,9 @@ use devicemapper::{DM, DevId, DmError, DmFlags, DmNameBuf, DmOptions, DmUuidBuf}
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::stats::{
+    AreaReads, Region, STATS_PROGRAM, area_sectors, parse_stats_list, parse_stats_print,
+};
 use crate::table::Target;
 
 /// Prefix of vmar's dm device names; the rest is the device name.
@@ -144,9 +147,15 @@ impl DeviceMapper {
                     .map_err(|e| ioctl_error("resume", &*dm_name, e))
             });
         match activated {
-            Ok(_) => self
-                .info(name)?
-                .ok_or_else(|| dm_error("find", &*dm_name, "device vanished after creation")),
+            Ok(_) => {
+                // Read accounting for `vmarctl stats`; a device without it still serves.
+                let sectors = targets.last().map_or(0, |t| t.start + t.len);
+                if let Err(e) = self.ensure_stats_region(name, area_sectors(sectors)) {
+                    tracing::warn!("{}: no read statistics: {e}", &*dm_name);
+                }
+                self.info(name)?
+                    .ok_or_else(|| dm_error("find", &*dm_name, "device vanished after creation"))
+            }
             Err(e) => {
                 let _ = self.dm.device_remove(&id, DmOptions::default());
                 Err(e)
@@ -287,4 +296,41 @@ fn lines(targets: &[Target]) -> Vec<(u64, u64, String, String)> {
         .iter()
         .map(|t| (t.start, t.len, t.target_type().to_string(), t.params()))
         .collect()
+}
+
+impl DeviceMapper {
+    /// Sends a dm-stats message (`@stats_...`) to `vmar-NAME` and returns its output.
+    fn stats_message(&self, name: &str, message: &str) -> Result<String> {
+        let (dm_name, _) = Self::ids(name)?;
+        let (_, output) = self
+            .dm
+            .target_msg(&DevId::Name(&dm_name), None, message)
+            .map_err(|e| ioctl_error("send dm-stats message to", &*dm_name, e))?;
+        Ok(output.unwrap_or_default())
+    }
+
+    /// vmar's dm-stats region of `vmar-NAME`, if it has one.
+    pub fn stats_region(&self, name: &str) -> Result<Option<Region>> {
+        let text = self.stats_message(name, &format!("@stats_list {STATS_PROGRAM}"))?;
+        let regions =
+            parse_stats_list(&text).map_err(|e| dm_error("read dm-stats regions of", name, e))?;
+        Ok(regions.into_iter().find(|r| r.program == STATS_PROGRAM))
+    }
+
+    /// Makes sure `vmar-NAME` has vmar's dm-stats region over the whole device, in areas of
+    /// `step` sectors, and returns it. Counting starts when the region is created.
+    pub fn ensure_stats_region(&self, name: &str, step: u64) -> Result<Region> {
+        if let Some(region) = self.stats_region(name)? {
+            return Ok(region);
+        }
+        self.stats_message(name, &format!("@stats_create - {step} {STATS_PROGRAM}"))?;
+        self.stats_region(name)?
+            .ok_or_else(|| dm_error("create dm-stats region of", name, "region not listed"))
+    }
+
+    /// The read counters of each area of region `id` of `vmar-NAME`.
+    pub fn stats_areas(&self, name: &str, id: u64) -> Result<Vec<AreaReads>> {
+        let text = self.stats_message(name, &format!("@stats_print {id}"))?;
+        parse_stats_print(&text).map_err(|e| dm_error("read dm-stats counters of", name, e))
+    }
 }

@@ -18,11 +18,13 @@ pub mod index;
 pub mod libvirt;
 pub mod loopdev;
 pub mod map;
+pub mod pagecache;
 pub mod protocol;
 pub mod roots;
 pub mod scan;
 pub mod server;
 pub mod service;
+pub mod stats;
 pub mod table;
 pub mod verify;
 

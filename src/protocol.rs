@@ -81,6 +81,12 @@ pub enum Request {
     },
     /// Load the current map of a device's image into the live device, atomically.
     Refresh { name: String },
+    /// Bytes read by class of extent, target counts and page-cache sharing, of device
+    /// `name` or of all live devices.
+    Stats {
+        #[serde(default)]
+        name: Option<String>,
+    },
 }
 
 /// One line vmard sends.

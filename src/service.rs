@@ -124,6 +124,7 @@ pub fn handle(
             to_value(status)
         }
         Request::Refresh { name } => to_value(device::refresh(catalog, &name, ctx.max_targets)?),
+        Request::Stats { name } => to_value(device::stats(catalog, name.as_deref())?),
     }
 }
 

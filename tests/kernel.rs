@@ -534,3 +534,134 @@ fn real_restore_after_reboot() {
         assert!(daemon.json(&["remove", name]).0, "remove {name}");
     }
 }
+
+/// Reads all of `path` once with O_DIRECT, so every sector goes to the device (nothing comes
+/// from, or stays in, the device's own page cache).
+fn read_direct(path: &Path) -> usize {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()));
+    let mut buffer = vec![0u8; 128 * 1024];
+    let aligned = buffer.as_ptr().align_offset(4096);
+    let chunk = &mut buffer[aligned..aligned + 64 * 1024];
+    let mut total = 0;
+    loop {
+        match file.read(chunk).unwrap() {
+            0 => return total,
+            n => total += n,
+        }
+    }
+}
+
+fn stats(daemon: &Daemon, args: &[&str]) -> Value {
+    let mut all = vec!["stats"];
+    all.extend_from_slice(args);
+    let (ok, out) = daemon.json(&all);
+    assert!(ok, "{out}");
+    out
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_stats_count_reads_by_class_and_cache_sharing() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..2]);
+    create(&daemon, "base", "base");
+    create(&daemon, "web", "web");
+    // Let udev finish probing the new devices, whose reads count too.
+    let _ = std::process::Command::new("udevadm").arg("settle").status();
+    let before = stats(&daemon, &["web"]);
+    let web = &before["devices"][0];
+    let mapped = web["mapped"].clone();
+    let size = std::fs::metadata(&images[1]).unwrap().len();
+    let class_sum = |v: &Value| {
+        ["own", "redirected", "zero"]
+            .iter()
+            .map(|c| v[c].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    assert_eq!(class_sum(&mapped), size, "{web}");
+    // web shares its first 180 blocks with base and owns the rest; some blocks are zero.
+    for class in ["own", "redirected", "zero"] {
+        assert!(mapped[class].as_u64().unwrap() > 0, "{class}: {web}");
+    }
+    // Target counts agree with the live table.
+    let (_, status) = daemon.json(&["status", "web"]);
+    let targets = &web["targets"];
+    assert_eq!(
+        targets["zero"].as_u64(),
+        status["target_types"]["zero"].as_u64().or(Some(0)),
+        "{web} {status}"
+    );
+    assert_eq!(
+        targets["own"].as_u64().unwrap() + targets["redirected"].as_u64().unwrap(),
+        status["target_types"]["linear"].as_u64().unwrap(),
+        "{web} {status}"
+    );
+
+    // One full read: with block-sized areas (a small device), every byte is attributed to
+    // the class that mapped it, exactly.
+    assert_eq!(read_direct(&node("web")) as u64, size);
+    let after = stats(&daemon, &["web"]);
+    let web_after = &after["devices"][0];
+    for class in ["own", "redirected", "zero"] {
+        let read = web_after["read"]["by_class"][class].as_u64().unwrap()
+            - web["read"]["by_class"][class].as_u64().unwrap();
+        assert_eq!(
+            read,
+            mapped[class].as_u64().unwrap(),
+            "{class}: {web_after}"
+        );
+    }
+    assert_eq!(
+        web_after["read"]["total"].as_u64().unwrap() - web["read"]["total"].as_u64().unwrap(),
+        size
+    );
+    assert_eq!(web_after["read"]["estimated"], 0, "{web_after}");
+
+    // The images live on tmpfs: every written page is cached and every page a table reads
+    // is resident, so each device sees its whole non-zero mapping in the cache.
+    let all = stats(&daemon, &[]);
+    let devices = all["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{all}");
+    let mut visible = 0;
+    for device in devices {
+        let m = &device["mapped"];
+        let data = m["own"].as_u64().unwrap() + m["redirected"].as_u64().unwrap();
+        assert_eq!(device["cached"].as_u64().unwrap(), data, "{device}");
+        visible += data;
+    }
+    let mut cached = 0;
+    for image in all["images"].as_array().unwrap() {
+        use std::os::unix::fs::MetadataExt;
+        let path = image["path"].as_str().unwrap();
+        let allocated = std::fs::metadata(path).unwrap().blocks() * 512;
+        assert_eq!(image["cached"].as_u64().unwrap(), allocated, "{image}");
+        cached += allocated;
+    }
+    let factor = all["sharing_factor"].as_f64().unwrap();
+    assert!(
+        (factor - visible as f64 / cached as f64).abs() < 1e-9,
+        "{factor} vs {visible}/{cached}"
+    );
+    assert_eq!(
+        all["read"]["total"].as_u64().unwrap(),
+        devices
+            .iter()
+            .map(|d| d["read"]["total"].as_u64().unwrap())
+            .sum::<u64>()
+    );
+
+    let (ok, out) = daemon.json(&["stats", "nosuch"]);
+    assert!(!ok);
+    assert_eq!(out["error"]["kind"], "unknown-device", "{out}");
+    for name in ["base", "web"] {
+        assert!(daemon.json(&["remove", name]).0);
+    }
+}

@@ -11,7 +11,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmar::catalog::{CaptureStatus, ImageRecord, Progress};
 use vmar::client::Client;
-use vmar::device::{DeviceChange, DeviceStatus, Removed};
+use vmar::device::{DeviceChange, DeviceStats, DeviceStatus, Removed, StatsReport};
 use vmar::protocol::{CaptureResult, ImagesResult, MapResult, PingResult, Request, TableResult};
 use vmar::server::DEFAULT_SOCKET;
 use vmar::verify::VerifyReport;
@@ -97,6 +97,12 @@ enum Command {
     },
     /// Load the current map of a device's image into the live device, atomically.
     Refresh { name: String },
+    /// Show what devices read, by redirected, own and zero extents; their target counts;
+    /// and how much the page cache of the image files is shared.
+    Stats {
+        /// One device (default: all live devices).
+        name: Option<String>,
+    },
     /// Print a libvirt <disk> element for a device.
     LibvirtXml {
         name: String,
@@ -285,6 +291,15 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
             clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        }
+        Command::Stats { name } => {
+            let request = Request::Stats { name: name.clone() };
+            let report: StatsReport = client.call(&request, &mut |_| {})?;
+            if cli.json {
+                print_json(&report)?;
+            } else {
+                print_stats(&report);
+            }
         }
         Command::Status { name, table } => {
             let request = Request::Status {
@@ -559,6 +574,68 @@ fn print_status(d: &DeviceStatus) {
         for t in table {
             println!("{} {} {} {}", t.start, t.len, t.target_type, t.params);
         }
+    }
+}
+
+fn print_stats(report: &StatsReport) {
+    let share = |part: u64, whole: u64| {
+        if whole == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.0}%", part as f64 * 100.0 / whole as f64)
+        }
+    };
+    println!(
+        "{:<16} {:>10} {:>10} {:>6} {:>6} {:>6} {:>10} {:>8}  TARGETS own/redirected/zero",
+        "DEVICE", "MAPPED", "READ", "REDIR", "OWN", "ZERO", "CACHED", "ESTIM."
+    );
+    let row = |name: &str, d: &DeviceStats| {
+        let r = &d.read;
+        println!(
+            "{:<16} {:>10} {:>10} {:>6} {:>6} {:>6} {:>10} {:>8}  {}/{}/{}",
+            name,
+            HumanBytes(d.mapped.total()).to_string(),
+            HumanBytes(r.total).to_string(),
+            share(r.by_class.redirected, r.total),
+            share(r.by_class.own, r.total),
+            share(r.by_class.zero, r.total),
+            HumanBytes(d.cached).to_string(),
+            share(r.estimated, r.total),
+            d.targets.own,
+            d.targets.redirected,
+            d.targets.zero
+        );
+    };
+    for d in &report.devices {
+        row(&d.name, d);
+    }
+    if report.devices.len() > 1 {
+        let total = DeviceStats {
+            name: "total".into(),
+            image: None,
+            targets: report.targets,
+            mapped: report.mapped,
+            read: report.read,
+            cached: report.devices.iter().map(|d| d.cached).sum(),
+        };
+        row("total", &total);
+    }
+    println!();
+    println!("{:<40} {:>10} {:>10}  LOOP", "IMAGE FILE", "SIZE", "CACHED");
+    for i in &report.images {
+        println!(
+            "{:<40} {:>10} {:>10}  {}",
+            i.path,
+            HumanBytes(i.size).to_string(),
+            HumanBytes(i.cached).to_string(),
+            i.loop_device
+        );
+    }
+    match report.sharing_factor {
+        Some(f) => println!(
+            "sharing factor {f:.2}: each cached byte of the images serves {f:.2} devices' bytes"
+        ),
+        None => println!("sharing factor -: nothing of the images is cached"),
     }
 }
 

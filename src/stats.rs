@@ -1,0 +1,462 @@
+//! What a device's reads cost, and how much the page cache shares: pure arithmetic over a
+//! live table, the kernel's dm-stats counters and the resident pages of image files. The
+//! kernel side (dm-stats messages, `mincore`) is in [`crate::dm`] and [`crate::pagecache`].
+//!
+//! dm-stats counts reads per *area* of a region; vmar keeps one region over each device,
+//! split into at most [`MAX_STATS_AREAS`] equal areas so its kernel memory stays bounded.
+//! Reads of an area that lies in extents of one class are attributed exactly; reads of an
+//! area that mixes classes are split in proportion to the sectors of each class, and counted
+//! in `estimated` so the operator sees how much of the split is a share, not a count.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dm::LiveTarget;
+use crate::image::{BLOCK_SIZE, SECTOR_SIZE};
+
+/// Most dm-stats areas of one device. Each area costs the kernel about 120 bytes plus 104
+/// bytes per possible CPU; 4096 areas are ~1.3 MiB on a 2-CPU host, ~28 MiB on 64 CPUs.
+pub const MAX_STATS_AREAS: u64 = 4096;
+
+/// dm-stats `program_id` of vmar's regions, so other users' regions are left alone.
+pub const STATS_PROGRAM: &str = "vmar";
+
+/// Which kind of extent serves a sector of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Read from the device's own image at the same offset.
+    Own,
+    /// Read from the canonical copy elsewhere (another image, or elsewhere in this one).
+    Redirected,
+    /// Served as zeros without I/O.
+    Zero,
+}
+
+/// Bytes per class of extent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassBytes {
+    pub own: u64,
+    pub redirected: u64,
+    pub zero: u64,
+}
+
+impl ClassBytes {
+    pub fn total(&self) -> u64 {
+        self.own + self.redirected + self.zero
+    }
+
+    fn add(&mut self, class: Class, bytes: u64) {
+        match class {
+            Class::Own => self.own += bytes,
+            Class::Redirected => self.redirected += bytes,
+            Class::Zero => self.zero += bytes,
+        }
+    }
+
+    /// Adds `other` to these.
+    pub fn accumulate(&mut self, other: &ClassBytes) {
+        self.own += other.own;
+        self.redirected += other.redirected;
+        self.zero += other.zero;
+    }
+}
+
+/// A parsed live target: the sectors it maps and where it reads from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub start: u64,
+    pub len: u64,
+    pub class: Class,
+    /// `MAJOR:MINOR` and first sector read, for `linear` targets.
+    pub source: Option<(String, u64)>,
+}
+
+/// Classifies the targets of a live table. `own_device` is the `MAJOR:MINOR` of the loop
+/// device of the device's own image: a `linear` target reading it at its own offset is
+/// own, every other `linear` target is a redirection, any other target type is zero (vmar
+/// loads only `linear` and `zero`).
+pub fn classify(table: &[LiveTarget], own_device: Option<&str>) -> Vec<Mapped> {
+    table
+        .iter()
+        .map(|t| {
+            let mut words = t.params.split_whitespace();
+            let source = match (t.target_type.as_str(), words.next(), words.next()) {
+                ("linear", Some(device), Some(offset)) => offset
+                    .parse::<u64>()
+                    .ok()
+                    .map(|offset| (device.to_string(), offset)),
+                _ => None,
+            };
+            let class = match &source {
+                None => Class::Zero,
+                Some((device, offset))
+                    if Some(device.as_str()) == own_device && *offset == t.start =>
+                {
+                    Class::Own
+                }
+                Some(_) => Class::Redirected,
+            };
+            Mapped {
+                start: t.start,
+                len: t.len,
+                class,
+                source,
+            }
+        })
+        .collect()
+}
+
+/// Bytes of the device each class maps.
+pub fn layout(mapped: &[Mapped]) -> ClassBytes {
+    let mut bytes = ClassBytes::default();
+    for m in mapped {
+        bytes.add(m.class, m.len * SECTOR_SIZE);
+    }
+    bytes
+}
+
+/// Area size in sectors for a dm-stats region over `sectors` sectors: a whole number of
+/// blocks, with at most [`MAX_STATS_AREAS`] areas.
+pub fn area_sectors(sectors: u64) -> u64 {
+    let per_block = BLOCK_SIZE / SECTOR_SIZE;
+    let blocks = sectors.div_ceil(per_block).max(1);
+    blocks.div_ceil(MAX_STATS_AREAS) * per_block
+}
+
+/// Read counters of one dm-stats area.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AreaReads {
+    pub start: u64,
+    pub len: u64,
+    pub reads: u64,
+    pub sectors_read: u64,
+}
+
+/// Parses the output of `@stats_print`: one line per area, `START+LEN` and counters of
+/// which the 1st is reads completed and the 3rd sectors read.
+pub fn parse_stats_print(text: &str) -> Result<Vec<AreaReads>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let mut words = line.split_whitespace();
+            let range = words.next().unwrap_or_default();
+            let (start, len) = range
+                .split_once('+')
+                .and_then(|(s, l)| Some((s.parse().ok()?, l.parse().ok()?)))
+                .ok_or_else(|| format!("bad area {range:?} in {line:?}"))?;
+            let counters: Vec<u64> = words
+                .map(|w| w.parse::<u64>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("bad counter in {line:?}: {e}"))?;
+            if counters.len() < 3 {
+                return Err(format!("too few counters in {line:?}"));
+            }
+            Ok(AreaReads {
+                start,
+                len,
+                reads: counters[0],
+                sectors_read: counters[2],
+            })
+        })
+        .collect()
+}
+
+/// A region as `@stats_list` reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub id: u64,
+    pub start: u64,
+    pub len: u64,
+    pub step: u64,
+    pub program: String,
+}
+
+/// Parses the output of `@stats_list`: `ID: START+LEN STEP PROGRAM AUX ...` per region.
+pub fn parse_stats_list(text: &str) -> Result<Vec<Region>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let bad = || format!("bad region line {line:?}");
+            let (id, rest) = line.split_once(':').ok_or_else(bad)?;
+            let mut words = rest.split_whitespace();
+            let (start, len) = words
+                .next()
+                .and_then(|r| r.split_once('+'))
+                .and_then(|(s, l)| Some((s.parse().ok()?, l.parse().ok()?)))
+                .ok_or_else(bad)?;
+            let step = words.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            Ok(Region {
+                id: id.trim().parse().map_err(|_| bad())?,
+                start,
+                len,
+                step,
+                program: words.next().unwrap_or("-").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Bytes read from a device, by class of extent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadBytes {
+    /// All bytes read, as the kernel counted them.
+    pub total: u64,
+    /// Read requests completed.
+    pub requests: u64,
+    /// `total` by class.
+    pub by_class: ClassBytes,
+    /// Bytes of `by_class` split by share, read in areas that mix classes.
+    pub estimated: u64,
+}
+
+/// Attributes the reads of each area to the classes of the extents under it (`mapped`
+/// sorted by start, as tables are).
+pub fn attribute(mapped: &[Mapped], areas: &[AreaReads]) -> ReadBytes {
+    let mut result = ReadBytes::default();
+    let mut first = 0;
+    for area in areas {
+        result.requests += area.reads;
+        if area.sectors_read == 0 {
+            continue;
+        }
+        let bytes = area.sectors_read * SECTOR_SIZE;
+        result.total += bytes;
+        let end = area.start + area.len;
+        while first < mapped.len() && mapped[first].start + mapped[first].len <= area.start {
+            first += 1;
+        }
+        let mut overlap = ClassBytes::default();
+        for m in mapped[first..].iter().take_while(|m| m.start < end) {
+            let lo = m.start.max(area.start);
+            let hi = (m.start + m.len).min(end);
+            if hi > lo {
+                overlap.add(m.class, hi - lo);
+            }
+        }
+        let covered = overlap.total();
+        if covered == 0 {
+            continue;
+        }
+        let classes = [
+            (Class::Own, overlap.own),
+            (Class::Redirected, overlap.redirected),
+            (Class::Zero, overlap.zero),
+        ];
+        let mixed = classes.iter().filter(|(_, s)| *s > 0).count() > 1;
+        // Split by share; the rounding remainder goes to the largest class.
+        let mut given = 0;
+        for (class, sectors) in classes {
+            let share = (bytes as u128 * sectors as u128 / covered as u128) as u64;
+            result.by_class.add(class, share);
+            given += share;
+        }
+        let largest = classes
+            .iter()
+            .max_by_key(|(_, s)| *s)
+            .map_or(Class::Own, |(c, _)| *c);
+        result.by_class.add(largest, bytes - given);
+        if mixed {
+            result.estimated += bytes;
+        }
+    }
+    result
+}
+
+/// Counts the resident pages among those of bytes `offset..offset + len` of a file, given
+/// its `mincore` vector (one byte per page, bit 0 set when resident).
+pub fn resident_bytes(residency: &[u8], page_size: u64, offset: u64, len: u64) -> u64 {
+    if len == 0 || page_size == 0 {
+        return 0;
+    }
+    let first = (offset / page_size) as usize;
+    let last = ((offset + len - 1) / page_size) as usize;
+    if first >= residency.len() {
+        return 0;
+    }
+    let last = last.min(residency.len() - 1);
+    let mut bytes = 0;
+    for (i, flag) in residency[first..=last].iter().enumerate() {
+        if flag & 1 == 1 {
+            let page = (first + i) as u64 * page_size;
+            let lo = page.max(offset);
+            let hi = (page + page_size).min(offset + len);
+            bytes += hi - lo;
+        }
+    }
+    bytes
+}
+
+/// How many devices' worth of data each cached byte of the images serves: the cached bytes
+/// all devices can read through their tables, over the cached bytes of the images. 1.0 is
+/// no sharing; `None` when nothing is cached.
+pub fn sharing_factor(visible: u64, cached: u64) -> Option<f64> {
+    (cached > 0).then(|| visible as f64 / cached as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(start: u64, len: u64, kind: &str, params: &str) -> LiveTarget {
+        LiveTarget {
+            start,
+            len,
+            target_type: kind.to_string(),
+            params: params.to_string(),
+        }
+    }
+
+    fn table() -> Vec<LiveTarget> {
+        vec![
+            target(0, 16, "linear", "7:0 0"),   // own
+            target(16, 8, "zero", ""),          // zero
+            target(24, 8, "linear", "7:1 24"),  // redirected, same offset elsewhere
+            target(32, 16, "linear", "7:0 64"), // redirected within the image
+            target(48, 16, "linear", "7:0 48"), // own
+        ]
+    }
+
+    #[test]
+    fn classify_tells_own_from_redirected_by_device_and_offset() {
+        let classes: Vec<Class> = classify(&table(), Some("7:0"))
+            .iter()
+            .map(|m| m.class)
+            .collect();
+        assert_eq!(
+            classes,
+            [
+                Class::Own,
+                Class::Zero,
+                Class::Redirected,
+                Class::Redirected,
+                Class::Own
+            ]
+        );
+        // Without knowing its own loop device, nothing is own.
+        assert!(
+            classify(&table(), None)
+                .iter()
+                .all(|m| m.class != Class::Own)
+        );
+        let bytes = layout(&classify(&table(), Some("7:0")));
+        assert_eq!(
+            bytes,
+            ClassBytes {
+                own: 32 * 512,
+                redirected: 24 * 512,
+                zero: 8 * 512
+            }
+        );
+    }
+
+    #[test]
+    fn area_size_is_whole_blocks_and_bounded() {
+        assert_eq!(area_sectors(8), 8);
+        assert_eq!(area_sectors(1), 8);
+        assert_eq!(area_sectors(8 * MAX_STATS_AREAS), 8);
+        assert_eq!(area_sectors(8 * MAX_STATS_AREAS + 1), 16);
+        let three_gib = 3u64 << 30 >> 9;
+        let step = area_sectors(three_gib);
+        assert_eq!(step % 8, 0);
+        assert!(three_gib.div_ceil(step) <= MAX_STATS_AREAS);
+        assert!(three_gib.div_ceil(step - 8) > MAX_STATS_AREAS);
+    }
+
+    #[test]
+    fn kernel_output_parses_and_garbage_is_refused() {
+        let print = "0+8 3 0 24 1 0 0 0 0 0 1 1 1 0\n8+8 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
+        assert_eq!(
+            parse_stats_print(print).unwrap(),
+            [
+                AreaReads {
+                    start: 0,
+                    len: 8,
+                    reads: 3,
+                    sectors_read: 24
+                },
+                AreaReads {
+                    start: 8,
+                    len: 8,
+                    reads: 0,
+                    sectors_read: 0
+                }
+            ]
+        );
+        assert!(parse_stats_print("0+8 1 x 3\n").is_err());
+        assert!(parse_stats_print("08 1 2 3\n").is_err());
+        assert!(parse_stats_print("0+8 1 2\n").is_err());
+        let list = "0: 0+2048 8 vmar -\n3: 16+8 8 dmstats some aux\n";
+        assert_eq!(
+            parse_stats_list(list).unwrap(),
+            [
+                Region {
+                    id: 0,
+                    start: 0,
+                    len: 2048,
+                    step: 8,
+                    program: "vmar".into()
+                },
+                Region {
+                    id: 3,
+                    start: 16,
+                    len: 8,
+                    step: 8,
+                    program: "dmstats".into()
+                }
+            ]
+        );
+        assert!(parse_stats_list("zero: 0+8 8 vmar -").is_err());
+        assert!(parse_stats_list("0 0+8 8 vmar -").is_err());
+        assert_eq!(parse_stats_list("").unwrap(), []);
+    }
+
+    fn area(start: u64, len: u64, sectors_read: u64) -> AreaReads {
+        AreaReads {
+            start,
+            len,
+            reads: 1,
+            sectors_read,
+        }
+    }
+
+    #[test]
+    fn homogeneous_areas_are_exact_and_mixed_ones_are_split_and_marked() {
+        let mapped = classify(&table(), Some("7:0"));
+        // Block-sized areas: every area lies in one target.
+        let areas: Vec<AreaReads> = (0..8).map(|i| area(i * 8, 8, 8)).collect();
+        let reads = attribute(&mapped, &areas);
+        assert_eq!(reads.total, 64 * 512);
+        assert_eq!(reads.requests, 8);
+        assert_eq!(reads.by_class, layout(&mapped));
+        assert_eq!(reads.estimated, 0);
+        // One area over the first 32 sectors: own 16, zero 8, redirected 8.
+        let reads = attribute(&mapped, &[area(0, 32, 32), area(32, 32, 0)]);
+        assert_eq!(
+            reads.by_class,
+            ClassBytes {
+                own: 16 * 512,
+                redirected: 8 * 512,
+                zero: 8 * 512
+            }
+        );
+        assert_eq!(reads.estimated, 32 * 512);
+        // Uneven shares keep every byte.
+        let reads = attribute(&mapped, &[area(8, 24, 7)]);
+        assert_eq!(reads.by_class.total(), 7 * 512);
+        assert_eq!(reads.total, 7 * 512);
+    }
+
+    #[test]
+    fn resident_bytes_counts_only_resident_pages_in_range() {
+        let residency = [1u8, 0, 1, 1, 0];
+        assert_eq!(resident_bytes(&residency, 4096, 0, 5 * 4096), 3 * 4096);
+        assert_eq!(resident_bytes(&residency, 4096, 2048, 4096), 2048);
+        assert_eq!(resident_bytes(&residency, 4096, 4096, 4096), 0);
+        assert_eq!(resident_bytes(&residency, 4096, 3 * 4096 + 100, 10), 10);
+        assert_eq!(resident_bytes(&residency, 4096, 9 * 4096, 4096), 0);
+        assert_eq!(resident_bytes(&residency, 4096, 0, 0), 0);
+        // Bits other than bit 0 do not mean resident.
+        assert_eq!(resident_bytes(&[2u8], 4096, 0, 4096), 0);
+        assert_eq!(sharing_factor(0, 0), None);
+        assert_eq!(sharing_factor(3, 2), Some(1.5));
+    }
+}
