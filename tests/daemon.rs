@@ -177,6 +177,11 @@ fn bad_input_gives_clear_errors_and_keeps_the_catalog() {
             "invalid name",
         ),
         (
+            vec!["stats".into(), "../dm-0".into()],
+            "invalid-name",
+            "invalid name",
+        ),
+        (
             vec![
                 "table".into(),
                 "base".into(),
