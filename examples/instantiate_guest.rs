@@ -2,10 +2,11 @@
 //! once through plain read-only loop devices of their raw images and once through vmar
 //! devices, from a cold page cache, and prints one `BENCH: {json}` line per run.
 //!
-//! A "VM start" is: mount the image's ext4 partition read-only from its block device, then
-//! read every file of its list (the files its boot and its application touch) with O_DIRECT,
-//! so the only page cache involved is the one under the block device, of the image *files*:
-//! the host cache VMAR shares. Plain: a buffered loop device over the image file at the
+//! A "VM start" is a process, in a cgroup of its own as libvirt runs each VM (the loop driver
+//! serves each cgroup's I/O with its own worker), that mounts the image's ext4 partition
+//! read-only from its block device and reads every file of its list (the files its boot and
+//! its application touch) with O_DIRECT, so the only page cache involved is the one under the
+//! block device, of the image *files*: the host cache VMAR shares. Plain: a buffered loop device over the image file at the
 //! partition's offset. vmar: a dm `linear` partition device over `/dev/mapper/vmar-NAME`.
 //! Bytes read come from /proc/diskstats of the disk holding the images, page cache from
 //! /proc/meminfo, both through procfs.
@@ -30,11 +31,14 @@ const PARTITION_OFFSET: u64 = 1 << 20;
 
 #[derive(Parser, Debug)]
 struct Args {
+    /// Start one VM and print what it read: DEVICE MOUNTPOINT LIST (internal).
+    #[arg(long, num_args = 3, value_names = ["DEVICE", "DIR", "LIST"])]
+    start_vm: Option<Vec<PathBuf>>,
     /// Directory holding NAME.raw for each image.
-    #[arg(long)]
+    #[arg(long, default_value = "/images")]
     images: PathBuf,
     /// Directory holding NAME.list: paths (in the image's file system) to read.
-    #[arg(long)]
+    #[arg(long, default_value = "/bench/lists")]
     lists: PathBuf,
     /// Images in capture order; N images means the first N.
     #[arg(long, value_delimiter = ',')]
@@ -47,10 +51,13 @@ struct Args {
     /// The disk (name in /proc/diskstats) that holds the images.
     #[arg(long, default_value = "vda")]
     disk: String,
-    #[arg(long)]
+    #[arg(long, default_value = "vmarctl")]
     vmarctl: PathBuf,
-    #[arg(long)]
+    #[arg(long, default_value = "/run/vmard.sock")]
     socket: PathBuf,
+    /// cgroup v2 hierarchy where each VM gets a cgroup (none: all VMs share one).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroups: PathBuf,
 }
 
 fn vmarctl(args: &Args, command: &[&str]) -> Result<Value> {
@@ -158,7 +165,8 @@ impl Partition {
 
 /// Mounts `device` read-only at `dir` and reads every file of `list` with O_DIRECT.
 /// Returns (files read, bytes read).
-fn start_vm(device: &Path, dir: &Path, list: &[String]) -> Result<(u64, u64)> {
+fn start_vm(device: &Path, dir: &Path, list: &Path) -> Result<(u64, u64)> {
+    let list = fs::read_to_string(list).with_context(|| format!("reading {}", list.display()))?;
     fs::create_dir_all(dir)?;
     run(
         "mount",
@@ -175,7 +183,7 @@ fn start_vm(device: &Path, dir: &Path, list: &[String]) -> Result<(u64, u64)> {
     let aligned = buffer.as_ptr().align_offset(4096);
     let chunk = &mut buffer[aligned..aligned + (1 << 20)];
     let (mut files, mut bytes) = (0, 0);
-    for path in list {
+    for path in list.lines() {
         let full = dir.join(path.trim_start_matches('/'));
         let mut file: File = OpenOptions::new()
             .read(true)
@@ -206,13 +214,7 @@ fn one_run(args: &Args, mode: &str, n: usize, round: usize) -> Result<Value> {
             _ => Partition::vmar(name, &image)?,
         });
     }
-    let lists: Vec<Vec<String>> = names
-        .iter()
-        .map(|name| {
-            let text = fs::read_to_string(args.lists.join(format!("{name}.list")))?;
-            Ok(text.lines().map(str::to_string).collect())
-        })
-        .collect::<Result<_>>()?;
+    let cgroups = vm_cgroups(&args.cgroups, n)?;
     let _ = Command::new("udevadm").arg("settle").status();
     let stats_before = (mode == "vmar")
         .then(|| vmarctl(args, &["stats"]))
@@ -220,23 +222,46 @@ fn one_run(args: &Args, mode: &str, n: usize, round: usize) -> Result<Value> {
     drop_caches()?;
     let before = snapshot(&args.disk)?;
     let started = Instant::now();
+    let mut children = Vec::new();
+    for (i, (name, partition)) in names.iter().zip(&partitions).enumerate() {
+        let list = args.lists.join(format!("{name}.list"));
+        let dir = Path::new("/mnt/bench").join(name);
+        // The shell joins the VM's cgroup, then becomes the VM.
+        let join = match &cgroups {
+            Some(dirs) => format!("echo 0 > {}/cgroup.procs && ", dirs[i].display()),
+            None => String::new(),
+        };
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{join}exec \"$@\""))
+            .arg("sh")
+            .arg(std::env::current_exe()?)
+            .arg("--start-vm")
+            .args([partition.path(), dir, list])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting a VM process")?;
+        children.push(child);
+    }
     let outcomes: Vec<Result<(u64, u64, f64)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = names
-            .iter()
-            .zip(&partitions)
-            .zip(&lists)
-            .map(|((name, partition), list)| {
-                let device = partition.path();
-                let dir = Path::new("/mnt/bench").join(name);
+        let handles: Vec<_> = children
+            .into_iter()
+            .map(|child| {
                 scope.spawn(move || {
-                    let (files, bytes) = start_vm(&device, &dir, list)?;
-                    Ok((files, bytes, started.elapsed().as_secs_f64()))
+                    let out = child.wait_with_output()?;
+                    let secs = started.elapsed().as_secs_f64();
+                    if !out.status.success() {
+                        bail!("a VM process failed: {}", out.status);
+                    }
+                    let read: Value = serde_json::from_slice(&out.stdout)?;
+                    let field = |f: &str| read[f].as_u64().unwrap_or(0);
+                    Ok((field("files"), field("bytes"), secs))
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| bail!("a reader panicked")))
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a waiter panicked")))
             .collect()
     });
     let seconds = started.elapsed().as_secs_f64();
@@ -263,6 +288,7 @@ fn one_run(args: &Args, mode: &str, n: usize, round: usize) -> Result<Value> {
         "disk_bytes_read": (after.sectors_read - before.sectors_read) * 512,
         "disk_reads": after.reads - before.reads,
         "cached_bytes": after.cached as i64 - before.cached as i64,
+        "cgroup_per_vm": cgroups.is_some(),
         "vms": per_vm,
     });
     if let (Some(b), Some(a)) = (stats_before, stats_after) {
@@ -277,8 +303,30 @@ fn one_run(args: &Args, mode: &str, n: usize, round: usize) -> Result<Value> {
     Ok(result)
 }
 
+/// One cgroup per VM under `root`, with the io controller enabled so that block I/O is
+/// accounted to it; None when there is no cgroup v2 hierarchy.
+fn vm_cgroups(root: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
+    if !root.join("cgroup.controllers").exists() {
+        return Ok(None);
+    }
+    fs::write(root.join("cgroup.subtree_control"), "+io").context("enabling the io controller")?;
+    (0..n)
+        .map(|i| {
+            let dir = root.join(format!("vm{i}"));
+            fs::create_dir_all(&dir)?;
+            Ok(dir)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(vm) = &args.start_vm {
+        let (files, bytes) = start_vm(&vm[0], &vm[1], &vm[2])?;
+        println!("{}", json!({"files": files, "bytes": bytes}));
+        return Ok(());
+    }
     for name in &args.names {
         let image = args.images.join(format!("{name}.raw"));
         let started = Instant::now();
