@@ -18,7 +18,7 @@ use crate::image::{SECTOR_SIZE, open_unchanged, validate_name};
 use crate::loopdev::{self, LoopAttachment};
 use crate::map::ImageId;
 use crate::pagecache::{self, Residency};
-use crate::stats::{self, Class, ClassBytes, ReadBytes};
+use crate::stats::{self, ClassBytes, ReadBytes, TargetCounts};
 use crate::table::{self, Target};
 
 /// Default most targets of one table: far below the kernel's 1,048,576, and still enough for
@@ -332,8 +332,7 @@ fn status_with(
     if live.is_some() {
         for target in dm.table(name)? {
             *target_types.entry(target.target_type.clone()).or_insert(0) += 1;
-            if target.target_type == "linear"
-                && let Some(device) = target.params.split_whitespace().next()
+            if let Some((device, _)) = target.linear_source()
                 && !reads_from.iter().any(|d| d == device)
             {
                 reads_from.push(device.to_string());
@@ -377,14 +376,6 @@ pub fn image_name(catalog: &Catalog, reference: &str) -> Result<String> {
     }
     validate_name(reference)?;
     catalog.image(reference).map(|i| i.name)
-}
-
-/// Target counts of a live table by class of extent.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TargetCounts {
-    pub own: u64,
-    pub redirected: u64,
-    pub zero: u64,
 }
 
 /// What `vmarctl stats` reports of one device.
@@ -455,11 +446,7 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
     let mut visible = 0;
     for name in names {
         let table = dm.table(&name)?;
-        for source in table
-            .iter()
-            .filter(|t| t.target_type == "linear")
-            .filter_map(|t| t.params.split_whitespace().next())
-        {
+        for (source, _) in table.iter().filter_map(LiveTarget::linear_source) {
             if !images.contains_key(source) {
                 // A device that is not one of vmar's loop devices has no image file whose
                 // cache could be counted; its reads are still counted.
@@ -481,14 +468,8 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
             .find(|(_, (cache, _))| Some(&cache.path) == own_path.as_ref())
             .map(|(device, _)| device.clone());
         let mapped = stats::classify(&table, own.as_deref());
-        let mut targets = TargetCounts::default();
         let mut cached = 0;
         for m in &mapped {
-            match m.class {
-                Class::Own => targets.own += 1,
-                Class::Redirected => targets.redirected += 1,
-                Class::Zero => targets.zero += 1,
-            }
             if let Some((device, offset)) = &m.source
                 && let Some((_, residency)) = images.get(device)
             {
@@ -506,19 +487,14 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
         let device = DeviceStats {
             name,
             image,
-            targets,
+            targets: TargetCounts::of(&mapped),
             mapped: stats::layout(&mapped),
             read,
             cached,
         };
-        report.targets.own += targets.own;
-        report.targets.redirected += targets.redirected;
-        report.targets.zero += targets.zero;
+        report.targets.accumulate(&device.targets);
         report.mapped.accumulate(&device.mapped);
-        report.read.total += read.total;
-        report.read.requests += read.requests;
-        report.read.estimated += read.estimated;
-        report.read.by_class.accumulate(&read.by_class);
+        report.read.accumulate(&device.read);
         visible += cached;
         report.devices.push(device);
     }

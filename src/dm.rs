@@ -48,6 +48,17 @@ pub struct LiveTarget {
     pub params: String,
 }
 
+impl LiveTarget {
+    /// For a `linear` target: the device (`MAJOR:MINOR`) and first sector it reads.
+    pub fn linear_source(&self) -> Option<(&str, u64)> {
+        if self.target_type != "linear" {
+            return None;
+        }
+        let mut words = self.params.split_whitespace();
+        Some((words.next()?, words.next()?.parse().ok()?))
+    }
+}
+
 /// Handle on the kernel's device-mapper.
 pub struct DeviceMapper {
     dm: DM,

@@ -60,6 +60,36 @@ impl ClassBytes {
     }
 }
 
+/// Targets of a live table by class of extent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetCounts {
+    pub own: u64,
+    pub redirected: u64,
+    pub zero: u64,
+}
+
+impl TargetCounts {
+    /// Counts the targets of `mapped` by class.
+    pub fn of(mapped: &[Mapped]) -> TargetCounts {
+        let mut counts = TargetCounts::default();
+        for m in mapped {
+            match m.class {
+                Class::Own => counts.own += 1,
+                Class::Redirected => counts.redirected += 1,
+                Class::Zero => counts.zero += 1,
+            }
+        }
+        counts
+    }
+
+    /// Adds `other` to these.
+    pub fn accumulate(&mut self, other: &TargetCounts) {
+        self.own += other.own;
+        self.redirected += other.redirected;
+        self.zero += other.zero;
+    }
+}
+
 /// A parsed live target: the sectors it maps and where it reads from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapped {
@@ -78,14 +108,9 @@ pub fn classify(table: &[LiveTarget], own_device: Option<&str>) -> Vec<Mapped> {
     table
         .iter()
         .map(|t| {
-            let mut words = t.params.split_whitespace();
-            let source = match (t.target_type.as_str(), words.next(), words.next()) {
-                ("linear", Some(device), Some(offset)) => offset
-                    .parse::<u64>()
-                    .ok()
-                    .map(|offset| (device.to_string(), offset)),
-                _ => None,
-            };
+            let source = t
+                .linear_source()
+                .map(|(device, offset)| (device.to_string(), offset));
             let class = match &source {
                 None => Class::Zero,
                 Some((device, offset))
@@ -206,6 +231,16 @@ pub struct ReadBytes {
     pub by_class: ClassBytes,
     /// Bytes of `by_class` split by share, read in areas that mix classes.
     pub estimated: u64,
+}
+
+impl ReadBytes {
+    /// Adds `other` to these.
+    pub fn accumulate(&mut self, other: &ReadBytes) {
+        self.total += other.total;
+        self.requests += other.requests;
+        self.by_class.accumulate(&other.by_class);
+        self.estimated += other.estimated;
+    }
 }
 
 /// Attributes the reads of each area to the classes of the extents under it (`mapped`
@@ -330,6 +365,14 @@ mod tests {
                 Class::Redirected,
                 Class::Own
             ]
+        );
+        assert_eq!(
+            TargetCounts::of(&classify(&table(), Some("7:0"))),
+            TargetCounts {
+                own: 2,
+                redirected: 2,
+                zero: 1
+            }
         );
         // Without knowing its own loop device, nothing is own.
         assert!(
