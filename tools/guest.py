@@ -133,7 +133,7 @@ def build_binaries(cargo_args, target):
     """Builds vmard and vmarctl in release mode, and the artifact named `target` that
     `cargo build --release <cargo_args>` makes (a test or an example). Returns its path
     first, then vmard and vmarctl."""
-    log(f"building release binaries and {target}")
+    log(f"building vmard, vmarctl and {target} (release)")
     run(["cargo", "build", "--release", "--locked", "--bins"], cwd=ROOT)
     out = run(["cargo", *cargo_args, "--release", "--locked", "--message-format=json"],
               cwd=ROOT, capture_output=True, text=True).stdout
