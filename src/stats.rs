@@ -147,17 +147,17 @@ pub fn area_sectors(sectors: u64) -> u64 {
     blocks.div_ceil(MAX_STATS_AREAS) * per_block
 }
 
-/// Read counters of one dm-stats area.
+/// Read counters of one dm-stats area. (Its request count is left out: dm-stats counts a
+/// request once in every area it touches, so per-area counts do not add up to requests.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AreaReads {
     pub start: u64,
     pub len: u64,
-    pub reads: u64,
     pub sectors_read: u64,
 }
 
 /// Parses the output of `@stats_print`: one line per area, `START+LEN` and counters of
-/// which the 1st is reads completed and the 3rd sectors read.
+/// which the 3rd is sectors read.
 pub fn parse_stats_print(text: &str) -> Result<Vec<AreaReads>, String> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
@@ -178,7 +178,6 @@ pub fn parse_stats_print(text: &str) -> Result<Vec<AreaReads>, String> {
             Ok(AreaReads {
                 start,
                 len,
-                reads: counters[0],
                 sectors_read: counters[2],
             })
         })
@@ -225,8 +224,6 @@ pub fn parse_stats_list(text: &str) -> Result<Vec<Region>, String> {
 pub struct ReadBytes {
     /// All bytes read, as the kernel counted them.
     pub total: u64,
-    /// Read requests completed.
-    pub requests: u64,
     /// `total` by class.
     pub by_class: ClassBytes,
     /// Bytes of `by_class` split by share, read in areas that mix classes.
@@ -237,7 +234,6 @@ impl ReadBytes {
     /// Adds `other` to these.
     pub fn accumulate(&mut self, other: &ReadBytes) {
         self.total += other.total;
-        self.requests += other.requests;
         self.by_class.accumulate(&other.by_class);
         self.estimated += other.estimated;
     }
@@ -249,7 +245,6 @@ pub fn attribute(mapped: &[Mapped], areas: &[AreaReads]) -> ReadBytes {
     let mut result = ReadBytes::default();
     let mut first = 0;
     for area in areas {
-        result.requests += area.reads;
         if area.sectors_read == 0 {
             continue;
         }
@@ -413,13 +408,11 @@ mod tests {
                 AreaReads {
                     start: 0,
                     len: 8,
-                    reads: 3,
                     sectors_read: 24
                 },
                 AreaReads {
                     start: 8,
                     len: 8,
-                    reads: 0,
                     sectors_read: 0
                 }
             ]
@@ -456,7 +449,6 @@ mod tests {
         AreaReads {
             start,
             len,
-            reads: 1,
             sectors_read,
         }
     }
@@ -468,7 +460,6 @@ mod tests {
         let areas: Vec<AreaReads> = (0..8).map(|i| area(i * 8, 8, 8)).collect();
         let reads = attribute(&mapped, &areas);
         assert_eq!(reads.total, 64 * 512);
-        assert_eq!(reads.requests, 8);
         assert_eq!(reads.by_class, layout(&mapped));
         assert_eq!(reads.estimated, 0);
         // One area over the first 32 sectors: own 16, zero 8, redirected 8.
