@@ -173,14 +173,22 @@ fn print_json(value: &impl Serialize) -> Result<()> {
     Ok(())
 }
 
+/// Prints `value` as JSON with `--json`, else as `text` words it.
+fn show<T: Serialize>(cli: &Cli, value: &T, text: impl FnOnce(&T)) -> Result<()> {
+    if cli.json {
+        print_json(value)
+    } else {
+        text(value);
+        Ok(())
+    }
+}
+
 fn run(cli: &Cli) -> Result<ExitCode> {
     let client = Client::new(&cli.socket);
     match &cli.command {
         Command::Ping => {
             let pong: PingResult = client.call(&Request::Ping, &mut |_| {})?;
-            if cli.json {
-                print_json(&pong)?;
-            } else {
+            show(cli, &pong, |pong| {
                 println!(
                     "vmard {} (protocol {}) at {}, state in {}",
                     pong.version,
@@ -188,7 +196,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                     cli.socket.display(),
                     pong.state_dir.display()
                 );
-            }
+            })?;
         }
         Command::Capture {
             images,
@@ -197,11 +205,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         } => return capture(cli, &client, images, name.as_deref(), *recapture),
         Command::Images => {
             let list: ImagesResult = client.call(&Request::Images, &mut |_| {})?;
-            if cli.json {
-                print_json(&list)?;
-            } else {
-                print_images(&list.images);
-            }
+            show(cli, &list, |list| print_images(&list.images))?;
         }
         Command::Create {
             name,
@@ -224,20 +228,14 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             };
             let created: DeviceChange = client.call(&request, &mut update(&bar))?;
             bar.finish_and_clear();
-            if cli.json {
-                print_json(&created)?;
-            } else {
-                print_change("created", &created);
-            }
+            show(cli, &created, |created| print_change("created", created))?;
         }
         Command::Refresh { name } => {
             let request = Request::Refresh { name: name.clone() };
             let refreshed: DeviceChange = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&refreshed)?;
-            } else {
-                print_change("refreshed", &refreshed);
-            }
+            show(cli, &refreshed, |refreshed| {
+                print_change("refreshed", refreshed)
+            })?;
         }
         Command::Remove { name, force } => {
             let request = Request::Remove {
@@ -255,11 +253,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         }
         Command::List => {
             let devices: Vec<DeviceStatus> = client.call(&Request::List, &mut |_| {})?;
-            if cli.json {
-                print_json(&devices)?;
-            } else {
-                print_devices(&devices);
-            }
+            show(cli, &devices, |devices| print_devices(devices))?;
         }
         Command::LibvirtXml {
             name,
@@ -295,11 +289,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Stats { name } => {
             let request = Request::Stats { name: name.clone() };
             let report: StatsReport = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&report)?;
-            } else {
-                print_stats(&report);
-            }
+            show(cli, &report, print_stats)?;
         }
         Command::Status { name, table } => {
             let request = Request::Status {
@@ -307,11 +297,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 table: *table,
             };
             let status: DeviceStatus = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&status)?;
-            } else {
-                print_status(&status);
-            }
+            show(cli, &status, print_status)?;
         }
         Command::Map { name, extents } => {
             let request = Request::Map {
@@ -319,11 +305,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 extents: *extents,
             };
             let map: MapResult = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&map)?;
-            } else {
-                print_map(&map);
-            }
+            show(cli, &map, print_map)?;
         }
         Command::Table { name, devices } => {
             let devices = parse_devices(devices)?;
@@ -332,11 +314,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 devices,
             };
             let table: TableResult = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&table)?;
-            } else {
-                print!("{}", table.text);
-            }
+            show(cli, &table, |table| print!("{}", table.text))?;
         }
         Command::Verify { name } => {
             let bar = progress_bar(cli, name);
@@ -372,11 +350,9 @@ fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Forget { name } => {
             let request = Request::Forget { name: name.clone() };
             let record: ImageRecord = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&record)?;
-            } else {
-                println!("forgot {} ({})", record.name, record.path.display());
-            }
+            show(cli, &record, |record| {
+                println!("forgot {} ({})", record.name, record.path.display())
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)
