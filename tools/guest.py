@@ -164,10 +164,26 @@ UDEV_RULES = ["50-udev-default.rules", "55-dm.rules", "60-persistent-storage-dm.
               "95-dm-notify.rules"]
 
 
+# The start of every guest's /init: file systems, the modules (in dependency order), udev.
+INIT_START = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp /run /dev/mapper
+mount -t tmpfs -o size=80% tmp /tmp
+mount -t tmpfs run /run
+for m in {modules}; do insmod /modules/$m || echo "insmod $m failed"; done
+/lib/systemd/systemd-udevd --daemon --resolve-names=never
+udevadm trigger --action=add
+udevadm settle
+"""
+
+
 def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
-    """Packs work/initramfs.cpio: busybox, `modules` (loaded in order by `init`'s
-    {modules}), udev, dmsetup, `binaries` in /vmar/bin with their libraries, `files`
-    (guest path -> host path), and `init` as /init."""
+    """Packs work/initramfs.cpio: busybox, `modules`, udev, dmsetup, `binaries` in /vmar/bin
+    with their libraries, `files` (guest path -> host path), and an /init that loads the
+    modules, starts udev and goes on with the shell script `init`."""
     tree = work / "initramfs"
     shutil.rmtree(tree, ignore_errors=True)
     for d in ["bin", "proc", "sys", "dev", "tmp", "run", "modules", "etc"]:
@@ -230,7 +246,7 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
         target = tree / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, target)
-    init = init.replace("{modules}", " ".join(names))
+    init = INIT_START.replace("{modules}", " ".join(names)) + init
     (tree / "init").write_text(init)
     (tree / "init").chmod(0o755)
     image = work / "initramfs.cpio"
