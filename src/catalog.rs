@@ -11,18 +11,22 @@
 //! change. Re-capturing or removing image K rebuilds the index, and the maps of images K and
 //! later, from the stored digests, without reading any image.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::image::{BLOCK_SIZE, ImageFile, ImageIdentity, default_name, validate_name};
+use crate::fault;
+use crate::image::{BLOCK_SIZE, ImageFile, default_name, validate_name};
 use crate::index::{self, Run, resolve};
-use crate::map::{BlockMap, Extent, ImageId, MapBuilder, MapSummary, Source};
+use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
+use crate::protocol::Progress;
+pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord};
+use crate::records::{decode_digests, decode_extents, encode_digests, encode_extents};
 use crate::scan::{Digest, Scan, ScanStats};
+use crate::time::now_secs;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// id -> JSON of [`ImageRecord`].
@@ -48,49 +52,6 @@ pub const INDEX_DIR: &str = "index";
 const CACHE_BYTES: usize = 32 << 20;
 /// Records per stored chunk of digests or extents.
 const CHUNK_RECORDS: usize = 16 * 1024;
-const DIGEST_RECORD: usize = 8 + 32;
-const EXTENT_RECORD: usize = 8 + 8 + 1 + 4 + 8;
-
-/// A captured image as the catalog knows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRecord {
-    pub id: ImageId,
-    pub name: String,
-    pub path: PathBuf,
-    pub size: u64,
-    pub identity: ImageIdentity,
-    /// Seconds since the epoch.
-    pub captured_at: u64,
-    pub scan: ScanStats,
-    pub summary: MapSummary,
-}
-
-/// A device vmard should serve: saved when created, removed when removed, restored at boot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceRecord {
-    pub name: String,
-    /// Name of the captured image it serves.
-    pub image: String,
-    /// Seconds since the epoch.
-    pub created_at: u64,
-}
-
-/// What a capture request did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CaptureStatus {
-    Captured,
-    /// Same identity as already captured: nothing was read.
-    Unchanged,
-    Recaptured,
-}
-
-/// Progress of a long operation, in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Progress {
-    pub done: u64,
-    pub total: u64,
-}
 
 /// The catalog in a state directory.
 pub struct Catalog {
@@ -113,13 +74,6 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
             message: e.into().to_string(),
         })
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// A change to the catalog that needs the index rebuilt from image `from` on.
@@ -203,6 +157,7 @@ impl Catalog {
             txn.open_table(RUNS).ctx(dir)?;
             txn.open_table(DEVICES).ctx(dir)?;
         }
+        fault::point("catalog.init")?;
         txn.commit().ctx(dir)?;
         let txn = self.db.begin_read().ctx(dir)?;
         let runs = txn.open_table(RUNS).ctx(dir)?;
@@ -274,6 +229,23 @@ impl Catalog {
         self.decode(record.value())
     }
 
+    /// The images `map` (of `record`) reads from: `record` itself and every image it
+    /// redirects to, by id.
+    pub fn sources_of(
+        &self,
+        record: &ImageRecord,
+        map: &BlockMap,
+    ) -> Result<BTreeMap<ImageId, ImageRecord>> {
+        let mut sources = BTreeMap::new();
+        sources.insert(record.id, record.clone());
+        for id in map.referenced_images() {
+            if id != record.id {
+                sources.insert(id, self.image_by_id(id)?);
+            }
+        }
+        Ok(sources)
+    }
+
     /// The map of image `name`.
     pub fn map(&self, name: &str) -> Result<(ImageRecord, BlockMap)> {
         let record = self.image(name)?;
@@ -330,6 +302,13 @@ impl Catalog {
                         what: record.identity.describe_change(&image.identity),
                         name: record.name,
                         path: record.path,
+                    });
+                }
+                // A new map under a live device would serve other bytes than its table.
+                if let Some(device) = self.images_in_use()?.remove(&record.name) {
+                    return Err(Error::ImageInUse {
+                        name: record.name,
+                        device,
                     });
                 }
                 (record.id, record.name, CaptureStatus::Recaptured)
@@ -411,7 +390,7 @@ impl Catalog {
             .ctx(dir)?
             .insert(run_id, run_len)
             .ctx(dir)?;
-        txn.commit().ctx(dir)?;
+        self.commit(txn)?;
         runs.push(run);
         tracing::debug!(
             image = %record.name,
@@ -467,7 +446,7 @@ impl Catalog {
             .ctx(dir)?
             .insert(record.name.as_str(), bytes.as_slice())
             .ctx(dir)?;
-        txn.commit().ctx(dir)
+        self.commit(txn)
     }
 
     /// Removes a device record; true if there was one.
@@ -481,7 +460,7 @@ impl Catalog {
             .remove(name)
             .ctx(dir)?
             .is_some();
-        txn.commit().ctx(dir)?;
+        self.commit(txn)?;
         Ok(existed)
     }
 
@@ -489,10 +468,10 @@ impl Catalog {
     /// get new maps (their blocks' new canonical copies), rebuilt from stored digests.
     /// Refused while a saved device serves the image.
     pub fn forget(&self, name: &str) -> Result<ImageRecord> {
-        if let Some(device) = self.devices()?.into_iter().find(|d| d.image == name) {
+        if let Some(device) = self.images_in_use()?.remove(name) {
             return Err(Error::ImageInUse {
                 name: name.to_string(),
-                device: device.name,
+                device,
             });
         }
         let mut runs = self.lock()?;
@@ -506,6 +485,31 @@ impl Catalog {
             },
         )?;
         Ok(record)
+    }
+
+    /// Commits `txn` (fsync); a fault point for the crash tests.
+    fn commit(&self, txn: WriteTransaction) -> Result<()> {
+        fault::point("catalog.commit")?;
+        txn.commit().ctx(&self.dir)
+    }
+
+    /// Images that saved devices read: their own image and every image its map redirects
+    /// to, each with one device that reads it. Such images must not change under them.
+    pub fn images_in_use(&self) -> Result<BTreeMap<String, String>> {
+        let mut used = BTreeMap::new();
+        for device in self.devices()? {
+            let (record, map) = match self.map(&device.image) {
+                Ok(found) => found,
+                Err(Error::UnknownImage { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            used.entry(record.name).or_insert_with(|| device.name.clone());
+            for id in map.referenced_images() {
+                let other = self.image_by_id(id)?;
+                used.entry(other.name).or_insert_with(|| device.name.clone());
+            }
+        }
+        Ok(used)
     }
 
     fn meta(&self, key: &str) -> Result<u64> {
@@ -547,7 +551,7 @@ impl Catalog {
                     .insert(NEXT_RUN, id + 1)
                     .ctx(dir)?;
             }
-            txn.commit().ctx(dir)?;
+            self.commit(txn)?;
             let old: Vec<Run> = runs.drain(runs.len() - 2..).collect();
             runs.push(merged);
             self.remove_runs(old);
@@ -655,7 +659,7 @@ impl Catalog {
             self.remove_runs(new_runs);
             return Err(e);
         }
-        txn.commit().ctx(dir)?;
+        self.commit(txn)?;
         let old = std::mem::replace(runs, new_runs);
         self.remove_runs(old);
         result.ok_or_else(|| self.corrupt("rebuild did not meet the changed image".into()))
@@ -755,6 +759,9 @@ fn hash_image(
     let mut digests = Vec::new();
     progress(Progress { done, total });
     let stats = scan.run(|batch| {
+        if crate::shutdown::requested() {
+            return Err(Error::ShuttingDown);
+        }
         digests.extend_from_slice(&batch.digests);
         done += batch.read_bytes;
         progress(Progress { done, total });
@@ -770,112 +777,4 @@ fn build_map(record: &ImageRecord, digests: &[(u64, Digest)], sources: &[Source]
         builder.push(*block, 1, *source);
     }
     builder.finish()
-}
-
-fn encode_digests(digests: &[(u64, Digest)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(digests.len() * DIGEST_RECORD);
-    for (block, digest) in digests {
-        out.extend_from_slice(&block.to_le_bytes());
-        out.extend_from_slice(digest);
-    }
-    out
-}
-
-fn decode_digests(bytes: &[u8]) -> Result<Vec<(u64, Digest)>, String> {
-    if bytes.len() % DIGEST_RECORD != 0 {
-        return Err(format!("digest chunk of {} bytes", bytes.len()));
-    }
-    Ok(bytes
-        .chunks_exact(DIGEST_RECORD)
-        .map(|r| {
-            let (block, digest) = r.split_at(8);
-            (le_u64(block), digest.try_into().unwrap_or([0; 32]))
-        })
-        .collect())
-}
-
-fn le_u64(bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&bytes[..8]);
-    u64::from_le_bytes(b)
-}
-
-fn encode_extents(extents: &[Extent]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(extents.len() * EXTENT_RECORD);
-    for e in extents {
-        let (kind, image, block) = match e.source {
-            Source::Zero => (0u8, 0u32, 0u64),
-            Source::Own => (1, 0, 0),
-            Source::Redirect { image, block } => (2, image, block),
-        };
-        out.extend_from_slice(&e.start.to_le_bytes());
-        out.extend_from_slice(&e.len.to_le_bytes());
-        out.push(kind);
-        out.extend_from_slice(&image.to_le_bytes());
-        out.extend_from_slice(&block.to_le_bytes());
-    }
-    out
-}
-
-fn decode_extents(bytes: &[u8]) -> Result<Vec<Extent>, String> {
-    if bytes.len() % EXTENT_RECORD != 0 {
-        return Err(format!("extent chunk of {} bytes", bytes.len()));
-    }
-    bytes
-        .chunks_exact(EXTENT_RECORD)
-        .map(|r| {
-            let mut image = [0u8; 4];
-            image.copy_from_slice(&r[17..21]);
-            let image = u32::from_le_bytes(image);
-            let block = le_u64(&r[21..29]);
-            let source = match r[16] {
-                0 => Source::Zero,
-                1 => Source::Own,
-                2 => Source::Redirect { image, block },
-                other => return Err(format!("extent kind {other}")),
-            };
-            Ok(Extent {
-                start: le_u64(&r[0..8]),
-                len: le_u64(&r[8..16]),
-                source,
-            })
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_round_trip() {
-        let digests = vec![(0u64, [1u8; 32]), (u64::MAX, [255u8; 32])];
-        assert_eq!(decode_digests(&encode_digests(&digests)).unwrap(), digests);
-        let extents = vec![
-            Extent {
-                start: 0,
-                len: 5,
-                source: Source::Zero,
-            },
-            Extent {
-                start: 5,
-                len: 1,
-                source: Source::Own,
-            },
-            Extent {
-                start: 6,
-                len: u64::MAX - 6,
-                source: Source::Redirect {
-                    image: u32::MAX,
-                    block: 1 << 40,
-                },
-            },
-        ];
-        assert_eq!(decode_extents(&encode_extents(&extents)).unwrap(), extents);
-        assert!(decode_digests(&[0u8; 41]).is_err());
-        assert!(decode_extents(&[0u8; 30]).is_err());
-        let mut bad = encode_extents(&extents[..1]);
-        bad[16] = 9;
-        assert!(decode_extents(&bad).is_err());
-    }
 }

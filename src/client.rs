@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use crate::catalog::Progress;
+use crate::protocol::Progress;
 use crate::error::{Error, Result};
 use crate::protocol::{Reply, Request};
 
@@ -41,12 +41,16 @@ impl Client {
         let mut line = serde_json::to_vec(request)
             .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
         line.push(b'\n');
-        stream
-            .write_all(&line)
-            .map_err(|e| Error::io("cannot send request to", &self.socket, e))?;
+        // vmard may refuse a request before reading all of it (too large): then the write
+        // fails, and its reply, already sent, says why.
+        let write_error = stream.write_all(&line).err();
         let reader = BufReader::new(stream);
         for line in reader.lines() {
-            let line = line.map_err(|e| Error::io("cannot read reply from", &self.socket, e))?;
+            let line = match (line, &write_error) {
+                (Ok(line), _) => line,
+                (Err(_), Some(_)) => break,
+                (Err(e), None) => return Err(Error::io("cannot read reply from", &self.socket, e)),
+            };
             let reply: Reply = serde_json::from_str(&line)
                 .map_err(|e| Error::Protocol(format!("bad reply from vmard: {e}: {line}")))?;
             match reply {
@@ -54,6 +58,9 @@ impl Client {
                 Reply::Ok { result } => return Ok(result),
                 Reply::Error { kind, message } => return Err(Error::Remote { kind, message }),
             }
+        }
+        if let Some(e) = write_error {
+            return Err(Error::io("cannot send request to", &self.socket, e));
         }
         Err(Error::Protocol(
             "vmard closed the connection without a reply (see its log)".into(),

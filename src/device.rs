@@ -1,25 +1,31 @@
-//! vmar devices: what `create`, `refresh`, `remove`, `list` and `status` do. A device
-//! serves one captured image through a read-only dm table over read-only, buffered loop
-//! devices of that image and of the images holding its canonical blocks. Kernel work is in
-//! [`crate::dm`] and [`crate::loopdev`]; this module plans it and keeps the catalog's desired
-//! state in step.
+//! vmar devices: what `create`, `refresh`, `remove`, `list`, `status`, `stats` and the
+//! start-up `restore` do. A device serves one captured image through a read-only dm table
+//! over read-only, buffered loop devices of that image and of the images holding its
+//! canonical blocks. All kernel work goes through [`Kernel`]; this module plans it and keeps
+//! the catalog's record and the kernel in step.
+//!
+//! Crash safety: the catalog record is written before the kernel is changed (`creating`,
+//! `removing`), and marked done after. Whatever step a crash interrupts, [`restore`] at the
+//! next start finishes or undoes it before anyone is served: a `creating` device is rolled
+//! back, a `removing` one removed, a suspended one resumed, a table that is not the image's
+//! current map replaced. The caller serialises all device changes (one at a time).
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 
 use crate::budget::{self, BudgetCost};
-use crate::catalog::{Catalog, DeviceRecord, ImageRecord};
-use crate::dm::{DeviceMapper, LiveDevice, LiveTarget, node_path};
+use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
+use crate::protocol::{
+    DeviceChange, DeviceStats, DeviceStatus, ImageCache, Removed, RestoreReport, StatsReport,
+};
 use crate::error::{Error, Result};
-use crate::image::{SECTOR_SIZE, open_unchanged, validate_name};
-use crate::loopdev::{self, LoopAttachment};
+use crate::image::{open_unchanged, validate_name};
+use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
 use crate::map::ImageId;
-use crate::pagecache::{self, Residency};
-use crate::stats::{self, ClassBytes, ReadBytes, TargetCounts};
-use crate::table::{self, Target};
+use crate::stats::{self, ClassBytes, ReadBytes, STATS_PROGRAM, TargetCounts};
+use crate::table::{self, BlockDev, Target};
+use crate::time::now_secs;
+use crate::units::Sectors;
 
 /// Default most targets of one table: far below the kernel's 1,048,576, and still enough for
 /// the maps of real multi-GiB images we measured (tens of thousands of extents).
@@ -30,31 +36,45 @@ pub struct Plan {
     pub image: ImageRecord,
     pub targets: Vec<Target>,
     pub cost: BudgetCost,
-    pub loops: BTreeMap<String, LoopAttachment>,
+    pub loops: BTreeMap<String, LoopHold>,
+}
+
+/// The loop device that serves `path`, if one is attached as vmar needs it.
+fn existing_loop(loops: &[LoopInfo], path: &Path) -> Option<LoopInfo> {
+    loops.iter().find(|l| l.serves(path)).cloned()
 }
 
 /// Plans the table of `image`: refuses it if the image or any image it reads from changed
-/// since capture, fits the map into `max_targets`, attaches the loop devices.
-pub fn plan(catalog: &Catalog, image: &str, max_targets: u64) -> Result<Plan> {
+/// since capture, fits the map into `max_targets`, attaches (or reuses) the loop devices.
+pub fn plan(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    image: &str,
+    max_targets: u64,
+) -> Result<Plan> {
     let (record, map) = catalog.map(image)?;
     let (map, cost) = budget::fit(&map, max_targets);
-    let mut ids: Vec<ImageId> = map.referenced_images();
-    ids.push(record.id);
     let mut by_id = BTreeMap::new();
     let mut loops = BTreeMap::new();
-    for id in ids {
-        let other = if id == record.id {
-            record.clone()
-        } else {
-            catalog.image_by_id(id)?
-        };
+    for (id, other) in catalog.sources_of(&record, &map)? {
         let file = open_unchanged(&other.name, &other.path, &other.identity)?;
-        let attachment = loopdev::attach(&file)?;
-        by_id.insert(id, attachment.dm_name());
-        loops.insert(other.name, attachment);
+        let mut hold = None;
+        // An existing one may go away between the scan and the open (autoclear).
+        if let Some(info) = existing_loop(&kernel.loops()?, &file.path) {
+            hold = kernel.loop_hold(&info).ok();
+        }
+        let hold = match hold {
+            Some(hold) => hold,
+            None => kernel.loop_attach(&file)?,
+        };
+        by_id.insert(id, hold.info.block_dev());
+        loops.insert(other.name, hold);
     }
     let targets = table::build(&map, record.size, |id| {
-        by_id.get(&id).cloned().unwrap_or_default()
+        by_id
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| BlockDev::Named(format!("missing-image-{id}")))
     });
     Ok(Plan {
         image: record,
@@ -64,46 +84,30 @@ pub fn plan(catalog: &Catalog, image: &str, max_targets: u64) -> Result<Plan> {
     })
 }
 
-/// How a device stands: saved (desired), live (in the kernel), both, or one only.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStatus {
-    pub name: String,
-    /// Image it serves, when saved.
-    pub image: Option<String>,
-    /// `active`: saved and live; `missing`: saved, not in the kernel; `unmanaged`: a
-    /// `vmar-` device the catalog does not know.
-    pub state: String,
-    pub node: String,
-    pub live: Option<LiveDevice>,
-    /// Target counts of the live table by type.
-    #[serde(default)]
-    pub target_types: BTreeMap<String, u64>,
-    /// Devices (`MAJOR:MINOR`) the live table reads from.
-    #[serde(default)]
-    pub reads_from: Vec<String>,
-    /// What the target budget costs the image's current map.
-    pub budget: Option<BudgetCost>,
-    /// The live table, when asked for.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub table: Option<Vec<LiveTarget>>,
-}
-
-/// Result of `create` and `refresh`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceChange {
-    pub device: DeviceStatus,
-    pub targets: u64,
-    pub budget: BudgetCost,
-    /// Loop devices by image, and whether this change attached them.
-    pub loops: BTreeMap<String, (String, bool)>,
-    pub seconds: f64,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// The table `image` would get now from the loop devices already attached, without
+/// attaching any: `None` if one is missing. What `status` compares live tables with.
+fn expected(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    image: &str,
+    max_targets: u64,
+) -> Result<Option<Vec<Target>>> {
+    let (record, map) = catalog.map(image)?;
+    let (map, _) = budget::fit(&map, max_targets);
+    let loops = kernel.loops()?;
+    let mut by_id: BTreeMap<ImageId, BlockDev> = BTreeMap::new();
+    for (id, other) in catalog.sources_of(&record, &map)? {
+        match existing_loop(&loops, &other.path) {
+            Some(l) => by_id.insert(id, l.block_dev()),
+            None => return Ok(None),
+        };
+    }
+    Ok(Some(table::build(&map, record.size, |id| {
+        by_id
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| BlockDev::Named(format!("missing-image-{id}")))
+    })))
 }
 
 fn change(plan: &Plan, device: DeviceStatus, started: std::time::Instant) -> DeviceChange {
@@ -114,228 +118,465 @@ fn change(plan: &Plan, device: DeviceStatus, started: std::time::Instant) -> Dev
         loops: plan
             .loops
             .iter()
-            .map(|(name, l)| (name.clone(), (l.device.display().to_string(), l.attached)))
+            .map(|(name, l)| (name.clone(), (l.info.node.display().to_string(), l.attached)))
             .collect(),
         seconds: started.elapsed().as_secs_f64(),
     }
 }
 
+/// Creates `name` with `targets`, resumes it and gives it a dm-stats region. On failure the
+/// device is removed again.
+fn activate(kernel: &dyn Kernel, name: &str, targets: &[Target]) -> Result<()> {
+    kernel.dm_create(name)?;
+    let done = kernel
+        .dm_load(name, targets)
+        .and_then(|()| kernel.dm_resume(name));
+    if let Err(e) = done {
+        if let Err(undo) = kernel.dm_remove(name, false) {
+            tracing::warn!("{name}: cannot remove the half-created device: {undo}");
+        }
+        return Err(e);
+    }
+    ensure_stats(kernel, name, targets);
+    Ok(())
+}
+
+/// Read accounting for `vmarctl stats`; a device without it still serves.
+fn ensure_stats(kernel: &dyn Kernel, name: &str, targets: &[Target]) {
+    let sectors = targets.last().map_or(Sectors(0), Target::end);
+    if let Err(e) = stats_region(kernel, name, sectors) {
+        tracing::warn!("{name}: no read statistics: {e}");
+    }
+}
+
+/// vmar's dm-stats region of `name` (created if missing), over `sectors`.
+fn stats_region(kernel: &dyn Kernel, name: &str, sectors: Sectors) -> Result<crate::kernel::Region> {
+    let find = || -> Result<Option<crate::kernel::Region>> {
+        Ok(kernel
+            .stats_regions(name)?
+            .into_iter()
+            .find(|r| r.program == STATS_PROGRAM))
+    };
+    if let Some(region) = find()? {
+        return Ok(region);
+    }
+    kernel.stats_create(name, Sectors(stats::area_sectors(sectors.0)), STATS_PROGRAM)?;
+    find()?.ok_or_else(|| Error::DeviceMapper {
+        op: "create dm-stats region of",
+        device: name.to_string(),
+        message: "region not listed after creation".into(),
+    })
+}
+
+/// Swaps `targets` into live device `name` atomically: load into the inactive slot, suspend,
+/// resume. Whatever fails, the device is left resumed: a suspended device hangs its VM.
+fn swap(kernel: &dyn Kernel, name: &str, targets: &[Target]) -> Result<()> {
+    kernel.dm_load(name, targets)?;
+    let swapped = kernel
+        .dm_suspend(name)
+        .and_then(|()| kernel.dm_resume(name));
+    if let Err(e) = swapped {
+        let _ = kernel.dm_clear(name);
+        if let Err(resume) = kernel.dm_resume(name) {
+            tracing::error!("{name}: cannot resume after a failed table swap: {resume}");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Creates device `name` serving captured image `image`, and saves it.
 pub fn create(
     catalog: &Catalog,
+    kernel: &dyn Kernel,
     name: &str,
     image: &str,
     max_targets: u64,
 ) -> Result<DeviceChange> {
     validate_name(name)?;
     let started = std::time::Instant::now();
-    if catalog.device(name)?.is_some() {
-        return Err(Error::DeviceExists {
-            name: name.to_string(),
-        });
+    let exists = || Error::DeviceExists {
+        name: name.to_string(),
+    };
+    match catalog.device(name)? {
+        Some(record) if record.state == DeviceState::RemovingDeferred => {
+            if kernel.dm_info(name)?.is_some() {
+                return Err(exists());
+            }
+        }
+        Some(_) => return Err(exists()),
+        None => {}
     }
-    let dm = DeviceMapper::open()?;
-    let plan = plan(catalog, image, max_targets)?;
-    dm.create(name, &plan.targets)?;
-    let record = DeviceRecord {
+    if kernel.dm_info(name)?.is_some() {
+        return Err(exists());
+    }
+    let plan = plan(catalog, kernel, image, max_targets)?;
+    let mut record = DeviceRecord {
         name: name.to_string(),
         image: plan.image.name.clone(),
         created_at: now_secs(),
+        state: DeviceState::Creating,
     };
-    if let Err(e) = catalog.save_device(&record) {
-        let _ = dm.remove(name, false);
+    catalog.save_device(&record)?;
+    if let Err(e) = activate(kernel, name, &plan.targets) {
+        if let Err(undo) = catalog.forget_device(name) {
+            tracing::error!("{name}: cannot drop the record of a failed create: {undo}");
+        }
         return Err(e);
     }
-    let status = status_with(catalog, &dm, name, max_targets)?;
+    record.state = DeviceState::Active;
+    catalog.save_device(&record)?;
+    let status = status_of(catalog, kernel, name, max_targets, Some(&plan.targets))?;
     Ok(change(&plan, status, started))
 }
 
-/// What [`restore`] did at start-up.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RestoreReport {
-    /// Saved devices that were missing and were created.
-    pub created: Vec<String>,
-    /// Saved devices already live with the expected table: left alone.
-    pub unchanged: Vec<String>,
-    /// Saved devices live with another table (e.g. a map changed while vmard was down):
-    /// left alone, `vmarctl refresh` swaps the new table in.
-    pub differs: Vec<String>,
-    /// Saved devices that could not be served, with the reason; the others were restored.
-    pub failed: Vec<(String, String)>,
-    /// `VMAR-` devices the catalog does not know (left by a crash between creating the
-    /// device and saving it), removed.
-    pub cleaned: Vec<String>,
-}
-
-/// Brings the kernel in line with the saved devices, as at boot: creates missing ones,
-/// leaves correct ones, reports broken ones without letting them block the rest, and removes
-/// unsaved `VMAR-` leftovers that nobody has open.
-pub fn restore(catalog: &Catalog, max_targets: u64) -> Result<RestoreReport> {
-    let saved = catalog.devices()?;
-    let dm = match DeviceMapper::open() {
-        Ok(dm) => dm,
-        // Nothing to restore, and no device-mapper to clean up: not an error (a host that
-        // only captures, or the tests).
-        Err(_) if saved.is_empty() => return Ok(RestoreReport::default()),
-        Err(e) => return Err(e),
-    };
+/// Brings the kernel in line with the saved devices, as at boot: finishes or undoes what a
+/// crash interrupted, creates missing devices, resumes suspended ones, swaps in the current
+/// map where the live table differs, removes unsaved `VMAR-` leftovers nobody has open and
+/// loop devices a crash left without autoclear. One failing device does not stop the rest.
+pub fn restore(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Result<RestoreReport> {
     let mut report = RestoreReport::default();
-    let live_devices = dm.list().unwrap_or_else(|e| {
-        report.failed.push(("(list)".into(), e.to_string()));
-        Vec::new()
-    });
-    for live in live_devices {
-        let ours = live
-            .uuid
-            .as_deref()
-            .is_some_and(|u| u.starts_with(crate::dm::UUID_PREFIX));
-        if ours && live.open_count == 0 && !saved.iter().any(|d| d.name == live.name) {
-            match dm.remove(&live.name, false) {
-                Ok(_) => report.cleaned.push(live.name),
-                Err(e) => report.failed.push((live.name, e.to_string())),
+    match kernel.release_stale_udev_cookies() {
+        Ok(released) => report.released = released,
+        Err(e) => report.failed.push(("(udev cookies)".into(), e.to_string())),
+    }
+    let saved = catalog.devices()?;
+    for name in kernel.dm_list()? {
+        if saved.iter().any(|d| d.name == name) {
+            continue;
+        }
+        let Some(live) = kernel.dm_info(&name)? else {
+            continue;
+        };
+        if live.is_ours() && live.open_count == 0 {
+            match kernel.dm_remove(&name, false) {
+                Ok(()) => report.cleaned.push(name),
+                Err(e) => report.failed.push((name, e.to_string())),
             }
         }
     }
     for record in saved {
-        enum Outcome {
-            Created,
-            Unchanged,
-            Differs,
+        let name = record.name.clone();
+        match restore_one(catalog, kernel, &record, max_targets) {
+            Ok(Restored::Created) => report.created.push(name),
+            Ok(Restored::Unchanged) => report.unchanged.push(name),
+            Ok(Restored::Repaired) => report.repaired.push(name),
+            Ok(Restored::RolledBack) => report.rolled_back.push(name),
+            Ok(Restored::Removed) => report.removed.push(name),
+            Ok(Restored::Pending) => {}
+            Err(e) => report.failed.push((name, e.to_string())),
         }
-        let outcome = (|| -> Result<Outcome> {
-            let plan = plan(catalog, &record.image, max_targets)?;
-            if dm.info(&record.name)?.is_none() {
-                dm.create(&record.name, &plan.targets)?;
-                return Ok(Outcome::Created);
-            }
-            let live = dm.table(&record.name)?;
-            let same = live.len() == plan.targets.len()
-                && live.iter().zip(&plan.targets).all(|(l, t)| {
-                    l.start == t.start
-                        && l.len == t.len
-                        && l.target_type == t.target_type()
-                        && l.params == t.params()
-                });
-            Ok(if same {
-                Outcome::Unchanged
-            } else {
-                Outcome::Differs
-            })
-        })();
-        match outcome {
-            Ok(Outcome::Created) => report.created.push(record.name),
-            Ok(Outcome::Unchanged) => report.unchanged.push(record.name),
-            Ok(Outcome::Differs) => report.differs.push(record.name),
-            Err(e) => report.failed.push((record.name, e.to_string())),
-        }
+    }
+    match detach_leaked_loops(catalog, kernel) {
+        Ok(detached) => report.detached = detached,
+        Err(e) => report.failed.push(("(loop devices)".into(), e.to_string())),
     }
     Ok(report)
 }
 
+enum Restored {
+    Created,
+    Unchanged,
+    Repaired,
+    RolledBack,
+    Removed,
+    /// A deferred removal still waiting for the last close.
+    Pending,
+}
+
+fn restore_one(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    record: &DeviceRecord,
+    max_targets: u64,
+) -> Result<Restored> {
+    let name = record.name.as_str();
+    let live = kernel.dm_info(name)?;
+    match record.state {
+        DeviceState::Creating => match live {
+            Some(live) if live.open_count > 0 => {
+                // Someone uses it already: finish the create instead.
+                let mut done = record.clone();
+                done.state = DeviceState::Active;
+                catalog.save_device(&done)?;
+                restore_one(catalog, kernel, &done, max_targets)
+            }
+            live => {
+                if live.is_some() {
+                    kernel.dm_remove(name, false)?;
+                }
+                catalog.forget_device(name)?;
+                Ok(Restored::RolledBack)
+            }
+        },
+        DeviceState::Removing | DeviceState::RemovingDeferred => {
+            if let Some(live) = live {
+                let deferred = live.open_count > 0;
+                if !live.deferred_remove {
+                    if deferred {
+                        // A removal interrupted before its ioctl: finish it as asked, or as
+                        // deferred if the device is open (a plain removal refuses an open
+                        // device, and would have when asked).
+                        if record.state == DeviceState::Removing {
+                            let mut back = record.clone();
+                            back.state = DeviceState::Active;
+                            catalog.save_device(&back)?;
+                            return restore_one(catalog, kernel, &back, max_targets);
+                        }
+                        kernel.dm_remove(name, true)?;
+                    } else {
+                        kernel.dm_remove(name, false)?;
+                    }
+                }
+                if kernel.dm_info(name)?.is_some() {
+                    return Ok(Restored::Pending);
+                }
+            }
+            catalog.forget_device(name)?;
+            Ok(Restored::Removed)
+        }
+        DeviceState::Active => {
+            let Some(live) = live else {
+                let plan = plan(catalog, kernel, &record.image, max_targets)?;
+                activate(kernel, name, &plan.targets)?;
+                return Ok(Restored::Created);
+            };
+            let plan = match plan(catalog, kernel, &record.image, max_targets) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    // Never leave a VM hanging, even on a device that cannot be checked.
+                    if live.suspended {
+                        kernel.dm_resume(name)?;
+                    }
+                    return Err(e);
+                }
+            };
+            let table = kernel.dm_table(name)?;
+            if live.active_table && !live.suspended && !live.inactive_table && table == plan.targets {
+                ensure_stats(kernel, name, &plan.targets);
+                return Ok(Restored::Unchanged);
+            }
+            if live.active_table && table == plan.targets {
+                // Only an interrupted swap to the same table: drop it and resume.
+                if live.inactive_table {
+                    kernel.dm_clear(name)?;
+                }
+                kernel.dm_resume(name)?;
+            } else {
+                swap(kernel, name, &plan.targets)?;
+            }
+            ensure_stats(kernel, name, &plan.targets);
+            Ok(Restored::Repaired)
+        }
+    }
+}
+
+/// Detaches loop devices over captured images that have no autoclear and that no device
+/// uses: left by a crash of an older vmard between attaching and configuring one.
+fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<String>> {
+    let images: Vec<PathBuf> = catalog.images()?.into_iter().map(|i| i.path).collect();
+    let mut used = Vec::new();
+    for name in kernel.dm_list()? {
+        for t in kernel.dm_table(&name).unwrap_or_default() {
+            if let Some((device, _)) = t.linear_source() {
+                used.push(device.clone());
+            }
+        }
+    }
+    let mut detached = Vec::new();
+    for l in kernel.loops()? {
+        let ours = l.backing.as_ref().is_some_and(|b| images.contains(b));
+        if ours && !l.autoclear && !used.contains(&l.block_dev()) {
+            match kernel.loop_detach(&l) {
+                Ok(()) => detached.push(l.node.display().to_string()),
+                Err(e) => tracing::warn!("cannot detach leaked {}: {e}", l.node.display()),
+            }
+        }
+    }
+    Ok(detached)
+}
+
 /// Swaps the current map of a live device's image in, atomically.
-pub fn refresh(catalog: &Catalog, name: &str, max_targets: u64) -> Result<DeviceChange> {
+pub fn refresh(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    name: &str,
+    max_targets: u64,
+) -> Result<DeviceChange> {
     validate_name(name)?;
     let started = std::time::Instant::now();
-    let record = catalog.device(name)?.ok_or_else(|| Error::UnknownDevice {
-        name: name.to_string(),
-    })?;
-    let dm = DeviceMapper::open()?;
-    let plan = plan(catalog, &record.image, max_targets)?;
-    dm.reload(name, &plan.targets)?;
-    let status = status_with(catalog, &dm, name, max_targets)?;
-    Ok(change(&plan, status, started))
-}
-
-/// Result of `remove`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Removed {
-    pub name: String,
-    /// The device was open: it goes away when its last user closes it.
-    pub deferred: bool,
-    /// It was in the kernel (not only saved).
-    pub was_live: bool,
-}
-
-/// Removes device `name` from the kernel and the catalog.
-pub fn remove(catalog: &Catalog, name: &str, force: bool) -> Result<Removed> {
-    validate_name(name)?;
-    let dm = DeviceMapper::open()?;
-    let live = dm.info(name)?.is_some();
-    let saved = catalog.device(name)?.is_some();
-    if !live && !saved {
+    let record = catalog
+        .device(name)?
+        .filter(|r| r.state == DeviceState::Active)
+        .ok_or_else(|| Error::UnknownDevice {
+            name: name.to_string(),
+        })?;
+    if kernel.dm_info(name)?.is_none() {
         return Err(Error::UnknownDevice {
             name: name.to_string(),
         });
     }
-    let deferred = if live { dm.remove(name, force)? } else { false };
-    catalog.forget_device(name)?;
-    Ok(Removed {
-        name: name.to_string(),
-        deferred,
-        was_live: live,
-    })
+    let plan = plan(catalog, kernel, &record.image, max_targets)?;
+    swap(kernel, name, &plan.targets)?;
+    ensure_stats(kernel, name, &plan.targets);
+    let status = status_of(catalog, kernel, name, max_targets, Some(&plan.targets))?;
+    Ok(change(&plan, status, started))
 }
 
-/// Saved and live devices, by name.
-pub fn list(catalog: &Catalog, max_targets: u64) -> Result<Vec<DeviceStatus>> {
-    let dm = DeviceMapper::open()?;
-    let mut names: Vec<String> = catalog.devices()?.into_iter().map(|d| d.name).collect();
-    names.extend(dm.list()?.into_iter().map(|d| d.name));
-    names.sort();
-    names.dedup();
-    names
-        .iter()
-        .map(|name| status_with(catalog, &dm, name, max_targets))
-        .collect()
-}
-
-/// Status of one device.
-pub fn status(catalog: &Catalog, name: &str, max_targets: u64) -> Result<DeviceStatus> {
+/// Removes device `name` from the kernel and the catalog. An open device is refused unless
+/// `deferred`, which removes it at its last close.
+pub fn remove(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    name: &str,
+    deferred: bool,
+) -> Result<Removed> {
     validate_name(name)?;
-    let dm = DeviceMapper::open()?;
-    let status = status_with(catalog, &dm, name, max_targets)?;
-    if status.image.is_none() && status.live.is_none() {
+    let live = kernel.dm_info(name)?;
+    let record = catalog.device(name)?;
+    if live.is_none() && record.is_none() {
         return Err(Error::UnknownDevice {
             name: name.to_string(),
         });
+    }
+    let open = live.as_ref().map_or(0, |l| l.open_count);
+    if open > 0 && !deferred {
+        return Err(Error::DeviceBusy {
+            name: name.to_string(),
+            open_count: open,
+        });
+    }
+    let defer = open > 0;
+    if let Some(record) = &record {
+        let mut marked = record.clone();
+        marked.state = if defer {
+            DeviceState::RemovingDeferred
+        } else {
+            DeviceState::Removing
+        };
+        catalog.save_device(&marked)?;
+    }
+    if live.is_some() {
+        match kernel.dm_remove(name, defer) {
+            Ok(()) => {}
+            Err(e) => {
+                // Opened meanwhile (or another failure): it stays, and so does its record.
+                if let Some(record) = &record {
+                    catalog.save_device(record)?;
+                }
+                return Err(e);
+            }
+        }
+    }
+    let gone = kernel.dm_info(name)?.is_none();
+    if gone {
+        catalog.forget_device(name)?;
+    }
+    Ok(Removed {
+        name: name.to_string(),
+        deferred: !gone,
+        was_live: live.is_some(),
+    })
+}
+
+/// Drops the records of deferred removals whose device has gone since.
+pub fn prune(catalog: &Catalog, kernel: &dyn Kernel) -> Result<()> {
+    for record in catalog.devices()? {
+        if record.state == DeviceState::RemovingDeferred && kernel.dm_info(&record.name)?.is_none()
+        {
+            catalog.forget_device(&record.name)?;
+        }
+    }
+    Ok(())
+}
+
+/// Saved and live devices, by name.
+pub fn list(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Result<Vec<DeviceStatus>> {
+    let mut names: Vec<String> = catalog.devices()?.into_iter().map(|d| d.name).collect();
+    names.extend(kernel.dm_list()?);
+    names.sort();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        let status = status_of(catalog, kernel, &name, max_targets, None)?;
+        if status.state != "gone" {
+            out.push(status);
+        }
+    }
+    Ok(out)
+}
+
+/// Status of one device; with `table`, its live table too.
+pub fn status(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    name: &str,
+    max_targets: u64,
+    table: bool,
+) -> Result<DeviceStatus> {
+    validate_name(name)?;
+    let mut status = status_of(catalog, kernel, name, max_targets, None)?;
+    if status.state == "gone" || (status.image.is_none() && status.live.is_none()) {
+        return Err(Error::UnknownDevice {
+            name: name.to_string(),
+        });
+    }
+    if table && status.live.is_some() {
+        status.table = Some(kernel.dm_table(name)?);
     }
     Ok(status)
 }
 
-/// The live table of device `name`.
-pub fn live_table(name: &str) -> Result<Vec<LiveTarget>> {
-    validate_name(name)?;
-    let dm = DeviceMapper::open()?;
-    if dm.info(name)?.is_none() {
-        return Err(Error::UnknownDevice {
-            name: name.to_string(),
-        });
-    }
-    dm.table(name)
-}
-
-fn status_with(
+fn status_of(
     catalog: &Catalog,
-    dm: &DeviceMapper,
+    kernel: &dyn Kernel,
     name: &str,
     max_targets: u64,
+    expected_table: Option<&[Target]>,
 ) -> Result<DeviceStatus> {
     let saved = catalog.device(name)?;
-    let live = dm.info(name)?;
+    let live = kernel.dm_info(name)?;
+    let table = match &live {
+        Some(l) if l.active_table => kernel.dm_table(name)?,
+        _ => Vec::new(),
+    };
     let state = match (&saved, &live) {
-        (Some(_), Some(_)) => "active",
+        (None, Some(l)) if l.deferred_remove => "removing",
+        (None, Some(_)) => "unmanaged",
+        (None, None) => "gone",
+        (Some(r), _) if r.state == DeviceState::Creating => "creating",
+        (Some(_), Some(l)) if l.deferred_remove => "removing",
+        (Some(r), Some(_))
+            if matches!(r.state, DeviceState::Removing | DeviceState::RemovingDeferred) =>
+        {
+            "removing"
+        }
+        (Some(r), None) if r.state != DeviceState::Active => "gone",
         (Some(_), None) => "missing",
-        (None, _) => "unmanaged",
+        (Some(_), Some(l)) if l.suspended => "suspended",
+        (Some(_), Some(l)) if !l.active_table => "no-table",
+        (Some(r), Some(_)) => {
+            let want = match expected_table {
+                Some(t) => Some(t.to_vec()),
+                None => expected(catalog, kernel, &r.image, max_targets).unwrap_or(None),
+            };
+            if want.as_deref() == Some(table.as_slice()) {
+                "active"
+            } else {
+                "differs"
+            }
+        }
     };
     let mut target_types = BTreeMap::new();
     let mut reads_from = Vec::new();
-    if live.is_some() {
-        for target in dm.table(name)? {
-            *target_types.entry(target.target_type.clone()).or_insert(0) += 1;
-            if let Some((device, _)) = target.linear_source()
-                && !reads_from.iter().any(|d| d == device)
-            {
-                reads_from.push(device.to_string());
+    for target in &table {
+        *target_types
+            .entry(target.target_type().to_string())
+            .or_insert(0) += 1;
+        if let Some((device, _)) = target.linear_source() {
+            let device = device.to_string();
+            if !reads_from.contains(&device) {
+                reads_from.push(device);
             }
         }
     }
@@ -361,80 +602,44 @@ fn status_with(
 }
 
 /// Resolves what `vmarctl create` names as the image: a captured image's name, or the path
-/// of a captured image file.
-pub fn image_name(catalog: &Catalog, reference: &str) -> Result<String> {
+/// of a captured image file. A path is matched against the catalog as given and, only if it
+/// lies inside an image root, as resolved: a client learns nothing about paths elsewhere.
+pub fn image_name(catalog: &Catalog, roots: &crate::roots::ImageRoots, reference: &str) -> Result<String> {
+    let unknown = || Error::UnknownImage {
+        name: crate::error::shorten(reference),
+    };
     if reference.starts_with('/') {
-        let path = Path::new(reference)
-            .canonicalize()
-            .map_err(|e| Error::io("cannot resolve", reference, e))?;
-        return catalog
-            .image_at(&path)?
-            .map(|i| i.name)
-            .ok_or_else(|| Error::UnknownImage {
-                name: reference.to_string(),
-            });
+        let path = Path::new(reference);
+        if let Some(image) = catalog.image_at(path)? {
+            return Ok(image.name);
+        }
+        if !roots.contains_lexically(path) {
+            return Err(unknown());
+        }
+        let resolved = path.canonicalize().map_err(|_| unknown())?;
+        return catalog.image_at(&resolved)?.map(|i| i.name).ok_or_else(unknown);
     }
     validate_name(reference)?;
     catalog.image(reference).map(|i| i.name)
 }
 
-/// What `vmarctl stats` reports of one device.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct DeviceStats {
-    pub name: String,
-    pub image: Option<String>,
-    pub targets: TargetCounts,
-    /// Bytes of the device each class of extent maps.
-    pub mapped: ClassBytes,
-    /// Bytes read since the device was created (or since its statistics region was).
-    pub read: ReadBytes,
-    /// Bytes of the device whose backing pages are in the host page cache.
-    pub cached: u64,
-}
-
-/// Page cache of one image file that devices read.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageCache {
-    pub path: String,
-    /// Loop device (`MAJOR:MINOR`) the tables read it through.
-    pub loop_device: String,
-    pub size: u64,
-    pub cached: u64,
-}
-
-/// Result of `stats`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StatsReport {
-    pub devices: Vec<DeviceStats>,
-    pub images: Vec<ImageCache>,
-    /// Sums over `devices`.
-    pub targets: TargetCounts,
-    pub mapped: ClassBytes,
-    pub read: ReadBytes,
-    /// Cached bytes all devices can read, over cached bytes of the image files: how many
-    /// devices' worth of data each cached byte serves (1.0: no sharing).
-    pub sharing_factor: Option<f64>,
-}
-
 /// Read statistics, target counts and page-cache sharing of device `name`, or of all live
 /// devices.
-pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
-    if let Some(name) = name {
-        validate_name(name)?;
-    }
-    let dm = DeviceMapper::open()?;
+pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Result<StatsReport> {
     let names: Vec<String> = match name {
         Some(name) => {
-            if dm.info(name)?.is_none() {
+            validate_name(name)?;
+            if kernel.dm_info(name)?.is_none() {
                 return Err(Error::UnknownDevice {
                     name: name.to_string(),
                 });
             }
             vec![name.to_string()]
         }
-        None => dm.list()?.into_iter().map(|d| d.name).collect(),
+        None => kernel.dm_list()?,
     };
-    let mut images: BTreeMap<String, (ImageCache, Residency)> = BTreeMap::new();
+    let loops = kernel.loops()?;
+    let mut images: BTreeMap<BlockDev, (ImageCache, crate::kernel::Residency)> = BTreeMap::new();
     let mut report = StatsReport {
         devices: Vec::new(),
         images: Vec::new(),
@@ -445,17 +650,22 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
     };
     let mut visible = 0;
     for name in names {
-        let table = dm.table(&name)?;
-        for (source, _) in table.iter().filter_map(LiveTarget::linear_source) {
-            if !images.contains_key(source) {
-                // A device that is not one of vmar's loop devices has no image file whose
-                // cache could be counted; its reads are still counted.
-                match image_cache(source) {
-                    Ok(cache) => {
-                        images.insert(source.to_string(), cache);
-                    }
-                    Err(e) => tracing::warn!("{name}: no page-cache figures for {source}: {e}"),
+        let table = kernel.dm_table(&name)?;
+        for (source, _) in table.iter().filter_map(Target::linear_source) {
+            if images.contains_key(source) {
+                continue;
+            }
+            // A device that is not a loop device has no image file whose cache could be
+            // counted; its reads are still counted.
+            let Some(l) = loops.iter().find(|l| l.block_dev() == *source) else {
+                continue;
+            };
+            let Some(path) = &l.backing else { continue };
+            match image_cache(kernel, source, path) {
+                Ok(cache) => {
+                    images.insert(source.clone(), cache);
                 }
+                Err(e) => tracing::warn!("{name}: no page-cache figures for {source}: {e}"),
             }
         }
         let image = catalog.device(&name)?.map(|d| d.image);
@@ -467,7 +677,7 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
             .iter()
             .find(|(_, (cache, _))| Some(&cache.path) == own_path.as_ref())
             .map(|(device, _)| device.clone());
-        let mapped = stats::classify(&table, own.as_deref());
+        let mapped = stats::classify(&table, own.as_ref());
         let mut cached = 0;
         for m in &mapped {
             if let Some((device, offset)) = &m.source
@@ -476,14 +686,14 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
                 cached += stats::resident_bytes(
                     &residency.pages,
                     residency.page_size,
-                    offset * SECTOR_SIZE,
-                    m.len * SECTOR_SIZE,
+                    offset.bytes(),
+                    m.len.bytes(),
                 );
             }
         }
-        let sectors = table.last().map_or(0, |t| t.start + t.len);
-        let region = dm.ensure_stats_region(&name, stats::area_sectors(sectors))?;
-        let read = stats::attribute(&mapped, &dm.stats_areas(&name, region.id)?);
+        let sectors = table.last().map_or(Sectors(0), Target::end);
+        let region = stats_region(kernel, &name, sectors)?;
+        let read = stats::attribute(&mapped, &kernel.stats_areas(&name, region.id)?);
         let device = DeviceStats {
             name,
             image,
@@ -504,23 +714,20 @@ pub fn stats(catalog: &Catalog, name: Option<&str>) -> Result<StatsReport> {
     Ok(report)
 }
 
-/// The image file behind loop device `device` (`MAJOR:MINOR`) and its page-cache residency.
-fn image_cache(device: &str) -> Result<(ImageCache, Residency)> {
-    let sys = Path::new("/sys/dev/block")
-        .join(device)
-        .join("loop/backing_file");
-    let path = std::fs::read_to_string(&sys)
-        .map_err(|e| Error::io("cannot find the image file of", &sys, e))?
-        .trim()
-        .to_string();
-    let size = std::fs::metadata(&path)
-        .map_err(|e| Error::io("cannot stat", &path, e))?
+/// The page-cache residency of image file `path`, read through loop device `device`.
+fn image_cache(
+    kernel: &dyn Kernel,
+    device: &BlockDev,
+    path: &Path,
+) -> Result<(ImageCache, crate::kernel::Residency)> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io("cannot stat", path, e))?
         .len();
-    let residency = pagecache::residency(Path::new(&path), size)?;
+    let residency = kernel.residency(path, size)?;
     Ok((
         ImageCache {
             cached: residency.cached_bytes(),
-            path,
+            path: path.display().to_string(),
             loop_device: device.to_string(),
             size,
         },

@@ -101,9 +101,40 @@ pub enum Error {
     DeviceExists { name: String },
 
     #[error(
-        "device {name:?} is open ({open_count} users); close it (stop the VM) and retry, or use --force to remove it when the last user closes it"
+        "device {name:?} is open ({open_count} users); close it (stop the VM) and retry, or use --deferred to remove it when the last user closes it"
     )]
     DeviceBusy { name: String, open_count: i32 },
+
+    #[error(
+        "{path} is a {format} image, not a raw one; vmar serves raw images only. Convert it: `qemu-img convert -O raw {path} IMAGE.raw` (or, if it really is raw and only starts like {format}, capture it with --force-raw)"
+    )]
+    ImageFormat { path: PathBuf, format: String },
+
+    #[error(
+        "{path} has {links} hard links: another name, possibly outside the image roots, reaches the same file; copy the image into an image root and capture the copy"
+    )]
+    HardLinked { path: PathBuf, links: u64 },
+
+    #[error("injected fault at step {step} (VMAR_FAULTS)")]
+    Injected { step: String },
+
+    #[error("vmard is shutting down; the request was cancelled, retry once it is back")]
+    ShuttingDown,
+
+    #[error("vmard is busy: {0}; retry shortly")]
+    Busy(String),
+}
+
+/// `text` cut to at most 80 characters for an error message, so a client sending a huge
+/// name does not get it echoed back.
+pub fn shorten(text: &str) -> String {
+    const MAX: usize = 80;
+    if text.chars().count() <= MAX {
+        return text.to_string();
+    }
+    let mut short: String = text.chars().take(MAX).collect();
+    short.push_str("...");
+    short
 }
 
 impl Error {
@@ -132,6 +163,11 @@ impl Error {
             Error::ImageInUse { .. } => "image-in-use",
             Error::DeviceExists { .. } => "device-exists",
             Error::DeviceBusy { .. } => "device-busy",
+            Error::ImageFormat { .. } => "image-format",
+            Error::HardLinked { .. } => "hard-linked",
+            Error::Injected { .. } => "injected",
+            Error::ShuttingDown => "shutting-down",
+            Error::Busy(_) => "busy",
         }
     }
 

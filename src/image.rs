@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -16,15 +17,36 @@ pub const BLOCK_SIZE: u64 = 4096;
 pub const SECTOR_SIZE: u64 = 512;
 
 /// What identifies one version of an image file: if any field differs, its content may have
-/// changed and every map built from it is stale. For block devices `mtime` does not follow
-/// writes, so only the device number and size are meaningful there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// changed and every map built from it is stale. `ctime` catches what `mtime` alone misses:
+/// a writer that restores the modification time afterwards (`touch -d`) cannot set the
+/// inode change time, which the kernel sets on every write. For block devices neither
+/// follows writes, so only the device number and size are meaningful there.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct ImageIdentity {
     pub dev: u64,
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i128,
+    /// Absent in records of catalogs written before vmar kept it; then not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime_ns: Option<i128>,
 }
+
+impl PartialEq for ImageIdentity {
+    fn eq(&self, other: &ImageIdentity) -> bool {
+        let ctime_same = match (self.ctime_ns, other.ctime_ns) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        self.dev == other.dev
+            && self.ino == other.ino
+            && self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && ctime_same
+    }
+}
+
+impl Eq for ImageIdentity {}
 
 impl ImageIdentity {
     /// Human description of how `now` differs from `self`, e.g. "size 4096 -> 8192".
@@ -38,6 +60,13 @@ impl ImageIdentity {
         }
         if self.mtime_ns != now.mtime_ns {
             parts.push("modification time differs".to_string());
+        } else if let (Some(a), Some(b)) = (self.ctime_ns, now.ctime_ns)
+            && a != b
+        {
+            parts.push(
+                "inode change time differs (written, or its owner, mode or links changed)"
+                    .to_string(),
+            );
         }
         if parts.is_empty() {
             parts.push("unchanged".to_string());
@@ -70,7 +99,7 @@ impl ImageFile {
         let canonical = path
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", path, e))?;
-        let file = File::open(&canonical).map_err(|e| Error::io("cannot open", &canonical, e))?;
+        let file = open_read_only(&canonical)?;
         ImageFile::from_file_unchecked(canonical, file)
     }
 
@@ -91,12 +120,19 @@ impl ImageFile {
         if !ft.is_file() && !is_block_device {
             return Err(Error::NotAnImage { path });
         }
+        // Opened without blocking (a FIFO must not hold a thread); reads block again.
+        let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| Error::io("cannot read flags of", &path, e.into()))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) - nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| Error::io("cannot set flags of", &path, e.into()))?;
         let mut image = ImageFile {
             identity: ImageIdentity {
                 dev: 0,
                 ino: 0,
                 size: 0,
                 mtime_ns: 0,
+                ctime_ns: None,
             },
             path,
             file,
@@ -137,22 +173,98 @@ impl ImageFile {
         } else {
             meta.len()
         };
-        let (dev, ino) = if self.is_block_device {
-            (meta.rdev(), 0)
+        let (dev, ino, ctime_ns) = if self.is_block_device {
+            (meta.rdev(), 0, None)
         } else {
-            (meta.dev(), meta.ino())
+            (
+                meta.dev(),
+                meta.ino(),
+                Some(i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec())),
+            )
         };
         Ok(ImageIdentity {
             dev,
             ino,
             size,
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns,
         })
     }
 
     /// Number of catalog blocks, the last one possibly partial.
     pub fn block_count(&self) -> u64 {
         self.size.div_ceil(BLOCK_SIZE)
+    }
+}
+
+/// Opens `path` read-only without following it into a FIFO's wait for a writer.
+fn open_read_only(path: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| Error::io("cannot open", path, e))
+}
+
+/// Container formats that `qemu-img` recognises by their first bytes, which a raw-only
+/// tool must refuse rather than serve as disk bytes.
+pub fn container_format(head: &[u8]) -> Option<&'static str> {
+    const MAGICS: &[(usize, &[u8], &str)] = &[
+        (0, b"QFI\xfb", "qcow2"),
+        (0, b"QED\0", "qed"),
+        (0, b"KDMV", "vmdk"),
+        (0, b"COWD", "vmdk"),
+        (0, b"# Disk DescriptorFile", "vmdk"),
+        (0, b"vhdxfile", "vhdx"),
+        (0, b"conectix", "vpc (vhd)"),
+        (64, b"\x7f\x10\xda\xbe", "vdi"),
+        (0, b"WithoutFreeSpace", "parallels"),
+        (0, b"WithouFreSpacExt", "parallels"),
+        (0, b"Bochs Virtual HD Image", "bochs"),
+        (0, b"#!/bin/sh\n#V2.0 Format\n", "cloop"),
+        (0, b"LUKS\xba\xbe", "luks"),
+    ];
+    MAGICS
+        .iter()
+        .find(|(at, magic, _)| head.get(*at..*at + magic.len()) == Some(*magic))
+        .map(|(_, _, format)| *format)
+}
+
+impl ImageFile {
+    /// Refuses an image whose first bytes are those of a container format (see
+    /// [`container_format`]).
+    pub fn check_raw(&self) -> Result<()> {
+        let mut head = [0u8; 512];
+        let n = std::os::unix::fs::FileExt::read_at(&self.file, &mut head, 0)
+            .map_err(|e| Error::io("cannot read", &self.path, e))?;
+        match container_format(&head[..n]) {
+            Some(format) => Err(Error::ImageFormat {
+                path: self.path.clone(),
+                format: format.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a regular file with more than one hard link: a link planted inside an image
+    /// root could otherwise expose a file from outside it.
+    pub fn check_single_link(&self) -> Result<()> {
+        if self.is_block_device {
+            return Ok(());
+        }
+        let links = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", &self.path, e))?
+            .nlink();
+        if links > 1 {
+            return Err(Error::HardLinked {
+                path: self.path.clone(),
+                links,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -191,7 +303,7 @@ pub fn validate_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidName {
-            name: name.to_string(),
+            name: crate::error::shorten(name),
         })
     }
 }
@@ -308,5 +420,50 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         let err = open_unchanged("img", &path, &captured).unwrap_err();
         assert!(err.to_string().contains("no longer exists"), "{err}");
+    }
+
+    #[test]
+    fn container_formats_are_recognised() {
+        let mut qcow2 = b"QFI\xfb\0\0\0\x03".to_vec();
+        qcow2.resize(512, 0);
+        assert_eq!(container_format(&qcow2), Some("qcow2"));
+        let mut vdi = vec![0u8; 512];
+        vdi[64..68].copy_from_slice(&0xbeda107fu32.to_le_bytes());
+        assert_eq!(container_format(&vdi), Some("vdi"));
+        assert_eq!(container_format(b"vhdxfile"), Some("vhdx"));
+        // An MBR, an ext4 superblock area, zeros: raw.
+        let mut mbr = vec![0u8; 512];
+        mbr[510] = 0x55;
+        mbr[511] = 0xaa;
+        assert_eq!(container_format(&mbr), None);
+        assert_eq!(container_format(&[]), None);
+        assert_eq!(container_format(b"QF"), None);
+    }
+
+    #[test]
+    fn restored_mtime_does_not_hide_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let captured = ImageFile::open(&path).unwrap().identity;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_at(&file, &[8u8; 4096], 0).unwrap();
+        let mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::from_nanos(captured.mtime_ns as u64);
+        file.set_modified(mtime).unwrap();
+        drop(file);
+        let now = ImageFile::open(&path).unwrap().identity;
+        assert_eq!(now.mtime_ns, captured.mtime_ns);
+        let err = open_unchanged("img", &path, &captured).unwrap_err();
+        assert!(err.to_string().contains("inode change time"), "{err}");
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.raw");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert!(matches!(ImageFile::open(&fifo), Err(Error::NotAnImage { .. })));
     }
 }

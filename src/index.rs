@@ -164,6 +164,7 @@ pub fn write_run(dir: &Path, id: u64, entries: impl Iterator<Item = Entry>) -> R
         .map_err(|e| Error::io("cannot write index run", &tmp, e.into_error()))?;
     file.sync_all()
         .map_err(|e| Error::io("cannot sync index run", &tmp, e))?;
+    crate::fault::point("index.write")?;
     fs::rename(&tmp, &path).map_err(|e| Error::io("cannot rename index run", &path, e))?;
     sync_dir(dir)?;
     Run::open(dir, id)

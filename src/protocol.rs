@@ -15,12 +15,18 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{CaptureStatus, ImageRecord};
+use crate::budget::BudgetCost;
+use crate::kernel::LiveDevice;
 use crate::map::{Extent, MapSummary};
+use crate::records::{CaptureStatus, ImageRecord};
+use crate::stats::{ClassBytes, ReadBytes, TargetCounts};
 use crate::table::Target;
 
-/// Version of this protocol, answered by `ping`.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of this protocol, answered by `ping`. 2: `remove` takes `deferred`, `capture` and
+/// `create` take `force_raw`, device states `suspended`, `differs`, `creating`, `removing`.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Where vmard listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
 /// Longest request line vmard reads.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
@@ -37,6 +43,9 @@ pub enum Request {
         name: Option<String>,
         #[serde(default)]
         recapture: bool,
+        /// Capture even if the first bytes look like a container format (qcow2, vmdk, ...).
+        #[serde(default)]
+        force_raw: bool,
     },
     /// All captured images, in capture order.
     Images,
@@ -64,12 +73,15 @@ pub enum Request {
         image: String,
         #[serde(default)]
         capture: bool,
+        #[serde(default)]
+        force_raw: bool,
     },
-    /// Remove a device; `force` defers the removal of an open device to its last close.
+    /// Remove a device; `deferred` removes an open device at its last close (as dmsetup's
+    /// `remove --deferred`). `force` is its old name.
     Remove {
         name: String,
-        #[serde(default)]
-        force: bool,
+        #[serde(default, alias = "force")]
+        deferred: bool,
     },
     /// Saved and live devices.
     List,
@@ -87,6 +99,13 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+}
+
+/// Progress of a long operation, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
 }
 
 /// One line vmard sends.
@@ -147,4 +166,114 @@ pub struct TableResult {
     pub targets: Vec<Target>,
     /// The table in `dmsetup` syntax.
     pub text: String,
+}
+
+/// How a device stands, from its record and the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub name: String,
+    /// Image it serves, when saved.
+    pub image: Option<String>,
+    /// `active`: serving its image's current map; `suspended`: reads wait (a resume, or a
+    /// restart of vmard, releases them); `differs`: live, but its table is not the image's
+    /// current map (`refresh` swaps it in); `no-table`: live without a table; `missing`:
+    /// saved, not in the kernel (a restart creates it); `creating`; `removing`: removal
+    /// deferred to its last close; `unmanaged`: a `vmar-` device the catalog does not know.
+    pub state: String,
+    pub node: String,
+    pub live: Option<LiveDevice>,
+    /// Target counts of the live table by type.
+    #[serde(default)]
+    pub target_types: BTreeMap<String, u64>,
+    /// Devices (`MAJOR:MINOR`) the live table reads from.
+    #[serde(default)]
+    pub reads_from: Vec<String>,
+    /// What the target budget costs the image's current map.
+    pub budget: Option<BudgetCost>,
+    /// The live table, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<Vec<Target>>,
+}
+
+/// Result of `create` and `refresh`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceChange {
+    pub device: DeviceStatus,
+    pub targets: u64,
+    pub budget: BudgetCost,
+    /// Loop devices by image, and whether this change attached them.
+    pub loops: BTreeMap<String, (String, bool)>,
+    pub seconds: f64,
+}
+
+/// What `restore` did at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// Saved devices that were missing and were created.
+    pub created: Vec<String>,
+    /// Saved devices already live with the expected table: left alone.
+    pub unchanged: Vec<String>,
+    /// Live devices brought back in line: resumed (left suspended by a crash), or given the
+    /// image's current map (atomically, while in use).
+    pub repaired: Vec<String>,
+    /// Creates a crash interrupted, undone.
+    pub rolled_back: Vec<String>,
+    /// Removals a crash interrupted (or deferred ones that completed), finished.
+    pub removed: Vec<String>,
+    /// Saved devices that could not be served, with the reason; the others were restored.
+    pub failed: Vec<(String, String)>,
+    /// `VMAR-` devices the catalog does not know, nobody has open, removed.
+    pub cleaned: Vec<String>,
+    /// Loop devices over captured images left without autoclear, detached.
+    pub detached: Vec<String>,
+    /// Udev synchronisation left by killed processes, released.
+    pub released: Vec<String>,
+}
+
+/// Result of `remove`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub name: String,
+    /// The device was open: it goes away when its last user closes it.
+    pub deferred: bool,
+    /// It was in the kernel (not only saved).
+    pub was_live: bool,
+}
+
+/// What `vmarctl stats` reports of one device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    pub name: String,
+    pub image: Option<String>,
+    pub targets: TargetCounts,
+    /// Bytes of the device each class of extent maps.
+    pub mapped: ClassBytes,
+    /// Bytes read since the device was created (or since its statistics region was).
+    pub read: ReadBytes,
+    /// Bytes of the device whose backing pages are in the host page cache.
+    pub cached: u64,
+}
+
+/// Page cache of one image file that devices read.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageCache {
+    pub path: String,
+    /// Loop device (`MAJOR:MINOR`) the tables read it through.
+    pub loop_device: String,
+    pub size: u64,
+    pub cached: u64,
+}
+
+/// Result of `stats`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub devices: Vec<DeviceStats>,
+    pub images: Vec<ImageCache>,
+    /// Sums over `devices`.
+    pub targets: TargetCounts,
+    pub mapped: ClassBytes,
+    pub read: ReadBytes,
+    /// Cached bytes all devices can read, over cached bytes of the image files: how many
+    /// devices' worth of data each cached byte serves (1.0: no sharing).
+    pub sharing_factor: Option<f64>,
 }

@@ -59,7 +59,7 @@ impl ImageRoots {
         };
         let dir = File::open(root).map_err(|e| Error::io("cannot open image root", root, e))?;
         let how = OpenHow::new()
-            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         let fd = openat2(dir.as_raw_fd(), relative, how).map_err(|e| match e {
             nix::errno::Errno::EXDEV => outside(),
@@ -67,7 +67,25 @@ impl ImageRoots {
         })?;
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
-        ImageFile::from_file(canonical, file)
+        let image = ImageFile::from_file(canonical, file)?;
+        image.check_single_link()?;
+        Ok(image)
+    }
+
+    /// Whether `path`, taken as written (`.` and `..` folded, nothing resolved), lies in a
+    /// root: a check that reveals nothing about the file system.
+    pub fn contains_lexically(&self, path: &Path) -> bool {
+        let mut folded = PathBuf::new();
+        for part in path.components() {
+            match part {
+                std::path::Component::ParentDir => {
+                    folded.pop();
+                }
+                std::path::Component::CurDir => {}
+                other => folded.push(other),
+            }
+        }
+        self.roots.iter().any(|r| folded.starts_with(r))
     }
 }
 
@@ -105,5 +123,27 @@ mod tests {
             "outside-image-roots"
         );
         assert!(ImageRoots::new(&[dir.path().join("missing")]).is_err());
+    }
+
+    #[test]
+    fn hard_links_and_fifos_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        std::fs::create_dir_all(&root).unwrap();
+        let outside = dir.path().join("secret.raw");
+        std::fs::write(&outside, [2u8; 4096]).unwrap();
+        std::fs::hard_link(&outside, root.join("linked.raw")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo.raw"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let roots = ImageRoots::new(std::slice::from_ref(&root)).unwrap();
+        assert_eq!(
+            roots.open(&root.join("linked.raw")).unwrap_err().kind(),
+            "hard-linked"
+        );
+        assert_eq!(
+            roots.open(&root.join("fifo.raw")).unwrap_err().kind(),
+            "not-an-image"
+        );
+        assert!(roots.contains_lexically(&root.join("a/../b.raw")));
+        assert!(!roots.contains_lexically(&root.join("../secret.raw")));
     }
 }

@@ -1,26 +1,34 @@
-//! vmard's socket server: a local Unix socket, one thread per connection, one request per
-//! connection, clients checked with SO_PEERCRED.
+//! vmard's socket server: a local Unix socket, one thread per connection (at most
+//! [`MAX_CONNECTIONS`] at once), one request per connection, clients checked with
+//! SO_PEERCRED. [`Server::run`] returns when [`Stopper::stop`] is called (SIGTERM), after
+//! the requests in flight have finished or been cancelled.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{Gid, Uid, User, getgrouplist};
 
-use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::protocol::{MAX_REQUEST_BYTES, Reply, Request};
-use crate::roots::ImageRoots;
 use crate::service::{self, Context};
 
 /// Where vmard keeps its catalog unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmar";
-/// Where vmard listens unless told otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
+/// Most connections served at once; more are answered `busy` at once. Keeps vmard's threads
+/// bounded (the unit's TasksMax is above this).
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stop waits for requests in flight before giving up on them.
+const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Who may use the socket besides root and the user vmard runs as.
 #[derive(Clone, Copy, Debug, Default)]
@@ -37,10 +45,10 @@ impl Access {
         if uid.is_root() || uid == Uid::effective() {
             return Ok(());
         }
-        if let Some(group) = self.group {
-            if Gid::from_raw(creds.gid()) == group || user_in_group(uid, group) {
-                return Ok(());
-            }
+        if let Some(group) = self.group
+            && (Gid::from_raw(creds.gid()) == group || user_in_group(uid, group))
+        {
+            return Ok(());
         }
         Err(Error::PermissionDenied(format!(
             "uid {uid} may not use vmard (only root{})",
@@ -64,29 +72,46 @@ fn user_in_group(uid: Uid, group: Gid) -> bool {
         .unwrap_or(false)
 }
 
+/// Connections in flight, and a way to wait for them.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    done: Condvar,
+}
+
+/// Stops a running [`Server`] from another thread (a signal handler thread).
+#[derive(Clone)]
+pub struct Stopper {
+    stopping: Arc<AtomicBool>,
+    listener_fd: i32,
+}
+
+impl Stopper {
+    /// Stops accepting, lets the requests in flight finish (captures stop at their next
+    /// batch), then makes [`Server::run`] return.
+    pub fn stop(&self) {
+        crate::shutdown::request();
+        self.stopping.store(true, Ordering::SeqCst);
+        // Wakes the accept() of run(); the listener itself is closed when run() returns.
+        let _ = nix::sys::socket::shutdown(self.listener_fd, nix::sys::socket::Shutdown::Both);
+    }
+}
+
 /// A bound vmard socket with its catalog, ready to serve.
 pub struct Server {
     listener: UnixListener,
     socket: PathBuf,
     context: Arc<Context>,
     access: Access,
+    stopping: Arc<AtomicBool>,
+    in_flight: Arc<InFlight>,
+    refused: AtomicUsize,
 }
 
 impl Server {
-    /// Opens the catalog in `state_dir` and binds `socket` (replacing a stale one). The socket
-    /// is mode 0600, or 0660 owned by `access.group` when a group is configured.
-    pub fn bind(
-        state_dir: &Path,
-        socket: &Path,
-        access: Access,
-        max_targets: u64,
-        roots: ImageRoots,
-    ) -> Result<Server> {
-        let context = Arc::new(Context {
-            catalog: Catalog::open(state_dir)?,
-            max_targets,
-            roots,
-        });
+    /// Binds `socket` (replacing a stale one) for `context`. The socket is mode 0600, or
+    /// 0660 owned by `access.group` when a group is configured.
+    pub fn bind(context: Context, socket: &Path, access: Access) -> Result<Server> {
         if let Some(dir) = socket.parent() {
             fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;
         }
@@ -113,8 +138,11 @@ impl Server {
         Ok(Server {
             listener,
             socket: socket.to_path_buf(),
-            context,
+            context: Arc::new(context),
             access,
+            stopping: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::new(InFlight::default()),
+            refused: AtomicUsize::new(0),
         })
     }
 
@@ -122,26 +150,96 @@ impl Server {
         &self.socket
     }
 
-    pub fn catalog(&self) -> &Catalog {
-        &self.context.catalog
+    pub fn context(&self) -> &Arc<Context> {
+        &self.context
     }
 
-    /// Serves clients until the process ends.
-    pub fn run(self) -> Result<()> {
+    /// A handle that stops [`Server::run`].
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            stopping: Arc::clone(&self.stopping),
+            listener_fd: self.listener.as_raw_fd(),
+        }
+    }
+
+    /// Serves clients until stopped; then waits for the requests in flight (at most 30 s),
+    /// and removes the socket. The catalog closes when the server is dropped.
+    pub fn run(&self) -> Result<()> {
         for stream in self.listener.incoming() {
+            if self.stopping.load(Ordering::SeqCst) {
+                break;
+            }
             let stream = match stream {
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
             };
-            let context = Arc::clone(&self.context);
-            let access = self.access;
-            std::thread::spawn(move || serve_connection(&context, access, stream));
+            self.dispatch(stream);
+        }
+        let _ = fs::remove_file(&self.socket);
+        let count = self.in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
+        let (count, timeout) = self
+            .in_flight
+            .done
+            .wait_timeout_while(count, STOP_GRACE, |n| *n > 0)
+            .unwrap_or_else(|p| p.into_inner());
+        if timeout.timed_out() {
+            tracing::warn!(in_flight = *count, "stopping with requests still running");
         }
         Ok(())
     }
+
+    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open.
+    fn dispatch(&self, mut stream: UnixStream) {
+        {
+            let mut count = self.in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
+            if *count >= MAX_CONNECTIONS {
+                drop(count);
+                refuse(&mut stream, &self.refused);
+                return;
+            }
+            *count += 1;
+        }
+        let context = Arc::clone(&self.context);
+        let in_flight = Arc::clone(&self.in_flight);
+        let access = self.access;
+        let finished = Arc::clone(&in_flight);
+        let spawned = std::thread::Builder::new()
+            .name("vmard-conn".into())
+            .spawn(move || {
+                serve_connection(&context, access, stream);
+                let mut count = in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
+                *count -= 1;
+                in_flight.done.notify_all();
+            });
+        if let Err(e) = spawned {
+            // The stream moved into the closure that was not run; the client sees a closed
+            // connection. Say why in the log.
+            tracing::warn!("cannot start a thread for a client: {e}");
+            let mut count = finished.count.lock().unwrap_or_else(|p| p.into_inner());
+            *count -= 1;
+            finished.done.notify_all();
+        }
+    }
+}
+
+fn refuse(stream: &mut UnixStream, refused: &AtomicUsize) {
+    let n = refused.fetch_add(1, Ordering::Relaxed);
+    if n.is_power_of_two() {
+        tracing::warn!(refused = n + 1, "too many connections; answering busy");
+    }
+    let error = Error::Busy(format!("{MAX_CONNECTIONS} requests are in progress"));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = send(
+        stream,
+        &Reply::Error {
+            kind: error.kind().to_string(),
+            message: error.to_string(),
+        },
+    );
 }
 
 fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
@@ -156,6 +254,9 @@ fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
     // sees the refusal instead of a broken pipe; it is parsed only once the peer is allowed.
     let line = read_line(&stream);
     let outcome = access.check(&stream).and_then(|()| {
+        if crate::shutdown::requested() {
+            return Err(Error::ShuttingDown);
+        }
         let request = parse_request(&line?)?;
         captured = matches!(request, Request::Capture { .. });
         tracing::info!(?request, "request");
@@ -163,7 +264,7 @@ fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
             .try_clone()
             .map_err(|e| Error::io("cannot clone", "socket", e))?;
         // A client that went away does not stop the work: the catalog change still completes.
-        let mut progress = |p: crate::catalog::Progress| {
+        let mut progress = |p: crate::protocol::Progress| {
             let _ = send(
                 &mut writer,
                 &Reply::Progress {
@@ -188,15 +289,18 @@ fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
         tracing::debug!("client went away before the reply: {e}");
     }
     drop(stream);
-    if captured && let Err(e) = context.catalog.compact_index() {
+    if captured
+        && !crate::shutdown::requested()
+        && let Err(e) = context.catalog.compact_index()
+    {
         tracing::warn!("index compaction failed (retried after the next capture): {e}");
     }
 }
 
 fn read_line(stream: &UnixStream) -> Result<String> {
-    // A client that connects and never sends a request must not hold a thread forever.
+    // A client that connects and never sends a request must not hold a thread for long.
     stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .set_read_timeout(Some(REQUEST_TIMEOUT))
         .map_err(|e| Error::io("cannot set timeout on", "socket", e))?;
     let mut line = String::new();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES));
@@ -204,13 +308,15 @@ fn read_line(stream: &UnixStream) -> Result<String> {
         .read_line(&mut line)
         .map_err(|e| Error::Protocol(format!("cannot read request: {e}")))?;
     if !line.ends_with('\n') {
-        return Err(Error::Protocol(
-            "request must be one JSON line of at most 1 MiB".into(),
-        ));
+        return Err(Error::Protocol(format!(
+            "request must be one JSON line of at most {} KiB",
+            MAX_REQUEST_BYTES >> 10
+        )));
     }
     Ok(line)
 }
 
-fn parse_request(line: &str) -> Result<Request> {
+/// Parses one request line.
+pub fn parse_request(line: &str) -> Result<Request> {
     serde_json::from_str(line).map_err(|e| Error::Protocol(format!("bad request: {e}")))
 }

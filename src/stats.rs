@@ -10,8 +10,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::dm::LiveTarget;
 use crate::image::{BLOCK_SIZE, SECTOR_SIZE};
+use crate::kernel::AreaReads;
+use crate::table::{BlockDev, Target};
+use crate::units::Sectors;
 
 /// Most dm-stats areas of one device. Each area costs the kernel about 120 bytes plus 104
 /// bytes per possible CPU; 4096 areas are ~1.3 MiB on a 2-CPU host, ~28 MiB on 64 CPUs.
@@ -90,32 +92,30 @@ impl TargetCounts {
     }
 }
 
-/// A parsed live target: the sectors it maps and where it reads from.
+/// A live target by class: the sectors it maps and where it reads from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapped {
-    pub start: u64,
-    pub len: u64,
+    pub start: Sectors,
+    pub len: Sectors,
     pub class: Class,
-    /// `MAJOR:MINOR` and first sector read, for `linear` targets.
-    pub source: Option<(String, u64)>,
+    /// Device and first sector read, for `linear` targets.
+    pub source: Option<(BlockDev, Sectors)>,
 }
 
 /// Classifies the targets of a live table. `own_device` is the `MAJOR:MINOR` of the loop
 /// device of the device's own image: a `linear` target reading it at its own offset is
 /// own, every other `linear` target is a redirection, any other target type is zero (vmar
 /// loads only `linear` and `zero`).
-pub fn classify(table: &[LiveTarget], own_device: Option<&str>) -> Vec<Mapped> {
+pub fn classify(table: &[Target], own_device: Option<&BlockDev>) -> Vec<Mapped> {
     table
         .iter()
         .map(|t| {
             let source = t
                 .linear_source()
-                .map(|(device, offset)| (device.to_string(), offset));
+                .map(|(device, offset)| (device.clone(), offset));
             let class = match &source {
                 None => Class::Zero,
-                Some((device, offset))
-                    if Some(device.as_str()) == own_device && *offset == t.start =>
-                {
+                Some((device, offset)) if Some(device) == own_device && *offset == t.start => {
                     Class::Own
                 }
                 Some(_) => Class::Redirected,
@@ -134,7 +134,7 @@ pub fn classify(table: &[LiveTarget], own_device: Option<&str>) -> Vec<Mapped> {
 pub fn layout(mapped: &[Mapped]) -> ClassBytes {
     let mut bytes = ClassBytes::default();
     for m in mapped {
-        bytes.add(m.class, m.len * SECTOR_SIZE);
+        bytes.add(m.class, m.len.bytes());
     }
     bytes
 }
@@ -145,78 +145,6 @@ pub fn area_sectors(sectors: u64) -> u64 {
     let per_block = BLOCK_SIZE / SECTOR_SIZE;
     let blocks = sectors.div_ceil(per_block).max(1);
     blocks.div_ceil(MAX_STATS_AREAS) * per_block
-}
-
-/// Read counters of one dm-stats area. (Its request count is left out: dm-stats counts a
-/// request once in every area it touches, so per-area counts do not add up to requests.)
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AreaReads {
-    pub start: u64,
-    pub len: u64,
-    pub sectors_read: u64,
-}
-
-/// Parses the output of `@stats_print`: one line per area, `START+LEN` and counters of
-/// which the 3rd is sectors read.
-pub fn parse_stats_print(text: &str) -> Result<Vec<AreaReads>, String> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let mut words = line.split_whitespace();
-            let range = words.next().unwrap_or_default();
-            let (start, len) = range
-                .split_once('+')
-                .and_then(|(s, l)| Some((s.parse().ok()?, l.parse().ok()?)))
-                .ok_or_else(|| format!("bad area {range:?} in {line:?}"))?;
-            let counters: Vec<u64> = words
-                .map(|w| w.parse::<u64>())
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("bad counter in {line:?}: {e}"))?;
-            if counters.len() < 3 {
-                return Err(format!("too few counters in {line:?}"));
-            }
-            Ok(AreaReads {
-                start,
-                len,
-                sectors_read: counters[2],
-            })
-        })
-        .collect()
-}
-
-/// A region as `@stats_list` reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Region {
-    pub id: u64,
-    pub start: u64,
-    pub len: u64,
-    pub step: u64,
-    pub program: String,
-}
-
-/// Parses the output of `@stats_list`: `ID: START+LEN STEP PROGRAM AUX ...` per region.
-pub fn parse_stats_list(text: &str) -> Result<Vec<Region>, String> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let bad = || format!("bad region line {line:?}");
-            let (id, rest) = line.split_once(':').ok_or_else(bad)?;
-            let mut words = rest.split_whitespace();
-            let (start, len) = words
-                .next()
-                .and_then(|r| r.split_once('+'))
-                .and_then(|(s, l)| Some((s.parse().ok()?, l.parse().ok()?)))
-                .ok_or_else(bad)?;
-            let step = words.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-            Ok(Region {
-                id: id.trim().parse().map_err(|_| bad())?,
-                start,
-                len,
-                step,
-                program: words.next().unwrap_or("-").to_string(),
-            })
-        })
-        .collect()
 }
 
 /// Bytes read from a device, by class of extent.
@@ -251,13 +179,13 @@ pub fn attribute(mapped: &[Mapped], areas: &[AreaReads]) -> ReadBytes {
         let bytes = area.sectors_read * SECTOR_SIZE;
         result.total += bytes;
         let end = area.start + area.len;
-        while first < mapped.len() && mapped[first].start + mapped[first].len <= area.start {
+        while first < mapped.len() && (mapped[first].start + mapped[first].len).0 <= area.start {
             first += 1;
         }
         let mut overlap = ClassBytes::default();
-        for m in mapped[first..].iter().take_while(|m| m.start < end) {
-            let lo = m.start.max(area.start);
-            let hi = (m.start + m.len).min(end);
+        for m in mapped[first..].iter().take_while(|m| m.start.0 < end) {
+            let lo = m.start.0.max(area.start);
+            let hi = (m.start + m.len).0.min(end);
             if hi > lo {
                 overlap.add(m.class, hi - lo);
             }
@@ -326,16 +254,16 @@ pub fn sharing_factor(visible: u64, cached: u64) -> Option<f64> {
 mod tests {
     use super::*;
 
-    fn target(start: u64, len: u64, kind: &str, params: &str) -> LiveTarget {
-        LiveTarget {
-            start,
-            len,
-            target_type: kind.to_string(),
-            params: params.to_string(),
-        }
+    fn target(start: u64, len: u64, kind: &str, params: &str) -> Target {
+        Target::parse(Sectors(start), Sectors(len), kind, params).unwrap()
     }
 
-    fn table() -> Vec<LiveTarget> {
+    fn own() -> Option<&'static BlockDev> {
+        static OWN: std::sync::OnceLock<BlockDev> = std::sync::OnceLock::new();
+        Some(OWN.get_or_init(|| BlockDev::number(7, 0)))
+    }
+
+    fn table() -> Vec<Target> {
         vec![
             target(0, 16, "linear", "7:0 0"),   // own
             target(16, 8, "zero", ""),          // zero
@@ -347,7 +275,7 @@ mod tests {
 
     #[test]
     fn classify_tells_own_from_redirected_by_device_and_offset() {
-        let classes: Vec<Class> = classify(&table(), Some("7:0"))
+        let classes: Vec<Class> = classify(&table(), own())
             .iter()
             .map(|m| m.class)
             .collect();
@@ -362,7 +290,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            TargetCounts::of(&classify(&table(), Some("7:0"))),
+            TargetCounts::of(&classify(&table(), own())),
             TargetCounts {
                 own: 2,
                 redirected: 2,
@@ -375,7 +303,7 @@ mod tests {
                 .iter()
                 .all(|m| m.class != Class::Own)
         );
-        let bytes = layout(&classify(&table(), Some("7:0")));
+        let bytes = layout(&classify(&table(), own()));
         assert_eq!(
             bytes,
             ClassBytes {
@@ -399,52 +327,6 @@ mod tests {
         assert!(three_gib.div_ceil(step - 8) > MAX_STATS_AREAS);
     }
 
-    #[test]
-    fn kernel_output_parses_and_garbage_is_refused() {
-        let print = "0+8 3 0 24 1 0 0 0 0 0 1 1 1 0\n8+8 0 0 0 0 0 0 0 0 0 0 0 0 0\n";
-        assert_eq!(
-            parse_stats_print(print).unwrap(),
-            [
-                AreaReads {
-                    start: 0,
-                    len: 8,
-                    sectors_read: 24
-                },
-                AreaReads {
-                    start: 8,
-                    len: 8,
-                    sectors_read: 0
-                }
-            ]
-        );
-        assert!(parse_stats_print("0+8 1 x 3\n").is_err());
-        assert!(parse_stats_print("08 1 2 3\n").is_err());
-        assert!(parse_stats_print("0+8 1 2\n").is_err());
-        let list = "0: 0+2048 8 vmar -\n3: 16+8 8 dmstats some aux\n";
-        assert_eq!(
-            parse_stats_list(list).unwrap(),
-            [
-                Region {
-                    id: 0,
-                    start: 0,
-                    len: 2048,
-                    step: 8,
-                    program: "vmar".into()
-                },
-                Region {
-                    id: 3,
-                    start: 16,
-                    len: 8,
-                    step: 8,
-                    program: "dmstats".into()
-                }
-            ]
-        );
-        assert!(parse_stats_list("zero: 0+8 8 vmar -").is_err());
-        assert!(parse_stats_list("0 0+8 8 vmar -").is_err());
-        assert_eq!(parse_stats_list("").unwrap(), []);
-    }
-
     fn area(start: u64, len: u64, sectors_read: u64) -> AreaReads {
         AreaReads {
             start,
@@ -455,7 +337,7 @@ mod tests {
 
     #[test]
     fn homogeneous_areas_are_exact_and_mixed_ones_are_split_and_marked() {
-        let mapped = classify(&table(), Some("7:0"));
+        let mapped = classify(&table(), own());
         // Block-sized areas: every area lies in one target.
         let areas: Vec<AreaReads> = (0..8).map(|i| area(i * 8, 8, 8)).collect();
         let reads = attribute(&mapped, &areas);

@@ -1,14 +1,67 @@
 //! Device-mapper tables: a map turned into `linear` and `zero` targets in 512-byte sectors.
-//! Pure and deterministic; the device path loads exactly what this produces.
+//! Pure and deterministic; the device path loads exactly what this produces, and live tables
+//! read back from the kernel parse into the same [`Target`] type, so they compare as values.
 
-use std::fmt::Write as _;
+use std::fmt;
+use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::{BLOCK_SIZE, SECTOR_SIZE};
 use crate::map::{BlockMap, ImageId, Source};
+use crate::units::{Blocks, Sectors};
 
-const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR_SIZE;
+/// The block device a `linear` target reads: `MAJOR:MINOR` as the kernel reports it, or a
+/// name (a `/dev` path, or a `loop:IMAGE` placeholder in tables printed for people).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum BlockDev {
+    Number { major: u32, minor: u32 },
+    Named(String),
+}
+
+impl BlockDev {
+    pub fn number(major: u32, minor: u32) -> BlockDev {
+        BlockDev::Number { major, minor }
+    }
+}
+
+impl fmt::Display for BlockDev {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlockDev::Number { major, minor } => write!(f, "{major}:{minor}"),
+            BlockDev::Named(name) => f.write_str(name),
+        }
+    }
+}
+
+impl FromStr for BlockDev {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<BlockDev, String> {
+        if s.is_empty() || s.contains(char::is_whitespace) {
+            return Err(format!("bad block device {s:?}"));
+        }
+        if let Some((major, minor)) = s.split_once(':')
+            && let (Ok(major), Ok(minor)) = (major.parse(), minor.parse())
+        {
+            return Ok(BlockDev::Number { major, minor });
+        }
+        Ok(BlockDev::Named(s.to_string()))
+    }
+}
+
+impl From<BlockDev> for String {
+    fn from(d: BlockDev) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for BlockDev {
+    type Error = String;
+    fn try_from(s: String) -> Result<BlockDev, String> {
+        s.parse()
+    }
+}
 
 /// What a target does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,24 +70,32 @@ pub enum TargetKind {
     /// Reads return zeros; no I/O.
     Zero,
     /// Reads go to `device` starting at sector `offset`.
-    Linear { device: String, offset: u64 },
+    Linear { device: BlockDev, offset: Sectors },
+    /// Any other target a live table may hold (vmar loads none: e.g. the `error` target
+    /// `dmsetup remove --force` leaves behind).
+    Other { target_type: String, params: String },
 }
 
 /// One line of a table: `len` sectors starting at sector `start` of the mapped device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
-    pub start: u64,
-    pub len: u64,
+    pub start: Sectors,
+    pub len: Sectors,
     #[serde(flatten)]
     pub kind: TargetKind,
 }
 
 impl Target {
+    pub fn end(&self) -> Sectors {
+        self.start + self.len
+    }
+
     /// Target type name as the kernel knows it.
-    pub fn target_type(&self) -> &'static str {
-        match self.kind {
+    pub fn target_type(&self) -> &str {
+        match &self.kind {
             TargetKind::Zero => "zero",
             TargetKind::Linear { .. } => "linear",
+            TargetKind::Other { target_type, .. } => target_type,
         }
     }
 
@@ -43,7 +104,81 @@ impl Target {
         match &self.kind {
             TargetKind::Zero => String::new(),
             TargetKind::Linear { device, offset } => format!("{device} {offset}"),
+            TargetKind::Other { params, .. } => params.clone(),
         }
+    }
+
+    /// For a `linear` target: the device and first sector it reads.
+    pub fn linear_source(&self) -> Option<(&BlockDev, Sectors)> {
+        match &self.kind {
+            TargetKind::Linear { device, offset } => Some((device, *offset)),
+            _ => None,
+        }
+    }
+}
+
+/// A table line as `dmsetup table` prints it: `start len type [params]`.
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.start, self.len, self.target_type())?;
+        let params = self.params();
+        if !params.is_empty() {
+            write!(f, " {params}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(line: &str) -> Result<Target, String> {
+        let mut words = line.split_whitespace();
+        let mut number = |what: &str| -> Result<Sectors, String> {
+            words
+                .next()
+                .and_then(|w| w.parse().ok())
+                .map(Sectors)
+                .ok_or_else(|| format!("table line {line:?}: bad {what}"))
+        };
+        let start = number("start")?;
+        let len = number("length")?;
+        let target_type = words
+            .next()
+            .ok_or_else(|| format!("table line {line:?}: no target type"))?;
+        let params: Vec<&str> = words.collect();
+        Target::parse(start, len, target_type, &params.join(" "))
+    }
+}
+
+impl Target {
+    /// A target from the parts the kernel reports for it.
+    pub fn parse(
+        start: Sectors,
+        len: Sectors,
+        target_type: &str,
+        params: &str,
+    ) -> Result<Target, String> {
+        let words: Vec<&str> = params.split_whitespace().collect();
+        let kind = match (target_type, words.as_slice()) {
+            ("zero", []) => TargetKind::Zero,
+            ("linear", [device, offset]) => TargetKind::Linear {
+                device: device.parse()?,
+                offset: Sectors(
+                    offset
+                        .parse()
+                        .map_err(|_| format!("linear target: bad offset {offset:?}"))?,
+                ),
+            },
+            ("zero" | "linear", _) => {
+                return Err(format!("{target_type} target: bad parameters {params:?}"));
+            }
+            (other, _) => TargetKind::Other {
+                target_type: other.to_string(),
+                params: words.join(" "),
+            },
+        };
+        Ok(Target { start, len, kind })
     }
 }
 
@@ -51,15 +186,15 @@ impl Target {
 /// device that serves an image's own blocks (its loop device, or a placeholder). Adjacent
 /// targets that continue each other are merged, and the last target ends at the image's
 /// last sector even when its last block is partial.
-pub fn build(map: &BlockMap, size: u64, device_of: impl Fn(ImageId) -> String) -> Vec<Target> {
-    let total = size / SECTOR_SIZE;
+pub fn build(map: &BlockMap, size: u64, device_of: impl Fn(ImageId) -> BlockDev) -> Vec<Target> {
+    let total = Sectors::of_bytes(size);
     let mut targets: Vec<Target> = Vec::with_capacity(map.extents.len());
     for extent in &map.extents {
-        let start = extent.start * SECTORS_PER_BLOCK;
+        let start = Blocks(extent.start).sectors();
         if start >= total {
             break;
         }
-        let len = (extent.end() * SECTORS_PER_BLOCK).min(total) - start;
+        let len = Blocks(extent.end()).sectors().min(total) - start;
         let kind = match extent.source {
             Source::Zero => TargetKind::Zero,
             Source::Own => TargetKind::Linear {
@@ -68,7 +203,7 @@ pub fn build(map: &BlockMap, size: u64, device_of: impl Fn(ImageId) -> String) -
             },
             Source::Redirect { image, block } => TargetKind::Linear {
                 device: device_of(image),
-                offset: block * SECTORS_PER_BLOCK,
+                offset: Blocks(block).sectors(),
             },
         };
         if let Some(last) = targets.last_mut()
@@ -91,7 +226,7 @@ fn continues(last: &Target, kind: &TargetKind) -> bool {
                 device: d,
                 offset: o,
             },
-        ) => device == d && offset + last.len == *o,
+        ) => device == d && *offset + last.len == *o,
         _ => false,
     }
 }
@@ -100,22 +235,28 @@ fn continues(last: &Target, kind: &TargetKind) -> bool {
 pub fn to_text(targets: &[Target]) -> String {
     let mut text = String::new();
     for t in targets {
-        let _ = write!(text, "{} {} {}", t.start, t.len, t.target_type());
-        if let TargetKind::Linear { device, offset } = &t.kind {
-            let _ = write!(text, " {device} {offset}");
-        }
+        text.push_str(&t.to_string());
         text.push('\n');
     }
     text
 }
 
+/// Parses a table in `dmsetup table` form.
+pub fn from_text(text: &str) -> Result<Vec<Target>, String> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::parse)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::image::BLOCK_SIZE;
     use crate::map::MapBuilder;
 
-    fn dev(id: ImageId) -> String {
-        format!("/dev/loop{id}")
+    fn dev(id: ImageId) -> BlockDev {
+        BlockDev::Named(format!("/dev/loop{id}"))
     }
 
     #[test]
@@ -134,12 +275,8 @@ mod tests {
              32 16 linear /dev/loop1 32\n"
         );
         // Targets tile the device.
-        assert_eq!(table.iter().map(|t| t.len).sum::<u64>(), 48);
-        assert!(
-            table
-                .windows(2)
-                .all(|w| w[0].start + w[0].len == w[1].start)
-        );
+        assert_eq!(table.iter().map(|t| t.len.0).sum::<u64>(), 48);
+        assert!(table.windows(2).all(|w| w[0].end() == w[1].start));
     }
 
     #[test]
@@ -193,5 +330,35 @@ mod tests {
         let a = to_text(&build(&map, 100 * BLOCK_SIZE, dev));
         let b = to_text(&build(&map.clone(), 100 * BLOCK_SIZE, dev));
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn tables_round_trip_through_their_text() {
+        let text = "0 16 linear 7:0 0\n16 8 zero\n24 8 linear /dev/loop1 40\n32 8 error\n";
+        let table = from_text(text).unwrap();
+        assert_eq!(to_text(&table), text);
+        assert_eq!(
+            table[0].linear_source(),
+            Some((&BlockDev::number(7, 0), Sectors(0)))
+        );
+        assert_eq!(table[3].target_type(), "error");
+        let json = serde_json::to_value(&table[0]).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"start": 0, "len": 16, "type": "linear", "device": "7:0", "offset": 0})
+        );
+        let back: Target = serde_json::from_value(json).unwrap();
+        assert_eq!(back, table[0]);
+        for bad in [
+            "",
+            "0",
+            "x 8 zero",
+            "0 8",
+            "0 8 linear 7:0",
+            "0 8 linear 7:0 x",
+            "0 8 zero 1",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad:?}");
+        }
     }
 }

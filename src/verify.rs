@@ -8,7 +8,8 @@ use std::os::unix::fs::FileExt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{Catalog, Progress};
+use crate::catalog::Catalog;
+use crate::protocol::Progress;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile, open_unchanged};
 use crate::map::{ImageId, Source};

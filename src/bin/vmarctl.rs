@@ -9,11 +9,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
-use vmar::catalog::{CaptureStatus, ImageRecord, Progress};
 use vmar::client::Client;
-use vmar::device::{DeviceChange, DeviceStats, DeviceStatus, Removed, StatsReport};
-use vmar::protocol::{CaptureResult, ImagesResult, MapResult, PingResult, Request, TableResult};
-use vmar::server::DEFAULT_SOCKET;
+use vmar::protocol::{
+    CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, ImagesResult,
+    MapResult, PingResult, Progress, Removed, Request, StatsReport, TableResult,
+};
+use vmar::records::{CaptureStatus, ImageRecord};
 use vmar::verify::VerifyReport;
 
 /// Control vmard: capture VM images, inspect their maps, create and manage their devices.
@@ -48,6 +49,10 @@ enum Command {
         /// captured after it are rebuilt.
         #[arg(long)]
         recapture: bool,
+        /// Capture an image even though its first bytes look like a container format
+        /// (qcow2, vmdk, vhdx, vdi, ...): for raw images that merely start that way.
+        #[arg(long)]
+        force_raw: bool,
     },
     /// List captured images in capture order.
     Images,
@@ -78,13 +83,18 @@ enum Command {
         /// Capture the image file first if it is not captured yet.
         #[arg(long)]
         capture: bool,
+        /// With --capture: capture even if the image looks like a container format.
+        #[arg(long)]
+        force_raw: bool,
     },
     /// Remove a device; its loop devices go when no device uses them.
     Remove {
         name: String,
-        /// Remove an open device when its last user closes it (deferred removal).
-        #[arg(long)]
-        force: bool,
+        /// Remove an open device when its last user closes it, as `dmsetup remove
+        /// --deferred` (`--force` is an old name for this; unlike dmsetup's --force it never
+        /// replaces the table of a device in use).
+        #[arg(long, alias = "force")]
+        deferred: bool,
     },
     /// List devices: saved, live, and their state.
     List,
@@ -202,7 +212,17 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             images,
             name,
             recapture,
-        } => return capture(cli, &client, images, name.as_deref(), *recapture),
+            force_raw,
+        } => {
+            return capture(
+                cli,
+                &client,
+                images,
+                name.as_deref(),
+                *recapture,
+                *force_raw,
+            );
+        }
         Command::Images => {
             let list: ImagesResult = client.call(&Request::Images, &mut |_| {})?;
             show(cli, &list, |list| print_images(&list.images))?;
@@ -211,6 +231,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
             name,
             image,
             capture,
+            force_raw,
         } => {
             let image = if image.contains('/') {
                 std::path::absolute(image)
@@ -225,6 +246,7 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 name: name.clone(),
                 image,
                 capture: *capture,
+                force_raw: *force_raw,
             };
             let created: DeviceChange = client.call(&request, &mut update(&bar))?;
             bar.finish_and_clear();
@@ -237,10 +259,10 @@ fn run(cli: &Cli) -> Result<ExitCode> {
                 print_change("refreshed", refreshed)
             })?;
         }
-        Command::Remove { name, force } => {
+        Command::Remove { name, deferred } => {
             let request = Request::Remove {
                 name: name.clone(),
-                force: *force,
+                deferred: *deferred,
             };
             let removed: Removed = client.call(&request, &mut |_| {})?;
             if cli.json {
@@ -390,6 +412,7 @@ fn capture(
     images: &[PathBuf],
     name: Option<&str>,
     recapture: bool,
+    force_raw: bool,
 ) -> Result<ExitCode> {
     if name.is_some() && images.len() > 1 {
         bail!("--name applies to one image; capture the images one by one to name them");
@@ -404,6 +427,7 @@ fn capture(
             path: absolute,
             name: name.map(str::to_string),
             recapture,
+            force_raw,
         };
         let outcome = client.call::<CaptureResult>(&request, &mut update(&bar));
         bar.finish_and_clear();
@@ -548,7 +572,7 @@ fn print_status(d: &DeviceStatus) {
     }
     if let Some(table) = &d.table {
         for t in table {
-            println!("{} {} {} {}", t.start, t.len, t.target_type, t.params);
+            println!("{t}");
         }
     }
 }

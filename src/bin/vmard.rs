@@ -1,11 +1,17 @@
 //! vmard: the vmar daemon. Owns the catalog and answers vmarctl over a local socket.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result};
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Group;
-use vmar::server::{Access, DEFAULT_SOCKET, DEFAULT_STATE_DIR, Server};
+use vmar::catalog::Catalog;
+use vmar::kernel::{Checked, Kernel, real::RealKernel, sim::SimKernel};
+use vmar::protocol::DEFAULT_SOCKET;
+use vmar::server::{Access, DEFAULT_STATE_DIR, Server};
+use vmar::service::{Context, KernelOpener, Settings};
 
 /// The vmar daemon: captures VM images into its catalog and serves them as shared dm devices.
 #[derive(Parser, Debug)]
@@ -20,6 +26,7 @@ struct Args {
     socket: PathBuf,
 
     /// Configuration file (image_roots, socket_group, max_targets); options override it.
+    /// SIGHUP re-reads it.
     #[arg(long, env = "VMAR_CONFIG", default_value = vmar::config::DEFAULT_CONFIG)]
     config: PathBuf,
 
@@ -37,6 +44,11 @@ struct Args {
     #[arg(long)]
     no_restore: bool,
 
+    /// Run on a simulated kernel whose state lives in DIR instead of the real one (tests,
+    /// trying vmar without root).
+    #[arg(long, value_name = "DIR")]
+    sim: Option<PathBuf>,
+
     /// Print this manual page (roff) and exit; `make install` uses it.
     #[arg(long, hide = true)]
     man: bool,
@@ -47,20 +59,97 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMAR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+    // Under systemd, journald stamps every line: do not add a second timestamp.
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logger = tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_ansi(!journald && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journald {
+        logger.without_time().init();
+    } else {
+        logger.init();
+    }
     let args = Args::parse();
     if args.man {
         let command = <Args as clap::CommandFactory>::command();
         clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
         return Ok(());
     }
+    // Signals are taken by one thread with sigwait: block them before any thread starts.
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals.thread_block().context("cannot block signals")?;
+
+    let (settings, group) = load_settings(&args)?;
+    let catalog = Catalog::open(&args.state_dir).context("cannot open the catalog")?;
+    let opener: KernelOpener = match args.sim.clone() {
+        Some(dir) => {
+            let sim = SimKernel::open(&dir)?;
+            Box::new(move || Ok(Arc::new(Checked(sim.clone())) as Arc<dyn Kernel>))
+        }
+        None => Box::new(|| Ok(Arc::new(Checked(RealKernel::open()?)) as Arc<dyn Kernel>)),
+    };
+    let context = Context::new(catalog, settings, opener);
+    let server =
+        Server::bind(context, &args.socket, Access { group }).context("cannot start vmard")?;
+    // Restore saved devices before reporting ready, so that units ordered after vmard (VMs)
+    // find their devices. A device that cannot be served is reported and skipped. Clients
+    // that connect meanwhile wait in the socket's backlog.
+    let status = if args.no_restore {
+        "devices not restored (--no-restore)".to_string()
+    } else {
+        restore(server.context())
+    };
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ],
+    );
+    tracing::info!(
+        socket = %server.socket().display(),
+        state_dir = %args.state_dir.display(),
+        %status,
+        "vmard ready"
+    );
+
+    let stopper = server.stopper();
+    let context = Arc::clone(server.context());
+    std::thread::Builder::new()
+        .name("vmard-signals".into())
+        .spawn(move || {
+            loop {
+                match signals.wait() {
+                    Ok(Signal::SIGHUP) => reload(&args, &context),
+                    Ok(signal) => {
+                        tracing::info!(%signal, "stopping: finishing requests in flight");
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                        stopper.stop();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot wait for signals: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    server.run().context("vmard stopped")?;
+    // Dropping the server closes the catalog cleanly; devices stay as they are.
+    drop(server);
+    tracing::info!("vmard stopped; catalog closed, devices left running");
+    Ok(())
+}
+
+/// Settings and socket group from the configuration file and the options.
+fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
     // The default file may be absent; one named explicitly must exist.
     let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
     let config = vmar::config::Config::load(&args.config, explicit)?;
@@ -87,41 +176,27 @@ fn main() -> Result<()> {
         ),
         None => None,
     };
-    let server = Server::bind(
-        &args.state_dir,
-        &args.socket,
-        Access { group },
-        max_targets,
-        roots,
-    )
-    .context("cannot start vmard")?;
-    // Restore saved devices before reporting ready, so that units ordered after vmard (VMs)
-    // find their devices. A device that cannot be served is reported and skipped. Clients
-    // that connect meanwhile wait in the socket's backlog.
-    let status = if args.no_restore {
-        "devices not restored (--no-restore)".to_string()
-    } else {
-        restore(&server, max_targets)
-    };
-    let _ = sd_notify::notify(
-        false,
-        &[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&status),
-        ],
-    );
-    tracing::info!(
-        socket = %server.socket().display(),
-        state_dir = %args.state_dir.display(),
-        %status,
-        "vmard ready"
-    );
-    server.run().context("vmard stopped")
+    Ok((Settings { max_targets, roots }, group))
+}
+
+/// SIGHUP: re-reads the configuration; a bad one is reported and the old one kept.
+fn reload(args: &Args, context: &Context) {
+    match load_settings(args) {
+        Ok((settings, _)) => {
+            tracing::info!(
+                roots = ?settings.roots.roots(),
+                max_targets = settings.max_targets,
+                "configuration reloaded (socket_group applies at the next start)"
+            );
+            context.set_settings(settings);
+        }
+        Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e:#}"),
+    }
 }
 
 /// Restores the saved devices; returns a one-line status for systemd.
-fn restore(server: &Server, max_targets: u64) -> String {
-    match vmar::device::restore(server.catalog(), max_targets) {
+fn restore(context: &Context) -> String {
+    match context.restore() {
         Ok(report) => {
             for (name, error) in &report.failed {
                 tracing::error!(device = %name, "cannot restore: {error}");
@@ -129,18 +204,22 @@ fn restore(server: &Server, max_targets: u64) -> String {
             tracing::info!(
                 created = ?report.created,
                 unchanged = ?report.unchanged,
-                differs = ?report.differs,
+                repaired = ?report.repaired,
+                rolled_back = ?report.rolled_back,
+                removed = ?report.removed,
                 cleaned = ?report.cleaned,
+                detached = ?report.detached,
+                released = report.released.len(),
                 failed = report.failed.len(),
                 "devices restored"
             );
             format!(
-                "{} devices created, {} unchanged, {} differ, {} failed, {} leftovers removed",
+                "{} devices created, {} unchanged, {} repaired, {} failed, {} leftovers removed",
                 report.created.len(),
                 report.unchanged.len(),
-                report.differs.len(),
+                report.repaired.len(),
                 report.failed.len(),
-                report.cleaned.len()
+                report.cleaned.len() + report.rolled_back.len() + report.removed.len()
             )
         }
         Err(e) => {
@@ -149,3 +228,4 @@ fn restore(server: &Server, max_targets: u64) -> String {
         }
     }
 }
+

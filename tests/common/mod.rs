@@ -126,7 +126,32 @@ impl Daemon {
 
     /// Starts vmard with extra arguments; `dir` is its image root.
     pub fn start_args(dir: &Path, state: &Path, socket: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_env(dir, state, socket, args, &[])
+    }
+
+    /// Starts vmard on the simulated kernel in `dir/kernel`, with `faults` as VMAR_FAULTS
+    /// (empty: none). `dir` is its image root and holds its state and socket.
+    pub fn start_sim(dir: &Path, faults: &str) -> Daemon {
+        let kernel = dir.join("kernel");
+        Daemon::start_env(
+            dir,
+            &dir.join("state"),
+            &dir.join("run/vmard.sock"),
+            &["--sim", s(&kernel)],
+            &[("VMAR_FAULTS", faults)],
+        )
+    }
+
+    /// Starts vmard with extra arguments and environment; `dir` is its image root.
+    pub fn start_env(
+        dir: &Path,
+        state: &Path,
+        socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .envs(env.iter().copied())
             .arg("--image-root")
             .arg(dir)
             .args(args)
@@ -172,6 +197,26 @@ impl Daemon {
             )
         });
         (out.status.success(), value)
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.child.wait().unwrap()
+    }
+
+    /// Whether the process has exited (e.g. killed by an injected fault), waiting up to 5 s:
+    /// a client sees the connection close a moment before the process can be reaped.
+    pub fn exited(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
     }
 
     pub fn stop(mut self) -> PathBuf {

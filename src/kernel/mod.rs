@@ -1,0 +1,261 @@
+//! The kernel seam: everything vmar asks of the kernel, behind one trait.
+//!
+//! [`Kernel`] covers device-mapper (create, load, suspend, resume, clear, remove, info,
+//! table, list, dm-stats), loop devices (list, hold, attach, detach) and page-cache
+//! residency. [`real::RealKernel`] talks to the running kernel (devicemapper crate, loop
+//! ioctls, sysfs, `mincore`); [`sim::SimKernel`] is an in-memory kernel with the same rules
+//! (read-only devices refuse writes, open devices refuse removal, suspended devices block
+//! reads, autoclear loop devices detach when nothing uses them) whose state lives in a file,
+//! so it survives a killed daemon like the real kernel does. `vmard --sim DIR` runs the whole
+//! daemon on it, which is how the device lifecycle is tested without root or a guest.
+//!
+//! [`Checked`] wraps either one and passes every state-changing step through
+//! [`crate::fault::point`], so tests can fail or kill vmard at any step on both kernels.
+
+pub mod dmstats;
+pub mod real;
+pub mod sim;
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::fault;
+use crate::image::ImageFile;
+use crate::table::{BlockDev, Target};
+use crate::units::Sectors;
+
+pub use dmstats::{AreaReads, Region};
+
+/// Prefix of vmar's dm device names; the rest is the device name.
+pub const NAME_PREFIX: &str = "vmar-";
+/// Prefix of vmar's dm UUIDs, which udev rules and the boot-time cleanup match.
+pub const UUID_PREFIX: &str = "VMAR-";
+
+/// Path of the device node of `vmar-NAME`.
+pub fn node_path(name: &str) -> PathBuf {
+    Path::new("/dev/mapper").join(format!("{NAME_PREFIX}{name}"))
+}
+
+/// A vmar device as the kernel has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveDevice {
+    /// Name without the `vmar-` prefix.
+    pub name: String,
+    pub dm_name: String,
+    pub uuid: Option<String>,
+    pub major: u32,
+    pub minor: u32,
+    pub open_count: i32,
+    pub read_only: bool,
+    /// Suspended: reads wait until it is resumed.
+    pub suspended: bool,
+    /// Whether it has an active table (one created by a crashed create may not).
+    #[serde(default)]
+    pub active_table: bool,
+    /// Whether a table is loaded in the inactive slot, waiting for a resume.
+    #[serde(default)]
+    pub inactive_table: bool,
+    /// Removal deferred to its last close.
+    #[serde(default)]
+    pub deferred_remove: bool,
+    /// Targets of the active table.
+    pub targets: u64,
+}
+
+impl LiveDevice {
+    /// True when the UUID says vmar made it.
+    pub fn is_ours(&self) -> bool {
+        self.uuid.as_deref().is_some_and(|u| u.starts_with(UUID_PREFIX))
+    }
+}
+
+/// A loop device as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopInfo {
+    /// Its node, e.g. `/dev/loop3`.
+    pub node: PathBuf,
+    pub major: u32,
+    pub minor: u32,
+    /// Its backing file; `None` when the file was deleted or replaced since.
+    pub backing: Option<PathBuf>,
+    pub read_only: bool,
+    pub direct_io: bool,
+    pub autoclear: bool,
+    pub offset: u64,
+    pub size_limit: u64,
+}
+
+impl LoopInfo {
+    /// How dm tables name it.
+    pub fn block_dev(&self) -> BlockDev {
+        BlockDev::number(self.major, self.minor)
+    }
+
+    /// Whether vmar can serve `image` through it: read-only, buffered (so the image file's
+    /// page cache is what is shared), the whole file, and autoclear (so it goes away with
+    /// the last table; one left without autoclear by a crash is never reused).
+    pub fn serves(&self, image: &Path) -> bool {
+        self.backing.as_deref() == Some(image)
+            && self.read_only
+            && !self.direct_io
+            && self.autoclear
+            && self.offset == 0
+            && self.size_limit == 0
+    }
+}
+
+/// A loop device held open until the table that uses it is loaded.
+pub struct LoopHold {
+    pub info: LoopInfo,
+    /// Whether this call attached it (false: an existing one was reused).
+    pub attached: bool,
+    _hold: Box<dyn Any + Send>,
+}
+
+impl LoopHold {
+    pub fn new(info: LoopInfo, attached: bool, hold: Box<dyn Any + Send>) -> LoopHold {
+        LoopHold {
+            info,
+            attached,
+            _hold: hold,
+        }
+    }
+}
+
+impl std::fmt::Debug for LoopHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopHold")
+            .field("info", &self.info)
+            .field("attached", &self.attached)
+            .finish()
+    }
+}
+
+/// Resident-page vector of one file: one byte per page, bit 0 set when the page is cached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Residency {
+    pub page_size: u64,
+    pub pages: Vec<u8>,
+}
+
+impl Residency {
+    /// Bytes of the file in the page cache.
+    pub fn cached_bytes(&self) -> u64 {
+        self.pages.iter().filter(|p| *p & 1 == 1).count() as u64 * self.page_size
+    }
+}
+
+/// Everything vmar asks of the kernel. Device names are vmar names (`web`); the kernel
+/// side calls the device `vmar-web` with UUID `VMAR-web`.
+pub trait Kernel: Send + Sync {
+    /// Creates read-only device `name` without a table. Fails with `device-exists`.
+    fn dm_create(&self, name: &str) -> Result<()>;
+    /// Loads `table` into the inactive slot of `name`.
+    fn dm_load(&self, name: &str, table: &[Target]) -> Result<()>;
+    /// Suspends `name`: I/O waits until it is resumed.
+    fn dm_suspend(&self, name: &str) -> Result<()>;
+    /// Resumes `name`, swapping in the inactive table if one is loaded.
+    fn dm_resume(&self, name: &str) -> Result<()>;
+    /// Drops the inactive table of `name`.
+    fn dm_clear(&self, name: &str) -> Result<()>;
+    /// Removes `name`; an open device fails with `device-busy` unless `deferred`, which
+    /// removes it at its last close.
+    fn dm_remove(&self, name: &str, deferred: bool) -> Result<()>;
+    /// The device, if the kernel has it.
+    fn dm_info(&self, name: &str) -> Result<Option<LiveDevice>>;
+    /// The active table of `name` (empty when it has none).
+    fn dm_table(&self, name: &str) -> Result<Vec<Target>>;
+    /// Names of all `vmar-` devices, sorted.
+    fn dm_list(&self) -> Result<Vec<String>>;
+    /// dm-stats regions of `name`.
+    fn stats_regions(&self, name: &str) -> Result<Vec<Region>>;
+    /// Creates a dm-stats region over all of `name` in areas of `step`, tagged `program`.
+    fn stats_create(&self, name: &str, step: Sectors, program: &str) -> Result<()>;
+    /// Read counters of each area of region `id` of `name`.
+    fn stats_areas(&self, name: &str, id: u64) -> Result<Vec<AreaReads>>;
+    /// All attached loop devices.
+    fn loops(&self) -> Result<Vec<LoopInfo>>;
+    /// Holds an existing loop device open (fails if it went away meanwhile).
+    fn loop_hold(&self, info: &LoopInfo) -> Result<LoopHold>;
+    /// Attaches `image` to a new read-only, buffered, autoclear loop device, atomically.
+    fn loop_attach(&self, image: &ImageFile) -> Result<LoopHold>;
+    /// Detaches a loop device nothing uses.
+    fn loop_detach(&self, info: &LoopInfo) -> Result<()>;
+    /// Which pages of the first `size` bytes of `path` the page cache holds.
+    fn residency(&self, path: &Path, size: u64) -> Result<Residency>;
+    /// Releases udev synchronisation left behind by killed processes; returns what it
+    /// released, for the log.
+    fn release_stale_udev_cookies(&self) -> Result<Vec<String>>;
+}
+
+/// A kernel whose state-changing steps are fault points (see [`crate::fault`]).
+pub struct Checked<K>(pub K);
+
+impl<K: Kernel> Kernel for Checked<K> {
+    fn dm_create(&self, name: &str) -> Result<()> {
+        fault::point("dm.create")?;
+        self.0.dm_create(name)
+    }
+    fn dm_load(&self, name: &str, table: &[Target]) -> Result<()> {
+        fault::point("dm.load")?;
+        self.0.dm_load(name, table)
+    }
+    fn dm_suspend(&self, name: &str) -> Result<()> {
+        fault::point("dm.suspend")?;
+        self.0.dm_suspend(name)
+    }
+    fn dm_resume(&self, name: &str) -> Result<()> {
+        fault::point("dm.resume")?;
+        self.0.dm_resume(name)
+    }
+    fn dm_clear(&self, name: &str) -> Result<()> {
+        fault::point("dm.clear")?;
+        self.0.dm_clear(name)
+    }
+    fn dm_remove(&self, name: &str, deferred: bool) -> Result<()> {
+        fault::point("dm.remove")?;
+        self.0.dm_remove(name, deferred)
+    }
+    fn dm_info(&self, name: &str) -> Result<Option<LiveDevice>> {
+        self.0.dm_info(name)
+    }
+    fn dm_table(&self, name: &str) -> Result<Vec<Target>> {
+        self.0.dm_table(name)
+    }
+    fn dm_list(&self) -> Result<Vec<String>> {
+        self.0.dm_list()
+    }
+    fn stats_regions(&self, name: &str) -> Result<Vec<Region>> {
+        self.0.stats_regions(name)
+    }
+    fn stats_create(&self, name: &str, step: Sectors, program: &str) -> Result<()> {
+        fault::point("dm.stats")?;
+        self.0.stats_create(name, step, program)
+    }
+    fn stats_areas(&self, name: &str, id: u64) -> Result<Vec<AreaReads>> {
+        self.0.stats_areas(name, id)
+    }
+    fn loops(&self) -> Result<Vec<LoopInfo>> {
+        self.0.loops()
+    }
+    fn loop_hold(&self, info: &LoopInfo) -> Result<LoopHold> {
+        self.0.loop_hold(info)
+    }
+    fn loop_attach(&self, image: &ImageFile) -> Result<LoopHold> {
+        fault::point("loop.attach")?;
+        self.0.loop_attach(image)
+    }
+    fn loop_detach(&self, info: &LoopInfo) -> Result<()> {
+        fault::point("loop.detach")?;
+        self.0.loop_detach(info)
+    }
+    fn residency(&self, path: &Path, size: u64) -> Result<Residency> {
+        self.0.residency(path, size)
+    }
+    fn release_stale_udev_cookies(&self) -> Result<Vec<String>> {
+        self.0.release_stale_udev_cookies()
+    }
+}

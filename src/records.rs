@@ -1,0 +1,176 @@
+//! The catalog's records and how they are stored: image and device records (JSON), block
+//! digests and map extents (fixed-size binary records in chunks). Pure encoding, no I/O;
+//! [`crate::catalog`] keeps them in redb.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::image::ImageIdentity;
+use crate::map::{Extent, ImageId, MapSummary, Source};
+use crate::scan::{Digest, ScanStats};
+
+const DIGEST_RECORD: usize = 8 + 32;
+const EXTENT_RECORD: usize = 8 + 8 + 1 + 4 + 8;
+
+/// A captured image as the catalog knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub id: ImageId,
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub identity: ImageIdentity,
+    /// Seconds since the epoch.
+    pub captured_at: u64,
+    pub scan: ScanStats,
+    pub summary: MapSummary,
+}
+
+/// A device vmard should serve: saved before it is created, marked before it is removed,
+/// restored at boot. The record is the one truth about a device name: after a crash at any
+/// step, start-up makes the kernel agree with it (see [`DeviceState`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    pub name: String,
+    /// Name of the captured image it serves.
+    pub image: String,
+    /// Seconds since the epoch.
+    pub created_at: u64,
+    #[serde(default)]
+    pub state: DeviceState,
+}
+
+/// Where a device is in its life. A crash leaves a record in the state of the step it
+/// interrupted, and start-up finishes or undoes that step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceState {
+    /// Saved, not yet (or not known to be) live: start-up undoes it unless it is open.
+    Creating,
+    /// Serve it.
+    #[default]
+    Active,
+    /// Being removed: start-up removes it.
+    Removing,
+    /// Removal deferred to its last close: the record goes once the device is gone.
+    RemovingDeferred,
+}
+
+/// What a capture request did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureStatus {
+    Captured,
+    /// Same identity as already captured: nothing was read.
+    Unchanged,
+    Recaptured,
+}
+
+pub fn encode_digests(digests: &[(u64, Digest)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(digests.len() * DIGEST_RECORD);
+    for (block, digest) in digests {
+        out.extend_from_slice(&block.to_le_bytes());
+        out.extend_from_slice(digest);
+    }
+    out
+}
+
+pub fn decode_digests(bytes: &[u8]) -> Result<Vec<(u64, Digest)>, String> {
+    if bytes.len() % DIGEST_RECORD != 0 {
+        return Err(format!("digest chunk of {} bytes", bytes.len()));
+    }
+    Ok(bytes
+        .chunks_exact(DIGEST_RECORD)
+        .map(|r| {
+            let (block, digest) = r.split_at(8);
+            (le_u64(block), digest.try_into().unwrap_or([0; 32]))
+        })
+        .collect())
+}
+
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&bytes[..8]);
+    u64::from_le_bytes(b)
+}
+
+pub fn encode_extents(extents: &[Extent]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(extents.len() * EXTENT_RECORD);
+    for e in extents {
+        let (kind, image, block) = match e.source {
+            Source::Zero => (0u8, 0u32, 0u64),
+            Source::Own => (1, 0, 0),
+            Source::Redirect { image, block } => (2, image, block),
+        };
+        out.extend_from_slice(&e.start.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+        out.push(kind);
+        out.extend_from_slice(&image.to_le_bytes());
+        out.extend_from_slice(&block.to_le_bytes());
+    }
+    out
+}
+
+pub fn decode_extents(bytes: &[u8]) -> Result<Vec<Extent>, String> {
+    if bytes.len() % EXTENT_RECORD != 0 {
+        return Err(format!("extent chunk of {} bytes", bytes.len()));
+    }
+    bytes
+        .chunks_exact(EXTENT_RECORD)
+        .map(|r| {
+            let mut image = [0u8; 4];
+            image.copy_from_slice(&r[17..21]);
+            let image = u32::from_le_bytes(image);
+            let block = le_u64(&r[21..29]);
+            let source = match r[16] {
+                0 => Source::Zero,
+                1 => Source::Own,
+                2 => Source::Redirect { image, block },
+                other => return Err(format!("extent kind {other}")),
+            };
+            Ok(Extent {
+                start: le_u64(&r[0..8]),
+                len: le_u64(&r[8..16]),
+                source,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let digests = vec![(0u64, [1u8; 32]), (u64::MAX, [255u8; 32])];
+        assert_eq!(decode_digests(&encode_digests(&digests)).unwrap(), digests);
+        let extents = vec![
+            Extent {
+                start: 0,
+                len: 5,
+                source: Source::Zero,
+            },
+            Extent {
+                start: 5,
+                len: 1,
+                source: Source::Own,
+            },
+            Extent {
+                start: 6,
+                len: u64::MAX - 6,
+                source: Source::Redirect {
+                    image: u32::MAX,
+                    block: 1 << 40,
+                },
+            },
+        ];
+        assert_eq!(decode_extents(&encode_extents(&extents)).unwrap(), extents);
+        assert!(decode_digests(&[0u8; 41]).is_err());
+        assert!(decode_extents(&[0u8; 30]).is_err());
+        let mut bad = encode_extents(&extents[..1]);
+        bad[16] = 9;
+        assert!(decode_extents(&bad).is_err());
+    }
+}
