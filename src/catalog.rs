@@ -12,6 +12,7 @@
 //! later, from the stored digests, without reading any image.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -40,6 +41,8 @@ const EXTENTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("extent
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 /// Run id -> entries: the runs of the content index, oldest first.
 const RUNS: TableDefinition<u64, u64> = TableDefinition::new("index_runs");
+/// Run id -> blake3 of the run file: a damaged run is found when it is opened.
+const RUN_SUMS: TableDefinition<u64, &[u8]> = TableDefinition::new("index_run_sums");
 
 const SCHEMA_VERSION: u64 = 2;
 const NEXT_ID: &str = "next_image_id";
@@ -52,6 +55,15 @@ pub const INDEX_DIR: &str = "index";
 const CACHE_BYTES: usize = 32 << 20;
 /// Records per stored chunk of digests or extents.
 const CHUNK_RECORDS: usize = 16 * 1024;
+
+/// What [`Catalog::recover`] brought back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Recovery {
+    pub images: Vec<String>,
+    /// Images that could not be captured again, with the reason.
+    pub skipped: Vec<(String, String)>,
+    pub devices: Vec<String>,
+}
 
 /// The catalog in a state directory.
 pub struct Catalog {
@@ -86,15 +98,83 @@ struct Rebuild {
 }
 
 impl Catalog {
-    /// Opens (creating if needed) the catalog in `dir`. Only one process may hold it.
+    /// Opens the catalog in `dir`, creating it only in a directory that holds no vmar state
+    /// yet. Only one process may hold it. A missing, empty or unreadable catalog next to
+    /// index runs or backups is refused with what to do: vmard never starts over silently.
     pub fn open(dir: &Path) -> Result<Catalog> {
+        Catalog::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, start_over: bool) -> Result<Catalog> {
         let index_dir = dir.join(INDEX_DIR);
-        std::fs::create_dir_all(&index_dir)
-            .map_err(|e| Error::io("cannot create state dir", &index_dir, e))?;
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(dir.join(CATALOG_FILE))
-            .ctx(dir)?;
+        let file = dir.join(CATALOG_FILE);
+        let refuse = |what: String| Error::Catalog {
+            dir: dir.to_path_buf(),
+            message: format!(
+                "{what}; vmard will not start over with an empty catalog. Restore {} from a \
+                 backup of the file system, or rebuild it with `vmard --recover` (re-captures \
+                 the images recorded in {}), or move {} aside to start empty",
+                file.display(),
+                dir.join(crate::backup::BACKUP_FILE).display(),
+                dir.display()
+            ),
+        };
+        match std::fs::metadata(&file) {
+            Ok(meta) if meta.len() == 0 => {
+                return Err(refuse(format!("{} is empty (0 bytes)", file.display())));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !start_over && let Some(state) = existing_state(dir) {
+                    return Err(refuse(format!(
+                        "{} is missing, but {} is left of an existing catalog",
+                        file.display(),
+                        state.display()
+                    )));
+                }
+            }
+            Err(e) => return Err(Error::io("cannot stat", &file, e)),
+        }
+        create_private_dir(dir)?;
+        create_private_dir(&index_dir)?;
+        let exists = file.exists();
+        // redb panics on some truncated files instead of returning an error.
+        let opened = std::panic::catch_unwind(|| {
+            let builder = {
+                let mut b = Database::builder();
+                b.set_cache_size(CACHE_BYTES);
+                b
+            };
+            if exists {
+                builder.open(&file)
+            } else {
+                builder.create(&file)
+            }
+        });
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) if exists => {
+                let e: redb::Error = e.into();
+                if matches!(e, redb::Error::DatabaseAlreadyOpen) {
+                    return Err(Error::Catalog {
+                        dir: dir.to_path_buf(),
+                        message: "another vmard holds this catalog".into(),
+                    });
+                }
+                return Err(refuse(format!("{} cannot be read ({e})", file.display())));
+            }
+            Ok(Err(e)) => return Err(Err::<(), _>(e).ctx(dir).unwrap_err()),
+            Err(_) => {
+                return Err(refuse(format!(
+                    "{} is corrupt (reading it failed inside redb)",
+                    file.display()
+                )));
+            }
+        };
+        if !exists {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| Error::io("cannot set mode of", &file, e))?;
+        }
         let catalog = Catalog {
             db,
             dir: dir.to_path_buf(),
@@ -106,12 +186,84 @@ impl Catalog {
         if removed > 0 {
             tracing::info!(removed, "removed index runs left by an interrupted change");
         }
-        let runs = ids
-            .iter()
-            .map(|&id| Run::open(&catalog.index_dir, id))
-            .collect::<Result<Vec<_>>>()?;
+        let runs = catalog.open_runs(&ids)?;
         *catalog.lock()? = runs;
         Ok(catalog)
+    }
+
+    /// Opens the committed index runs, checking each against the checksum the catalog holds
+    /// for it. A missing or damaged run is derived data: the index is rebuilt from the
+    /// stored digests (the damaged file is kept aside as `damaged-*.idx`), and no map
+    /// changes.
+    fn open_runs(&self, ids: &[u64]) -> Result<Vec<Run>> {
+        let sums = self.run_sums()?;
+        let mut runs = Vec::new();
+        let mut damaged = None;
+        for &id in ids {
+            let checked = Run::open(&self.index_dir, id).and_then(|run| {
+                let sum = index::checksum(&run);
+                match sums.get(&id) {
+                    Some(want) if *want != sum => {
+                        Err(self.corrupt(format!("index run {id} does not match its checksum")))
+                    }
+                    _ => Ok(run),
+                }
+            });
+            match checked {
+                Ok(run) => runs.push(run),
+                Err(e) => {
+                    damaged = Some(e);
+                    let path = index::run_path(&self.index_dir, id);
+                    let aside = self.index_dir.join(format!("damaged-{id:016x}.idx"));
+                    let _ = std::fs::rename(&path, &aside);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = damaged {
+            tracing::error!("{e}: rebuilding the content index from the stored digests");
+            drop(runs);
+            let mut runs = Vec::new();
+            self.rebuild(
+                &mut runs,
+                Rebuild {
+                    from: ImageId::MAX,
+                    replace: None,
+                    remove: None,
+                },
+            )?;
+            return Ok(runs);
+        }
+        // Runs written before checksums were kept get one now (trusted as they are).
+        let missing: Vec<&Run> = runs.iter().filter(|r| !sums.contains_key(&r.id)).collect();
+        if !missing.is_empty() {
+            let txn = self.db.begin_write().ctx(&self.dir)?;
+            {
+                let mut table = txn.open_table(RUN_SUMS).ctx(&self.dir)?;
+                for run in missing {
+                    table
+                        .insert(run.id, index::checksum(run).as_slice())
+                        .ctx(&self.dir)?;
+                }
+            }
+            self.commit(txn)?;
+        }
+        Ok(runs)
+    }
+
+    /// Checksums of the committed index runs, by run id.
+    fn run_sums(&self) -> Result<BTreeMap<u64, [u8; 32]>> {
+        let dir = &self.dir;
+        let txn = self.db.begin_read().ctx(dir)?;
+        let table = txn.open_table(RUN_SUMS).ctx(dir)?;
+        let mut sums = BTreeMap::new();
+        for entry in table.iter().ctx(dir)? {
+            let (id, sum) = entry.ctx(dir)?;
+            if let Ok(sum) = <[u8; 32]>::try_from(sum.value()) {
+                sums.insert(id.value(), sum);
+            }
+        }
+        Ok(sums)
     }
 
     pub fn dir(&self) -> &Path {
@@ -156,6 +308,7 @@ impl Catalog {
             txn.open_table(EXTENTS).ctx(dir)?;
             txn.open_table(RUNS).ctx(dir)?;
             txn.open_table(DEVICES).ctx(dir)?;
+            txn.open_table(RUN_SUMS).ctx(dir)?;
         }
         fault::point("catalog.init")?;
         txn.commit().ctx(dir)?;
@@ -363,7 +516,10 @@ impl Catalog {
                 replace: Some((record, digests)),
                 remove: None,
             };
-            let record = self.rebuild(&mut runs, rebuild)?;
+            let record = self
+                .rebuild(&mut runs, rebuild)?
+                .ok_or_else(|| self.corrupt("rebuild did not meet the changed image".into()))?;
+            self.write_backup();
             return Ok((record, status));
         }
 
@@ -390,8 +546,13 @@ impl Catalog {
             .ctx(dir)?
             .insert(run_id, run_len)
             .ctx(dir)?;
+        txn.open_table(RUN_SUMS)
+            .ctx(dir)?
+            .insert(run_id, index::checksum(&run).as_slice())
+            .ctx(dir)?;
         self.commit(txn)?;
         runs.push(run);
+        self.write_backup();
         tracing::debug!(
             image = %record.name,
             ?hashed,
@@ -446,7 +607,9 @@ impl Catalog {
             .ctx(dir)?
             .insert(record.name.as_str(), bytes.as_slice())
             .ctx(dir)?;
-        self.commit(txn)
+        self.commit(txn)?;
+        self.write_backup();
+        Ok(())
     }
 
     /// Removes a device record; true if there was one.
@@ -461,6 +624,7 @@ impl Catalog {
             .ctx(dir)?
             .is_some();
         self.commit(txn)?;
+        self.write_backup();
         Ok(existed)
     }
 
@@ -484,7 +648,66 @@ impl Catalog {
                 remove: Some(record.clone()),
             },
         )?;
+        self.write_backup();
         Ok(record)
+    }
+
+    /// Rewrites the backup of the records (see [`crate::backup`]) after a change. A failure
+    /// is logged: the change itself is committed.
+    fn write_backup(&self) {
+        let backup = self.images().and_then(|images| {
+            Ok(crate::backup::Backup {
+                images,
+                devices: self.devices()?,
+            })
+        });
+        if let Err(e) = backup.and_then(|b| crate::backup::write(&self.dir, &b)) {
+            tracing::warn!("cannot write the catalog backup: {e}");
+        }
+    }
+
+    /// Rebuilds a lost or damaged catalog in `dir` from its backup: moves what is left aside
+    /// (`*.broken-TIME`, nothing is deleted), captures the backed-up images again in their
+    /// capture order (same maps), skipping any that changed or vanished, and saves their
+    /// devices again. Returns the new catalog and what was recovered.
+    pub fn recover(dir: &Path) -> Result<(Catalog, Recovery)> {
+        let backup = crate::backup::read(dir)?;
+        let stamp = crate::time::now_secs();
+        for name in [CATALOG_FILE, INDEX_DIR] {
+            let path = dir.join(name);
+            if path.exists() {
+                let aside = dir.join(format!("{name}.broken-{stamp}"));
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| Error::io("cannot move aside", &path, e))?;
+            }
+        }
+        let catalog = Catalog::open_with(dir, true)?;
+        let mut recovery = Recovery::default();
+        let mut images = backup.images;
+        images.sort_by_key(|i| i.id);
+        for image in images {
+            let outcome = ImageFile::open(&image.path).and_then(|file| {
+                if file.identity != image.identity {
+                    return Err(Error::ImageChanged {
+                        what: image.identity.describe_change(&file.identity),
+                        name: image.name.clone(),
+                        path: image.path.clone(),
+                    });
+                }
+                catalog.capture(&file, Some(&image.name), false, &mut |_| {})
+            });
+            match outcome {
+                Ok(_) => recovery.images.push(image.name),
+                Err(e) => recovery.skipped.push((image.name, e.to_string())),
+            }
+        }
+        for device in backup.devices {
+            if device.state == DeviceState::Active && recovery.images.contains(&device.image) {
+                catalog.save_device(&device)?;
+                recovery.devices.push(device.name);
+            }
+        }
+        Ok((catalog, recovery))
     }
 
     /// Commits `txn` (fsync); a fault point for the crash tests.
@@ -503,10 +726,12 @@ impl Catalog {
                 Err(Error::UnknownImage { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            used.entry(record.name).or_insert_with(|| device.name.clone());
+            used.entry(record.name)
+                .or_insert_with(|| device.name.clone());
             for id in map.referenced_images() {
                 let other = self.image_by_id(id)?;
-                used.entry(other.name).or_insert_with(|| device.name.clone());
+                used.entry(other.name)
+                    .or_insert_with(|| device.name.clone());
             }
         }
         Ok(used)
@@ -546,6 +771,11 @@ impl Catalog {
                 table.remove(older.id).ctx(dir)?;
                 table.remove(newer.id).ctx(dir)?;
                 table.insert(id, merged.len() as u64).ctx(dir)?;
+                let mut sums = txn.open_table(RUN_SUMS).ctx(dir)?;
+                sums.remove(older.id).ctx(dir)?;
+                sums.remove(newer.id).ctx(dir)?;
+                sums.insert(id, index::checksum(&merged).as_slice())
+                    .ctx(dir)?;
                 txn.open_table(META)
                     .ctx(dir)?
                     .insert(NEXT_RUN, id + 1)
@@ -574,7 +804,7 @@ impl Catalog {
     /// Rebuilds the index from scratch over all images in capture order, with one image
     /// replaced or removed, and rewrites the maps of images `from` and later. Maps of earlier
     /// images come out identical, so they are not rewritten.
-    fn rebuild(&self, runs: &mut Vec<Run>, change: Rebuild) -> Result<ImageRecord> {
+    fn rebuild(&self, runs: &mut Vec<Run>, change: Rebuild) -> Result<Option<ImageRecord>> {
         let dir = &self.dir;
         let mut next_run = self.meta(NEXT_RUN)?;
         let mut new_runs: Vec<Run> = Vec::new();
@@ -649,6 +879,12 @@ impl Catalog {
             for run in &new_runs {
                 table.insert(run.id, run.len() as u64).ctx(dir)?;
             }
+            let mut sums = txn.open_table(RUN_SUMS).ctx(dir)?;
+            sums.retain(|_, _| false).ctx(dir)?;
+            for run in &new_runs {
+                sums.insert(run.id, index::checksum(run).as_slice())
+                    .ctx(dir)?;
+            }
             txn.open_table(META)
                 .ctx(dir)?
                 .insert(NEXT_RUN, next_run)
@@ -662,7 +898,7 @@ impl Catalog {
         self.commit(txn)?;
         let old = std::mem::replace(runs, new_runs);
         self.remove_runs(old);
-        result.ok_or_else(|| self.corrupt("rebuild did not meet the changed image".into()))
+        Ok(result)
     }
 
     fn ids(&self, txn: &WriteTransaction) -> Result<Vec<ImageId>> {
@@ -777,4 +1013,31 @@ fn build_map(record: &ImageRecord, digests: &[(u64, Digest)], sources: &[Source]
         builder.push(*block, 1, *source);
     }
     builder.finish()
+}
+
+/// Something in `dir` that only an existing catalog leaves: index runs or a backup.
+fn existing_state(dir: &Path) -> Option<PathBuf> {
+    let backup = dir.join(crate::backup::BACKUP_FILE);
+    if backup.exists() {
+        return Some(backup);
+    }
+    let index = dir.join(INDEX_DIR);
+    std::fs::read_dir(&index).ok()?.flatten().find_map(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        (name.starts_with("run-") && name.ends_with(".idx")).then(|| e.path())
+    })
+}
+
+/// Creates `dir` readable by its owner only (vmard's state names host files and devices).
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("cannot create state dir", dir, e))
 }

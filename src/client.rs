@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-use crate::protocol::Progress;
 use crate::error::{Error, Result};
+use crate::protocol::Progress;
 use crate::protocol::{Reply, Request};
 
 /// A connection factory for one vmard socket.

@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 
 use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
-use crate::protocol::{
-    DeviceChange, DeviceStats, DeviceStatus, ImageCache, Removed, RestoreReport, StatsReport,
-};
 use crate::error::{Error, Result};
 use crate::image::{open_unchanged, validate_name};
 use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
 use crate::map::ImageId;
+use crate::protocol::{
+    DeviceChange, DeviceStats, DeviceStatus, ImageCache, Removed, RestoreReport, StatsReport,
+};
 use crate::stats::{self, ClassBytes, ReadBytes, STATS_PROGRAM, TargetCounts};
 use crate::table::{self, BlockDev, Target};
 use crate::time::now_secs;
@@ -46,12 +46,7 @@ fn existing_loop(loops: &[LoopInfo], path: &Path) -> Option<LoopInfo> {
 
 /// Plans the table of `image`: refuses it if the image or any image it reads from changed
 /// since capture, fits the map into `max_targets`, attaches (or reuses) the loop devices.
-pub fn plan(
-    catalog: &Catalog,
-    kernel: &dyn Kernel,
-    image: &str,
-    max_targets: u64,
-) -> Result<Plan> {
+pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u64) -> Result<Plan> {
     let (record, map) = catalog.map(image)?;
     let (map, cost) = budget::fit(&map, max_targets);
     let mut by_id = BTreeMap::new();
@@ -118,7 +113,12 @@ fn change(plan: &Plan, device: DeviceStatus, started: std::time::Instant) -> Dev
         loops: plan
             .loops
             .iter()
-            .map(|(name, l)| (name.clone(), (l.info.node.display().to_string(), l.attached)))
+            .map(|(name, l)| {
+                (
+                    name.clone(),
+                    (l.info.node.display().to_string(), l.attached),
+                )
+            })
             .collect(),
         seconds: started.elapsed().as_secs_f64(),
     }
@@ -150,7 +150,11 @@ fn ensure_stats(kernel: &dyn Kernel, name: &str, targets: &[Target]) {
 }
 
 /// vmar's dm-stats region of `name` (created if missing), over `sectors`.
-fn stats_region(kernel: &dyn Kernel, name: &str, sectors: Sectors) -> Result<crate::kernel::Region> {
+fn stats_region(
+    kernel: &dyn Kernel,
+    name: &str,
+    sectors: Sectors,
+) -> Result<crate::kernel::Region> {
     let find = || -> Result<Option<crate::kernel::Region>> {
         Ok(kernel
             .stats_regions(name)?
@@ -352,7 +356,8 @@ fn restore_one(
                 }
             };
             let table = kernel.dm_table(name)?;
-            if live.active_table && !live.suspended && !live.inactive_table && table == plan.targets {
+            if live.active_table && !live.suspended && !live.inactive_table && table == plan.targets
+            {
                 ensure_stats(kernel, name, &plan.targets);
                 return Ok(Restored::Unchanged);
             }
@@ -547,7 +552,10 @@ fn status_of(
         (Some(r), _) if r.state == DeviceState::Creating => "creating",
         (Some(_), Some(l)) if l.deferred_remove => "removing",
         (Some(r), Some(_))
-            if matches!(r.state, DeviceState::Removing | DeviceState::RemovingDeferred) =>
+            if matches!(
+                r.state,
+                DeviceState::Removing | DeviceState::RemovingDeferred
+            ) =>
         {
             "removing"
         }
@@ -604,7 +612,11 @@ fn status_of(
 /// Resolves what `vmarctl create` names as the image: a captured image's name, or the path
 /// of a captured image file. A path is matched against the catalog as given and, only if it
 /// lies inside an image root, as resolved: a client learns nothing about paths elsewhere.
-pub fn image_name(catalog: &Catalog, roots: &crate::roots::ImageRoots, reference: &str) -> Result<String> {
+pub fn image_name(
+    catalog: &Catalog,
+    roots: &crate::roots::ImageRoots,
+    reference: &str,
+) -> Result<String> {
     let unknown = || Error::UnknownImage {
         name: crate::error::shorten(reference),
     };
@@ -617,7 +629,10 @@ pub fn image_name(catalog: &Catalog, roots: &crate::roots::ImageRoots, reference
             return Err(unknown());
         }
         let resolved = path.canonicalize().map_err(|_| unknown())?;
-        return catalog.image_at(&resolved)?.map(|i| i.name).ok_or_else(unknown);
+        return catalog
+            .image_at(&resolved)?
+            .map(|i| i.name)
+            .ok_or_else(unknown);
     }
     validate_name(reference)?;
     catalog.image(reference).map(|i| i.name)

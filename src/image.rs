@@ -449,8 +449,8 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         std::os::unix::fs::FileExt::write_at(&file, &[8u8; 4096], 0).unwrap();
-        let mtime = std::time::UNIX_EPOCH
-            + std::time::Duration::from_nanos(captured.mtime_ns as u64);
+        let mtime =
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(captured.mtime_ns as u64);
         file.set_modified(mtime).unwrap();
         drop(file);
         let now = ImageFile::open(&path).unwrap().identity;
@@ -464,6 +464,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo.raw");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        assert!(matches!(ImageFile::open(&fifo), Err(Error::NotAnImage { .. })));
+        assert!(matches!(
+            ImageFile::open(&fifo),
+            Err(Error::NotAnImage { .. })
+        ));
     }
 }

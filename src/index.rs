@@ -132,6 +132,13 @@ impl Run {
     }
 }
 
+/// blake3 of a run's bytes, which the catalog keeps for every run it names.
+pub fn checksum(run: &Run) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_rayon(run.bytes());
+    *hasher.finalize().as_bytes()
+}
+
 /// Path of run `id` in `dir`.
 pub fn run_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("run-{id:016x}.idx"))

@@ -6,6 +6,7 @@
 //! the image's bytes. [`protocol`], [`server`], [`service`] and [`client`] connect `vmarctl` to
 //! `vmard`.
 
+pub mod backup;
 pub mod budget;
 pub mod catalog;
 pub mod client;

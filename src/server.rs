@@ -180,7 +180,11 @@ impl Server {
             self.dispatch(stream);
         }
         let _ = fs::remove_file(&self.socket);
-        let count = self.in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
+        let count = self
+            .in_flight
+            .count
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let (count, timeout) = self
             .in_flight
             .done
@@ -195,7 +199,11 @@ impl Server {
     /// Serves `stream` on a thread of its own, or answers `busy` when too many are open.
     fn dispatch(&self, mut stream: UnixStream) {
         {
-            let mut count = self.in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
+            let mut count = self
+                .in_flight
+                .count
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if *count >= MAX_CONNECTIONS {
                 drop(count);
                 refuse(&mut stream, &self.refused);

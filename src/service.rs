@@ -216,7 +216,12 @@ pub fn handle(
         Request::Refresh { name } => {
             let kernel = kernel_for(ctx, Some(&name))?;
             let _changes = ctx.changes();
-            to_value(device::refresh(catalog, kernel.as_ref(), &name, max_targets)?)
+            to_value(device::refresh(
+                catalog,
+                kernel.as_ref(),
+                &name,
+                max_targets,
+            )?)
         }
         Request::Stats { name } => to_value(device::stats(
             catalog,
@@ -236,7 +241,11 @@ fn kernel_for(ctx: &Context, name: Option<&str>) -> Result<Arc<dyn Kernel>> {
 }
 
 /// Opens an image to capture: absolute, inside the image roots, raw unless forced.
-fn open_image(settings: &Settings, path: &Path, force_raw: bool) -> Result<crate::image::ImageFile> {
+fn open_image(
+    settings: &Settings,
+    path: &Path,
+    force_raw: bool,
+) -> Result<crate::image::ImageFile> {
     if !path.is_absolute() {
         return Err(Error::Protocol(format!(
             "image path {} must be absolute",
@@ -274,16 +283,12 @@ fn table_of(
                     .join(", ")
             )));
         };
-        let dev: BlockDev = device
-            .parse()
-            .ok()
-            .filter(is_device)
-            .ok_or_else(|| {
-                Error::Protocol(format!(
-                    "device {:?} must be a /dev path or MAJOR:MINOR",
-                    crate::error::shorten(device)
-                ))
-            })?;
+        let dev: BlockDev = device.parse().ok().filter(is_device).ok_or_else(|| {
+            Error::Protocol(format!(
+                "device {:?} must be a /dev path or MAJOR:MINOR",
+                crate::error::shorten(device)
+            ))
+        })?;
         by_id.insert(*id, dev);
     }
     let device_of = |id| {

@@ -275,10 +275,7 @@ mod tests {
 
     #[test]
     fn classify_tells_own_from_redirected_by_device_and_offset() {
-        let classes: Vec<Class> = classify(&table(), own())
-            .iter()
-            .map(|m| m.class)
-            .collect();
+        let classes: Vec<Class> = classify(&table(), own()).iter().map(|m| m.class).collect();
         assert_eq!(
             classes,
             [

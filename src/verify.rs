@@ -9,10 +9,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
-use crate::protocol::Progress;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile, open_unchanged};
 use crate::map::{ImageId, Source};
+use crate::protocol::Progress;
 use crate::scan::is_zero;
 
 /// Blocks compared by one parallel task, and per progress step.

@@ -494,3 +494,142 @@ fn only_files_under_image_roots_are_captured() {
     let (_, list) = daemon.json(&["images"]);
     assert_eq!(image_names(&list), ["ok"]);
 }
+
+#[test]
+fn a_lost_or_damaged_catalog_is_refused_and_recovered_from_its_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = three_images(dir.path());
+    let state = dir.path().join("state");
+    let socket = dir.path().join("run/vmard.sock");
+    let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    for image in &images {
+        assert!(daemon.ctl(&["capture", s(image)]).status.success());
+    }
+    let (_, before) = daemon.json(&["map", "other", "--extents"]);
+    daemon.stop();
+    let catalog = state.join("catalog.redb");
+    let start = |args: &[&str]| {
+        Command::new(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .args([
+                "--image-root",
+                s(dir.path()),
+                "--state-dir",
+                s(&state),
+                "--socket",
+                s(&socket),
+            ])
+            .args(args)
+            .env("VMAR_LOG", "error")
+            .output()
+            .unwrap()
+    };
+    for damage in ["empty", "missing", "garbage"] {
+        let good = std::fs::read(&catalog).unwrap();
+        match damage {
+            "empty" => std::fs::write(&catalog, b"").unwrap(),
+            "missing" => std::fs::remove_file(&catalog).unwrap(),
+            _ => std::fs::write(&catalog, vec![0x5a; 4096]).unwrap(),
+        }
+        let runs = std::fs::read_dir(state.join("index")).unwrap().count();
+        let out = start(&[]);
+        assert!(!out.status.success(), "{damage} catalog accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--recover"), "{damage}: {stderr}");
+        // Nothing was deleted on the way.
+        assert_eq!(
+            std::fs::read_dir(state.join("index")).unwrap().count(),
+            runs
+        );
+        std::fs::write(&catalog, good).unwrap();
+    }
+    // Rebuilt from the backup: the same images in the same order, the same maps.
+    std::fs::remove_file(&catalog).unwrap();
+    let daemon = Daemon::start_args(dir.path(), &state, &socket, &["--recover"]);
+    let (_, list) = daemon.json(&["images"]);
+    assert_eq!(image_names(&list), ["base", "derived", "other"]);
+    let (_, after) = daemon.json(&["map", "other", "--extents"]);
+    assert_eq!(before["extents"], after["extents"]);
+    assert_eq!(before["summary"], after["summary"]);
+    let broken = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".broken-"))
+        .count();
+    assert!(broken >= 1, "what was left should be kept aside");
+}
+
+#[test]
+fn a_damaged_index_run_is_found_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = three_images(dir.path());
+    let daemon = Daemon::start(dir.path());
+    assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
+    let state = daemon.stop();
+    // Flip bits in the middle of every run.
+    for entry in std::fs::read_dir(state.join("index")).unwrap().flatten() {
+        let mut bytes = std::fs::read(entry.path()).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(entry.path(), bytes).unwrap();
+    }
+    let daemon = Daemon::start(dir.path());
+    let damaged: Vec<_> = std::fs::read_dir(state.join("index"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("damaged-"))
+        .collect();
+    assert_eq!(
+        damaged.len(),
+        1,
+        "the damaged run was not detected and kept aside"
+    );
+    // The derived image still finds base's blocks: the index was rebuilt, not trusted.
+    assert!(daemon.ctl(&["capture", s(&images[1])]).status.success());
+    let (_, map) = daemon.json(&["map", "derived"]);
+    assert!(
+        map["summary"]["redirected_blocks"].as_u64().unwrap() > 0,
+        "{map}"
+    );
+    let (ok, report) = daemon.json(&["verify", "derived"]);
+    assert!(ok, "{report}");
+}
+
+#[test]
+fn container_images_are_refused_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let qcow2 = dir.path().join("web.qcow2");
+    let mut bytes = b"QFI\xfb\0\0\0\x03".to_vec();
+    bytes.resize(64 * 1024, 0);
+    std::fs::write(&qcow2, &bytes).unwrap();
+    let (ok, out) = daemon.json(&["capture", s(&qcow2)]);
+    assert!(!ok);
+    assert_eq!(out[0]["error"]["kind"], "image-format", "{out}");
+    let message = out[0]["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("qcow2") && message.contains("qemu-img convert -O raw"),
+        "{message}"
+    );
+    let (ok, out) = daemon.json(&["capture", "--force-raw", s(&qcow2)]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn oversized_requests_get_an_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let client = vmar::client::Client::new(&daemon.socket);
+    let huge = "x".repeat(3 << 20);
+    let err = client
+        .call_raw(&vmar::protocol::Request::Verify { name: huge }, &mut |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("at most"), "{err}");
+    // A long invalid name is not echoed whole.
+    let long = "a/".repeat(5000);
+    let (ok, out) = daemon.json(&["verify", &long]);
+    assert!(!ok);
+    assert!(
+        out["error"]["message"].as_str().unwrap().len() < 400,
+        "{out}"
+    );
+}

@@ -54,7 +54,11 @@ fn err(daemon: &Daemon, args: &[&str]) -> String {
     let (ok, out) = daemon.json(args);
     assert!(!ok, "vmarctl {args:?} succeeded: {out}");
     // capture answers one entry per image.
-    let error = if out.is_array() { &out[0]["error"] } else { &out["error"] };
+    let error = if out.is_array() {
+        &out[0]["error"]
+    } else {
+        &out["error"]
+    };
     error["kind"].as_str().unwrap_or("?").to_string()
 }
 
@@ -110,14 +114,17 @@ fn check_invariants(dir: &Path, daemon: &Daemon) {
         assert!(got == want, "device {name} does not serve image {image}");
     }
     for (name, st) in states(daemon) {
-        assert!(state.devices.contains_key(&name), "{name} is {st} but not live");
+        assert!(
+            state.devices.contains_key(&name),
+            "{name} is {st} but not live"
+        );
     }
     for (minor, l) in &state.loops {
         let used = state.devices.values().any(|d| {
-            d.active
-                .iter()
-                .flatten()
-                .any(|t| t.linear_source().is_some_and(|(dev, _)| dev.to_string() == format!("7:{minor}")))
+            d.active.iter().flatten().any(|t| {
+                t.linear_source()
+                    .is_some_and(|(dev, _)| dev.to_string() == format!("7:{minor}"))
+            })
         });
         assert!(used, "loop{minor} over {} is leaked", l.backing.display());
     }
@@ -136,9 +143,15 @@ fn devices_serve_their_images_and_go_away_cleanly() {
     assert_eq!(err(&daemon, &["create", "web", "web"]), "device-exists");
     let kernel = sim(dir.path());
     for (name, image) in ["base", "web", "db"].iter().zip(&images) {
-        assert_eq!(kernel.read_device(name).unwrap(), std::fs::read(image).unwrap());
+        assert_eq!(
+            kernel.read_device(name).unwrap(),
+            std::fs::read(image).unwrap()
+        );
     }
-    assert!(kernel.write("web", 0, &[0; 512]).is_err(), "writes must be refused");
+    assert!(
+        kernel.write("web", 0, &[0; 512]).is_err(),
+        "writes must be refused"
+    );
     // One loop device per image file, shared by all devices.
     let state = kernel.state().unwrap();
     assert_eq!(state.loops.len(), 3, "{:?}", state.loops);
@@ -153,7 +166,9 @@ fn devices_serve_their_images_and_go_away_cleanly() {
     );
     let by = &stats["devices"][0]["read"]["by_class"];
     assert_eq!(
-        by["own"].as_u64().unwrap() + by["redirected"].as_u64().unwrap() + by["zero"].as_u64().unwrap(),
+        by["own"].as_u64().unwrap()
+            + by["redirected"].as_u64().unwrap()
+            + by["zero"].as_u64().unwrap(),
         stats["devices"][0]["read"]["total"].as_u64().unwrap()
     );
     assert!(by["redirected"].as_u64().unwrap() > 0, "{stats}");
@@ -162,7 +177,10 @@ fn devices_serve_their_images_and_go_away_cleanly() {
     }
     assert_eq!(ok(&daemon, &["list"]), serde_json::json!([]));
     let state = kernel.state().unwrap();
-    assert!(state.devices.is_empty() && state.loops.is_empty(), "{state:?}");
+    assert!(
+        state.devices.is_empty() && state.loops.is_empty(),
+        "{state:?}"
+    );
     assert_eq!(err(&daemon, &["remove", "web"]), "unknown-device");
 }
 
@@ -179,9 +197,15 @@ fn open_devices_are_removed_only_deferred() {
     assert_eq!(states(&daemon), [("web".to_string(), "active".to_string())]);
     let out = ok(&daemon, &["remove", "web", "--deferred"]);
     assert_eq!(out["deferred"], true, "{out}");
-    assert_eq!(states(&daemon), [("web".to_string(), "removing".to_string())]);
+    assert_eq!(
+        states(&daemon),
+        [("web".to_string(), "removing".to_string())]
+    );
     // Still served while open; the name is not free yet.
-    assert_eq!(kernel.read_device("web").unwrap(), std::fs::read(&images[1]).unwrap());
+    assert_eq!(
+        kernel.read_device("web").unwrap(),
+        std::fs::read(&images[1]).unwrap()
+    );
     assert_eq!(err(&daemon, &["create", "web", "web"]), "device-exists");
     kernel.close_device("web").unwrap();
     assert_eq!(ok(&daemon, &["list"]), serde_json::json!([]));
@@ -218,7 +242,10 @@ fn refresh_swaps_the_table_of_an_open_device() {
     let out = ok(&daemon, &["refresh", "db"]);
     assert!(out["targets"].as_u64().unwrap() > 4, "{out}");
     assert_eq!(states(&daemon), [("db".to_string(), "active".to_string())]);
-    assert_eq!(kernel.read_device("db").unwrap(), std::fs::read(&images[2]).unwrap());
+    assert_eq!(
+        kernel.read_device("db").unwrap(),
+        std::fs::read(&images[2]).unwrap()
+    );
     kernel.close_device("db").unwrap();
     check_invariants(dir.path(), &daemon);
 }
@@ -241,7 +268,10 @@ fn restore_repairs_every_kind_of_leftover() {
     kernel.dm_load("web", &table).unwrap();
     kernel.dm_suspend("web").unwrap();
     kernel.open_device("web").unwrap();
-    assert!(kernel.read("web", 0, 4096).is_err(), "a suspended device must not serve");
+    assert!(
+        kernel.read("web", 0, 4096).is_err(),
+        "a suspended device must not serve"
+    );
     // db: gone from the kernel (a reboot).
     kernel.dm_remove("db", false).unwrap();
     // A leftover device the catalog does not know, and a loop device without autoclear
@@ -261,7 +291,10 @@ fn restore_repairs_every_kind_of_leftover() {
     );
     let state = kernel.state().unwrap();
     assert!(!state.devices.contains_key("stray"));
-    assert!(!state.loops.contains_key(&leaked), "leaked loop not detached: {state:?}");
+    assert!(
+        !state.loops.contains_key(&leaked),
+        "leaked loop not detached: {state:?}"
+    );
     assert_eq!(kernel.read("web", 0, 4096).unwrap().len(), 4096);
     kernel.close_device("web").unwrap();
     check_invariants(dir.path(), &daemon);
@@ -289,8 +322,12 @@ fn images_that_devices_read_cannot_be_forgotten_or_recaptured() {
     assert_eq!(err(&daemon, &["forget", "base"]), "image-in-use");
     assert_eq!(err(&daemon, &["forget", "web"]), "image-in-use");
     // Touching base makes it "changed"; re-capturing it would change web's map under it.
-    let file = std::fs::OpenOptions::new().append(true).open(&images[0]).unwrap();
-    file.set_len(std::fs::metadata(&images[0]).unwrap().len() + 4096).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&images[0])
+        .unwrap();
+    file.set_len(std::fs::metadata(&images[0]).unwrap().len() + 4096)
+        .unwrap();
     drop(file);
     assert_eq!(
         err(&daemon, &["capture", "--recapture", s(&images[0])]),
@@ -360,7 +397,11 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             drop(daemon);
             sim(dir.path()).open_device("db").unwrap();
             let daemon = fault_then_restart(dir.path(), step, action, &["refresh", "db"]);
-            assert_eq!(states(&daemon), [("db".to_string(), "active".to_string())], "{step}={action}");
+            assert_eq!(
+                states(&daemon),
+                [("db".to_string(), "active".to_string())],
+                "{step}={action}"
+            );
             cases += 1;
         }
         for step in REMOVE_STEPS {
@@ -384,7 +425,10 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 2 * (CREATE_STEPS.len() + REFRESH_STEPS.len() + REMOVE_STEPS.len()));
+    assert_eq!(
+        cases,
+        2 * (CREATE_STEPS.len() + REFRESH_STEPS.len() + REMOVE_STEPS.len())
+    );
 }
 
 #[test]
@@ -460,8 +504,20 @@ fn sigterm_closes_the_catalog_and_leaves_devices() {
     ok(&daemon, &["create", "base", "base"]);
     let status = daemon.terminate();
     assert!(status.success(), "vmard exited with {status}");
-    assert!(!dir.path().join("run/vmard.sock").exists(), "socket left behind");
-    assert!(sim(dir.path()).state().unwrap().devices.contains_key("base"));
+    assert!(
+        !dir.path().join("run/vmard.sock").exists(),
+        "socket left behind"
+    );
+    assert!(
+        sim(dir.path())
+            .state()
+            .unwrap()
+            .devices
+            .contains_key("base")
+    );
     let daemon = Daemon::start_sim(dir.path(), "");
-    assert_eq!(states(&daemon), [("base".to_string(), "active".to_string())]);
+    assert_eq!(
+        states(&daemon),
+        [("base".to_string(), "active".to_string())]
+    );
 }

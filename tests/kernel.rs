@@ -222,14 +222,13 @@ fn linear_targets(daemon: &Daemon, name: &str) -> Vec<(u64, u64, String, u64)> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|t| t["target_type"] == "linear")
+        .filter(|t| t["type"] == "linear")
         .map(|t| {
-            let params: Vec<&str> = t["params"].as_str().unwrap().split(' ').collect();
             (
                 t["start"].as_u64().unwrap(),
                 t["len"].as_u64().unwrap(),
-                params[0].to_string(),
-                params[1].parse().unwrap(),
+                t["device"].as_str().unwrap().to_string(),
+                t["offset"].as_u64().unwrap(),
             )
         })
         .collect()
@@ -349,10 +348,10 @@ fn real_remove_while_open() {
         out["error"]["message"]
             .as_str()
             .unwrap()
-            .contains("--force")
+            .contains("--deferred")
     );
     assert_eq!(daemon.json(&["status", "base"]).1["state"], "active");
-    let (ok, out) = daemon.json(&["remove", "--force", "base"]);
+    let (ok, out) = daemon.json(&["remove", "--deferred", "base"]);
     assert!(ok, "{out}");
     assert_eq!(out["deferred"], true);
     drop(open);
@@ -664,4 +663,177 @@ fn real_stats_count_reads_by_class_and_cache_sharing() {
     for name in ["base", "web"] {
         assert!(daemon.json(&["remove", name]).0);
     }
+}
+
+/// dm cookies (SysV semaphores keyed 0x0D4D....) that are still allocated.
+fn dm_cookies() -> Vec<String> {
+    std::fs::read_to_string("/proc/sysvipc/sem")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .and_then(|k| k.parse::<i64>().ok())
+                .is_some_and(|k| (k as u32) >> 16 == 0x0D4D)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_kill_at_every_device_step_is_repaired_at_restart() {
+    let _clean = require_dm();
+    let steps: &[(&str, &[&str])] = &[
+        ("catalog.commit#1", &["create", "web", "web"]),
+        ("dm.create", &["create", "web", "web"]),
+        ("dm.load", &["create", "web", "web"]),
+        ("dm.resume", &["create", "web", "web"]),
+        ("catalog.commit#2", &["create", "web", "web"]),
+        ("dm.load", &["refresh", "base"]),
+        ("dm.suspend", &["refresh", "base"]),
+        ("dm.resume", &["refresh", "base"]),
+        ("catalog.commit#1", &["remove", "base"]),
+        ("dm.remove", &["remove", "base"]),
+        ("catalog.commit#2", &["remove", "base"]),
+    ];
+    for (step, op) in steps {
+        let dir = tempfile::tempdir().unwrap();
+        let images = family(dir.path());
+        let state = dir.path().join("state");
+        let socket = dir.path().join("run/vmard.sock");
+        let daemon = Daemon::start_with(dir.path(), &state, &socket);
+        capture(&daemon, &images[..2]);
+        create(&daemon, "base", "base");
+        drop(daemon);
+        // A reader holds base open across the crash, as a VM would.
+        let reader = File::open(node("base")).unwrap();
+        let faults = format!("{step}=kill");
+        let faulty = Daemon::start_env(
+            dir.path(),
+            &state,
+            &socket,
+            &[],
+            &[("VMAR_FAULTS", &faults)],
+        );
+        let (ok, out) = faulty.json(op);
+        assert!(!ok, "{op:?} with {faults} answered: {out}");
+        drop(faulty);
+        let daemon = Daemon::start_with(dir.path(), &state, &socket);
+        for (name, st) in device_states(&daemon) {
+            assert_eq!(st, "active", "{op:?} killed at {step}: {name} is {st}");
+            let status = daemon.json(&["status", &name]).1;
+            assert_eq!(status["live"]["suspended"], false, "{status}");
+            let image = if name == "base" {
+                &images[0]
+            } else {
+                &images[1]
+            };
+            assert_same(&node(&name), image);
+        }
+        drop(reader);
+        for (name, _) in device_states(&daemon) {
+            assert!(daemon.json(&["remove", &name]).0, "remove {name}");
+        }
+        drop(daemon);
+        assert!(
+            dm_cookies().is_empty(),
+            "{op:?} {step}: cookies left: {:?}",
+            dm_cookies()
+        );
+        let _ = std::process::Command::new("dmsetup")
+            .args(["remove_all", "--force"])
+            .output();
+    }
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_kernel_agrees_with_the_in_memory_one() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let real = Daemon::start_with(
+        dir.path(),
+        &dir.path().join("state-real"),
+        &dir.path().join("real.sock"),
+    );
+    let sim_dir = dir.path().join("sim");
+    std::fs::create_dir_all(&sim_dir).unwrap();
+    let sim = Daemon::start_env(
+        dir.path(),
+        &dir.path().join("state-sim"),
+        &dir.path().join("sim.sock"),
+        &["--sim", sim_dir.join("kernel").to_str().unwrap()],
+        &[],
+    );
+    // A table with each device named by the image file behind it, so that tables of the
+    // two kernels (whose loop device numbers differ) compare.
+    let by_image = |daemon: &Daemon, name: &str| -> Vec<Value> {
+        let status = daemon.json(&["status", name, "--table"]).1;
+        let stats = daemon.json(&["stats", name]).1;
+        let files: std::collections::BTreeMap<String, String> = stats["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    i["loop_device"].as_str().unwrap().to_string(),
+                    i["path"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        status["table"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let mut t = t.clone();
+                if let Some(dev) = t["device"].as_str() {
+                    t["device"] = Value::String(files[dev].clone());
+                }
+                t
+            })
+            .collect()
+    };
+    for daemon in [&real, &sim] {
+        capture(daemon, &images);
+        for name in ["base", "web", "db", "other"] {
+            create(daemon, name, name);
+        }
+    }
+    for name in ["base", "web", "db", "other"] {
+        assert_eq!(
+            by_image(&real, name),
+            by_image(&sim, name),
+            "tables of {name}"
+        );
+    }
+    assert_eq!(device_states(&real), device_states(&sim));
+    // The same refusals: a busy device, a name taken, an unknown device.
+    let reader = File::open(node("web")).unwrap();
+    let sim_kernel = vmar::kernel::sim::SimKernel::open(&sim_dir.join("kernel")).unwrap();
+    sim_kernel.open_device("web").unwrap();
+    for args in [
+        &["remove", "web"][..],
+        &["create", "web", "web"],
+        &["remove", "nosuch"],
+    ] {
+        let (a, b) = (real.json(args).1, sim.json(args).1);
+        assert_eq!(
+            a["error"]["kind"], b["error"]["kind"],
+            "{args:?}: {a} vs {b}"
+        );
+    }
+    for daemon in [&real, &sim] {
+        let (ok, out) = daemon.json(&["remove", "--deferred", "web"]);
+        assert!(ok, "{out}");
+    }
+    assert_eq!(device_states(&real), device_states(&sim));
+    drop(reader);
+    sim_kernel.close_device("web").unwrap();
+    eventually("the deferred removal", || {
+        device_states(&real) == device_states(&sim)
+    });
 }

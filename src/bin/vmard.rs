@@ -44,6 +44,12 @@ struct Args {
     #[arg(long)]
     no_restore: bool,
 
+    /// Rebuild a lost or damaged catalog from its backup (state dir's backup/catalog.json):
+    /// what is left is moved aside, the images are captured again in their original order
+    /// and their devices saved again; then vmard starts as usual.
+    #[arg(long)]
+    recover: bool,
+
     /// Run on a simulated kernel whose state lives in DIR instead of the real one (tests,
     /// trying vmar without root).
     #[arg(long, value_name = "DIR")]
@@ -86,7 +92,22 @@ fn main() -> Result<()> {
     signals.thread_block().context("cannot block signals")?;
 
     let (settings, group) = load_settings(&args)?;
-    let catalog = Catalog::open(&args.state_dir).context("cannot open the catalog")?;
+    let catalog = if args.recover {
+        let (catalog, recovery) =
+            Catalog::recover(&args.state_dir).context("cannot recover the catalog")?;
+        for (name, why) in &recovery.skipped {
+            tracing::error!(image = %name, "not recovered: {why}");
+        }
+        tracing::info!(
+            images = ?recovery.images,
+            devices = ?recovery.devices,
+            skipped = recovery.skipped.len(),
+            "catalog recovered from its backup"
+        );
+        catalog
+    } else {
+        Catalog::open(&args.state_dir).context("cannot open the catalog")?
+    };
     let opener: KernelOpener = match args.sim.clone() {
         Some(dir) => {
             let sim = SimKernel::open(&dir)?;
@@ -228,4 +249,3 @@ fn restore(context: &Context) -> String {
         }
     }
 }
-

@@ -68,7 +68,9 @@ pub struct LiveDevice {
 impl LiveDevice {
     /// True when the UUID says vmar made it.
     pub fn is_ours(&self) -> bool {
-        self.uuid.as_deref().is_some_and(|u| u.starts_with(UUID_PREFIX))
+        self.uuid
+            .as_deref()
+            .is_some_and(|u| u.starts_with(UUID_PREFIX))
     }
 }
 

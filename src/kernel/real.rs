@@ -22,8 +22,7 @@ use memmap2::MmapOptions;
 
 use super::dmstats::{parse_stats_list, parse_stats_print};
 use super::{
-    AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency,
-    UUID_PREFIX,
+    AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
 };
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
@@ -68,7 +67,8 @@ fn ioctl_error(op: &'static str, device: impl std::fmt::Display, e: DmError) -> 
 /// module doc), with `flags`.
 fn options(flags: DmFlags) -> DmOptions {
     DmOptions::default().set_flags(flags).set_udev_flags(
-        DmUdevFlags::DM_UDEV_DISABLE_DISK_RULES_FLAG | DmUdevFlags::DM_UDEV_DISABLE_OTHER_RULES_FLAG,
+        DmUdevFlags::DM_UDEV_DISABLE_DISK_RULES_FLAG
+            | DmUdevFlags::DM_UDEV_DISABLE_OTHER_RULES_FLAG,
     )
 }
 

@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::{AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX};
+use super::{
+    AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
+};
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
 use crate::table::{BlockDev, Target, TargetKind};
@@ -145,7 +147,9 @@ impl SimState {
         let mut next = Sectors(0);
         for t in table {
             if t.start != next || t.len == Sectors(0) {
-                return Err(bad(format!("target {t} does not continue at sector {next}")));
+                return Err(bad(format!(
+                    "target {t} does not continue at sector {next}"
+                )));
             }
             next = t.end();
             match &t.kind {
@@ -229,10 +233,12 @@ impl SimKernel {
     fn load(&self) -> Result<SimState> {
         let path = self.dir.join(STATE_FILE);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Protocol(format!(
-                "simulated kernel state {} is corrupt: {e}",
-                path.display()
-            ))),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                Error::Protocol(format!(
+                    "simulated kernel state {} is corrupt: {e}",
+                    path.display()
+                ))
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SimState::default()),
             Err(e) => Err(Error::io("cannot read", &path, e)),
         }
@@ -285,9 +291,16 @@ impl SimKernel {
             let d = s.device(name, "read")?;
             let dm_name = format!("{NAME_PREFIX}{name}");
             if d.suspended {
-                return Err(sim_error("read (suspended: a reader would hang)", &dm_name, nix::errno::Errno::EAGAIN));
+                return Err(sim_error(
+                    "read (suspended: a reader would hang)",
+                    &dm_name,
+                    nix::errno::Errno::EAGAIN,
+                ));
             }
-            let table = d.active.clone().ok_or_else(|| sim_error("read", &dm_name, nix::errno::Errno::ENXIO))?;
+            let table = d
+                .active
+                .clone()
+                .ok_or_else(|| sim_error("read", &dm_name, nix::errno::Errno::ENXIO))?;
             let size = table.last().map_or(0, |t| t.end().bytes());
             let end = (offset + len).min(size);
             let mut out = vec![0u8; end.saturating_sub(offset) as usize];
@@ -296,14 +309,23 @@ impl SimKernel {
                 if lo >= hi {
                     continue;
                 }
-                if let TargetKind::Linear { device: BlockDev::Number { minor, .. }, offset: from } = &t.kind {
-                    let backing = s.loops.get(minor).map(|l| l.backing.clone()).ok_or_else(|| {
-                        sim_error("read", &dm_name, nix::errno::Errno::EIO)
-                    })?;
-                    let file = File::open(&backing).map_err(|e| Error::io("cannot open", &backing, e))?;
+                if let TargetKind::Linear {
+                    device: BlockDev::Number { minor, .. },
+                    offset: from,
+                } = &t.kind
+                {
+                    let backing = s
+                        .loops
+                        .get(minor)
+                        .map(|l| l.backing.clone())
+                        .ok_or_else(|| sim_error("read", &dm_name, nix::errno::Errno::EIO))?;
+                    let file =
+                        File::open(&backing).map_err(|e| Error::io("cannot open", &backing, e))?;
                     let at = from.bytes() + (lo - t.start.bytes());
                     let buf = &mut out[(lo - offset) as usize..(hi - offset) as usize];
-                    let n = file.read_at(buf, at).map_err(|e| Error::io("cannot read", &backing, e))?;
+                    let n = file
+                        .read_at(buf, at)
+                        .map_err(|e| Error::io("cannot read", &backing, e))?;
                     // Past the end of the file a loop device reads zeros (a partial block).
                     buf[n..].fill(0);
                 }
@@ -312,7 +334,8 @@ impl SimKernel {
             let (first, last) = (offset / 512, end.div_ceil(512));
             for region in &mut d.regions {
                 for sector in first..last {
-                    if let Some(area) = region.sectors_read.get_mut((sector / region.step) as usize) {
+                    if let Some(area) = region.sectors_read.get_mut((sector / region.step) as usize)
+                    {
                         *area += 1;
                     }
                 }
@@ -331,7 +354,11 @@ impl SimKernel {
         self.change(|s| {
             let d = s.device(name, "write")?;
             if d.read_only {
-                return Err(sim_error("write", format!("{NAME_PREFIX}{name}"), nix::errno::Errno::EROFS));
+                return Err(sim_error(
+                    "write",
+                    format!("{NAME_PREFIX}{name}"),
+                    nix::errno::Errno::EROFS,
+                ));
             }
             Ok(())
         })
@@ -340,16 +367,25 @@ impl SimKernel {
     /// Attaches `path` to a loop device as another program would, e.g. without autoclear
     /// (what a crash between `LOOP_SET_FD` and `LOOP_SET_STATUS64` leaves). Returns its minor.
     pub fn plant_loop(&self, path: &Path, autoclear: bool) -> Result<u32> {
-        let size = fs::metadata(path).map_err(|e| Error::io("cannot stat", path, e))?.len();
+        let size = fs::metadata(path)
+            .map_err(|e| Error::io("cannot stat", path, e))?
+            .len();
         self.change(|s| {
             let minor = (0..).find(|m| !s.loops.contains_key(m)).unwrap_or(0);
-            s.loops.insert(minor, SimLoop {
-                backing: path.to_path_buf(),
-                size,
-                read_only: true,
-                autoclear,
-                holders: if autoclear { vec![std::process::id()] } else { Vec::new() },
-            });
+            s.loops.insert(
+                minor,
+                SimLoop {
+                    backing: path.to_path_buf(),
+                    size,
+                    read_only: true,
+                    autoclear,
+                    holders: if autoclear {
+                        vec![std::process::id()]
+                    } else {
+                        Vec::new()
+                    },
+                },
+            );
             Ok(minor)
         })
     }
@@ -397,16 +433,21 @@ impl Kernel for SimKernel {
     fn dm_create(&self, name: &str) -> Result<()> {
         self.change(|s| {
             if s.devices.contains_key(name) {
-                return Err(Error::DeviceExists { name: name.to_string() });
+                return Err(Error::DeviceExists {
+                    name: name.to_string(),
+                });
             }
             let minor = s.next_minor;
             s.next_minor += 1;
-            s.devices.insert(name.to_string(), SimDevice {
-                uuid: format!("{UUID_PREFIX}{name}"),
-                minor,
-                read_only: true,
-                ..SimDevice::default()
-            });
+            s.devices.insert(
+                name.to_string(),
+                SimDevice {
+                    uuid: format!("{UUID_PREFIX}{name}"),
+                    minor,
+                    read_only: true,
+                    ..SimDevice::default()
+                },
+            );
             Ok(())
         })
     }
@@ -434,7 +475,9 @@ impl Kernel for SimKernel {
                 let len = table.last().map_or(0, |t| t.end().0);
                 d.active = Some(table);
                 for region in &mut d.regions {
-                    region.sectors_read.resize(len.div_ceil(region.step) as usize, 0);
+                    region
+                        .sectors_read
+                        .resize(len.div_ceil(region.step) as usize, 0);
                 }
             }
             d.suspended = false;
@@ -451,10 +494,18 @@ impl Kernel for SimKernel {
 
     fn dm_remove(&self, name: &str, deferred: bool) -> Result<()> {
         self.change(|s| {
-            let d = s.devices.get_mut(name).ok_or_else(|| Error::UnknownDevice { name: name.to_string() })?;
+            let d = s
+                .devices
+                .get_mut(name)
+                .ok_or_else(|| Error::UnknownDevice {
+                    name: name.to_string(),
+                })?;
             if d.open_count > 0 {
                 if !deferred {
-                    return Err(Error::DeviceBusy { name: name.to_string(), open_count: d.open_count });
+                    return Err(Error::DeviceBusy {
+                        name: name.to_string(),
+                        open_count: d.open_count,
+                    });
                 }
                 d.deferred_remove = true;
                 return Ok(());
@@ -471,10 +522,13 @@ impl Kernel for SimKernel {
 
     fn dm_table(&self, name: &str) -> Result<Vec<Target>> {
         let state = self.state()?;
-        let d = state
-            .devices
-            .get(name)
-            .ok_or_else(|| sim_error("read table of", format!("{NAME_PREFIX}{name}"), nix::errno::Errno::ENXIO))?;
+        let d = state.devices.get(name).ok_or_else(|| {
+            sim_error(
+                "read table of",
+                format!("{NAME_PREFIX}{name}"),
+                nix::errno::Errno::ENXIO,
+            )
+        })?;
         Ok(d.active.clone().unwrap_or_default())
     }
 
@@ -488,19 +542,37 @@ impl Kernel for SimKernel {
             .devices
             .get(name)
             .ok_or_else(|| sim_error("send dm-stats message to", name, nix::errno::Errno::ENXIO))?;
-        let len = d.active.as_ref().and_then(|t| t.last()).map_or(0, |t| t.end().0);
+        let len = d
+            .active
+            .as_ref()
+            .and_then(|t| t.last())
+            .map_or(0, |t| t.end().0);
         Ok(d.regions
             .iter()
-            .map(|r| Region { id: r.id, start: 0, len, step: r.step, program: r.program.clone() })
+            .map(|r| Region {
+                id: r.id,
+                start: 0,
+                len,
+                step: r.step,
+                program: r.program.clone(),
+            })
             .collect())
     }
 
     fn stats_create(&self, name: &str, step: Sectors, program: &str) -> Result<()> {
         self.change(|s| {
             let d = s.device(name, "send dm-stats message to")?;
-            let len = d.active.as_ref().and_then(|t| t.last()).map_or(0, |t| t.end().0);
+            let len = d
+                .active
+                .as_ref()
+                .and_then(|t| t.last())
+                .map_or(0, |t| t.end().0);
             if step.0 == 0 || len == 0 {
-                return Err(sim_error("create dm-stats region of", name, nix::errno::Errno::EINVAL));
+                return Err(sim_error(
+                    "create dm-stats region of",
+                    name,
+                    nix::errno::Errno::EINVAL,
+                ));
             }
             let id = d.regions.iter().map(|r| r.id + 1).max().unwrap_or(0);
             d.regions.push(SimRegion {
@@ -519,32 +591,47 @@ impl Kernel for SimKernel {
             .devices
             .get(name)
             .ok_or_else(|| sim_error("send dm-stats message to", name, nix::errno::Errno::ENXIO))?;
-        let len = d.active.as_ref().and_then(|t| t.last()).map_or(0, |t| t.end().0);
-        let region = d
-            .regions
-            .iter()
-            .find(|r| r.id == id)
-            .ok_or_else(|| sim_error("read dm-stats counters of", name, nix::errno::Errno::EINVAL))?;
+        let len = d
+            .active
+            .as_ref()
+            .and_then(|t| t.last())
+            .map_or(0, |t| t.end().0);
+        let region = d.regions.iter().find(|r| r.id == id).ok_or_else(|| {
+            sim_error("read dm-stats counters of", name, nix::errno::Errno::EINVAL)
+        })?;
         Ok(region
             .sectors_read
             .iter()
             .enumerate()
             .map(|(i, read)| {
                 let start = i as u64 * region.step;
-                AreaReads { start, len: region.step.min(len - start.min(len)), sectors_read: *read }
+                AreaReads {
+                    start,
+                    len: region.step.min(len - start.min(len)),
+                    sectors_read: *read,
+                }
             })
             .collect())
     }
 
     fn loops(&self) -> Result<Vec<LoopInfo>> {
-        Ok(self.state()?.loops.iter().map(|(m, l)| Self::loop_info(*m, l)).collect())
+        Ok(self
+            .state()?
+            .loops
+            .iter()
+            .map(|(m, l)| Self::loop_info(*m, l))
+            .collect())
     }
 
     fn loop_hold(&self, info: &LoopInfo) -> Result<LoopHold> {
         let minor = info.minor;
         let now = self.change(|s| {
             let l = s.loops.get_mut(&minor).ok_or_else(|| {
-                Error::io("cannot open", &info.node, std::io::Error::from(std::io::ErrorKind::NotFound))
+                Error::io(
+                    "cannot open",
+                    &info.node,
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )
             })?;
             l.holders.push(std::process::id());
             Ok(Self::loop_info(minor, l))
@@ -580,9 +667,15 @@ impl Kernel for SimKernel {
     fn loop_detach(&self, info: &LoopInfo) -> Result<()> {
         self.change(|s| {
             let busy = s.referenced(info.minor)
-                || s.loops.get(&info.minor).is_some_and(|l| !l.holders.is_empty());
+                || s.loops
+                    .get(&info.minor)
+                    .is_some_and(|l| !l.holders.is_empty());
             if busy {
-                return Err(Error::io("cannot detach", &info.node, nix::errno::Errno::EBUSY.into()));
+                return Err(Error::io(
+                    "cannot detach",
+                    &info.node,
+                    nix::errno::Errno::EBUSY.into(),
+                ));
             }
             s.loops.remove(&info.minor);
             Ok(())
