@@ -483,7 +483,8 @@ impl Catalog {
                     Err(e) => return Err(e),
                 }
                 (
-                    self.meta(NEXT_ID)? as ImageId,
+                    ImageId::try_from(self.meta(NEXT_ID)?)
+                        .map_err(|_| self.corrupt("all image ids are used".into()))?,
                     name,
                     CaptureStatus::Captured,
                 )
@@ -523,6 +524,15 @@ impl Catalog {
             return Ok((record, status));
         }
 
+        if u32::try_from(digests.len()).is_err() {
+            return Err(Error::Catalog {
+                dir: self.dir.clone(),
+                message: format!(
+                    "{} has more than 2^32 non-zero blocks (16 TiB); vmar indexes at most that many per image",
+                    image.path.display()
+                ),
+            });
+        }
         let resolution = resolve(id, &digests, &runs);
         let resolved = started.elapsed();
         let map = build_map(&record, &digests, &resolution.sources);
@@ -938,10 +948,14 @@ impl Catalog {
         for (n, chunk) in digests.chunks(CHUNK_RECORDS).enumerate() {
             let bytes = encode_digests(chunk);
             table
-                .insert((id, n as u32), bytes.as_slice())
+                .insert((id, self.chunk_number(n)?), bytes.as_slice())
                 .ctx(&self.dir)?;
         }
         Ok(())
+    }
+
+    fn chunk_number(&self, n: usize) -> Result<u32> {
+        u32::try_from(n).map_err(|_| self.corrupt(format!("record chunk {n} out of range")))
     }
 
     fn write_map(&self, txn: &WriteTransaction, map: &BlockMap) -> Result<()> {
@@ -949,7 +963,7 @@ impl Catalog {
         for (n, chunk) in map.extents.chunks(CHUNK_RECORDS).enumerate() {
             let bytes = encode_extents(chunk);
             table
-                .insert((map.image, n as u32), bytes.as_slice())
+                .insert((map.image, self.chunk_number(n)?), bytes.as_slice())
                 .ctx(&self.dir)?;
         }
         Ok(())

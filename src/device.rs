@@ -202,14 +202,10 @@ pub fn create(
     let exists = || Error::DeviceExists {
         name: name.to_string(),
     };
-    match catalog.device(name)? {
-        Some(record) if record.state == DeviceState::RemovingDeferred => {
-            if kernel.dm_info(name)?.is_some() {
-                return Err(exists());
-            }
-        }
-        Some(_) => return Err(exists()),
-        None => {}
+    // A record left by a deferred removal does not hold the name once the device is gone.
+    let record = catalog.device(name)?;
+    if record.is_some_and(|r| r.state != DeviceState::RemovingDeferred) {
+        return Err(exists());
     }
     if kernel.dm_info(name)?.is_some() {
         return Err(exists());

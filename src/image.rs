@@ -150,7 +150,7 @@ impl ImageFile {
                 path: self.path.clone(),
             });
         }
-        if self.size % SECTOR_SIZE != 0 {
+        if !self.size.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::UnalignedSize {
                 path: self.path.clone(),
                 size: self.size,
@@ -449,8 +449,8 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         std::os::unix::fs::FileExt::write_at(&file, &[8u8; 4096], 0).unwrap();
-        let mtime =
-            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(captured.mtime_ns as u64);
+        let mtime = std::time::UNIX_EPOCH
+            + std::time::Duration::from_nanos(u64::try_from(captured.mtime_ns).unwrap());
         file.set_modified(mtime).unwrap();
         drop(file);
         let now = ImageFile::open(&path).unwrap().identity;

@@ -273,6 +273,8 @@ pub fn resolve(image: ImageId, blocks: &[(u64, Digest)], runs: &[Run]) -> Resolu
     // Sort by digest through its first 8 bytes (big-endian, so the same order), falling back
     // to the whole digest on equal prefixes; ties keep block order, so the first copy in the
     // image comes first.
+    // Positions are u32: capture refuses images with more blocks than that.
+    #[allow(clippy::cast_possible_truncation)]
     let mut keyed: Vec<(u64, u32)> = blocks
         .iter()
         .enumerate()

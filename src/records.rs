@@ -77,7 +77,7 @@ pub fn encode_digests(digests: &[(u64, Digest)]) -> Vec<u8> {
 }
 
 pub fn decode_digests(bytes: &[u8]) -> Result<Vec<(u64, Digest)>, String> {
-    if bytes.len() % DIGEST_RECORD != 0 {
+    if !bytes.len().is_multiple_of(DIGEST_RECORD) {
         return Err(format!("digest chunk of {} bytes", bytes.len()));
     }
     Ok(bytes
@@ -113,7 +113,7 @@ pub fn encode_extents(extents: &[Extent]) -> Vec<u8> {
 }
 
 pub fn decode_extents(bytes: &[u8]) -> Result<Vec<Extent>, String> {
-    if bytes.len() % EXTENT_RECORD != 0 {
+    if !bytes.len().is_multiple_of(EXTENT_RECORD) {
         return Err(format!("extent chunk of {} bytes", bytes.len()));
     }
     bytes

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::image::{BLOCK_SIZE, SECTOR_SIZE};
 use crate::kernel::AreaReads;
 use crate::table::{BlockDev, Target};
-use crate::units::Sectors;
+use crate::units::{Sectors, usize_of};
 
 /// Most dm-stats areas of one device. Each area costs the kernel about 120 bytes plus 104
 /// bytes per possible CPU; 4096 areas are ~1.3 MiB on a 2-CPU host, ~28 MiB on 64 CPUs.
@@ -203,7 +203,9 @@ pub fn attribute(mapped: &[Mapped], areas: &[AreaReads]) -> ReadBytes {
         // Split by share; the rounding remainder goes to the largest class.
         let mut given = 0;
         for (class, sectors) in classes {
-            let share = (bytes as u128 * sectors as u128 / covered as u128) as u64;
+            let share =
+                u64::try_from(u128::from(bytes) * u128::from(sectors) / u128::from(covered))
+                    .unwrap_or(bytes);
             result.by_class.add(class, share);
             given += share;
         }
@@ -225,8 +227,8 @@ pub fn resident_bytes(residency: &[u8], page_size: u64, offset: u64, len: u64) -
     if len == 0 || page_size == 0 {
         return 0;
     }
-    let first = (offset / page_size) as usize;
-    let last = ((offset + len - 1) / page_size) as usize;
+    let first = usize_of(offset / page_size);
+    let last = usize_of((offset + len - 1) / page_size);
     if first >= residency.len() {
         return 0;
     }

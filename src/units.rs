@@ -11,6 +11,12 @@ use crate::image::{BLOCK_SIZE, SECTOR_SIZE};
 /// Sectors per catalog block.
 pub const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR_SIZE;
 
+/// `n` as a `usize`: vmar runs on 64-bit Linux, where every `u64` fits; saturates elsewhere
+/// (an allocation or index that large fails on its own).
+pub fn usize_of(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 /// A count or offset of 512-byte device-mapper sectors.
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,

@@ -48,7 +48,7 @@ fn check_maps(catalog: &Catalog, images: &[(Vec<Block>, usize)], names: &[String
     let want = expected_sources(images, &ids);
     for (name, want) in names.iter().zip(&want) {
         let (record, map) = catalog.map(name).unwrap();
-        assert_eq!(map.blocks as usize, want.len());
+        assert_eq!(usize::try_from(map.blocks).unwrap(), want.len());
         for (block, source) in want.iter().enumerate() {
             assert_eq!(
                 map.source_of(block as u64),

@@ -27,7 +27,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
 use crate::table::Target;
-use crate::units::Sectors;
+use crate::units::{Sectors, usize_of};
 
 /// The kernel vmard runs on. All device-mapper calls go through one lock: the crate's udev
 /// cookies and the kernel's per-device state are not meant for concurrent changes of one
@@ -402,9 +402,18 @@ fn read_sys(path: &Path) -> Option<String> {
 fn device_numbers(device: &Path) -> Result<(u32, u32)> {
     let meta = fs::metadata(device).map_err(|e| Error::io("cannot stat", device, e))?;
     let rdev = meta.rdev();
+    let number = |n: u64| {
+        u32::try_from(n).map_err(|_| {
+            Error::io(
+                "device number out of range:",
+                device,
+                std::io::Error::other(format!("{n}")),
+            )
+        })
+    };
     Ok((
-        nix::sys::stat::major(rdev) as u32,
-        nix::sys::stat::minor(rdev) as u32,
+        number(nix::sys::stat::major(rdev))?,
+        number(nix::sys::stat::minor(rdev))?,
     ))
 }
 
@@ -485,7 +494,7 @@ pub fn residency(path: &Path, size: u64) -> Result<Residency> {
     // is handed to mincore, so a file changing underneath cannot cause undefined behaviour.
     let map = unsafe { MmapOptions::new().len(len).map(&file) }
         .map_err(|e| Error::io("cannot map", path, e))?;
-    let mut pages = vec![0u8; len.div_ceil(page_size as usize)];
+    let mut pages = vec![0u8; len.div_ceil(usize_of(page_size))];
     // SAFETY: `map` is a live mapping of `len` bytes at a page-aligned address, and `pages`
     // has one byte for each of its pages, as mincore requires.
     let rc = unsafe {
@@ -541,7 +550,7 @@ fn release_stale_cookies() -> Result<Vec<String>> {
         ) else {
             continue;
         };
-        if (key as u32) >> 16 != DM_COOKIE_MAGIC {
+        if (key >> 16) & 0xffff != i64::from(DM_COOKIE_MAGIC) {
             continue;
         }
         // SAFETY: GETVAL and IPC_RMID on a semaphore id read from /proc take no pointers.
@@ -565,7 +574,7 @@ mod tests {
     fn pages_read_through_the_cache_are_resident_and_counted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("image.raw");
-        let page = page_size() as usize;
+        let page = usize_of(page_size());
         let mut file = File::create(&path).unwrap();
         file.write_all(&vec![7u8; page * 8]).unwrap();
         file.sync_all().unwrap();

@@ -26,7 +26,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
 use crate::table::{BlockDev, Target, TargetKind};
-use crate::units::Sectors;
+use crate::units::{Sectors, usize_of};
 
 /// Major numbers the simulated devices get (those of Linux's dm and loop drivers).
 pub const DM_MAJOR: u32 = 253;
@@ -303,7 +303,7 @@ impl SimKernel {
                 .ok_or_else(|| sim_error("read", &dm_name, nix::errno::Errno::ENXIO))?;
             let size = table.last().map_or(0, |t| t.end().bytes());
             let end = (offset + len).min(size);
-            let mut out = vec![0u8; end.saturating_sub(offset) as usize];
+            let mut out = vec![0u8; usize_of(end.saturating_sub(offset))];
             for t in &table {
                 let (lo, hi) = (t.start.bytes().max(offset), t.end().bytes().min(end));
                 if lo >= hi {
@@ -322,7 +322,7 @@ impl SimKernel {
                     let file =
                         File::open(&backing).map_err(|e| Error::io("cannot open", &backing, e))?;
                     let at = from.bytes() + (lo - t.start.bytes());
-                    let buf = &mut out[(lo - offset) as usize..(hi - offset) as usize];
+                    let buf = &mut out[usize_of(lo - offset)..usize_of(hi - offset)];
                     let n = file
                         .read_at(buf, at)
                         .map_err(|e| Error::io("cannot read", &backing, e))?;
@@ -334,7 +334,7 @@ impl SimKernel {
             let (first, last) = (offset / 512, end.div_ceil(512));
             for region in &mut d.regions {
                 for sector in first..last {
-                    if let Some(area) = region.sectors_read.get_mut((sector / region.step) as usize)
+                    if let Some(area) = region.sectors_read.get_mut(usize_of(sector / region.step))
                     {
                         *area += 1;
                     }
@@ -477,7 +477,7 @@ impl Kernel for SimKernel {
                 for region in &mut d.regions {
                     region
                         .sectors_read
-                        .resize(len.div_ceil(region.step) as usize, 0);
+                        .resize(usize_of(len.div_ceil(region.step)), 0);
                 }
             }
             d.suspended = false;
@@ -579,7 +579,7 @@ impl Kernel for SimKernel {
                 id,
                 step: step.0,
                 program: program.to_string(),
-                sectors_read: vec![0; len.div_ceil(step.0) as usize],
+                sectors_read: vec![0; usize_of(len.div_ceil(step.0))],
             });
             Ok(())
         })

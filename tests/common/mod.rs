@@ -69,7 +69,7 @@ pub fn write_image(path: &Path, blocks: &[Block], tail: usize) -> u64 {
             continue;
         }
         let offset = (i * BLOCK) as u64;
-        let len = (size - offset).min(BLOCK as u64) as usize;
+        let len = usize::try_from((size - offset).min(BLOCK as u64)).unwrap();
         file.seek(SeekFrom::Start(offset)).unwrap();
         file.write_all(&block_bytes(block)[..len]).unwrap();
     }
@@ -199,10 +199,15 @@ impl Daemon {
         (out.status.success(), value)
     }
 
+    /// Sends `signal` to vmard.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        self.signal(nix::sys::signal::Signal::SIGTERM);
         self.child.wait().unwrap()
     }
 
