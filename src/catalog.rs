@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -67,7 +67,9 @@ pub struct Recovery {
 
 /// The catalog in a state directory.
 pub struct Catalog {
-    db: Database,
+    /// The open database; `None` only while it is re-opened after an I/O error.
+    db: RwLock<Option<Database>>,
+    file: PathBuf,
     dir: PathBuf,
     index_dir: PathBuf,
     /// Serialises changes, and holds the runs of the content index as last committed.
@@ -176,7 +178,8 @@ impl Catalog {
                 .map_err(|e| Error::io("cannot set mode of", &file, e))?;
         }
         let catalog = Catalog {
-            db,
+            db: RwLock::new(Some(db)),
+            file: file.clone(),
             dir: dir.to_path_buf(),
             index_dir,
             runs: Mutex::new(Vec::new()),
@@ -237,7 +240,7 @@ impl Catalog {
         // Runs written before checksums were kept get one now (trusted as they are).
         let missing: Vec<&Run> = runs.iter().filter(|r| !sums.contains_key(&r.id)).collect();
         if !missing.is_empty() {
-            let txn = self.db.begin_write().ctx(&self.dir)?;
+            let txn = self.write_txn().ctx(&self.dir)?;
             {
                 let mut table = txn.open_table(RUN_SUMS).ctx(&self.dir)?;
                 for run in missing {
@@ -254,7 +257,7 @@ impl Catalog {
     /// Checksums of the committed index runs, by run id.
     fn run_sums(&self) -> Result<BTreeMap<u64, [u8; 32]>> {
         let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let table = txn.open_table(RUN_SUMS).ctx(dir)?;
         let mut sums = BTreeMap::new();
         for entry in table.iter().ctx(dir)? {
@@ -287,7 +290,7 @@ impl Catalog {
     /// Creates the tables, checks the schema and returns the committed index runs.
     fn init(&self) -> Result<Vec<u64>> {
         let dir = &self.dir;
-        let txn = self.db.begin_write().ctx(dir)?;
+        let txn = self.write_txn().ctx(dir)?;
         {
             let mut meta = txn.open_table(META).ctx(dir)?;
             let version = meta.get("schema_version").ctx(dir)?.map(|v| v.value());
@@ -312,7 +315,7 @@ impl Catalog {
         }
         fault::point("catalog.init")?;
         txn.commit().ctx(dir)?;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let runs = txn.open_table(RUNS).ctx(dir)?;
         let mut ids = Vec::new();
         for entry in runs.iter().ctx(dir)? {
@@ -338,7 +341,7 @@ impl Catalog {
         what: &str,
     ) -> Result<Vec<T>> {
         let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let table = txn.open_table(table).ctx(dir)?;
         let mut records = Vec::new();
         for entry in table.iter().ctx(dir)? {
@@ -358,7 +361,7 @@ impl Catalog {
     /// The image called `name`.
     pub fn image(&self, name: &str) -> Result<ImageRecord> {
         let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let names = txn.open_table(NAMES).ctx(dir)?;
         let id = names.get(name).ctx(dir)?.map(|v| v.value());
         let id = id.ok_or_else(|| Error::UnknownImage {
@@ -374,7 +377,7 @@ impl Catalog {
     /// The image with catalog id `id`.
     pub fn image_by_id(&self, id: ImageId) -> Result<ImageRecord> {
         let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let images = txn.open_table(IMAGES).ctx(dir)?;
         let record = images.get(id).ctx(dir)?;
         let record =
@@ -403,7 +406,7 @@ impl Catalog {
     pub fn map(&self, name: &str) -> Result<(ImageRecord, BlockMap)> {
         let record = self.image(name)?;
         let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let table = txn.open_table(EXTENTS).ctx(dir)?;
         let mut extents = Vec::new();
         for entry in table
@@ -584,7 +587,7 @@ impl Catalog {
         record: &ImageRecord,
     ) -> Result<WriteTransaction> {
         let dir = &self.dir;
-        let txn = self.db.begin_write().ctx(dir)?;
+        let txn = self.write_txn().ctx(dir)?;
         self.write_digests(&txn, id, digests)?;
         self.write_map(&txn, map)?;
         self.write_record(&txn, record)?;
@@ -612,7 +615,7 @@ impl Catalog {
         let dir = &self.dir;
         let bytes = serde_json::to_vec(record)
             .map_err(|e| self.corrupt(format!("cannot encode device record: {e}")))?;
-        let txn = self.db.begin_write().ctx(dir)?;
+        let txn = self.write_txn().ctx(dir)?;
         txn.open_table(DEVICES)
             .ctx(dir)?
             .insert(record.name.as_str(), bytes.as_slice())
@@ -626,7 +629,7 @@ impl Catalog {
     pub fn forget_device(&self, name: &str) -> Result<bool> {
         let _guard = self.lock()?;
         let dir = &self.dir;
-        let txn = self.db.begin_write().ctx(dir)?;
+        let txn = self.write_txn().ctx(dir)?;
         let existed = txn
             .open_table(DEVICES)
             .ctx(dir)?
@@ -720,10 +723,72 @@ impl Catalog {
         Ok((catalog, recovery))
     }
 
-    /// Commits `txn` (fsync); a fault point for the crash tests.
+    fn read_txn(&self) -> std::result::Result<redb::ReadTransaction, redb::Error> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match &*db {
+            Some(db) => db.begin_read().map_err(Into::into),
+            None => Err(redb::Error::PreviousIo),
+        }
+    }
+
+    fn write_txn(&self) -> std::result::Result<WriteTransaction, redb::Error> {
+        let begun = {
+            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            match &*db {
+                Some(db) => db.begin_write().map_err(Into::into),
+                None => Err(redb::Error::PreviousIo),
+            }
+        };
+        match begun {
+            Err(redb::Error::PreviousIo) => {
+                self.reopen();
+                let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+                match &*db {
+                    Some(db) => db.begin_write().map_err(Into::into),
+                    None => Err(redb::Error::PreviousIo),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Re-opens the database after an I/O error (e.g. a full disk), which leaves redb refusing
+    /// every transaction until it is closed: the last commit is what the file holds, so
+    /// vmard carries on once the disk has room, without a restart.
+    fn reopen(&self) {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *db = None;
+        for attempt in 0..50 {
+            match Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .open(&self.file)
+            {
+                Ok(opened) => {
+                    *db = Some(opened);
+                    tracing::warn!("catalog re-opened after an I/O error");
+                    return;
+                }
+                // A read transaction of the old handle may still be finishing.
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempt < 49 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::error!("cannot re-open the catalog after an I/O error: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Commits `txn` (fsync); a fault point for the crash tests. After a failed commit the
+    /// database is re-opened, so that the next request can succeed.
     fn commit(&self, txn: WriteTransaction) -> Result<()> {
         fault::point("catalog.commit")?;
-        txn.commit().ctx(&self.dir)
+        let committed = txn.commit();
+        if committed.is_err() {
+            self.reopen();
+        }
+        committed.ctx(&self.dir)
     }
 
     /// Images that saved devices read: their own image and every image its map redirects
@@ -749,7 +814,7 @@ impl Catalog {
 
     fn meta(&self, key: &str) -> Result<u64> {
         let dir = &self.dir;
-        let txn = self.db.begin_read().ctx(dir)?;
+        let txn = self.read_txn().ctx(dir)?;
         let meta = txn.open_table(META).ctx(dir)?;
         Ok(meta.get(key).ctx(dir)?.map(|v| v.value()).unwrap_or(0))
     }
@@ -775,7 +840,7 @@ impl Catalog {
             let dir = &self.dir;
             let id = self.meta(NEXT_RUN)?;
             let merged = index::merge_runs(&self.index_dir, id, older, newer)?;
-            let txn = self.db.begin_write().ctx(dir)?;
+            let txn = self.write_txn().ctx(dir)?;
             {
                 let mut table = txn.open_table(RUNS).ctx(dir)?;
                 table.remove(older.id).ctx(dir)?;
@@ -819,7 +884,7 @@ impl Catalog {
         let mut next_run = self.meta(NEXT_RUN)?;
         let mut new_runs: Vec<Run> = Vec::new();
         let mut result = None;
-        let txn = self.db.begin_write().ctx(dir)?;
+        let txn = self.write_txn().ctx(dir)?;
         let ids = self.ids(&txn)?;
         let outcome = (|| {
             let mut replace = change.replace;

@@ -146,6 +146,16 @@ pub fn run_path(dir: &Path, id: u64) -> PathBuf {
 
 /// Writes sorted `entries` as run `id`: to a temporary file, synced, then renamed.
 pub fn write_run(dir: &Path, id: u64, entries: impl Iterator<Item = Entry>) -> Result<Run> {
+    let tmp = run_path(dir, id).with_extension("tmp");
+    let written = write_run_file(dir, id, entries);
+    if written.is_err() {
+        // A full disk must not leave a temporary file behind to fill it further.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
+}
+
+fn write_run_file(dir: &Path, id: u64, entries: impl Iterator<Item = Entry>) -> Result<Run> {
     let path = run_path(dir, id);
     let tmp = path.with_extension("tmp");
     let file = File::create(&tmp).map_err(|e| Error::io("cannot create index run", &tmp, e))?;

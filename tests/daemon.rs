@@ -633,3 +633,56 @@ fn oversized_requests_get_an_answer() {
         "{out}"
     );
 }
+
+#[test]
+fn a_full_state_disk_fails_requests_only_while_it_is_full() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to mount a small tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "vmar-test", s(&state)])
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    let images = three_images(dir.path());
+    let daemon = Daemon::start_env(
+        dir.path(),
+        &state,
+        &dir.path().join("vmard.sock"),
+        &["--sim", s(&dir.path().join("kernel"))],
+        &[],
+    );
+    assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
+    // Fill the disk: a capture and a create (one catalog commit) fail with the disk full...
+    let filler = state.join("filler");
+    let _ = std::fs::write(&filler, vec![1u8; 8 << 20]);
+    let (ok, out) = daemon.json(&["capture", s(&images[1])]);
+    assert!(!ok, "a capture on a full disk succeeded: {out}");
+    let leftovers: Vec<_> = std::fs::read_dir(state.join("index"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary runs left: {leftovers:?}");
+    let (ok, out) = daemon.json(&["create", "base", "base"]);
+    assert!(!ok, "a create on a full disk succeeded: {out}");
+    // ...and once there is room again, the same vmard serves them, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let (ok, out) = daemon.json(&["create", "base", "base"]);
+    assert!(ok, "{out}");
+    let (ok, out) = daemon.json(&["capture", s(&images[1])]);
+    assert!(ok, "{out}");
+    let (ok, report) = daemon.json(&["verify", "derived"]);
+    assert!(ok, "{report}");
+}
