@@ -240,7 +240,7 @@ impl Catalog {
         // Runs written before checksums were kept get one now (trusted as they are).
         let missing: Vec<&Run> = runs.iter().filter(|r| !sums.contains_key(&r.id)).collect();
         if !missing.is_empty() {
-            let txn = self.write_txn().ctx(&self.dir)?;
+            let txn = self.write_txn()?;
             {
                 let mut table = txn.open_table(RUN_SUMS).ctx(&self.dir)?;
                 for run in missing {
@@ -257,7 +257,7 @@ impl Catalog {
     /// Checksums of the committed index runs, by run id.
     fn run_sums(&self) -> Result<BTreeMap<u64, [u8; 32]>> {
         let dir = &self.dir;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(RUN_SUMS).ctx(dir)?;
         let mut sums = BTreeMap::new();
         for entry in table.iter().ctx(dir)? {
@@ -290,7 +290,7 @@ impl Catalog {
     /// Creates the tables, checks the schema and returns the committed index runs.
     fn init(&self) -> Result<Vec<u64>> {
         let dir = &self.dir;
-        let txn = self.write_txn().ctx(dir)?;
+        let txn = self.write_txn()?;
         {
             let mut meta = txn.open_table(META).ctx(dir)?;
             let version = meta.get("schema_version").ctx(dir)?.map(|v| v.value());
@@ -315,7 +315,7 @@ impl Catalog {
         }
         fault::point("catalog.init")?;
         txn.commit().ctx(dir)?;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let runs = txn.open_table(RUNS).ctx(dir)?;
         let mut ids = Vec::new();
         for entry in runs.iter().ctx(dir)? {
@@ -341,7 +341,7 @@ impl Catalog {
         what: &str,
     ) -> Result<Vec<T>> {
         let dir = &self.dir;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(table).ctx(dir)?;
         let mut records = Vec::new();
         for entry in table.iter().ctx(dir)? {
@@ -361,7 +361,7 @@ impl Catalog {
     /// The image called `name`.
     pub fn image(&self, name: &str) -> Result<ImageRecord> {
         let dir = &self.dir;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let names = txn.open_table(NAMES).ctx(dir)?;
         let id = names.get(name).ctx(dir)?.map(|v| v.value());
         let id = id.ok_or_else(|| Error::UnknownImage {
@@ -377,7 +377,7 @@ impl Catalog {
     /// The image with catalog id `id`.
     pub fn image_by_id(&self, id: ImageId) -> Result<ImageRecord> {
         let dir = &self.dir;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let images = txn.open_table(IMAGES).ctx(dir)?;
         let record = images.get(id).ctx(dir)?;
         let record =
@@ -406,7 +406,7 @@ impl Catalog {
     pub fn map(&self, name: &str) -> Result<(ImageRecord, BlockMap)> {
         let record = self.image(name)?;
         let dir = &self.dir;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(EXTENTS).ctx(dir)?;
         let mut extents = Vec::new();
         for entry in table
@@ -587,7 +587,7 @@ impl Catalog {
         record: &ImageRecord,
     ) -> Result<WriteTransaction> {
         let dir = &self.dir;
-        let txn = self.write_txn().ctx(dir)?;
+        let txn = self.write_txn()?;
         self.write_digests(&txn, id, digests)?;
         self.write_map(&txn, map)?;
         self.write_record(&txn, record)?;
@@ -615,7 +615,7 @@ impl Catalog {
         let dir = &self.dir;
         let bytes = serde_json::to_vec(record)
             .map_err(|e| self.corrupt(format!("cannot encode device record: {e}")))?;
-        let txn = self.write_txn().ctx(dir)?;
+        let txn = self.write_txn()?;
         txn.open_table(DEVICES)
             .ctx(dir)?
             .insert(record.name.as_str(), bytes.as_slice())
@@ -629,7 +629,7 @@ impl Catalog {
     pub fn forget_device(&self, name: &str) -> Result<bool> {
         let _guard = self.lock()?;
         let dir = &self.dir;
-        let txn = self.write_txn().ctx(dir)?;
+        let txn = self.write_txn()?;
         let existed = txn
             .open_table(DEVICES)
             .ctx(dir)?
@@ -723,30 +723,33 @@ impl Catalog {
         Ok((catalog, recovery))
     }
 
-    fn read_txn(&self) -> std::result::Result<redb::ReadTransaction, redb::Error> {
+    fn read_txn(&self) -> Result<redb::ReadTransaction> {
         let db = self.db.read().unwrap_or_else(|p| p.into_inner());
         match &*db {
-            Some(db) => db.begin_read().map_err(Into::into),
-            None => Err(redb::Error::PreviousIo),
+            Some(db) => db.begin_read().ctx(&self.dir),
+            None => Err::<_, redb::Error>(redb::Error::PreviousIo).ctx(&self.dir),
         }
     }
 
-    fn write_txn(&self) -> std::result::Result<WriteTransaction, redb::Error> {
-        let begun = {
+    fn write_txn(&self) -> Result<WriteTransaction> {
+        self.begin_write().map_err(|e| Error::Catalog {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    fn begin_write(&self) -> std::result::Result<WriteTransaction, Box<redb::Error>> {
+        let begin = || {
             let db = self.db.read().unwrap_or_else(|p| p.into_inner());
             match &*db {
-                Some(db) => db.begin_write().map_err(Into::into),
-                None => Err(redb::Error::PreviousIo),
+                Some(db) => db.begin_write().map_err(|e| Box::new(e.into())),
+                None => Err(Box::new(redb::Error::PreviousIo)),
             }
         };
-        match begun {
-            Err(redb::Error::PreviousIo) => {
+        match begin() {
+            Err(e) if matches!(*e, redb::Error::PreviousIo) => {
                 self.reopen();
-                let db = self.db.read().unwrap_or_else(|p| p.into_inner());
-                match &*db {
-                    Some(db) => db.begin_write().map_err(Into::into),
-                    None => Err(redb::Error::PreviousIo),
-                }
+                begin()
             }
             other => other,
         }
@@ -814,7 +817,7 @@ impl Catalog {
 
     fn meta(&self, key: &str) -> Result<u64> {
         let dir = &self.dir;
-        let txn = self.read_txn().ctx(dir)?;
+        let txn = self.read_txn()?;
         let meta = txn.open_table(META).ctx(dir)?;
         Ok(meta.get(key).ctx(dir)?.map(|v| v.value()).unwrap_or(0))
     }
@@ -840,7 +843,7 @@ impl Catalog {
             let dir = &self.dir;
             let id = self.meta(NEXT_RUN)?;
             let merged = index::merge_runs(&self.index_dir, id, older, newer)?;
-            let txn = self.write_txn().ctx(dir)?;
+            let txn = self.write_txn()?;
             {
                 let mut table = txn.open_table(RUNS).ctx(dir)?;
                 table.remove(older.id).ctx(dir)?;
@@ -884,7 +887,7 @@ impl Catalog {
         let mut next_run = self.meta(NEXT_RUN)?;
         let mut new_runs: Vec<Run> = Vec::new();
         let mut result = None;
-        let txn = self.write_txn().ctx(dir)?;
+        let txn = self.write_txn()?;
         let ids = self.ids(&txn)?;
         let outcome = (|| {
             let mut replace = change.replace;

@@ -16,7 +16,7 @@ fn three_images(dir: &Path) -> Vec<PathBuf> {
         .map(|i| match i % 8 {
             0 => Block::Hole,
             1 => Block::Zero,
-            _ => Block::Shared(i as u8),
+            _ => Block::Shared(u8::try_from(i).unwrap()),
         })
         .collect();
     let mut derived = base.clone();
