@@ -226,7 +226,7 @@ pub fn create(
     }
     record.state = DeviceState::Active;
     catalog.save_device(&record)?;
-    let status = status_of(catalog, kernel, name, max_targets, Some(&plan.targets))?;
+    let status = status_of(catalog, kernel, name, max_targets, Some(&plan))?;
     Ok(change(&plan, status, started))
 }
 
@@ -420,7 +420,7 @@ pub fn refresh(
     let plan = plan(catalog, kernel, &record.image, max_targets)?;
     swap(kernel, name, &plan.targets)?;
     ensure_stats(kernel, name, &plan.targets);
-    let status = status_of(catalog, kernel, name, max_targets, Some(&plan.targets))?;
+    let status = status_of(catalog, kernel, name, max_targets, Some(&plan))?;
     Ok(change(&plan, status, started))
 }
 
@@ -533,7 +533,7 @@ fn status_of(
     kernel: &dyn Kernel,
     name: &str,
     max_targets: u64,
-    expected_table: Option<&[Target]>,
+    planned: Option<&Plan>,
 ) -> Result<DeviceStatus> {
     let saved = catalog.device(name)?;
     let live = kernel.dm_info(name)?;
@@ -560,8 +560,8 @@ fn status_of(
         (Some(_), Some(l)) if l.suspended => "suspended",
         (Some(_), Some(l)) if !l.active_table => "no-table",
         (Some(r), Some(_)) => {
-            let want = match expected_table {
-                Some(t) => Some(t.to_vec()),
+            let want = match planned {
+                Some(plan) => Some(plan.targets.clone()),
                 None => expected(catalog, kernel, &r.image, max_targets).unwrap_or(None),
             };
             if want.as_deref() == Some(table.as_slice()) {
@@ -585,12 +585,14 @@ fn status_of(
         }
     }
     reads_from.sort();
-    let budget = match &saved {
-        Some(record) => match catalog.map(&record.image) {
+    // A change just planned knows its cost; only a status query works it out again.
+    let budget = match (&saved, planned) {
+        (_, Some(plan)) => Some(plan.cost),
+        (Some(record), None) => match catalog.map(&record.image) {
             Ok((_, map)) => Some(budget::fit(&map, max_targets).1),
             Err(_) => None,
         },
-        None => None,
+        (None, None) => None,
     };
     Ok(DeviceStatus {
         name: name.to_string(),

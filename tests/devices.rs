@@ -521,3 +521,54 @@ fn sigterm_closes_the_catalog_and_leaves_devices() {
         [("base".to_string(), "active".to_string())]
     );
 }
+
+#[test]
+fn a_kill_during_restore_is_repaired_by_the_next_restore() {
+    use vmar::kernel::Kernel;
+    for step in [
+        "dm.create",
+        "dm.load",
+        "dm.resume",
+        "dm.suspend",
+        "dm.remove",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let images = family(dir.path());
+        let daemon = Daemon::start_sim(dir.path(), "");
+        capture_all(&daemon, &images);
+        for name in ["base", "web", "db"] {
+            ok(&daemon, &["create", name, name]);
+        }
+        ok(&daemon, &["remove", "db"]);
+        ok(&daemon, &["create", "db", "db"]);
+        drop(daemon);
+        let kernel = sim(dir.path());
+        // Restore has work: base missing, web suspended with a table waiting, db differing,
+        // and a leftover without a record.
+        kernel.dm_remove("base", false).unwrap();
+        let table = kernel.dm_table("web").unwrap();
+        kernel.dm_load("web", &table).unwrap();
+        kernel.dm_suspend("web").unwrap();
+        let mut other = kernel.dm_table("db").unwrap();
+        other.truncate(1);
+        kernel.dm_load("db", &other).unwrap();
+        kernel.dm_resume("db").unwrap();
+        kernel.dm_create("stray").unwrap();
+        let mut faulty = Daemon::launch_sim(dir.path(), &format!("{step}=kill"));
+        assert!(!faulty.ready(), "restore never reached {step}");
+        drop(faulty);
+        let daemon = Daemon::start_sim(dir.path(), "");
+        let mut got = states(&daemon);
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("base".to_string(), "active".to_string()),
+                ("db".to_string(), "active".to_string()),
+                ("web".to_string(), "active".to_string())
+            ],
+            "restore killed at {step}"
+        );
+        check_invariants(dir.path(), &daemon);
+    }
+}

@@ -851,3 +851,45 @@ fn real_kernel_agrees_with_the_in_memory_one() {
         device_states(&real) == device_states(&sim)
     });
 }
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_concurrent_changes_of_one_name_never_serve_the_wrong_image() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..3]);
+    for round in 0..6 {
+        std::thread::scope(|scope| {
+            let d = &daemon;
+            let calls = [
+                scope.spawn(move || d.json(&["create", "same", "web"])),
+                scope.spawn(move || d.json(&["remove", "same"])),
+                scope.spawn(move || d.json(&["create", "same", "db"])),
+            ];
+            for call in calls {
+                let (_, out) = call.join().unwrap();
+                if let Some(kind) = out["error"]["kind"].as_str() {
+                    assert!(
+                        ["device-exists", "unknown-device"].contains(&kind),
+                        "round {round}: {out}"
+                    );
+                }
+            }
+        });
+        for (name, state) in device_states(&daemon) {
+            assert_eq!(state, "active", "round {round}: {name}");
+            let status = daemon.json(&["status", &name]).1;
+            let image = match status["image"].as_str().unwrap() {
+                "web" => &images[1],
+                "db" => &images[2],
+                other => panic!("unexpected image {other}"),
+            };
+            assert_same(&node(&name), image);
+        }
+    }
+    let (ok, _) = daemon.json(&["remove", "same"]);
+    let _ = ok;
+    assert!(dm_cookies().is_empty(), "cookies left: {:?}", dm_cookies());
+}

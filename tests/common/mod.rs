@@ -165,19 +165,54 @@ impl Daemon {
             )
             .spawn()
             .expect("vmard starts");
-        let daemon = Daemon {
+        let mut daemon = Daemon {
             child,
             socket: socket.to_path_buf(),
             state: state.to_path_buf(),
         };
+        assert!(daemon.ready(), "vmard exited before answering");
+        daemon
+    }
+
+    /// Waits until vmard answers (true) or exits (false), at most 20 s.
+    pub fn ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if daemon.ctl(&["ping"]).status.success() {
-                return daemon;
+            if self.ctl(&["ping"]).status.success() {
+                return true;
+            }
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return false;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("vmard did not answer within 20 s");
+    }
+
+    /// Starts vmard on the simulated kernel in `dir/kernel` with `faults`, without waiting
+    /// for it: for faults at start-up. See [`Daemon::ready`].
+    pub fn launch_sim(dir: &Path, faults: &str) -> Daemon {
+        let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .env("VMAR_FAULTS", faults)
+            .env(
+                "VMAR_LOG",
+                std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .arg("--image-root")
+            .arg(dir)
+            .arg("--sim")
+            .arg(dir.join("kernel"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("run/vmard.sock"))
+            .spawn()
+            .expect("vmard starts");
+        Daemon {
+            child,
+            socket: dir.join("run/vmard.sock"),
+            state: dir.join("state"),
+        }
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
