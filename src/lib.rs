@@ -13,6 +13,7 @@ pub mod config;
 pub mod device;
 pub mod dm;
 pub mod error;
+pub mod hash;
 pub mod image;
 pub mod index;
 pub mod libvirt;
