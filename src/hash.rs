@@ -72,11 +72,23 @@ impl Backend {
 
     /// Every backend this CPU runs, widest first (for tests and benchmarks).
     pub fn available() -> Vec<Backend> {
-        let widest = Backend::detect();
         [Backend::Avx512, Backend::Avx2, Backend::Portable]
             .into_iter()
-            .skip_while(|b| *b != widest)
+            .filter(|b| b.supported())
             .collect()
+    }
+
+    /// Whether this CPU runs the backend.
+    pub fn supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            Backend::Portable => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
     }
 
     /// Blocks hashed by one pass.
@@ -94,15 +106,14 @@ pub fn hash_blocks(blocks: &[&[u8; BLOCK]], out: &mut [Digest]) {
     hash_blocks_with(Backend::detect(), blocks, out)
 }
 
-/// Hashes every block with `backend`, which must be one of [`Backend::available`] (others
-/// fall back to the portable one). Full passes take `lanes` blocks; what remains goes through
+/// Hashes every block with `backend` (the portable one if this CPU cannot run it). Full passes take `lanes` blocks; what remains goes through
 /// a narrower backend, a lane-padded pass, or `blake3::hash` for a single block.
 ///
 /// # Panics
 /// If `out` is shorter than `blocks` (a caller bug, not bad input).
 pub fn hash_blocks_with(backend: Backend, blocks: &[&[u8; BLOCK]], out: &mut [Digest]) {
     assert!(out.len() >= blocks.len(), "one digest per block");
-    let backend = if Backend::available().contains(&backend) {
+    let backend = if backend.supported() {
         backend
     } else {
         Backend::Portable
@@ -120,7 +131,7 @@ pub fn hash_blocks_with(backend: Backend, blocks: &[&[u8; BLOCK]], out: &mut [Di
                     lanes = 8;
                     continue;
                 }
-                Backend::Avx2 if left < 2 => {
+                Backend::Avx2 if left < 2 || !Backend::Avx2.supported() => {
                     current = Backend::Portable;
                     lanes = 1;
                     continue;
