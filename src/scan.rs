@@ -16,6 +16,19 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::hash;
+
+mod mapped;
+
+/// How a scan gets at the bytes it hashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Read {
+    /// From a memory mapping of the file, without copying (falls back to `Copied` where the
+    /// file cannot be mapped).
+    #[default]
+    Mapped,
+    /// pread(2) into a buffer per hashing thread.
+    Copied,
+}
 use crate::image::BLOCK_SIZE;
 
 /// Content digest of one block (blake3 of the block's bytes; a partial last block is hashed
@@ -155,30 +168,63 @@ fn hash_nonzero(data: &[u8], first: u64) -> Vec<(u64, Digest)> {
     out
 }
 
-/// Reads and hashes the chunks of one batch in parallel.
-fn hash_batch(file: &File, size: u64, path: &Path, chunks: &[Range<u64>]) -> Result<Batch> {
-    let per_chunk: Vec<Vec<(u64, Digest)>> = chunks
-        .par_iter()
-        .map_init(
-            || vec![0u8; (CHUNK_BLOCKS * BLOCK_SIZE) as usize],
-            |buf, chunk| {
-                let start = chunk.start * BLOCK_SIZE;
-                let end = (chunk.end * BLOCK_SIZE).min(size);
-                let data = &mut buf[..(end - start) as usize];
-                file.read_exact_at(data, start).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Error::ChangedDuringCapture {
-                            path: path.to_path_buf(),
-                            what: "it became shorter".into(),
+/// Reads and hashes the chunks of one batch in parallel: from a mapping of the batch's span
+/// when `read` says so and mapping works, else with pread into a buffer per thread.
+fn hash_batch(
+    file: &File,
+    size: u64,
+    path: &Path,
+    chunks: &[Range<u64>],
+    read: Read,
+) -> Result<Batch> {
+    let span = match (chunks.first(), chunks.last()) {
+        (Some(first), Some(last)) => first.start * BLOCK_SIZE..(last.end * BLOCK_SIZE).min(size),
+        _ => 0..0,
+    };
+    let mapped = match read {
+        Read::Mapped => usize::try_from(span.end - span.start)
+            .ok()
+            .and_then(|len| mapped::Mapped::new(file, span.start, len)),
+        Read::Copied => None,
+    };
+    let per_chunk: Vec<Vec<(u64, Digest)>> = match &mapped {
+        Some(map) => chunks
+            .par_iter()
+            .map(|chunk| {
+                let start = (chunk.start * BLOCK_SIZE - span.start) as usize;
+                let end = ((chunk.end * BLOCK_SIZE).min(size) - span.start) as usize;
+                hash_nonzero(&map.bytes()[start..end], chunk.start)
+            })
+            .collect(),
+        None => chunks
+            .par_iter()
+            .map_init(
+                || vec![0u8; (CHUNK_BLOCKS * BLOCK_SIZE) as usize],
+                |buf, chunk| {
+                    let start = chunk.start * BLOCK_SIZE;
+                    let end = (chunk.end * BLOCK_SIZE).min(size);
+                    let data = &mut buf[..(end - start) as usize];
+                    file.read_exact_at(data, start).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            Error::ChangedDuringCapture {
+                                path: path.to_path_buf(),
+                                what: "it became shorter".into(),
+                            }
+                        } else {
+                            Error::io("cannot read", path, e)
                         }
-                    } else {
-                        Error::io("cannot read", path, e)
-                    }
-                })?;
-                Ok(hash_nonzero(data, chunk.start))
-            },
-        )
-        .collect::<Result<_>>()?;
+                    })?;
+                    Ok(hash_nonzero(data, chunk.start))
+                },
+            )
+            .collect::<Result<_>>()?,
+    };
+    if mapped.as_ref().is_some_and(|m| m.faulted()) {
+        return Err(Error::ChangedDuringCapture {
+            path: path.to_path_buf(),
+            what: "it became shorter".into(),
+        });
+    }
     let digests = per_chunk.into_iter().flatten().collect();
     let blocks = match (chunks.first(), chunks.last()) {
         (Some(first), Some(last)) => first.start..last.end,
@@ -204,6 +250,7 @@ pub struct Scan<'a> {
     size: u64,
     path: &'a Path,
     ranges: Vec<Range<u64>>,
+    read: Read,
 }
 
 impl<'a> Scan<'a> {
@@ -214,7 +261,14 @@ impl<'a> Scan<'a> {
             size,
             path,
             ranges,
+            read: Read::default(),
         })
+    }
+
+    /// Chooses how blocks are read (for benchmarks and tests; the default maps).
+    pub fn read(mut self, read: Read) -> Scan<'a> {
+        self.read = read;
+        self
     }
 
     /// Bytes inside data ranges: what the scan will read.
@@ -234,6 +288,7 @@ impl<'a> Scan<'a> {
             size,
             path,
             ranges,
+            read,
         } = self;
         let blocks = size.div_ceil(BLOCK_SIZE);
         let data_blocks: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -247,7 +302,7 @@ impl<'a> Scan<'a> {
             let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(1);
             let producer = scope.spawn(move || {
                 for chunks in &batches {
-                    let batch = hash_batch(file, size, path, chunks);
+                    let batch = hash_batch(file, size, path, chunks, read);
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         break;
@@ -395,12 +450,6 @@ mod tests {
             }
         }
         let (_dir, file) = sparse_file(&[(0, &content)], size);
-        let mut seen = Vec::new();
-        scan(&file, size, Path::new("img"), |batch| {
-            seen.extend(batch.digests);
-            Ok(())
-        })
-        .unwrap();
         let expected: Vec<(u64, Digest)> = content
             .chunks(BLOCK_SIZE as usize)
             .zip(0u64..)
@@ -408,7 +457,35 @@ mod tests {
             .map(|(block, i)| (i, *blake3::hash(block).as_bytes()))
             .collect();
         assert_eq!(expected.len(), 201);
-        assert_eq!(seen, expected);
+        for read in [Read::Mapped, Read::Copied] {
+            let mut seen = Vec::new();
+            Scan::new(&file, size, Path::new("img"))
+                .unwrap()
+                .read(read)
+                .run(|batch| {
+                    seen.extend(batch.digests);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(seen, expected, "{read:?}");
+        }
+    }
+
+    #[test]
+    fn an_image_truncated_during_the_scan_is_reported() {
+        let size = 2 * BATCH_BLOCKS * BLOCK_SIZE;
+        for read in [Read::Mapped, Read::Copied] {
+            let (dir, file) = sparse_file(&[(0, &vec![3u8; size as usize])], size);
+            let scan = Scan::new(&file, size, Path::new("img")).unwrap().read(read);
+            File::options()
+                .write(true)
+                .open(dir.path().join("img"))
+                .unwrap()
+                .set_len(size / 2 + 100)
+                .unwrap();
+            let err = scan.run(|_| Ok(())).unwrap_err();
+            assert_eq!(err.kind(), "changed-during-capture", "{read:?}");
+        }
     }
 
     #[test]
