@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use vmar::units::usize_of;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -68,7 +69,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
         other => return Err(format!("unknown unit {other:?}")),
     };
     let size = n * mult;
-    if size == 0 || size % BLOCK != 0 {
+    if size == 0 || !size.is_multiple_of(BLOCK) {
         return Err(format!("{text}: size must be a non-zero multiple of 4 KiB"));
     }
     Ok(size)
@@ -102,10 +103,10 @@ struct FileExtent {
 /// Fills `buf` with the content of file `seed` starting at its block `first`. Every block
 /// differs, and one in 64 file blocks is all zero (sparse regions inside files).
 fn fill(buf: &mut [u8], seed: u64, first: u64) {
-    for (i, block) in buf.chunks_mut(BLOCK as usize).enumerate() {
+    for (i, block) in buf.chunks_mut(usize_of(BLOCK)).enumerate() {
         let index = first + i as u64;
         let mut rng = Rng(seed.wrapping_mul(0x1000_0000_01B3) ^ index);
-        if rng.next() % 64 == 0 {
+        if rng.next().is_multiple_of(64) {
             block.fill(0);
             continue;
         }
@@ -119,12 +120,12 @@ fn fill(buf: &mut [u8], seed: u64, first: u64) {
 fn write_image(path: &Path, size: u64, files: &[FileExtent]) -> Result<()> {
     let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     file.set_len(size)?;
-    let mut buf = vec![0u8; (256 * BLOCK) as usize];
+    let mut buf = vec![0u8; usize_of(256 * BLOCK)];
     for f in files {
         let mut done = 0;
         while done < f.blocks {
             let n = (f.blocks - done).min(256);
-            let part = &mut buf[..(n * BLOCK) as usize];
+            let part = &mut buf[..usize_of(n * BLOCK)];
             fill(part, f.seed, done);
             file.write_all_at(part, (f.at + done) * BLOCK)?;
             done += n;
@@ -211,7 +212,7 @@ fn dense(path: &Path, size: u64) -> Result<()> {
     // One file in five is a copy of an earlier one (libraries, duplicated assets).
     for i in 1..files.len() {
         if rng.below(5) == 0 {
-            let j = rng.below(i as u64) as usize;
+            let j = usize_of(rng.below(i as u64));
             files[i].seed = files[j].seed;
         }
     }

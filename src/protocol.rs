@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::budget::BudgetCost;
 use crate::kernel::LiveDevice;
-use crate::map::{Extent, MapSummary};
+use crate::map::{Extent, MapSummary, Source};
 use crate::records::{CaptureStatus, ImageRecord};
 use crate::stats::{ClassBytes, ReadBytes, TargetCounts};
 use crate::table::Target;
@@ -276,4 +276,35 @@ pub struct StatsReport {
     /// Cached bytes all devices can read, over cached bytes of the image files: how many
     /// devices' worth of data each cached byte serves (1.0: no sharing).
     pub sharing_factor: Option<f64>,
+}
+
+/// The first block whose mapped content differs from the image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mismatch {
+    pub block: u64,
+    /// Byte offset of the first differing byte in the image.
+    pub offset: u64,
+    pub source: Source,
+    /// Name of the image the block was read from (for redirects).
+    pub source_image: Option<String>,
+}
+
+/// Outcome of a verification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub name: String,
+    pub blocks: u64,
+    pub bytes_compared: u64,
+    pub ok: bool,
+    pub mismatch: Option<Mismatch>,
+    /// Bytes read from the image and the images it redirects to (holes and own blocks are
+    /// not read).
+    #[serde(default)]
+    pub bytes_read: u64,
+    /// Of those, bytes that were not in the page cache before and were dropped after.
+    #[serde(default)]
+    pub bytes_dropped: u64,
+    /// Wall time of the verification, in microseconds.
+    #[serde(default)]
+    pub micros: u64,
 }

@@ -1,5 +1,6 @@
 //! Scanning an image: find its data regions (skipping holes of sparse files), then hash every
-//! non-zero 4 KiB block with blake3, in parallel. Pure of catalog concerns: the result is a
+//! non-zero 4 KiB block with blake3, in parallel across cores and, within a core, many blocks
+//! at once across SIMD lanes ([`crate::hash`]). Pure of catalog concerns: the result is a
 //! stream of batches of `(block, digest)` for the non-zero blocks, in block order.
 
 use std::fs::File;
@@ -14,7 +15,22 @@ use nix::unistd::{Whence, lseek};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::hash;
+
+mod mapped;
+
+/// How a scan gets at the bytes it hashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Read {
+    /// From a memory mapping of the file, without copying (falls back to `Copied` where the
+    /// file cannot be mapped).
+    #[default]
+    Mapped,
+    /// pread(2) into a buffer per hashing thread.
+    Copied,
+}
 use crate::image::BLOCK_SIZE;
+use crate::units::usize_of;
 
 /// Content digest of one block (blake3 of the block's bytes; a partial last block is hashed
 /// at its real length, so it only ever matches a partial block of the same length).
@@ -127,35 +143,89 @@ fn plan_batches(ranges: &[Range<u64>]) -> Vec<Vec<Range<u64>>> {
     batches
 }
 
-/// Reads and hashes the chunks of one batch in parallel.
-fn hash_batch(file: &File, size: u64, path: &Path, chunks: &[Range<u64>]) -> Result<Batch> {
-    let per_chunk: Vec<Vec<(u64, Digest)>> = chunks
-        .par_iter()
-        .map_init(
-            || vec![0u8; (CHUNK_BLOCKS * BLOCK_SIZE) as usize],
-            |buf, chunk| {
-                let start = chunk.start * BLOCK_SIZE;
-                let end = (chunk.end * BLOCK_SIZE).min(size);
-                let data = &mut buf[..(end - start) as usize];
-                file.read_exact_at(data, start).map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        Error::ChangedDuringCapture {
-                            path: path.to_path_buf(),
-                            what: "it became shorter".into(),
+/// Digests of the non-zero blocks of `data`, whose first block is block `first` of the image.
+/// Whole blocks are hashed many at a time across SIMD lanes ([`hash::hash_blocks`]); a
+/// partial last block is hashed at its length.
+fn hash_nonzero(data: &[u8], first: u64) -> Vec<(u64, Digest)> {
+    let mut indices = Vec::with_capacity(usize_of(CHUNK_BLOCKS));
+    let mut blocks: Vec<&[u8; hash::BLOCK]> = Vec::with_capacity(usize_of(CHUNK_BLOCKS));
+    let mut partial = None;
+    for (block, index) in data.chunks(usize_of(BLOCK_SIZE)).zip(first..) {
+        if is_zero(block) {
+            continue;
+        }
+        match block.try_into() {
+            Ok(whole) => {
+                indices.push(index);
+                blocks.push(whole);
+            }
+            Err(_) => partial = Some((index, hash_block(block))),
+        }
+    }
+    let mut digests = vec![[0u8; 32]; blocks.len()];
+    hash::hash_blocks(&blocks, &mut digests);
+    let mut out: Vec<(u64, Digest)> = indices.into_iter().zip(digests).collect();
+    out.extend(partial);
+    out
+}
+
+/// Reads and hashes the chunks of one batch in parallel: from a mapping of the batch's span
+/// when `read` says so and mapping works, else with pread into a buffer per thread.
+fn hash_batch(
+    file: &File,
+    size: u64,
+    path: &Path,
+    chunks: &[Range<u64>],
+    read: Read,
+) -> Result<Batch> {
+    let span = match (chunks.first(), chunks.last()) {
+        (Some(first), Some(last)) => first.start * BLOCK_SIZE..(last.end * BLOCK_SIZE).min(size),
+        _ => 0..0,
+    };
+    let mapped = match read {
+        Read::Mapped => usize::try_from(span.end - span.start)
+            .ok()
+            .and_then(|len| mapped::Mapped::new(file, span.start, len)),
+        Read::Copied => None,
+    };
+    let per_chunk: Vec<Vec<(u64, Digest)>> = match &mapped {
+        Some(map) => chunks
+            .par_iter()
+            .map(|chunk| {
+                let start = usize_of(chunk.start * BLOCK_SIZE - span.start);
+                let end = usize_of((chunk.end * BLOCK_SIZE).min(size) - span.start);
+                hash_nonzero(&map.bytes()[start..end], chunk.start)
+            })
+            .collect(),
+        None => chunks
+            .par_iter()
+            .map_init(
+                || vec![0u8; usize_of(CHUNK_BLOCKS * BLOCK_SIZE)],
+                |buf, chunk| {
+                    let start = chunk.start * BLOCK_SIZE;
+                    let end = (chunk.end * BLOCK_SIZE).min(size);
+                    let data = &mut buf[..usize_of(end - start)];
+                    file.read_exact_at(data, start).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            Error::ChangedDuringCapture {
+                                path: path.to_path_buf(),
+                                what: "it became shorter".into(),
+                            }
+                        } else {
+                            Error::io("cannot read", path, e)
                         }
-                    } else {
-                        Error::io("cannot read", path, e)
-                    }
-                })?;
-                Ok(data
-                    .chunks(BLOCK_SIZE as usize)
-                    .zip(chunk.start..)
-                    .filter(|(block, _)| !is_zero(block))
-                    .map(|(block, index)| (index, hash_block(block)))
-                    .collect())
-            },
-        )
-        .collect::<Result<_>>()?;
+                    })?;
+                    Ok(hash_nonzero(data, chunk.start))
+                },
+            )
+            .collect::<Result<_>>()?,
+    };
+    if mapped.as_ref().is_some_and(|m| m.faulted()) {
+        return Err(Error::ChangedDuringCapture {
+            path: path.to_path_buf(),
+            what: "it became shorter".into(),
+        });
+    }
     let digests = per_chunk.into_iter().flatten().collect();
     let blocks = match (chunks.first(), chunks.last()) {
         (Some(first), Some(last)) => first.start..last.end,
@@ -181,6 +251,7 @@ pub struct Scan<'a> {
     size: u64,
     path: &'a Path,
     ranges: Vec<Range<u64>>,
+    read: Read,
 }
 
 impl<'a> Scan<'a> {
@@ -191,7 +262,14 @@ impl<'a> Scan<'a> {
             size,
             path,
             ranges,
+            read: Read::default(),
         })
+    }
+
+    /// Chooses how blocks are read (for benchmarks and tests; the default maps).
+    pub fn read(mut self, read: Read) -> Scan<'a> {
+        self.read = read;
+        self
     }
 
     /// Bytes inside data ranges: what the scan will read.
@@ -211,6 +289,7 @@ impl<'a> Scan<'a> {
             size,
             path,
             ranges,
+            read,
         } = self;
         let blocks = size.div_ceil(BLOCK_SIZE);
         let data_blocks: u64 = ranges.iter().map(|r| r.end - r.start).sum();
@@ -224,7 +303,7 @@ impl<'a> Scan<'a> {
             let (tx, rx) = mpsc::sync_channel::<Result<Batch>>(1);
             let producer = scope.spawn(move || {
                 for chunks in &batches {
-                    let batch = hash_batch(file, size, path, chunks);
+                    let batch = hash_batch(file, size, path, chunks, read);
                     let failed = batch.is_err();
                     if tx.send(batch).is_err() || failed {
                         break;
@@ -354,6 +433,63 @@ mod tests {
     }
 
     #[test]
+    fn digests_are_blake3_of_each_nonzero_block() {
+        // 300 blocks and a partial one; every third block zero, so lane groups are made of
+        // non-contiguous blocks and leave remainders of every size.
+        let size = 300 * BLOCK_SIZE + 100;
+        let mut content = vec![0u8; usize_of(size)];
+        let mut x = 0x2545F4914F6CDD1Du64;
+        for (i, block) in content.chunks_mut(usize_of(BLOCK_SIZE)).enumerate() {
+            if i % 3 == 1 {
+                continue;
+            }
+            for byte in block.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *byte = x.to_le_bytes()[0];
+            }
+        }
+        let (_dir, file) = sparse_file(&[(0, &content)], size);
+        let expected: Vec<(u64, Digest)> = content
+            .chunks(usize_of(BLOCK_SIZE))
+            .zip(0u64..)
+            .filter(|(block, _)| !is_zero(block))
+            .map(|(block, i)| (i, *blake3::hash(block).as_bytes()))
+            .collect();
+        assert_eq!(expected.len(), 201);
+        for read in [Read::Mapped, Read::Copied] {
+            let mut seen = Vec::new();
+            Scan::new(&file, size, Path::new("img"))
+                .unwrap()
+                .read(read)
+                .run(|batch| {
+                    seen.extend(batch.digests);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(seen, expected, "{read:?}");
+        }
+    }
+
+    #[test]
+    fn an_image_truncated_during_the_scan_is_reported() {
+        let size = 2 * BATCH_BLOCKS * BLOCK_SIZE;
+        for read in [Read::Mapped, Read::Copied] {
+            let (dir, file) = sparse_file(&[(0, &vec![3u8; usize_of(size)])], size);
+            let scan = Scan::new(&file, size, Path::new("img")).unwrap().read(read);
+            File::options()
+                .write(true)
+                .open(dir.path().join("img"))
+                .unwrap()
+                .set_len(size / 2 + 100)
+                .unwrap();
+            let err = scan.run(|_| Ok(())).unwrap_err();
+            assert_eq!(err.kind(), "changed-during-capture", "{read:?}");
+        }
+    }
+
+    #[test]
     fn batches_cover_ranges_in_order() {
         let ranges = vec![0..10, 20..(20 + 3 * BATCH_BLOCKS)];
         let batches = plan_batches(&ranges);
@@ -368,7 +504,7 @@ mod tests {
     #[test]
     fn consumer_errors_stop_the_scan() {
         let size = 3 * BATCH_BLOCKS * BLOCK_SIZE;
-        let (_dir, file) = sparse_file(&[(0, &vec![1u8; size as usize])], size);
+        let (_dir, file) = sparse_file(&[(0, &vec![1u8; usize_of(size)])], size);
         let mut calls = 0;
         let err = scan(&file, size, Path::new("img"), |_| {
             calls += 1;

@@ -13,8 +13,13 @@ pub const SECTORS_PER_BLOCK: u64 = BLOCK_SIZE / SECTOR_SIZE;
 
 /// `n` as a `usize`: vmar runs on 64-bit Linux, where every `u64` fits; saturates elsewhere
 /// (an allocation or index that large fails on its own).
-pub fn usize_of(n: u64) -> usize {
-    usize::try_from(n).unwrap_or(usize::MAX)
+#[allow(clippy::cast_possible_truncation)] // checked against usize::MAX first
+pub const fn usize_of(n: u64) -> usize {
+    if n > usize::MAX as u64 {
+        usize::MAX
+    } else {
+        n as usize
+    }
 }
 
 /// A count or offset of 512-byte device-mapper sectors.

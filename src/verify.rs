@@ -1,50 +1,150 @@
 //! The correctness oracle: reads every block of an image through its map, from the canonical
 //! copies, and proves it equals the image itself. Used by tests and by operators before they
 //! trust a map with a VM.
+//!
+//! It reads only what can differ: blocks mapped to the image's own copy are equal by
+//! construction, and zero-mapped blocks inside holes read as zeros by definition, so only
+//! written zero-mapped blocks and redirected blocks (both ends) are read. What it reads that
+//! was not in the page cache before is dropped from it afterwards, so that verifying does not
+//! evict the shared pages vmar exists to keep cached.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile, open_unchanged};
+use crate::kernel::Residency;
+use crate::kernel::real::residency;
 use crate::map::{ImageId, Source};
 use crate::protocol::Progress;
-use crate::scan::is_zero;
+use crate::scan::{data_ranges, is_zero};
+use crate::units::usize_of;
 
 /// Blocks compared by one parallel task, and per progress step.
 const PIECE_BLOCKS: u64 = 256;
 const STEP_BLOCKS: u64 = 16 * 1024;
 
-/// The first block whose mapped content differs from the image.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mismatch {
-    pub block: u64,
-    /// Byte offset of the first differing byte in the image.
-    pub offset: u64,
-    pub source: Source,
-    /// Name of the image the block was read from (for redirects).
-    pub source_image: Option<String>,
+pub use crate::protocol::{Mismatch, VerifyReport};
+
+impl VerifyReport {
+    /// Bytes read per second.
+    pub fn read_rate(&self) -> f64 {
+        self.bytes_read as f64 / (self.micros.max(1) as f64 / 1e6)
+    }
 }
 
-/// Outcome of a verification.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub name: String,
-    pub blocks: u64,
-    pub bytes_compared: u64,
-    pub ok: bool,
-    pub mismatch: Option<Mismatch>,
+/// An open file verify reads, with what the page cache held of it when verify started.
+struct Reader {
+    image: ImageFile,
+    /// `None` when mincore could not tell (then nothing is dropped, to never evict shared pages).
+    cached: Option<Residency>,
 }
 
-/// One piece of an extent: `len` blocks at `start`, expected to equal `source`.
+impl Reader {
+    fn open(image: ImageFile) -> Reader {
+        let cached = match residency(&image.path, image.size) {
+            // No readahead on this descriptor: it would cache pages beyond what is read,
+            // which dropping the read range would leave behind.
+            Ok(r) => match posix_fadvise(
+                image.file.as_raw_fd(),
+                0,
+                0,
+                PosixFadviseAdvice::POSIX_FADV_RANDOM,
+            ) {
+                Ok(()) => Some(r),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot turn readahead off for {}: {e}",
+                        image.path.display()
+                    );
+                    Some(r)
+                }
+            },
+            Err(e) => {
+                tracing::warn!("verify will not drop what it reads from the page cache: {e}");
+                None
+            }
+        };
+        Reader { image, cached }
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, then drops from the page cache the pages of that
+    /// range that were not cached when verify started. Returns the bytes dropped.
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<u64> {
+        read(&self.image, buf, offset)?;
+        let Some(cached) = &self.cached else {
+            return Ok(0);
+        };
+        let page = cached.page_size;
+        let first = offset / page;
+        let end = (offset + buf.len() as u64).div_ceil(page);
+        let mut dropped = 0;
+        let mut run: Option<Range<u64>> = None;
+        for p in first..=end {
+            let resident = p == end || cached.pages.get(usize_of(p)).is_none_or(|b| b & 1 == 1);
+            match (&mut run, resident) {
+                (Some(r), false) => r.end = p + 1,
+                (None, false) => run = Some(p..p + 1),
+                (Some(r), true) => {
+                    dropped += self.drop_pages(r.clone(), page)?;
+                    run = None;
+                }
+                (None, true) => {}
+            }
+        }
+        Ok(dropped)
+    }
+
+    fn drop_pages(&self, pages: Range<u64>, page: u64) -> Result<u64> {
+        let (offset, len) = (pages.start * page, (pages.end - pages.start) * page);
+        posix_fadvise(
+            self.image.file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .map_err(|e| {
+            Error::io(
+                "cannot drop from the page cache",
+                &self.image.path,
+                e.into(),
+            )
+        })?;
+        Ok(len.min(self.image.size.saturating_sub(offset)))
+    }
+}
+
+/// One piece of an extent: `len` blocks at `start`, expected to equal `source` (never `Own`).
 struct Piece {
     start: u64,
     len: u64,
     source: Source,
+}
+
+/// Cuts `blocks` (mapped to `source`, whose first block is `first`) into pieces of at most
+/// `PIECE_BLOCKS`.
+fn push_pieces(pieces: &mut Vec<Piece>, blocks: Range<u64>, source: Source, first: u64) {
+    let mut start = blocks.start;
+    while start < blocks.end {
+        let len = PIECE_BLOCKS.min(blocks.end - start);
+        let source = match source {
+            Source::Redirect { image, block } => Source::Redirect {
+                image,
+                block: block + (start - first),
+            },
+            other => other,
+        };
+        pieces.push(Piece { start, len, source });
+        start += len;
+    }
 }
 
 /// Verifies image `name` against its map. Fails (rather than reporting a mismatch) when the
@@ -54,92 +154,103 @@ pub fn verify(
     name: &str,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<VerifyReport> {
+    let started = Instant::now();
     let (record, map) = catalog.map(name)?;
     let image = open_unchanged(&record.name, &record.path, &record.identity)?;
-    // Every image the map reads from, including itself (redirects within the image).
-    let mut sources: BTreeMap<ImageId, (String, ImageFile)> = BTreeMap::new();
-    sources.insert(
-        record.id,
-        (
-            record.name.clone(),
-            open_unchanged(&record.name, &record.path, &record.identity)?,
-        ),
-    );
-    for id in map.referenced_images() {
-        let other = catalog.image_by_id(id)?;
+    let data = data_ranges(&image.file, record.size, &image.path)?;
+    // Every image the map reads from: itself (redirects within the image) and the others.
+    let mut others = BTreeMap::new();
+    for (id, other) in catalog.sources_of(&record, &map)? {
+        if id == record.id {
+            continue;
+        }
         let file = open_unchanged(&other.name, &other.path, &other.identity)?;
-        sources.insert(id, (other.name, file));
+        others.insert(id, (other.name, Reader::open(file)));
     }
+    let sources = Sources {
+        id: record.id,
+        name: record.name.clone(),
+        image: Reader::open(image),
+        others,
+    };
 
     let mut pieces = Vec::new();
+    let mut data_iter = data.iter().peekable();
     for extent in &map.extents {
-        let mut start = extent.start;
-        while start < extent.end() {
-            let len = PIECE_BLOCKS.min(extent.end() - start);
-            let source = match extent.source {
-                Source::Redirect { image, block } => Source::Redirect {
-                    image,
-                    block: block + (start - extent.start),
-                },
-                other => other,
-            };
-            pieces.push(Piece { start, len, source });
-            start += len;
+        match extent.source {
+            // Own blocks are read from the image itself at the same offset: equal by
+            // construction.
+            Source::Own => {}
+            // Holes read as zeros: only the data ranges inside a zero extent are read.
+            Source::Zero => {
+                while data_iter.next_if(|r| r.end <= extent.start).is_some() {}
+                for range in data_iter.clone() {
+                    if range.start >= extent.end() {
+                        break;
+                    }
+                    let part = range.start.max(extent.start)..range.end.min(extent.end());
+                    push_pieces(&mut pieces, part, Source::Zero, extent.start);
+                }
+            }
+            Source::Redirect { .. } => push_pieces(
+                &mut pieces,
+                extent.start..extent.end(),
+                extent.source,
+                extent.start,
+            ),
         }
     }
 
     let size = record.size;
     let total_blocks = map.blocks;
-    let mut done_blocks = 0;
-    let mut bytes_compared = 0;
+    let mut bytes_read = 0;
+    let mut bytes_dropped = 0;
     progress(Progress {
         done: 0,
         total: size,
     });
+    let report = |ok, mismatch, bytes_read, bytes_dropped| VerifyReport {
+        name: record.name.clone(),
+        blocks: total_blocks,
+        bytes_compared: size,
+        ok,
+        mismatch,
+        bytes_read,
+        bytes_dropped,
+        micros: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+    };
     for step in pieces.chunk_by(|a, b| a.start / STEP_BLOCKS == b.start / STEP_BLOCKS) {
-        let found = step
+        let outcomes: Vec<Result<Checked>> = step
             .par_iter()
             .map_init(
                 || {
-                    let buf = vec![0u8; (PIECE_BLOCKS * BLOCK_SIZE) as usize];
+                    let buf = vec![0u8; usize_of(PIECE_BLOCKS * BLOCK_SIZE)];
                     (buf.clone(), buf)
                 },
-                |(mine, theirs), piece| check_piece(piece, size, &image, &sources, mine, theirs),
+                |(mine, theirs), piece| check_piece(piece, size, &sources, mine, theirs),
             )
-            .find_map_first(|outcome| match outcome {
-                Ok(None) => None,
-                other => Some(other),
-            });
-        match found {
-            Some(Err(e)) => return Err(e),
-            Some(Ok(mismatch)) => {
-                return Ok(VerifyReport {
-                    name: record.name,
-                    blocks: total_blocks,
-                    bytes_compared,
-                    ok: false,
-                    mismatch,
-                });
+            .collect();
+        for outcome in outcomes {
+            let checked = outcome?;
+            bytes_read += checked.bytes_read;
+            bytes_dropped += checked.bytes_dropped;
+            if let Some(mismatch) = checked.mismatch {
+                let mut failed = report(false, Some(mismatch), bytes_read, bytes_dropped);
+                failed.bytes_compared = failed.mismatch.as_ref().map_or(0, |m| m.offset);
+                return Ok(failed);
             }
-            None => {}
         }
-        for piece in step {
-            done_blocks += piece.len;
-            bytes_compared +=
-                (piece.start + piece.len).min(total_blocks) * BLOCK_SIZE - piece.start * BLOCK_SIZE;
-        }
+        let end = step.last().map_or(0, |p| p.start + p.len);
         progress(Progress {
-            done: (done_blocks * BLOCK_SIZE).min(size),
+            done: (end * BLOCK_SIZE).min(size),
             total: size,
         });
     }
-    Ok(VerifyReport {
-        name: record.name,
-        blocks: total_blocks,
-        bytes_compared: bytes_compared.min(size),
-        ok: true,
-        mismatch: None,
-    })
+    progress(Progress {
+        done: size,
+        total: size,
+    });
+    Ok(report(true, None, bytes_read, bytes_dropped))
 }
 
 fn read(file: &ImageFile, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -155,24 +266,54 @@ fn read(file: &ImageFile, buf: &mut [u8], offset: u64) -> Result<()> {
     })
 }
 
+/// The image being verified and the images its map redirects to.
+struct Sources {
+    id: ImageId,
+    name: String,
+    image: Reader,
+    others: BTreeMap<ImageId, (String, Reader)>,
+}
+
+impl Sources {
+    fn get(&self, id: ImageId) -> Result<(&str, &Reader)> {
+        if id == self.id {
+            return Ok((&self.name, &self.image));
+        }
+        self.others
+            .get(&id)
+            .map(|(name, reader)| (name.as_str(), reader))
+            .ok_or_else(|| Error::Catalog {
+                dir: self.image.image.path.clone(),
+                message: format!("map redirects to image {id}, which it does not reference"),
+            })
+    }
+}
+
+/// What checking one piece found and cost.
+struct Checked {
+    mismatch: Option<Mismatch>,
+    bytes_read: u64,
+    bytes_dropped: u64,
+}
+
 /// Compares one piece; returns the mismatch if any.
 fn check_piece(
     piece: &Piece,
     size: u64,
-    image: &ImageFile,
-    sources: &BTreeMap<ImageId, (String, ImageFile)>,
+    sources: &Sources,
     mine: &mut [u8],
     theirs: &mut [u8],
-) -> Result<Option<Mismatch>> {
+) -> Result<Checked> {
     let offset = piece.start * BLOCK_SIZE;
-    let len = (((piece.start + piece.len) * BLOCK_SIZE).min(size) - offset) as usize;
+    let len = usize_of(((piece.start + piece.len) * BLOCK_SIZE).min(size) - offset);
     let mine = &mut mine[..len];
     let theirs = &mut theirs[..len];
+    let mut bytes_read = len as u64;
+    let mut bytes_dropped = sources.image.read(mine, offset)?;
+    let mut source_image = None;
     let differs_at = match piece.source {
-        // Own blocks are read from the image itself at the same offset: equal by construction.
-        Source::Own => return Ok(None),
+        Source::Own => None,
         Source::Zero => {
-            read(image, mine, offset)?;
             if is_zero(mine) {
                 None
             } else {
@@ -180,12 +321,10 @@ fn check_piece(
             }
         }
         Source::Redirect { image: id, block } => {
-            read(image, mine, offset)?;
-            let (_, from) = sources.get(&id).ok_or_else(|| Error::Catalog {
-                dir: image.path.clone(),
-                message: format!("map redirects to image {id}, which it does not reference"),
-            })?;
-            read(from, theirs, block * BLOCK_SIZE)?;
+            let (name, from) = sources.get(id)?;
+            source_image = Some(name.to_string());
+            bytes_read += len as u64;
+            bytes_dropped += from.read(theirs, block * BLOCK_SIZE)?;
             if mine == theirs {
                 None
             } else {
@@ -193,16 +332,158 @@ fn check_piece(
             }
         }
     };
-    Ok(differs_at.map(|at| {
+    let mismatch = differs_at.map(|at| {
         let at = offset + at as u64;
-        Mismatch {
-            block: at / BLOCK_SIZE,
-            offset: at,
-            source: piece.source,
-            source_image: match piece.source {
-                Source::Redirect { image, .. } => sources.get(&image).map(|(n, _)| n.clone()),
-                _ => None,
+        let block = at / BLOCK_SIZE;
+        // The source of that very block, not of the piece's first.
+        let source = match piece.source {
+            Source::Redirect {
+                image,
+                block: first,
+            } => Source::Redirect {
+                image,
+                block: first + (block - piece.start),
             },
+            other => other,
+        };
+        Mismatch {
+            block,
+            offset: at,
+            source,
+            source_image,
         }
-    }))
+    });
+    Ok(Checked {
+        mismatch,
+        bytes_read,
+        bytes_dropped,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::real::residency;
+    use std::fs::File;
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    use std::path::{Path, PathBuf};
+
+    const B: usize = usize_of(BLOCK_SIZE);
+
+    fn pattern(seed: u8) -> Vec<u8> {
+        (0..B)
+            .map(|i| (i.to_le_bytes()[0]).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    /// Blocks 0..4 unique, 4..8 written zeros, 8..1024 a hole, 1024..1028 copies of 0..4.
+    fn image(dir: &Path) -> (PathBuf, Catalog) {
+        let path = dir.join("img.raw");
+        let file = File::create(&path).unwrap();
+        for i in 0..4u64 {
+            file.write_all_at(&pattern(i.to_le_bytes()[0] + 1), i * BLOCK_SIZE)
+                .unwrap();
+            file.write_all_at(&pattern(i.to_le_bytes()[0] + 1), (1024 + i) * BLOCK_SIZE)
+                .unwrap();
+        }
+        file.write_all_at(&vec![0u8; 4 * B], 4 * BLOCK_SIZE)
+            .unwrap();
+        file.sync_all().unwrap();
+        let catalog = Catalog::open(&dir.join("state")).unwrap();
+        let image = ImageFile::open(&path).unwrap();
+        catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+        (path, catalog)
+    }
+
+    fn drop_cache(path: &Path) {
+        let file = File::open(path).unwrap();
+        posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn reads_only_written_zeros_and_redirects_and_leaves_the_cache_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, catalog) = image(dir.path());
+        let size = 1028 * BLOCK_SIZE;
+
+        // Cold: everything verify reads is dropped again.
+        drop_cache(&path);
+        let report = verify(&catalog, "img", &mut |_| {}).unwrap();
+        assert!(report.ok, "{report:?}");
+        // 4 written zero blocks, 4 redirected blocks and the 4 they redirect to.
+        assert_eq!(report.bytes_read, 12 * BLOCK_SIZE);
+        assert_eq!(report.bytes_dropped, 12 * BLOCK_SIZE);
+        assert_eq!(report.bytes_compared, size);
+        assert_eq!(residency(&path, size).unwrap().cached_bytes(), 0);
+
+        // Hot: nothing was dropped, the cache holds what it held.
+        let mut all = Vec::new();
+        File::open(&path).unwrap().read_to_end(&mut all).unwrap();
+        let before = residency(&path, size).unwrap();
+        let report = verify(&catalog, "img", &mut |_| {}).unwrap();
+        assert!(report.ok);
+        assert_eq!(report.bytes_read, 12 * BLOCK_SIZE);
+        assert_eq!(report.bytes_dropped, 0);
+        assert_eq!(residency(&path, size).unwrap(), before);
+    }
+
+    /// Writes `data` at `block` while keeping the file's identity (size, inode, mtime), as a
+    /// restored backup or a careless tool would: verify must still see it.
+    fn tamper(path: &Path, block: u64, data: &[u8]) {
+        let file = File::options().write(true).open(path).unwrap();
+        let mtime = file.metadata().unwrap().modified().unwrap();
+        file.write_all_at(data, block * BLOCK_SIZE).unwrap();
+        file.set_modified(mtime).unwrap();
+        file.sync_all().unwrap();
+    }
+
+    /// The image's inode change time gives such a write away before verify reads anything
+    /// (see `image::ImageIdentity`): make the catalog accept the file as it is now, so that
+    /// verify's own comparison is what is tested.
+    fn trust(catalog: &Catalog, path: &Path) {
+        let err = verify(catalog, "img", &mut |_| {}).unwrap_err();
+        assert_eq!(err.kind(), "image-changed", "{err}");
+        let identity = ImageFile::open(path).unwrap().identity;
+        catalog.replace_identity("img", identity).unwrap();
+    }
+
+    #[test]
+    fn finds_data_written_where_zeros_and_holes_were() {
+        for (block, at) in [(6u64, 100usize), (500, 0)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (path, catalog) = image(dir.path());
+            let mut data = vec![0u8; B];
+            data[at] = 0xFF;
+            tamper(&path, block, &data);
+            trust(&catalog, &path);
+            let report = verify(&catalog, "img", &mut |_| {}).unwrap();
+            assert!(!report.ok, "block {block}");
+            let mismatch = report.mismatch.unwrap();
+            assert_eq!(mismatch.block, block);
+            assert_eq!(mismatch.offset, block * BLOCK_SIZE + at as u64);
+            assert_eq!(mismatch.source, Source::Zero);
+        }
+    }
+
+    #[test]
+    fn finds_a_redirect_whose_copies_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, catalog) = image(dir.path());
+        let mut data = pattern(3);
+        data[7] ^= 1;
+        tamper(&path, 1026, &data);
+        trust(&catalog, &path);
+        let report = verify(&catalog, "img", &mut |_| {}).unwrap();
+        let mismatch = report.mismatch.unwrap();
+        assert_eq!(mismatch.offset, 1026 * BLOCK_SIZE + 7);
+        assert_eq!(mismatch.source_image.as_deref(), Some("img"));
+        assert!(matches!(mismatch.source, Source::Redirect { block: 2, .. }));
+    }
 }
