@@ -108,13 +108,15 @@ make_hidden_images() {
 }
 
 # The dm table of a device, or "" when it does not exist, with each loop device (7:N) replaced
-# by its backing file: loop numbers may change across a reboot, the files may not.
+# by its backing file's inode: loop numbers may change across a reboot, the files may not.
+# (Not by the backing file's path: a loop device attached in vmard's mount namespace shows a
+# path relative to the data disk once that namespace is gone, e.g. after a restart.)
 table() {
     local line word out=""
     while read -r line; do
         for word in $line; do
             if [[ $word =~ ^7:([0-9]+)$ ]]; then
-                word=$(cat "/sys/block/loop${BASH_REMATCH[1]}/loop/backing_file" 2>/dev/null || echo "$word")
+                word="inode:$(losetup -n -O BACK-INO "/dev/loop${BASH_REMATCH[1]}" 2>/dev/null || echo "$word")"
             fi
             out+="$word "
         done
@@ -128,6 +130,12 @@ same_table() {
     now=$(table "$1")
     echo "vmar-$1: ${now:-no such device}"
     [ -n "$2" ] && [ "$now" = "$2" ]
+}
+# Exactly one loop device reads file $1 (by inode; paths can be stale, see table()).
+one_loop_over() {
+    local ino
+    ino=$(stat -c %i "$1")
+    losetup -l -n -O NAME,BACK-INO,BACK-FILE | awk -v i="$ino" '$2 == i' | tee -a "$LOG" | wc -l | grep -qx 1
 }
 # vmard's messages in the journal carry no timestamp of their own (journald has one).
 no_second_timestamp() {
@@ -193,6 +201,9 @@ boot1() {
     check "restart: vmard active again" systemctl is-active vmard
     check "restart: tiny still live, same table" same_table tiny "$before"
     check "restart: /dev/vmar/tiny still there" test -b /dev/vmar/tiny
+    check "create tinybase after the restart" vmarctl create tinybase tinybase
+    check "one loop device per image file: tinybase's is reused after the restart" \
+        one_loop_over "$IMAGES/tinybase.raw"
     check "systemctl stop vmard while /dev/vmar/tiny is open" systemctl stop vmard
     check "stop: SIGTERM ended vmard cleanly (Result=success, status 0)" \
         bash -c 'r=$(systemctl show -P Result vmard); s=$(systemctl show -P ExecMainStatus vmard); echo "Result=$r status=$s"; [ "$r" = success ] && [ "$s" = 0 ]'
