@@ -273,6 +273,7 @@ domain_checks() {
     local started
     started=$(date +%s)
     check "virsh start vmar-tiny" virsh start vmar-tiny
+    say "AppArmor rules virt-aa-helper made for the disks: $(grep -h -E "dm-|vmar" /etc/apparmor.d/libvirt/libvirt-*.files 2>/dev/null | tr -s ' ' | tr '\n' ';')"
     local serial=/var/log/libvirt/qemu/vmar-tiny.serial
     for _ in $(seq 900); do
         [ "$(virsh domstate vmar-tiny 2>/dev/null)" = running ] || break
