@@ -5,6 +5,7 @@ BINDIR = $(DESTDIR)$(PREFIX)/bin
 UNITDIR = $(DESTDIR)/lib/systemd/system
 RULESDIR = $(DESTDIR)/lib/udev/rules.d
 MANDIR = $(DESTDIR)$(PREFIX)/share/man/man1
+LIBDIR = $(DESTDIR)$(PREFIX)/lib/vmar
 RELEASE = target/release
 
 .PHONY: build install uninstall test
@@ -17,6 +18,8 @@ install: build
 	install -Dm755 $(RELEASE)/vmarctl $(BINDIR)/vmarctl
 	install -Dm644 systemd/vmard.service $(UNITDIR)/vmard.service
 	install -Dm644 udev/61-vmar.rules $(RULESDIR)/61-vmar.rules
+	install -Dm644 packaging/udev/59-vmar-loop.rules $(RULESDIR)/59-vmar-loop.rules
+	install -Dm755 packaging/udev/vmar-loop-image $(LIBDIR)/vmar-loop-image
 	# Keep an existing configuration.
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
 	install -d $(MANDIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
@@ -30,6 +33,7 @@ install: build
 
 uninstall:
 	rm -f $(BINDIR)/vmard $(BINDIR)/vmarctl $(UNITDIR)/vmard.service $(RULESDIR)/61-vmar.rules \
+		$(RULESDIR)/59-vmar-loop.rules $(LIBDIR)/vmar-loop-image \
 		$(MANDIR)/vmarctl.1 $(MANDIR)/vmard.1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_vmarctl \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/vmarctl.fish
