@@ -26,7 +26,7 @@ use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
 use crate::protocol::Progress;
 pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord};
 use crate::records::{decode_digests, decode_extents, encode_digests, encode_extents};
-use crate::scan::{Digest, Scan, ScanStats};
+use crate::scan::{Digest, hash_image};
 use crate::time::now_secs;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -495,7 +495,8 @@ impl Catalog {
         };
 
         let started = std::time::Instant::now();
-        let (digests, scan) = hash_image(image, progress)?;
+        let (digests, scan) =
+            hash_image(image, &mut |done, total| progress(Progress { done, total }))?;
         let hashed = started.elapsed();
         let now = image.current_identity()?;
         if now != image.identity {
@@ -1081,28 +1082,6 @@ fn clear(
         .ctx(dir)?
         .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)
         .ctx(dir)
-}
-
-/// Reads and hashes `image`; returns the digests of its non-zero blocks in block order.
-fn hash_image(
-    image: &ImageFile,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<(Vec<(u64, Digest)>, ScanStats)> {
-    let scan = Scan::new(&image.file, image.size, &image.path)?;
-    let total = scan.data_bytes();
-    let mut done = 0;
-    let mut digests = Vec::new();
-    progress(Progress { done, total });
-    let stats = scan.run(|batch| {
-        if crate::shutdown::requested() {
-            return Err(Error::ShuttingDown);
-        }
-        digests.extend_from_slice(&batch.digests);
-        done += batch.read_bytes;
-        progress(Progress { done, total });
-        Ok(())
-    })?;
-    Ok((digests, stats))
 }
 
 /// The map of an image from the sources of its non-zero blocks.

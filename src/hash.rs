@@ -7,11 +7,12 @@
 //! chunks to the root, so only the message blocks need transposing. Digests are standard
 //! BLAKE3 (`blake3::hash` of the block), which the tests check on every backend the machine has.
 
-use crate::scan::Digest;
-
 /// Bytes of a block hashed in a lane.
 pub const BLOCK: usize = 4096;
 const CHUNK: usize = 1024;
+
+pub type Digest = [u8; 32];
+
 const MSG: usize = 64;
 /// [`MSG`] as the compression function takes it.
 const MSG_U32: u32 = 64;

@@ -29,12 +29,12 @@ pub enum Read {
     /// pread(2) into a buffer per hashing thread.
     Copied,
 }
-use crate::image::BLOCK_SIZE;
+use crate::image::{BLOCK_SIZE, ImageFile};
 use crate::units::usize_of;
 
 /// Content digest of one block (blake3 of the block's bytes; a partial last block is hashed
 /// at its real length, so it only ever matches a partial block of the same length).
-pub type Digest = [u8; 32];
+pub use crate::hash::Digest;
 
 /// Blocks read and hashed by one parallel task: small enough that the copy read into the
 /// buffer is still in the core's L2 cache when it is hashed.
@@ -343,6 +343,28 @@ pub fn scan(
     consume: impl FnMut(Batch) -> Result<()>,
 ) -> Result<ScanStats> {
     Scan::new(file, size, path)?.run(consume)
+}
+
+/// Reads and hashes a whole image, reporting progress (bytes done, of total) and stopping when vmard shuts down; returns the digests of its non-zero blocks in block order.
+pub fn hash_image(
+    image: &ImageFile,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Vec<(u64, Digest)>, ScanStats)> {
+    let scan = Scan::new(&image.file, image.size, &image.path)?;
+    let total = scan.data_bytes();
+    let mut done = 0;
+    let mut digests = Vec::new();
+    progress(done, total);
+    let stats = scan.run(|batch| {
+        if crate::shutdown::requested() {
+            return Err(Error::ShuttingDown);
+        }
+        digests.extend_from_slice(&batch.digests);
+        done += batch.read_bytes;
+        progress(done, total);
+        Ok(())
+    })?;
+    Ok((digests, stats))
 }
 
 #[cfg(test)]
