@@ -165,8 +165,27 @@ impl Watcher {
         );
     }
 
+    /// `path` was deleted or renamed away: nothing to wait for, nothing to report of it.
     fn gone(&mut self, path: &Path) {
         self.waiting.remove(path);
+        if self.skipped.remove(path).is_some() {
+            with_report(|r| r.skipped.retain(|s| s.path != path));
+        }
+    }
+
+    /// Considers every file of `roots` (at start, and when inotify lost events).
+    fn rescan(&mut self, roots: &[PathBuf]) {
+        for root in roots {
+            if let Ok(entries) = std::fs::read_dir(root) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_file())
+                        && !self.waiting.contains_key(&entry.path())
+                    {
+                        self.touched(entry.path());
+                    }
+                }
+            }
+        }
     }
 
     fn skip(&mut self, path: &Path, kind: &str, reason: String) {
@@ -311,15 +330,7 @@ pub fn start(roots: Vec<PathBuf>, socket: PathBuf, settle: Duration) -> Result<(
         waiting: BTreeMap::new(),
         skipped: HashMap::new(),
     };
-    for root in &roots {
-        if let Ok(entries) = std::fs::read_dir(root) {
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_file()) {
-                    watcher.touched(entry.path());
-                }
-            }
-        }
-    }
+    watcher.rescan(&roots);
     tracing::info!(roots = ?roots, settle = ?settle, "auto-capture watches the image roots");
     std::thread::Builder::new()
         .name("vmard-watch".into())
@@ -328,7 +339,14 @@ pub fn start(roots: Vec<PathBuf>, socket: PathBuf, settle: Duration) -> Result<(
             while !crate::shutdown::requested() {
                 match inotify.read_events(&mut buffer) {
                     Ok(events) => {
+                        let mut overflowed = false;
                         for event in events {
+                            // The queue overflowed (a long capture kept us away): events
+                            // were lost, so look at every file again.
+                            if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                                overflowed = true;
+                                continue;
+                            }
                             let (Some(root), Some(name)) = (watched.get(&event.wd), event.name)
                             else {
                                 continue;
@@ -341,6 +359,10 @@ pub fn start(roots: Vec<PathBuf>, socket: PathBuf, settle: Duration) -> Result<(
                             } else if !event.mask.contains(inotify::EventMask::ISDIR) {
                                 watcher.touched(path);
                             }
+                        }
+                        if overflowed {
+                            tracing::warn!("auto-capture lost inotify events; rescanning");
+                            watcher.rescan(&roots);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
