@@ -417,10 +417,7 @@ fn tables_fit_long_names_and_take_lvs_options() {
     let table = text(&["images", "-o", "name,size,path"]);
     let ends: Vec<usize> = table
         .lines()
-        .map(|l| {
-            let size_end = l.find("  /").or_else(|| l.find("  PATH")).unwrap();
-            size_end
-        })
+        .map(|l| l.find("  /").or_else(|| l.find("  PATH")).unwrap())
         .collect();
     assert_eq!(ends.len(), 3, "{table}");
     assert!(ends.iter().all(|&e| e == ends[0]), "{table}");

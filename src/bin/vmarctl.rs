@@ -191,7 +191,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             if json {
-                print_error_json("usage", &e.kind().to_string());
+                print_error_json("usage", e.render().to_string().trim());
             }
             let _ = e.print();
             return ExitCode::from(ExitClass::Usage.code());
