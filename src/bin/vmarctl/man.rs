@@ -120,6 +120,11 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "Write every page into a directory",
         "vmarctl man --dir /usr/share/man/man1",
     ),
+    (
+        "help",
+        "Help of one command (its man page says more)",
+        "vmarctl help capture",
+    ),
 ];
 
 /// Escapes text for roff: backslashes, and a leading dot or quote that would start a request.
@@ -197,7 +202,14 @@ fn render(command: clap::Command, subcommand: &str, out: &mut dyn Write) -> Resu
     man.render_name_section(&mut page)?;
     man.render_synopsis_section(&mut page)?;
     man.render_description_section(&mut page)?;
-    man.render_options_section(&mut page)?;
+    let mut options = Vec::new();
+    man.render_options_section(&mut options)?;
+    page.extend_from_slice(&options);
+    if !String::from_utf8_lossy(&options).contains(".SH") {
+        // clap_mangen leaves the section out when there is nothing to list (help).
+        writeln!(page, ".SH OPTIONS")?;
+        writeln!(page, "{}", roff("None; name the command to describe."))?;
+    }
     if subcommand.is_empty() {
         man.render_subcommands_section(&mut page)?;
     }
