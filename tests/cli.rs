@@ -648,8 +648,9 @@ fn bash_completion_offers_live_image_and_device_names() {
     assert_eq!(complete("map w"), ["web"]);
     assert_eq!(complete("create newdev ''"), ["base", "web"]);
     assert_eq!(complete("status ''"), ["dev1"]);
-    // Other words are clap's: subcommands.
+    // Other words are clap's: subcommands, not the hidden one.
     assert!(complete("ver").contains(&"verify".to_string()));
+    assert_eq!(complete("__"), Vec::<String>::new());
 }
 
 /// vmard on the simulated kernel with auto-capture of `root` (settle 0.5 s).

@@ -939,7 +939,12 @@ complete -c vmarctl -n '__fish_seen_subcommand_from remove status refresh stats 
 "#;
 
 fn completions(out: &mut dyn Write, shell: clap_complete::Shell) -> Result<()> {
-    let mut command = <Cli as clap::CommandFactory>::command();
+    // clap_complete offers hidden subcommands too: leave __complete out of the scripts.
+    let full = <Cli as clap::CommandFactory>::command();
+    let mut command = clap::Command::new("vmarctl")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut command, "vmarctl", &mut script);
     out.write_all(&script)?;
