@@ -24,7 +24,7 @@ install: build
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
 	install -d $(MANDIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
-	$(RELEASE)/vmarctl man > $(MANDIR)/vmarctl.1
+	$(RELEASE)/vmarctl man --dir $(MANDIR) >/dev/null
 	$(RELEASE)/vmard --man > $(MANDIR)/vmard.1
 	$(RELEASE)/vmarctl completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl
 	$(RELEASE)/vmarctl completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_vmarctl
@@ -34,7 +34,7 @@ install: build
 uninstall:
 	rm -f $(BINDIR)/vmard $(BINDIR)/vmarctl $(UNITDIR)/vmard.service $(RULESDIR)/61-vmar.rules \
 		$(RULESDIR)/59-vmar-loop.rules $(LIBDIR)/vmar-loop-image \
-		$(MANDIR)/vmarctl.1 $(MANDIR)/vmard.1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \
+		$(MANDIR)/vmarctl.1 $(MANDIR)/vmarctl-*.1 $(MANDIR)/vmard.1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_vmarctl \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/vmarctl.fish
 

@@ -514,6 +514,7 @@ impl Catalog {
             captured_at: now_secs(),
             scan,
             summary: MapSummary::default(),
+            fingerprint: Some(crate::records::fingerprint(image.size, &digests)),
         };
         if status == CaptureStatus::Recaptured {
             let rebuild = Rebuild {

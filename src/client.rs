@@ -33,11 +33,19 @@ impl Client {
         request: &Request,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<serde_json::Value> {
-        let mut stream =
-            UnixStream::connect(&self.socket).map_err(|error| Error::DaemonUnavailable {
-                socket: self.socket.clone(),
-                error,
-            })?;
+        let mut stream = UnixStream::connect(&self.socket).map_err(|error| {
+            // A permission error is not a stopped daemon: say how to get access instead.
+            if error.kind() == std::io::ErrorKind::PermissionDenied {
+                Error::SocketDenied {
+                    socket: self.socket.clone(),
+                }
+            } else {
+                Error::DaemonUnavailable {
+                    socket: self.socket.clone(),
+                    error,
+                }
+            }
+        })?;
         let mut line = serde_json::to_vec(request)
             .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
         line.push(b'\n');

@@ -7,6 +7,10 @@
 //! socket_group = "vmar"
 //! # Most device-mapper targets of one device table.
 //! max_targets = 100000
+//! # Capture raw images that appear in the image roots by themselves (off by default), once
+//! # they stayed unchanged and closed for writing this many seconds.
+//! auto_capture = true
+//! auto_capture_settle = 30
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -18,13 +22,40 @@ use crate::error::{Error, Result};
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/vmar/vmar.toml";
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
     pub image_roots: Vec<PathBuf>,
     pub socket_group: Option<String>,
     pub max_targets: Option<u64>,
+    /// Watch the image roots and capture new raw images (see [`crate::watch`]).
+    #[serde(default)]
+    pub auto_capture: bool,
+    /// Seconds a new image must stay unchanged and closed for writing before auto-capture
+    /// takes it [default: 30].
+    pub auto_capture_settle: Option<f64>,
+}
+
+/// Default of `auto_capture_settle`: long enough for a copy or download that pauses.
+pub const DEFAULT_AUTO_CAPTURE_SETTLE: f64 = 30.0;
+
+impl Config {
+    /// How long auto-capture waits for a file to settle; rejects a negative or absurd value.
+    pub fn auto_capture_settle(&self, path: &Path) -> Result<std::time::Duration> {
+        let seconds = self
+            .auto_capture_settle
+            .unwrap_or(DEFAULT_AUTO_CAPTURE_SETTLE);
+        std::time::Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|d| d.as_secs() <= 86_400)
+            .ok_or_else(|| Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "auto_capture_settle = {seconds}: give seconds between 0 and 86400"
+                ),
+            })
+    }
 }
 
 impl Config {
@@ -66,6 +97,17 @@ mod tests {
         );
         assert_eq!(config.socket_group.as_deref(), Some("vmar"));
         assert_eq!(config.max_targets, Some(5));
+        assert!(!config.auto_capture);
+        std::fs::write(&path, "auto_capture = true\nauto_capture_settle = 0.5\n").unwrap();
+        let config = Config::load(&path, false).unwrap();
+        assert!(config.auto_capture);
+        assert_eq!(
+            config.auto_capture_settle(&path).unwrap(),
+            std::time::Duration::from_millis(500)
+        );
+        std::fs::write(&path, "auto_capture_settle = -1\n").unwrap();
+        let config = Config::load(&path, false).unwrap();
+        assert!(config.auto_capture_settle(&path).is_err());
         std::fs::write(&path, "image_root = [\"/a\"]\n").unwrap();
         let err = Config::load(&path, false).unwrap_err();
         assert_eq!(err.kind(), "config");

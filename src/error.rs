@@ -69,9 +69,7 @@ pub enum Error {
     #[error("{0}")]
     Protocol(String),
 
-    #[error(
-        "cannot reach vmard at {socket}: {error} (is vmard running? start it with `systemctl start vmard`, or pass --socket)"
-    )]
+    #[error("cannot reach vmard at {socket}: {error}; {}", unreachable_hint(.error))]
     DaemonUnavailable {
         socket: PathBuf,
         error: std::io::Error,
@@ -83,6 +81,12 @@ pub enum Error {
 
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+
+    /// The socket exists but this user may not connect to it.
+    #[error(
+        "permission denied on vmard's socket {socket}: run vmarctl as root, or add the user to the group named by socket_group in /etc/vmar/vmar.toml (then log in again)"
+    )]
+    SocketDenied { socket: PathBuf },
 
     #[error("device-mapper {op} {device}: {message}")]
     DeviceMapper {
@@ -157,7 +161,7 @@ impl Error {
             Error::Protocol(_) => "protocol",
             Error::DaemonUnavailable { .. } => "daemon-unavailable",
             Error::Remote { .. } => "remote",
-            Error::PermissionDenied(_) => "permission-denied",
+            Error::PermissionDenied(_) | Error::SocketDenied { .. } => "permission-denied",
             Error::DeviceMapper { .. } => "device-mapper",
             Error::UnknownDevice { .. } => "unknown-device",
             Error::ImageInUse { .. } => "image-in-use",
@@ -171,11 +175,143 @@ impl Error {
         }
     }
 
+    /// Which exit status class this failure ends vmarctl with.
+    pub fn exit_class(&self) -> ExitClass {
+        match self {
+            Error::Remote { kind, .. } => ExitClass::of_kind(kind),
+            other => ExitClass::of_kind(other.kind()),
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),
             error,
         }
+    }
+}
+
+/// What to try when vmard's socket cannot be reached, by the cause.
+fn unreachable_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::NotFound => {
+            "is vmard running? There is no socket there: start it with `systemctl start vmard`, or name its socket with --socket or VMAR_SOCKET"
+        }
+        std::io::ErrorKind::ConnectionRefused => {
+            "is vmard running? Nothing listens on the socket (it stopped or crashed): `systemctl start vmard`, and see `journalctl -u vmard`"
+        }
+        _ => "check that vmard runs (`systemctl status vmard`) and that --socket names its socket",
+    }
+}
+
+/// Classes of failure, as vmarctl's exit status: scripts branch on the class, and the
+/// `kind` of the JSON error tells the exact cause. Documented in vmarctl(1) EXIT STATUS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ExitClass {
+    /// Success (also when stdout was closed early, e.g. by `head`).
+    Success = 0,
+    /// Any other failure: I/O, device-mapper, the catalog, the protocol.
+    Failed = 1,
+    /// Bad command line or arguments.
+    Usage = 2,
+    /// A check ran and failed: `verify` found a mismatch.
+    CheckFailed = 3,
+    /// No such image or device.
+    NotFound = 4,
+    /// Refused: busy, in use, changed image, outside the image roots, not a raw image, name taken.
+    Refused = 5,
+    /// vmard cannot be reached, or this user may not use it.
+    Unreachable = 6,
+}
+
+impl ExitClass {
+    /// Every class with a one-line description, for the manual and README.
+    pub const ALL: [(ExitClass, &'static str); 7] = [
+        (
+            ExitClass::Success,
+            "success (also when stdout closed early, as with `| head`)",
+        ),
+        (
+            ExitClass::Failed,
+            "failure of another class: I/O, device-mapper, catalog, protocol",
+        ),
+        (ExitClass::Usage, "bad command line or arguments"),
+        (
+            ExitClass::CheckFailed,
+            "check failed: verify found a mismatch",
+        ),
+        (ExitClass::NotFound, "no such image or device"),
+        (
+            ExitClass::Refused,
+            "refused: busy, in use, image changed, outside the image roots, not raw, name taken",
+        ),
+        (
+            ExitClass::Unreachable,
+            "vmard unreachable, or permission denied on its socket",
+        ),
+    ];
+
+    /// The class of an error `kind` (see [`Error::kind`]); unknown kinds are `Failed`.
+    pub fn of_kind(kind: &str) -> ExitClass {
+        match kind {
+            "usage" | "invalid-name" => ExitClass::Usage,
+            "check-failed" => ExitClass::CheckFailed,
+            "unknown-image" | "unknown-device" | "not-found" => ExitClass::NotFound,
+            "outside-image-roots"
+            | "name-taken"
+            | "already-captured"
+            | "image-changed"
+            | "changed-during-capture"
+            | "image-in-use"
+            | "device-exists"
+            | "device-busy"
+            | "image-format"
+            | "hard-linked"
+            | "busy"
+            | "shutting-down"
+            | "not-an-image"
+            | "empty-image"
+            | "unaligned-size" => ExitClass::Refused,
+            "daemon-unavailable" | "permission-denied" => ExitClass::Unreachable,
+            _ => ExitClass::Failed,
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_the_class_its_meaning_says() {
+        let missing = Error::DaemonUnavailable {
+            socket: "/nonexistent".into(),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert_eq!(missing.exit_class(), ExitClass::Unreachable);
+        assert!(missing.to_string().contains("systemctl start"), "{missing}");
+        let denied = Error::SocketDenied {
+            socket: "/run/vmar/vmard.sock".into(),
+        };
+        assert_eq!(denied.kind(), "permission-denied");
+        assert!(!denied.to_string().contains("systemctl start"), "{denied}");
+        assert_eq!(
+            Error::UnknownImage { name: "x".into() }.exit_class(),
+            ExitClass::NotFound
+        );
+        let remote = Error::Remote {
+            kind: "device-busy".into(),
+            message: String::new(),
+        };
+        assert_eq!(remote.exit_class(), ExitClass::Refused);
+        assert_eq!(ExitClass::of_kind("io"), ExitClass::Failed);
+        let codes: std::collections::BTreeSet<u8> =
+            ExitClass::ALL.iter().map(|(c, _)| c.code()).collect();
+        assert_eq!(codes.len(), ExitClass::ALL.len());
     }
 }

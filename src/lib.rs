@@ -32,5 +32,6 @@ pub mod table;
 pub mod time;
 pub mod units;
 pub mod verify;
+pub mod watch;
 
 pub use error::{Error, Result};

@@ -138,6 +138,44 @@ pub struct CaptureResult {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagesResult {
     pub images: Vec<ImageRecord>,
+    /// What auto-capture did, when it is on (`auto_capture` in vmar.toml).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_capture: Option<AutoCaptureReport>,
+}
+
+/// What vmard's watch of the image roots captured, skipped and waits for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoCaptureReport {
+    /// Directories watched (the image roots).
+    pub roots: Vec<PathBuf>,
+    /// Milliseconds a file must stay unchanged and closed for writing before it is captured.
+    pub settle_ms: u64,
+    /// Images captured, oldest first (the last 100).
+    pub captured: Vec<AutoCaptured>,
+    /// Files not captured, with the reason (the last 100; a file appears once per reason).
+    pub skipped: Vec<AutoSkipped>,
+    /// Files seen changing, waiting to settle.
+    pub waiting: Vec<PathBuf>,
+}
+
+/// An image auto-capture captured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoCaptured {
+    pub path: PathBuf,
+    pub name: String,
+    /// Seconds since the epoch.
+    pub at: u64,
+}
+
+/// A file auto-capture left alone, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutoSkipped {
+    pub path: PathBuf,
+    /// Error kind (as in errors) or `temporary-name`, `not-a-file`.
+    pub kind: String,
+    pub reason: String,
+    /// Seconds since the epoch.
+    pub at: u64,
 }
 
 /// Result of `map`.

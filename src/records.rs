@@ -25,6 +25,23 @@ pub struct ImageRecord {
     pub captured_at: u64,
     pub scan: ScanStats,
     pub summary: MapSummary,
+    /// Content fingerprint ([`fingerprint`]); `None` in records from before fingerprints.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+}
+
+/// Fingerprint of an image's content: BLAKE3 (in its key-derivation mode, so it cannot be
+/// mistaken for a file digest) over the size and every (block number, block digest) of the
+/// non-zero blocks in order. Two hosts that print the same fingerprint for a name serve the
+/// same bytes under it, whatever the paths, capture order or maps.
+pub fn fingerprint(size: u64, digests: &[(u64, Digest)]) -> String {
+    let mut hasher = blake3::Hasher::new_derive_key("vmar 2026 image fingerprint v1");
+    hasher.update(&size.to_le_bytes());
+    for (block, digest) in digests {
+        hasher.update(&block.to_le_bytes());
+        hasher.update(digest);
+    }
+    format!("blake3:{}", hasher.finalize().to_hex())
 }
 
 /// A device vmard should serve: saved before it is created, marked before it is removed,

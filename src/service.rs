@@ -140,6 +140,7 @@ pub fn handle(
         }
         Request::Images => to_value(ImagesResult {
             images: catalog.images()?,
+            auto_capture: crate::watch::report(),
         }),
         Request::Map { name, extents } => {
             validate_name(&name)?;

@@ -1,15 +1,23 @@
 //! vmarctl: the command-line client of vmard.
 
+#[path = "vmarctl/man.rs"]
+mod man;
+#[path = "vmarctl/table.rs"]
+mod table;
+
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
+use serde_json::Value;
 use vmar::client::Client;
+use vmar::error::ExitClass;
 use vmar::protocol::{
     CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, ImagesResult,
     MapResult, PingResult, Progress, Removed, Request, StatsReport, TableResult,
@@ -17,7 +25,16 @@ use vmar::protocol::{
 use vmar::records::{CaptureStatus, ImageRecord};
 use vmar::verify::VerifyReport;
 
+use table::{Cell, Column, Table, TableArgs, col};
+
+/// Version of the JSON documents vmarctl prints (`"version"` of each; see docs/json.md).
+const JSON_VERSION: u32 = 1;
+
 /// Control vmard: capture VM images, inspect their maps, create and manage their devices.
+///
+/// vmarctl talks to vmard over its socket. Every command prints text, or with --json one
+/// JSON object with a "version" (failures: {"version":1,"error":{"kind":..,"message":..}}).
+/// The exit status tells the class of a failure (see EXIT STATUS).
 #[derive(Parser, Debug)]
 #[command(name = "vmarctl", version)]
 struct Cli {
@@ -54,8 +71,12 @@ enum Command {
         #[arg(long)]
         force_raw: bool,
     },
-    /// List captured images in capture order.
-    Images,
+    /// List captured images in capture order, with their content fingerprints, and what
+    /// auto-capture did.
+    Images {
+        #[command(flatten)]
+        table: TableArgs,
+    },
     /// Show an image's block translation map.
     Map {
         name: String,
@@ -87,17 +108,22 @@ enum Command {
         #[arg(long)]
         force_raw: bool,
     },
-    /// Remove a device; its loop devices go when no device uses them.
+    /// Remove a device; its loop devices go when no device uses them. An open device is
+    /// refused unless --deferred.
     Remove {
         name: String,
         /// Remove an open device when its last user closes it, as `dmsetup remove
-        /// --deferred` (`--force` is an old name for this; unlike dmsetup's --force it never
-        /// replaces the table of a device in use).
+        /// --deferred`; until then `list` shows it as `removing`. (`--force` is an old name
+        /// for this; unlike dmsetup's --force it never replaces the table of a device in use.)
         #[arg(long, alias = "force")]
         deferred: bool,
     },
-    /// List devices: saved, live, and their state.
-    List,
+    /// List devices: saved, live, and their state (`removing`: waiting for its last user
+    /// to close it).
+    List {
+        #[command(flatten)]
+        table: TableArgs,
+    },
     /// Show one device: image, state, targets, loop devices, budget cost.
     Status {
         name: String,
@@ -112,6 +138,8 @@ enum Command {
     Stats {
         /// One device (default: all live devices).
         name: Option<String>,
+        #[command(flatten)]
+        table: TableArgs,
     },
     /// Print a libvirt <disk> element for a device.
     LibvirtXml {
@@ -125,270 +153,315 @@ enum Command {
         #[arg(long)]
         overlay: Option<PathBuf>,
     },
-    /// Print shell completions for vmarctl.
+    /// Print shell completions for vmarctl; bash and fish complete image and device names
+    /// by asking vmard.
     Completions { shell: clap_complete::Shell },
-    /// Print vmarctl's man page (roff).
-    Man,
+    /// Print vmarctl's man page (roff), or write it and a page per subcommand
+    /// (vmarctl-COMMAND.1) into a directory.
+    Man {
+        /// Write vmarctl.1 and vmarctl-COMMAND.1 into DIR and print their paths.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Names of images or devices, one a line, for shell completion (nothing on error).
+    #[command(name = "__complete", hide = true)]
+    Complete { what: Names },
 }
 
+/// What `__complete` lists.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Names {
+    Images,
+    Devices,
+}
+
+/// A usage error found after parsing (exit status 2, kind `usage`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(&cli) {
-        Ok(code) => code,
+    let json = std::env::args().skip(1).any(|a| a == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
-            if cli.json {
-                let kind = e
-                    .downcast_ref::<vmar::Error>()
-                    .map(|e| match e {
-                        vmar::Error::Remote { kind, .. } => kind.clone(),
-                        other => other.kind().to_string(),
-                    })
-                    .unwrap_or_else(|| "error".into());
-                println!(
-                    "{}",
-                    serde_json::json!({"error": {"kind": kind, "message": format!("{e:#}")}})
-                );
+            if !e.use_stderr() {
+                // --help, --version.
+                let _ = e.print();
+                return ExitCode::SUCCESS;
             }
-            eprintln!("vmarctl: {e:#}");
-            ExitCode::FAILURE
+            if json {
+                print_error_json("usage", e.render().to_string().trim());
+            }
+            let _ = e.print();
+            return ExitCode::from(ExitClass::Usage.code());
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = run(&cli, &mut out).and_then(|class| {
+        out.flush()?;
+        Ok(class)
+    });
+    match result {
+        Ok(class) => ExitCode::from(class.code()),
+        // A reader that went away (`| head`) wants no more: end quietly.
+        Err(e) if broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            let (kind, class) = classify(&e);
+            if cli.json {
+                // What was printed before the failure is dropped: one document on stdout.
+                drop(out);
+                print_error_json(&kind, &format!("{e:#}"));
+            }
+            let _ = writeln!(std::io::stderr(), "vmarctl: {e:#}");
+            ExitCode::from(class.code())
         }
     }
 }
 
-/// A progress bar on stderr when it is a terminal and output is not JSON.
-fn progress_bar(cli: &Cli, label: &str) -> ProgressBar {
-    if cli.json || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(0);
-    let style = ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    bar.set_style(style);
-    bar.set_prefix(label.to_string());
-    bar
+/// Whether `e` comes from writing to a closed pipe.
+fn broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
-fn update(bar: &ProgressBar) -> impl FnMut(Progress) + '_ {
-    |p| {
-        bar.set_length(p.total);
-        bar.set_position(p.done);
+/// The error kind and exit class of a failure.
+fn classify(e: &anyhow::Error) -> (String, ExitClass) {
+    if let Some(e) = e.downcast_ref::<vmar::Error>() {
+        return (kind_of(e), e.exit_class());
+    }
+    if e.downcast_ref::<Usage>().is_some() {
+        return ("usage".into(), ExitClass::Usage);
+    }
+    ("error".into(), ExitClass::Failed)
+}
+
+fn kind_of(e: &vmar::Error) -> String {
+    match e {
+        vmar::Error::Remote { kind, .. } => kind.clone(),
+        other => other.kind().to_string(),
     }
 }
 
-fn print_json(value: &impl Serialize) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+fn print_error_json(kind: &str, message: &str) {
+    let doc = serde_json::json!({
+        "version": JSON_VERSION,
+        "error": {"kind": kind, "message": message},
+    });
+    let _ = writeln!(std::io::stdout(), "{doc:#}");
+}
+
+/// Progress of a long operation on stderr: a bar on a terminal, else (logs, CI, systemd
+/// units) a line after 2 s and then every 10 s, so that a slow capture is not silent.
+enum Reporter {
+    Bar(ProgressBar),
+    Lines {
+        label: String,
+        started: Instant,
+        next: Duration,
+        printed: bool,
+    },
+}
+
+impl Reporter {
+    fn new(cli: &Cli, label: &str) -> Reporter {
+        if std::io::stderr().is_terminal() && !cli.json {
+            let bar = ProgressBar::new(0);
+            let style = ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.set_prefix(label.to_string());
+            return Reporter::Bar(bar);
+        }
+        Reporter::Lines {
+            label: label.to_string(),
+            started: Instant::now(),
+            next: Duration::from_secs(2),
+            printed: false,
+        }
+    }
+
+    fn update(&mut self, p: Progress) {
+        match self {
+            Reporter::Bar(bar) => {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            }
+            Reporter::Lines {
+                label,
+                started,
+                next,
+                printed,
+            } => {
+                let elapsed = started.elapsed();
+                if elapsed < *next {
+                    return;
+                }
+                *next = elapsed + Duration::from_secs(10);
+                *printed = true;
+                let percent = if p.total == 0 {
+                    100.0
+                } else {
+                    p.done as f64 * 100.0 / p.total as f64
+                };
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vmarctl: {label}: {} of {} ({percent:.0}%) in {:.0}s",
+                    HumanBytes(p.done),
+                    HumanBytes(p.total),
+                    elapsed.as_secs_f64()
+                );
+            }
+        }
+    }
+
+    fn finish(self) {
+        match self {
+            Reporter::Bar(bar) => bar.finish_and_clear(),
+            Reporter::Lines {
+                label,
+                started,
+                printed: true,
+                ..
+            } => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vmarctl: {label}: done in {:.1}s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Reporter::Lines { .. } => {}
+        }
+    }
+}
+
+/// `value` (a JSON object) with `"version"` added: the document one command prints.
+fn document(value: &impl Serialize) -> Result<Value> {
+    let mut value = serde_json::to_value(value)?;
+    match value.as_object_mut() {
+        Some(map) => {
+            map.insert("version".into(), JSON_VERSION.into());
+        }
+        None => bail!("internal: JSON result is not an object"),
+    }
+    Ok(value)
+}
+
+fn print_json(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(&document(value)?)?;
+    writeln!(out, "{text}")?;
     Ok(())
 }
 
-/// Prints `value` as JSON with `--json`, else as `text` words it.
-fn show<T: Serialize>(cli: &Cli, value: &T, text: impl FnOnce(&T)) -> Result<()> {
+/// Prints `value` as a versioned JSON document with `--json`, else as `text` words it.
+fn show<T: Serialize>(
+    cli: &Cli,
+    out: &mut dyn Write,
+    value: &T,
+    text: impl FnOnce(&mut dyn Write, &T) -> Result<()>,
+) -> Result<()> {
     if cli.json {
-        print_json(value)
+        print_json(out, value)
     } else {
-        text(value);
-        Ok(())
+        text(out, value)
     }
 }
 
-fn run(cli: &Cli) -> Result<ExitCode> {
-    let client = Client::new(&cli.socket);
+/// What every command gets.
+struct Ctx<'a> {
+    cli: &'a Cli,
+    client: Client,
+}
+
+impl Ctx<'_> {
+    fn call<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T> {
+        Ok(self.client.call(request, &mut |_| {})?)
+    }
+
+    /// A request with progress on stderr.
+    fn call_with_progress<T: serde::de::DeserializeOwned>(
+        &self,
+        request: &Request,
+        label: &str,
+    ) -> vmar::Result<T> {
+        let mut reporter = Reporter::new(self.cli, label);
+        let result = self.client.call(request, &mut |p| reporter.update(p));
+        reporter.finish();
+        result
+    }
+
+    fn images(&self) -> Result<ImagesResult> {
+        self.call(&Request::Images)
+    }
+}
+
+fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
+    let ctx = Ctx {
+        cli,
+        client: Client::new(&cli.socket),
+    };
     match &cli.command {
-        Command::Ping => {
-            let pong: PingResult = client.call(&Request::Ping, &mut |_| {})?;
-            show(cli, &pong, |pong| {
-                println!(
-                    "vmard {} (protocol {}) at {}, state in {}",
-                    pong.version,
-                    pong.protocol,
-                    cli.socket.display(),
-                    pong.state_dir.display()
-                );
-            })?;
-        }
+        Command::Ping => ping(&ctx, out)?,
         Command::Capture {
             images,
             name,
             recapture,
             force_raw,
-        } => {
-            return capture(
-                cli,
-                &client,
-                images,
-                name.as_deref(),
-                *recapture,
-                *force_raw,
-            );
-        }
-        Command::Images => {
-            let list: ImagesResult = client.call(&Request::Images, &mut |_| {})?;
-            show(cli, &list, |list| print_images(&list.images))?;
-        }
+        } => return capture(&ctx, out, images, name.as_deref(), *recapture, *force_raw),
+        Command::Images { table } => images(&ctx, out, table)?,
+        Command::Map { name, extents } => map(&ctx, out, name, *extents)?,
+        Command::Table { name, devices } => table(&ctx, out, name, devices)?,
+        Command::Verify { name } => return verify(&ctx, out, name),
+        Command::Forget { name } => forget(&ctx, out, name)?,
         Command::Create {
             name,
             image,
             capture,
             force_raw,
-        } => {
-            let image = if image.contains('/') {
-                std::path::absolute(image)
-                    .with_context(|| format!("cannot resolve {image}"))?
-                    .display()
-                    .to_string()
-            } else {
-                image.clone()
-            };
-            let bar = progress_bar(cli, &image);
-            let request = Request::Create {
-                name: name.clone(),
-                image,
-                capture: *capture,
-                force_raw: *force_raw,
-            };
-            let created: DeviceChange = client.call(&request, &mut update(&bar))?;
-            bar.finish_and_clear();
-            show(cli, &created, |created| print_change("created", created))?;
-        }
-        Command::Refresh { name } => {
-            let request = Request::Refresh { name: name.clone() };
-            let refreshed: DeviceChange = client.call(&request, &mut |_| {})?;
-            show(cli, &refreshed, |refreshed| {
-                print_change("refreshed", refreshed)
-            })?;
-        }
-        Command::Remove { name, deferred } => {
-            let request = Request::Remove {
-                name: name.clone(),
-                deferred: *deferred,
-            };
-            let removed: Removed = client.call(&request, &mut |_| {})?;
-            if cli.json {
-                print_json(&removed)?;
-            } else if removed.deferred {
-                println!("{name}: open; it will be removed when its last user closes it");
-            } else {
-                println!("removed {name}");
-            }
-        }
-        Command::List => {
-            let devices: Vec<DeviceStatus> = client.call(&Request::List, &mut |_| {})?;
-            show(cli, &devices, |devices| print_devices(devices))?;
-        }
+        } => create(&ctx, out, name, image, *capture, *force_raw)?,
+        Command::Remove { name, deferred } => remove(&ctx, out, name, *deferred)?,
+        Command::List { table } => list(&ctx, out, table)?,
+        Command::Status { name, table } => status(&ctx, out, name, *table)?,
+        Command::Refresh { name } => refresh(&ctx, out, name)?,
+        Command::Stats { name, table } => stats(&ctx, out, name.as_deref(), table)?,
         Command::LibvirtXml {
             name,
             target,
             overlay,
-        } => {
-            // The device must be one vmard knows.
-            let request = Request::Status {
-                name: name.clone(),
-                table: false,
-            };
-            let _: DeviceStatus = client.call(&request, &mut |_| {})?;
-            let overlay = overlay
-                .as_deref()
-                .map(std::path::absolute)
-                .transpose()
-                .context("cannot resolve the overlay path")?;
-            let xml = vmar::libvirt::disk_xml(name, target, overlay.as_deref())?;
-            if cli.json {
-                print_json(&serde_json::json!({ "xml": xml }))?;
-            } else {
-                print!("{xml}");
-            }
-        }
-        Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut command, "vmarctl", &mut std::io::stdout());
-        }
-        Command::Man => {
-            let command = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
-        }
-        Command::Stats { name } => {
-            let request = Request::Stats { name: name.clone() };
-            let report: StatsReport = client.call(&request, &mut |_| {})?;
-            show(cli, &report, print_stats)?;
-        }
-        Command::Status { name, table } => {
-            let request = Request::Status {
-                name: name.clone(),
-                table: *table,
-            };
-            let status: DeviceStatus = client.call(&request, &mut |_| {})?;
-            show(cli, &status, print_status)?;
-        }
-        Command::Map { name, extents } => {
-            let request = Request::Map {
-                name: name.clone(),
-                extents: *extents,
-            };
-            let map: MapResult = client.call(&request, &mut |_| {})?;
-            show(cli, &map, print_map)?;
-        }
-        Command::Table { name, devices } => {
-            let devices = parse_devices(devices)?;
-            let request = Request::Table {
-                name: name.clone(),
-                devices,
-            };
-            let table: TableResult = client.call(&request, &mut |_| {})?;
-            show(cli, &table, |table| print!("{}", table.text))?;
-        }
-        Command::Verify { name } => {
-            let bar = progress_bar(cli, name);
-            let request = Request::Verify { name: name.clone() };
-            let report: VerifyReport = client.call(&request, &mut update(&bar))?;
-            bar.finish_and_clear();
-            if cli.json {
-                print_json(&report)?;
-            } else if let Some(m) = &report.mismatch {
-                println!(
-                    "{}: MISMATCH at block {} (byte {}), mapped to {:?}{}",
-                    report.name,
-                    m.block,
-                    m.offset,
-                    m.source,
-                    m.source_image
-                        .as_ref()
-                        .map(|n| format!(" in image {n}"))
-                        .unwrap_or_default()
-                );
-            } else {
-                println!(
-                    "{}: ok, {} blocks, {} compared through the map",
-                    report.name,
-                    report.blocks,
-                    HumanBytes(report.bytes_compared)
-                );
-            }
-            if !report.ok {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Command::Forget { name } => {
-            let request = Request::Forget { name: name.clone() };
-            let record: ImageRecord = client.call(&request, &mut |_| {})?;
-            show(cli, &record, |record| {
-                println!("forgot {} ({})", record.name, record.path.display())
-            })?;
-        }
+        } => libvirt_xml(&ctx, out, name, target, overlay.as_deref())?,
+        Command::Completions { shell } => completions(out, *shell)?,
+        Command::Man { dir } => man::generate(
+            <Cli as clap::CommandFactory>::command(),
+            dir.as_deref(),
+            out,
+        )?,
+        Command::Complete { what } => complete(&ctx, out, *what),
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(ExitClass::Success)
 }
 
-fn parse_devices(specs: &[String]) -> Result<BTreeMap<String, String>> {
-    let mut devices = BTreeMap::new();
-    for spec in specs {
-        let Some((image, device)) = spec.split_once('=') else {
-            bail!("--device {spec:?}: expected IMAGE=DEVICE, e.g. web=/dev/loop3");
-        };
-        devices.insert(image.to_string(), device.to_string());
+fn ping(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
+    let pong: PingResult = ctx.call(&Request::Ping)?;
+    if ctx.cli.json {
+        // `version` is the document's: vmard's own goes under "vmard".
+        return print_json(out, &serde_json::json!({ "vmard": pong }));
     }
-    Ok(devices)
+    writeln!(
+        out,
+        "vmard {} (protocol {}) at {}, state in {}",
+        pong.version,
+        pong.protocol,
+        ctx.cli.socket.display(),
+        pong.state_dir.display()
+    )?;
+    Ok(())
 }
 
 /// Per-image outcome of `capture`, for `--json`.
@@ -402,52 +475,82 @@ struct CaptureOutcome {
 #[derive(Serialize)]
 #[serde(rename_all = "lowercase")]
 enum CaptureEither {
-    Result(CaptureResult),
-    Error { kind: String, message: String },
+    Result {
+        #[serde(flatten)]
+        result: Box<CaptureResult>,
+        /// Images whose maps a re-capture rebuilt (the image and those captured after it).
+        rebuilt: Vec<String>,
+    },
+    Error {
+        kind: String,
+        message: String,
+    },
+}
+
+/// Names of the images captured at or after image `id`: those whose maps a re-capture or
+/// forget of `id` rebuilds (the catalog rebuilds the maps from that image on).
+fn rebuilt_after(images: &[ImageRecord], id: vmar::map::ImageId) -> Vec<String> {
+    images
+        .iter()
+        .filter(|i| i.id >= id)
+        .map(|i| i.name.clone())
+        .collect()
 }
 
 fn capture(
-    cli: &Cli,
-    client: &Client,
+    ctx: &Ctx,
+    out: &mut dyn Write,
     images: &[PathBuf],
     name: Option<&str>,
     recapture: bool,
     force_raw: bool,
-) -> Result<ExitCode> {
+) -> Result<ExitClass> {
     if name.is_some() && images.len() > 1 {
-        bail!("--name applies to one image; capture the images one by one to name them");
+        bail!(Usage(
+            "--name applies to one image; capture the images one by one to name them".into()
+        ));
     }
     let mut outcomes = Vec::new();
-    let mut failed = false;
+    let mut class = ExitClass::Success;
     for path in images {
         let absolute = std::path::absolute(path)
             .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let bar = progress_bar(cli, &path.display().to_string());
         let request = Request::Capture {
             path: absolute,
             name: name.map(str::to_string),
             recapture,
             force_raw,
         };
-        let outcome = client.call::<CaptureResult>(&request, &mut update(&bar));
-        bar.finish_and_clear();
-        let outcome = match outcome {
+        let label = format!("capture {}", path.display());
+        let outcome = match ctx.call_with_progress::<CaptureResult>(&request, &label) {
             Ok(result) => {
-                if !cli.json {
-                    print_capture(&result);
-                }
-                CaptureEither::Result(result)
-            }
-            Err(e @ vmar::Error::DaemonUnavailable { .. }) => return Err(e.into()),
-            Err(e) => {
-                failed = true;
-                eprintln!("vmarctl: capture {}: {e}", path.display());
-                let kind = match &e {
-                    vmar::Error::Remote { kind, .. } => kind.clone(),
-                    other => other.kind().to_string(),
+                let rebuilt = if result.status == CaptureStatus::Recaptured {
+                    rebuilt_after(&ctx.images()?.images, result.image.id)
+                } else {
+                    Vec::new()
                 };
+                if !ctx.cli.json {
+                    print_capture(out, &result, &rebuilt)?;
+                }
+                CaptureEither::Result {
+                    result: Box::new(result),
+                    rebuilt,
+                }
+            }
+            Err(e @ (vmar::Error::DaemonUnavailable { .. } | vmar::Error::SocketDenied { .. })) => {
+                return Err(e.into());
+            }
+            Err(e) => {
+                if class == ExitClass::Success {
+                    class = e.exit_class();
+                }
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "vmarctl: capture {}: {e}",
+                    path.display()
+                );
                 CaptureEither::Error {
-                    kind,
+                    kind: kind_of(&e),
                     message: e.to_string(),
                 }
             }
@@ -457,17 +560,436 @@ fn capture(
             outcome,
         });
     }
-    if cli.json {
-        print_json(&outcomes)?;
+    if ctx.cli.json {
+        print_json(out, &serde_json::json!({ "images": outcomes }))?;
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
+    Ok(class)
+}
+
+const IMAGE_COLUMNS: &[Column] = &[
+    col("id", true, true),
+    col("name", false, true),
+    col("size", true, true),
+    col("zero", true, true),
+    col("own", true, true),
+    col("redirected", true, true),
+    col("extents", true, true),
+    col("path", false, true),
+    col("fingerprint", false, false),
+    col("captured_at", true, false),
+];
+
+fn images(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
+    let list = ctx.images()?;
+    if ctx.cli.json {
+        return print_json(out, &list);
+    }
+    let rows = list
+        .images
+        .iter()
+        .map(|image| {
+            let s = &image.summary;
+            vec![
+                Cell::Count(u64::from(image.id)),
+                Cell::Text(image.name.clone()),
+                Cell::Bytes(image.size),
+                Cell::Count(s.zero_blocks),
+                Cell::Count(s.own_blocks),
+                Cell::Count(s.redirected_blocks),
+                Cell::Count(s.extents),
+                Cell::Text(image.path.display().to_string()),
+                image.fingerprint.clone().map_or(Cell::None, Cell::Text),
+                Cell::Count(image.captured_at),
+            ]
+        })
+        .collect();
+    Table {
+        columns: IMAGE_COLUMNS,
+        rows,
+    }
+    .print(args, out)?;
+    // What auto-capture did goes to stderr, so that stdout stays one table for scripts.
+    if let Some(auto) = &list.auto_capture
+        && !args.noheadings
+    {
+        let mut err = std::io::stderr();
+        for skipped in &auto.skipped {
+            let _ = writeln!(
+                err,
+                "auto-capture skipped {}: {}",
+                skipped.path.display(),
+                skipped.reason
+            );
+        }
+        for path in &auto.waiting {
+            let _ = writeln!(err, "auto-capture waiting for {} to settle", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn map(ctx: &Ctx, out: &mut dyn Write, name: &str, extents: bool) -> Result<()> {
+    let request = Request::Map {
+        name: name.to_string(),
+        extents,
+    };
+    let map: MapResult = ctx.call(&request)?;
+    show(ctx.cli, out, &map, print_map)
+}
+
+fn table(ctx: &Ctx, out: &mut dyn Write, name: &str, devices: &[String]) -> Result<()> {
+    let devices = parse_devices(devices)?;
+    if !devices.is_empty() {
+        // A --device for an image the table does not read would be silently ignored.
+        let map: MapResult = ctx.call(&Request::Map {
+            name: name.to_string(),
+            extents: false,
+        })?;
+        let mut read: Vec<&str> = vec![map.name.as_str()];
+        read.extend(map.references.iter().map(|r| r.name.as_str()));
+        for image in devices.keys() {
+            if !read.contains(&image.as_str()) {
+                bail!(Usage(format!(
+                    "--device {image}=...: the table of {name} does not read image {image:?}; it reads {}",
+                    read.join(", ")
+                )));
+            }
+        }
+    }
+    let request = Request::Table {
+        name: name.to_string(),
+        devices,
+    };
+    let table: TableResult = ctx.call(&request)?;
+    show(ctx.cli, out, &table, |out, table| {
+        write!(out, "{}", table.text)?;
+        Ok(())
     })
 }
 
-fn print_capture(result: &CaptureResult) {
+fn verify(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<ExitClass> {
+    let request = Request::Verify {
+        name: name.to_string(),
+    };
+    let report: VerifyReport = ctx.call_with_progress(&request, &format!("verify {name}"))?;
+    show(ctx.cli, out, &report, |out, report| {
+        match &report.mismatch {
+            Some(m) => writeln!(
+                out,
+                "{}: MISMATCH at block {} (byte {}), mapped to {:?}{}; re-capture the images it reads (vmarctl capture --recapture) and report it if it persists",
+                report.name,
+                m.block,
+                m.offset,
+                m.source,
+                m.source_image
+                    .as_ref()
+                    .map(|n| format!(" in image {n}"))
+                    .unwrap_or_default()
+            )?,
+            None => writeln!(
+                out,
+                "{}: ok, {} blocks, {} compared through the map",
+                report.name,
+                report.blocks,
+                HumanBytes(report.bytes_compared)
+            )?,
+        }
+        Ok(())
+    })?;
+    Ok(if report.ok {
+        ExitClass::Success
+    } else {
+        ExitClass::CheckFailed
+    })
+}
+
+/// Result of `forget` for `--json`: the record forgotten and the maps rebuilt.
+#[derive(Serialize)]
+struct Forgotten {
+    #[serde(flatten)]
+    record: ImageRecord,
+    rebuilt: Vec<String>,
+}
+
+fn forget(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<()> {
+    let request = Request::Forget {
+        name: name.to_string(),
+    };
+    let record: ImageRecord = ctx.call(&request)?;
+    let rebuilt = rebuilt_after(&ctx.images()?.images, record.id);
+    let forgotten = Forgotten { record, rebuilt };
+    show(ctx.cli, out, &forgotten, |out, f| {
+        writeln!(
+            out,
+            "forgot {} ({})",
+            f.record.name,
+            f.record.path.display()
+        )?;
+        if f.rebuilt.is_empty() {
+            writeln!(out, "no map rebuilt (no image was captured after it)")?;
+        } else {
+            writeln!(out, "rebuilt the maps of {}", f.rebuilt.join(", "))?;
+        }
+        Ok(())
+    })
+}
+
+fn create(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    name: &str,
+    image: &str,
+    capture: bool,
+    force_raw: bool,
+) -> Result<()> {
+    let image = if image.contains('/') {
+        std::path::absolute(image)
+            .with_context(|| format!("cannot resolve {image}"))?
+            .display()
+            .to_string()
+    } else {
+        image.to_string()
+    };
+    let request = Request::Create {
+        name: name.to_string(),
+        image: image.clone(),
+        capture,
+        force_raw,
+    };
+    let created: DeviceChange = ctx.call_with_progress(&request, &format!("create {name}"))?;
+    show(ctx.cli, out, &created, |out, c| {
+        print_change(out, "created", c)
+    })
+}
+
+fn refresh(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<()> {
+    let request = Request::Refresh {
+        name: name.to_string(),
+    };
+    let refreshed: DeviceChange = ctx.call(&request)?;
+    show(ctx.cli, out, &refreshed, |out, c| {
+        print_change(out, "refreshed", c)
+    })
+}
+
+fn remove(ctx: &Ctx, out: &mut dyn Write, name: &str, deferred: bool) -> Result<()> {
+    let request = Request::Remove {
+        name: name.to_string(),
+        deferred,
+    };
+    let removed: Removed = ctx.call(&request)?;
+    show(ctx.cli, out, &removed, |out, removed| {
+        if removed.deferred {
+            writeln!(
+                out,
+                "{name}: open; removal deferred to its last close (`vmarctl list` shows it as removing)"
+            )?;
+        } else {
+            writeln!(out, "removed {name}")?;
+        }
+        Ok(())
+    })
+}
+
+const DEVICE_COLUMNS: &[Column] = &[
+    col("name", false, true),
+    col("state", false, true),
+    col("image", false, true),
+    col("targets", true, true),
+    col("open", true, true),
+    col("node", false, true),
+    col("dm_name", false, false),
+    col("major_minor", false, false),
+];
+
+fn list(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
+    let devices: Vec<DeviceStatus> = ctx.call(&Request::List)?;
+    if ctx.cli.json {
+        return print_json(out, &serde_json::json!({ "devices": devices }));
+    }
+    let rows = devices
+        .iter()
+        .map(|d| {
+            let live = d.live.as_ref();
+            vec![
+                Cell::Text(d.name.clone()),
+                Cell::Text(d.state.clone()),
+                d.image.clone().map_or(Cell::None, Cell::Text),
+                live.map_or(Cell::None, |l| Cell::Count(l.targets)),
+                live.map_or(Cell::None, |l| Cell::Text(l.open_count.to_string())),
+                Cell::Text(d.node.clone()),
+                live.map_or(Cell::None, |l| Cell::Text(l.dm_name.clone())),
+                live.map_or(Cell::None, |l| {
+                    Cell::Text(format!("{}:{}", l.major, l.minor))
+                }),
+            ]
+        })
+        .collect();
+    Table {
+        columns: DEVICE_COLUMNS,
+        rows,
+    }
+    .print(args, out)
+}
+
+/// `status` with the fingerprint of the device's image.
+#[derive(Serialize)]
+struct StatusDoc {
+    #[serde(flatten)]
+    status: DeviceStatus,
+    /// Content fingerprint of the image the device serves (see `images`).
+    fingerprint: Option<String>,
+}
+
+fn status(ctx: &Ctx, out: &mut dyn Write, name: &str, table: bool) -> Result<()> {
+    let request = Request::Status {
+        name: name.to_string(),
+        table,
+    };
+    let status: DeviceStatus = ctx.call(&request)?;
+    let fingerprint = match &status.image {
+        Some(image) => ctx
+            .images()?
+            .images
+            .into_iter()
+            .find(|i| &i.name == image)
+            .and_then(|i| i.fingerprint),
+        None => None,
+    };
+    let doc = StatusDoc {
+        status,
+        fingerprint,
+    };
+    show(ctx.cli, out, &doc, print_status)
+}
+
+fn stats(ctx: &Ctx, out: &mut dyn Write, name: Option<&str>, args: &TableArgs) -> Result<()> {
+    let request = Request::Stats {
+        name: name.map(str::to_string),
+    };
+    let report: StatsReport = ctx.call(&request)?;
+    if ctx.cli.json {
+        return print_json(out, &report);
+    }
+    print_stats(out, &report, args)
+}
+
+fn libvirt_xml(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    name: &str,
+    target: &str,
+    overlay: Option<&Path>,
+) -> Result<()> {
+    // The device must be one vmard knows.
+    let _: DeviceStatus = ctx.call(&Request::Status {
+        name: name.to_string(),
+        table: false,
+    })?;
+    let overlay = overlay
+        .map(std::path::absolute)
+        .transpose()
+        .context("cannot resolve the overlay path")?;
+    let xml = vmar::libvirt::disk_xml(name, target, overlay.as_deref())?;
+    if ctx.cli.json {
+        print_json(out, &serde_json::json!({ "xml": xml }))
+    } else {
+        write!(out, "{xml}")?;
+        Ok(())
+    }
+}
+
+/// Bash: after clap's script, a wrapper that completes image and device arguments with the
+/// names vmard knows (`vmarctl __complete`), and leaves everything else to clap's function.
+const BASH_LIVE: &str = r#"
+# Live names: image and device arguments complete from vmard (vmarctl __complete).
+_vmarctl_live() {
+    local cur=${COMP_WORDS[COMP_CWORD]} sub= kind= pos=0 i w
+    local -a socket=()
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w=${COMP_WORDS[i]}
+        case $w in
+            --socket) socket=(--socket "${COMP_WORDS[i+1]}"); ((i++)) ;;
+            --socket=*) socket=("$w") ;;
+            -o|--options|--units|--separator|--name|--device|--target|--overlay) ((i++)) ;;
+            -*) ;;
+            *) if [[ -z $sub ]]; then sub=$w; else ((pos++)); fi ;;
+        esac
+    done
+    if [[ $cur != -* ]]; then
+        case $sub:$pos in
+            map:0|table:0|verify:0|forget:0|create:1) kind=images ;;
+            remove:0|status:0|refresh:0|stats:0|libvirt-xml:0) kind=devices ;;
+        esac
+    fi
+    if [[ -n $kind ]]; then
+        local IFS=$'\n'
+        COMPREPLY=($(compgen -W "$(vmarctl "${socket[@]}" __complete "$kind" 2>/dev/null)" -- "$cur"))
+        return 0
+    fi
+    _vmarctl "$@"
+}
+complete -F _vmarctl_live -o bashdefault -o default vmarctl
+"#;
+
+const FISH_LIVE: &str = r#"
+# Live names from vmard (vmarctl __complete).
+complete -c vmarctl -n '__fish_seen_subcommand_from map table verify forget create' -f -a '(vmarctl __complete images 2>/dev/null)'
+complete -c vmarctl -n '__fish_seen_subcommand_from remove status refresh stats libvirt-xml' -f -a '(vmarctl __complete devices 2>/dev/null)'
+"#;
+
+fn completions(out: &mut dyn Write, shell: clap_complete::Shell) -> Result<()> {
+    // clap_complete offers hidden subcommands too: leave __complete out of the scripts.
+    let full = <Cli as clap::CommandFactory>::command();
+    let mut command = clap::Command::new("vmarctl")
+        .version(env!("CARGO_PKG_VERSION"))
+        .args(full.get_arguments().cloned())
+        .subcommands(full.get_subcommands().filter(|s| !s.is_hide_set()).cloned());
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command, "vmarctl", &mut script);
+    out.write_all(&script)?;
+    match shell {
+        clap_complete::Shell::Bash => out.write_all(BASH_LIVE.as_bytes())?,
+        clap_complete::Shell::Fish => out.write_all(FISH_LIVE.as_bytes())?,
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Prints image or device names; prints nothing when vmard cannot answer, since a shell
+/// completing a word has nowhere to show an error.
+fn complete(ctx: &Ctx, out: &mut dyn Write, what: Names) {
+    let names: Vec<String> = match what {
+        Names::Images => ctx
+            .images()
+            .map(|l| l.images.into_iter().map(|i| i.name).collect())
+            .unwrap_or_default(),
+        Names::Devices => ctx
+            .call::<Vec<DeviceStatus>>(&Request::List)
+            .map(|l| l.into_iter().map(|d| d.name).collect())
+            .unwrap_or_default(),
+    };
+    for name in names {
+        if writeln!(out, "{name}").is_err() {
+            return;
+        }
+    }
+}
+
+fn parse_devices(specs: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut devices = BTreeMap::new();
+    for spec in specs {
+        let Some((image, device)) = spec.split_once('=') else {
+            bail!(Usage(format!(
+                "--device {spec:?}: expected IMAGE=DEVICE, e.g. web=/dev/loop3"
+            )));
+        };
+        devices.insert(image.to_string(), device.to_string());
+    }
+    Ok(devices)
+}
+
+fn print_capture(out: &mut dyn Write, result: &CaptureResult, rebuilt: &[String]) -> Result<()> {
     let image = &result.image;
     let verb = match result.status {
         CaptureStatus::Captured => "captured",
@@ -475,7 +997,8 @@ fn print_capture(result: &CaptureResult) {
         CaptureStatus::Unchanged => "unchanged, already captured as",
     };
     let s = &image.summary;
-    println!(
+    writeln!(
+        out,
         "{verb} {} ({}): {} read in {:.2}s, {} blocks: {} zero, {} own, {} redirected ({} shared), {} extents",
         image.name,
         HumanBytes(image.size),
@@ -487,12 +1010,17 @@ fn print_capture(result: &CaptureResult) {
         s.redirected_blocks,
         HumanBytes(s.bytes_shared),
         s.extents
-    );
+    )?;
+    if !rebuilt.is_empty() {
+        writeln!(out, "rebuilt the maps of {}", rebuilt.join(", "))?;
+    }
+    Ok(())
 }
 
-fn print_change(verb: &str, change: &DeviceChange) {
+fn print_change(out: &mut dyn Write, verb: &str, change: &DeviceChange) -> Result<()> {
     let b = &change.budget;
-    println!(
+    writeln!(
+        out,
         "{verb} {} ({}): {} targets in {:.2}s{}",
         change.device.name,
         change.device.node,
@@ -506,41 +1034,32 @@ fn print_change(verb: &str, change: &DeviceChange) {
         } else {
             String::new()
         }
-    );
+    )?;
     for (image, (device, attached)) in &change.loops {
         let how = if *attached { "attached" } else { "reused" };
-        println!("  {image}: {device} ({how})");
+        writeln!(out, "  {image}: {device} ({how})")?;
     }
+    Ok(())
 }
 
-fn print_devices(devices: &[DeviceStatus]) {
-    println!(
-        "{:<20} {:<10} {:<20} {:>8} {:>5}  NODE",
-        "NAME", "STATE", "IMAGE", "TARGETS", "OPEN"
-    );
-    for d in devices {
-        let (targets, open) = match &d.live {
-            Some(live) => (live.targets.to_string(), live.open_count.to_string()),
-            None => ("-".into(), "-".into()),
-        };
-        println!(
-            "{:<20} {:<10} {:<20} {:>8} {:>5}  {}",
-            d.name,
-            d.state,
-            d.image.as_deref().unwrap_or("-"),
-            targets,
-            open,
-            d.node
-        );
-    }
-}
-
-fn print_status(d: &DeviceStatus) {
-    println!("device      {} ({})", d.name, d.node);
-    println!("state       {}", d.state);
-    println!("image       {}", d.image.as_deref().unwrap_or("-"));
+fn print_status(out: &mut dyn Write, doc: &StatusDoc) -> Result<()> {
+    let d = &doc.status;
+    writeln!(out, "device      {} ({})", d.name, d.node)?;
+    let state = if d.state == "removing" {
+        "removing (waits for its last user to close it)"
+    } else {
+        d.state.as_str()
+    };
+    writeln!(out, "state       {state}")?;
+    writeln!(out, "image       {}", d.image.as_deref().unwrap_or("-"))?;
+    writeln!(
+        out,
+        "fingerprint {}",
+        doc.fingerprint.as_deref().unwrap_or("-")
+    )?;
     if let Some(live) = &d.live {
-        println!(
+        writeln!(
+            out,
             "kernel      {} {}:{}, {}, {} open",
             live.dm_name,
             live.major,
@@ -551,64 +1070,79 @@ fn print_status(d: &DeviceStatus) {
                 "WRITABLE"
             },
             live.open_count
-        );
+        )?;
         let types: Vec<String> = d
             .target_types
             .iter()
             .map(|(t, n)| format!("{n} {t}"))
             .collect();
-        println!("targets     {} ({})", live.targets, types.join(", "));
-        println!("reads from  {}", d.reads_from.join(" "));
+        writeln!(out, "targets     {} ({})", live.targets, types.join(", "))?;
+        writeln!(out, "reads from  {}", d.reads_from.join(" "))?;
     }
     if let Some(b) = &d.budget {
-        println!(
+        writeln!(
+            out,
             "budget      {} targets: map has {} extents, table {}; {} redirected and {} zero blocks given up",
             b.budget,
             b.extents_before,
             b.extents_after,
             b.redirected_blocks_dropped,
             b.zero_blocks_dropped
-        );
+        )?;
     }
     if let Some(table) = &d.table {
         for t in table {
-            println!("{t}");
+            writeln!(out, "{t}")?;
         }
     }
+    Ok(())
 }
 
-fn print_stats(report: &StatsReport) {
+const STATS_COLUMNS: &[Column] = &[
+    col("device", false, true),
+    col("mapped", true, true),
+    col("read", true, true),
+    col("redir", true, true),
+    col("own", true, true),
+    col("zero", true, true),
+    col("cached", true, true),
+    col("estim", true, true),
+    col("targets", false, true),
+];
+
+const CACHE_COLUMNS: &[Column] = &[
+    col("image_file", false, true),
+    col("size", true, true),
+    col("cached", true, true),
+    col("loop", false, true),
+];
+
+fn print_stats(out: &mut dyn Write, report: &StatsReport, args: &TableArgs) -> Result<()> {
     let share = |part: u64, whole: u64| {
         if whole == 0 {
-            "-".to_string()
+            Cell::None
         } else {
-            format!("{:.0}%", part as f64 * 100.0 / whole as f64)
+            Cell::Text(format!("{:.0}%", part as f64 * 100.0 / whole as f64))
         }
     };
-    println!(
-        "{:<16} {:>10} {:>10} {:>6} {:>6} {:>6} {:>10} {:>8}  TARGETS own/redirected/zero",
-        "DEVICE", "MAPPED", "READ", "REDIR", "OWN", "ZERO", "CACHED", "ESTIM."
-    );
     let row = |name: &str, d: &DeviceStats| {
         let r = &d.read;
-        println!(
-            "{:<16} {:>10} {:>10} {:>6} {:>6} {:>6} {:>10} {:>8}  {}/{}/{}",
-            name,
-            HumanBytes(d.mapped.total()).to_string(),
-            HumanBytes(r.total).to_string(),
+        vec![
+            Cell::Text(name.to_string()),
+            Cell::Bytes(d.mapped.total()),
+            Cell::Bytes(r.total),
             share(r.by_class.redirected, r.total),
             share(r.by_class.own, r.total),
             share(r.by_class.zero, r.total),
-            HumanBytes(d.cached).to_string(),
+            Cell::Bytes(d.cached),
             share(r.estimated, r.total),
-            d.targets.own,
-            d.targets.redirected,
-            d.targets.zero
-        );
+            Cell::Text(format!(
+                "{}/{}/{}",
+                d.targets.own, d.targets.redirected, d.targets.zero
+            )),
+        ]
     };
-    for d in &report.devices {
-        row(&d.name, d);
-    }
+    let mut rows: Vec<Vec<Cell>> = report.devices.iter().map(|d| row(&d.name, d)).collect();
     if report.devices.len() > 1 {
         let total = DeviceStats {
             name: "total".into(),
@@ -618,82 +1152,82 @@ fn print_stats(report: &StatsReport) {
             read: report.read,
             cached: report.devices.iter().map(|d| d.cached).sum(),
         };
-        row("total", &total);
+        rows.push(row("total", &total));
     }
-    println!();
-    println!("{:<40} {:>10} {:>10}  LOOP", "IMAGE FILE", "SIZE", "CACHED");
-    for i in &report.images {
-        println!(
-            "{:<40} {:>10} {:>10}  {}",
-            i.path,
-            HumanBytes(i.size).to_string(),
-            HumanBytes(i.cached).to_string(),
-            i.loop_device
-        );
+    Table {
+        columns: STATS_COLUMNS,
+        rows,
     }
-    match report.sharing_factor {
-        Some(f) => println!(
-            "sharing factor {f:.2}: each cached byte of the images serves {f:.2} devices' bytes"
-        ),
-        None => println!("sharing factor -: nothing of the images is cached"),
+    .print(args, out)?;
+    if !args.noheadings {
+        writeln!(out, "(targets: own/redirected/zero)")?;
+        writeln!(out)?;
     }
+    let rows = report
+        .images
+        .iter()
+        .map(|i| {
+            vec![
+                Cell::Text(i.path.clone()),
+                Cell::Bytes(i.size),
+                Cell::Bytes(i.cached),
+                Cell::Text(i.loop_device.clone()),
+            ]
+        })
+        .collect();
+    // -o names device columns; the image files table keeps its own.
+    let files = TableArgs {
+        fields: Vec::new(),
+        ..args.clone()
+    };
+    Table {
+        columns: CACHE_COLUMNS,
+        rows,
+    }
+    .print(&files, out)?;
+    if !args.noheadings {
+        match report.sharing_factor {
+            Some(f) => writeln!(
+                out,
+                "sharing factor {f:.2}: each cached byte of the images serves {f:.2} devices' bytes"
+            )?,
+            None => writeln!(out, "sharing factor -: nothing of the images is cached")?,
+        }
+    }
+    Ok(())
 }
 
-fn print_images(images: &[ImageRecord]) {
-    println!(
-        "{:>4}  {:<20} {:>10} {:>10} {:>10} {:>10} {:>9}  PATH",
-        "ID", "NAME", "SIZE", "ZERO", "OWN", "REDIRECTED", "EXTENTS"
-    );
-    for image in images {
-        let s = &image.summary;
-        println!(
-            "{:>4}  {:<20} {:>10} {:>10} {:>10} {:>10} {:>9}  {}",
-            image.id,
-            image.name,
-            HumanBytes(image.size).to_string(),
-            s.zero_blocks,
-            s.own_blocks,
-            s.redirected_blocks,
-            s.extents,
-            image.path.display()
-        );
-    }
-}
-
-fn print_map(map: &MapResult) {
+fn print_map(out: &mut dyn Write, map: &MapResult) -> Result<()> {
     let s = &map.summary;
-    println!("image       {} ({})", map.name, HumanBytes(map.size));
-    println!("blocks      {} of 4 KiB", s.blocks);
-    println!("zero        {}", s.zero_blocks);
-    println!("own         {}", s.own_blocks);
-    println!(
+    writeln!(out, "image       {} ({})", map.name, HumanBytes(map.size))?;
+    writeln!(out, "blocks      {} of 4 KiB", s.blocks)?;
+    writeln!(out, "zero        {}", s.zero_blocks)?;
+    writeln!(out, "own         {}", s.own_blocks)?;
+    writeln!(
+        out,
         "redirected  {} ({} to other images)",
         s.redirected_blocks, s.redirected_to_other_images
-    );
-    println!("shared      {}", HumanBytes(s.bytes_shared));
-    println!("extents     {}", s.extents);
-    let name_of = |id| {
-        map.references
-            .iter()
-            .find(|r| r.id == id)
-            .map(|r| r.name.clone())
-            .unwrap_or_else(|| map.name.clone())
-    };
+    )?;
+    writeln!(out, "shared      {}", HumanBytes(s.bytes_shared))?;
+    writeln!(out, "extents     {}", s.extents)?;
+    let names: BTreeMap<_, _> = map.references.iter().map(|r| (r.id, &r.name)).collect();
     if !map.references.is_empty() {
-        let names: Vec<String> = map.references.iter().map(|r| r.name.clone()).collect();
-        println!("reads from  {}", names.join(", "));
+        let list: Vec<&str> = map.references.iter().map(|r| r.name.as_str()).collect();
+        writeln!(out, "reads from  {}", list.join(", "))?;
     }
     if let Some(extents) = &map.extents {
-        println!("\n{:>12} {:>10}  SOURCE", "START", "BLOCKS");
+        writeln!(out, "\n{:>12} {:>10}  SOURCE", "START", "BLOCKS")?;
         for e in extents {
             let source = match e.source {
                 vmar::map::Source::Zero => "zero".to_string(),
                 vmar::map::Source::Own => "own".to_string(),
                 vmar::map::Source::Redirect { image, block } => {
-                    format!("{} block {block}", name_of(image))
+                    let name = names.get(&image).map_or(map.name.as_str(), |n| n.as_str());
+                    format!("{name} block {block}")
                 }
             };
-            println!("{:>12} {:>10}  {source}", e.start, e.len);
+            writeln!(out, "{:>12} {:>10}  {source}", e.start, e.len)?;
         }
     }
+    Ok(())
 }

@@ -25,7 +25,8 @@ struct Args {
     #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 
-    /// Configuration file (image_roots, socket_group, max_targets); options override it.
+    /// Configuration file (image_roots, socket_group, max_targets, auto_capture); options
+    /// override it.
     /// SIGHUP re-reads it.
     #[arg(long, env = "VMAR_CONFIG", default_value = vmar::config::DEFAULT_CONFIG)]
     config: PathBuf,
@@ -140,6 +141,8 @@ fn main() -> Result<()> {
         "vmard ready"
     );
 
+    start_auto_capture(&args, server.socket())?;
+
     let stopper = server.stopper();
     let context = Arc::clone(server.context());
     std::thread::Builder::new()
@@ -198,6 +201,19 @@ fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
         None => None,
     };
     Ok((Settings { max_targets, roots }, group))
+}
+
+/// Starts watching the image roots when `auto_capture` is on (read at start only).
+fn start_auto_capture(args: &Args, socket: &std::path::Path) -> Result<()> {
+    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
+    let config = vmar::config::Config::load(&args.config, explicit)?;
+    if !config.auto_capture {
+        return Ok(());
+    }
+    let settle = config.auto_capture_settle(&args.config)?;
+    let mut roots = config.image_roots.clone();
+    roots.extend(args.image_roots.iter().cloned());
+    vmar::watch::start(roots, socket.to_path_buf(), settle).context("cannot start auto-capture")
 }
 
 /// SIGHUP: re-reads the configuration; a bad one is reported and the old one kept.

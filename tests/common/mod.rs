@@ -219,8 +219,25 @@ impl Daemon {
         vmarctl(&self.socket, args)
     }
 
-    /// Runs vmarctl --json and returns its exit status and parsed stdout.
+    /// Runs vmarctl --json and returns its exit status and parsed stdout, with the lists of
+    /// `capture` and `list` taken out of their documents (`{"version":1,"images":[...]}`,
+    /// `{"version":1,"devices":[...]}`) so that tests index them directly; tests/cli.rs checks
+    /// the documents themselves. See [`Daemon::document`].
     pub fn json(&self, args: &[&str]) -> (bool, Value) {
+        let (ok, mut value) = self.document(args);
+        let list = match args.iter().find(|a| !a.starts_with('-')) {
+            Some(&"capture") => "images",
+            Some(&"list") => "devices",
+            _ => return (ok, value),
+        };
+        if value.get(list).is_some() {
+            value = value[list].take();
+        }
+        (ok, value)
+    }
+
+    /// Runs vmarctl --json and returns its exit status and the document it printed.
+    pub fn document(&self, args: &[&str]) -> (bool, Value) {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         let out = self.ctl(&all);

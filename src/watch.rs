@@ -1,0 +1,419 @@
+//! Auto-capture: vmard watches its image roots with inotify and captures a raw image that
+//! appears there once it is complete, so that directories filled by other tools (Nova's
+//! `_base` cache, a libvirt storage pool) need no manual `capture`.
+//!
+//! "Complete" is judged by what can be observed, never by a single event: the file must have
+//! a final-looking name (not hidden, not `.part`/`.tmp`...), must have stayed unchanged (size,
+//! mtime, ctime) for the settle time, and no process may have it open for writing. A file
+//! renamed into place arrives complete; one written slowly settles only after its writer
+//! stops and closes it; one truncated or rewritten starts its wait again. The capture goes
+//! through vmard's own socket, so it takes exactly the path and the checks of `vmarctl
+//! capture` (image roots, format sniffing, change during capture). What happened is kept for
+//! `vmarctl images` ([`report`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use inotify::{Inotify, WatchMask};
+
+use crate::client::Client;
+use crate::error::{Error, Result};
+use crate::protocol::{AutoCaptureReport, AutoCaptured, AutoSkipped, CaptureResult, Request};
+use crate::records::CaptureStatus;
+
+/// Entries of each list kept for the report.
+const KEEP: usize = 100;
+/// How often the watcher looks at its queue.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The report of the running watcher; `None` when auto-capture is off.
+static REPORT: Mutex<Option<AutoCaptureReport>> = Mutex::new(None);
+
+/// What auto-capture did so far, or `None` when it is off.
+pub fn report() -> Option<AutoCaptureReport> {
+    REPORT.lock().ok().and_then(|r| r.clone())
+}
+
+fn with_report(f: impl FnOnce(&mut AutoCaptureReport)) {
+    if let Ok(mut guard) = REPORT.lock()
+        && let Some(report) = guard.as_mut()
+    {
+        f(report);
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Names that say a file is not in place yet: hidden files and partial downloads or copies
+/// (`.part`, `.partial`, `.tmp`, `.swp`, `~`), which their writer renames when complete.
+pub fn temporary_name(name: &OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name.starts_with('.')
+        || name.ends_with('~')
+        || [
+            ".part",
+            ".partial",
+            ".tmp",
+            ".swp",
+            ".download",
+            ".crdownload",
+        ]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
+/// What identifies one state of a file's content from outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+}
+
+fn stamp(path: &Path) -> std::io::Result<Option<Stamp>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.file_type().is_file() {
+        return Ok(None);
+    }
+    Ok(Some(Stamp {
+        size: meta.size(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+        ino: meta.ino(),
+    }))
+}
+
+/// A process that has `path` open for writing, if any (pid), found through /proc. An image
+/// whose writer only pauses is not complete, however long the pause.
+pub fn open_for_writing(path: &Path) -> Option<u32> {
+    let target = std::fs::canonicalize(path).ok()?;
+    let procs = std::fs::read_dir("/proc").ok()?;
+    for proc_entry in procs.flatten() {
+        let Some(pid) = proc_entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go, and others' fds may be unreadable: skip what fails.
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).ok().as_deref() != Some(target.as_path()) {
+                continue;
+            }
+            let info = proc_entry.path().join("fdinfo").join(fd.file_name());
+            let Ok(info) = std::fs::read_to_string(info) else {
+                continue;
+            };
+            let flags = info
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok());
+            // O_ACCMODE: 1 is O_WRONLY, 2 is O_RDWR.
+            if flags.is_some_and(|f| f & 3 != 0) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// A file seen changing.
+struct Waiting {
+    stamp: Option<Stamp>,
+    since: Instant,
+}
+
+/// The watcher's state, apart from inotify so that it can be driven in tests.
+struct Watcher {
+    client: Client,
+    settle: Duration,
+    waiting: BTreeMap<PathBuf, Waiting>,
+    /// Last reason each path was skipped for, so a file is reported once per reason.
+    skipped: HashMap<PathBuf, String>,
+}
+
+impl Watcher {
+    /// Something happened to `path`: (re)start its wait.
+    fn touched(&mut self, path: PathBuf) {
+        if path.file_name().is_some_and(temporary_name) {
+            self.skip(
+                &path,
+                "temporary-name",
+                "temporary name: waiting for it to be renamed into place".into(),
+            );
+            return;
+        }
+        self.waiting.insert(
+            path,
+            Waiting {
+                stamp: None,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    /// `path` was deleted or renamed away: nothing to wait for, nothing to report of it.
+    fn gone(&mut self, path: &Path) {
+        self.waiting.remove(path);
+        if self.skipped.remove(path).is_some() {
+            with_report(|r| r.skipped.retain(|s| s.path != path));
+        }
+    }
+
+    /// Considers every file of `roots` (at start, and when inotify lost events).
+    fn rescan(&mut self, roots: &[PathBuf]) {
+        for root in roots {
+            if let Ok(entries) = std::fs::read_dir(root) {
+                for entry in entries.flatten() {
+                    if entry.file_type().is_ok_and(|t| t.is_file())
+                        && !self.waiting.contains_key(&entry.path())
+                    {
+                        self.touched(entry.path());
+                    }
+                }
+            }
+        }
+    }
+
+    fn skip(&mut self, path: &Path, kind: &str, reason: String) {
+        if self.skipped.get(path) == Some(&reason) {
+            return;
+        }
+        tracing::info!(path = %path.display(), "auto-capture skipped it: {reason}");
+        self.skipped.insert(path.to_path_buf(), reason.clone());
+        let entry = AutoSkipped {
+            path: path.to_path_buf(),
+            kind: kind.to_string(),
+            reason,
+            at: now_secs(),
+        };
+        with_report(|r| {
+            r.skipped.retain(|s| s.path != entry.path);
+            r.skipped.push(entry);
+            let excess = r.skipped.len().saturating_sub(KEEP);
+            r.skipped.drain(..excess);
+        });
+    }
+
+    /// Captures what has settled; keeps waiting for the rest.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (path, waiting) in &mut self.waiting {
+            let current = stamp(path).unwrap_or_default();
+            if current != waiting.stamp {
+                waiting.stamp = current;
+                waiting.since = now;
+            } else if now.duration_since(waiting.since) >= self.settle {
+                due.push(path.clone());
+            }
+        }
+        for path in due {
+            let Some(waiting) = self.waiting.get_mut(&path) else {
+                continue;
+            };
+            if waiting.stamp.is_none() {
+                // Gone, or a directory, socket or fifo: nothing to capture.
+                self.waiting.remove(&path);
+                continue;
+            }
+            if let Some(pid) = open_for_writing(&path) {
+                tracing::debug!(path = %path.display(), pid, "still open for writing");
+                waiting.since = now;
+                continue;
+            }
+            self.capture(&path);
+        }
+        let waiting: Vec<PathBuf> = self.waiting.keys().cloned().collect();
+        with_report(|r| r.waiting = waiting);
+    }
+
+    fn capture(&mut self, path: &Path) {
+        let request = Request::Capture {
+            path: path.to_path_buf(),
+            name: None,
+            recapture: false,
+            force_raw: false,
+        };
+        match self.client.call::<CaptureResult>(&request, &mut |_| {}) {
+            Ok(result) => {
+                self.waiting.remove(path);
+                self.skipped.remove(path);
+                if result.status != CaptureStatus::Unchanged {
+                    tracing::info!(path = %path.display(), name = %result.image.name, "auto-captured");
+                    let entry = AutoCaptured {
+                        path: path.to_path_buf(),
+                        name: result.image.name,
+                        at: now_secs(),
+                    };
+                    with_report(|r| {
+                        r.skipped.retain(|s| s.path != entry.path);
+                        r.captured.push(entry);
+                        let excess = r.captured.len().saturating_sub(KEEP);
+                        r.captured.drain(..excess);
+                    });
+                }
+            }
+            // Written to while it was read: not complete after all, wait again.
+            Err(Error::Remote { kind, .. })
+                if matches!(
+                    kind.as_str(),
+                    "changed-during-capture" | "busy" | "shutting-down"
+                ) =>
+            {
+                if let Some(waiting) = self.waiting.get_mut(path) {
+                    waiting.since = Instant::now();
+                }
+            }
+            Err(e @ (Error::DaemonUnavailable { .. } | Error::SocketDenied { .. })) => {
+                tracing::warn!("auto-capture cannot reach vmard: {e}");
+                if let Some(waiting) = self.waiting.get_mut(path) {
+                    waiting.since = Instant::now();
+                }
+            }
+            Err(e) => {
+                self.waiting.remove(path);
+                let kind = match &e {
+                    Error::Remote { kind, .. } => kind.clone(),
+                    other => other.kind().to_string(),
+                };
+                self.skip(path, &kind, e.to_string());
+            }
+        }
+    }
+}
+
+/// Starts watching `roots` (not their subdirectories) and capturing through vmard's
+/// `socket`; files already in the roots are considered too (they may have arrived while
+/// vmard was down; captured, unchanged ones cost nothing). Runs until shutdown.
+pub fn start(roots: Vec<PathBuf>, socket: PathBuf, settle: Duration) -> Result<()> {
+    let mut inotify =
+        Inotify::init().map_err(|e| Error::io("cannot start inotify for", "auto-capture", e))?;
+    let mask = WatchMask::CLOSE_WRITE
+        | WatchMask::MOVED_TO
+        | WatchMask::CREATE
+        | WatchMask::MODIFY
+        | WatchMask::ATTRIB
+        | WatchMask::DELETE
+        | WatchMask::MOVED_FROM;
+    let mut watched = HashMap::new();
+    for root in &roots {
+        let wd = inotify
+            .watches()
+            .add(root, mask)
+            .map_err(|e| Error::io("cannot watch image root", root, e))?;
+        watched.insert(wd, root.clone());
+    }
+    if let Ok(mut report) = REPORT.lock() {
+        *report = Some(AutoCaptureReport {
+            roots: roots.clone(),
+            settle_ms: u64::try_from(settle.as_millis()).unwrap_or(u64::MAX),
+            ..AutoCaptureReport::default()
+        });
+    }
+    let mut watcher = Watcher {
+        client: Client::new(socket),
+        settle,
+        waiting: BTreeMap::new(),
+        skipped: HashMap::new(),
+    };
+    watcher.rescan(&roots);
+    tracing::info!(roots = ?roots, settle = ?settle, "auto-capture watches the image roots");
+    std::thread::Builder::new()
+        .name("vmard-watch".into())
+        .spawn(move || {
+            let mut buffer = vec![0u8; 64 * 1024];
+            while !crate::shutdown::requested() {
+                match inotify.read_events(&mut buffer) {
+                    Ok(events) => {
+                        let mut overflowed = false;
+                        for event in events {
+                            // The queue overflowed (a long capture kept us away): events
+                            // were lost, so look at every file again.
+                            if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                                overflowed = true;
+                                continue;
+                            }
+                            let (Some(root), Some(name)) = (watched.get(&event.wd), event.name)
+                            else {
+                                continue;
+                            };
+                            let path = root.join(name);
+                            if event.mask.intersects(
+                                inotify::EventMask::DELETE | inotify::EventMask::MOVED_FROM,
+                            ) {
+                                watcher.gone(&path);
+                            } else if !event.mask.contains(inotify::EventMask::ISDIR) {
+                                watcher.touched(path);
+                            }
+                        }
+                        if overflowed {
+                            tracing::warn!("auto-capture lost inotify events; rescanning");
+                            watcher.rescan(&roots);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        tracing::error!("auto-capture stopped: cannot read inotify events: {e}");
+                        return;
+                    }
+                }
+                watcher.tick();
+                std::thread::sleep(TICK);
+            }
+        })
+        .map_err(|e| Error::io("cannot start the thread of", "auto-capture", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn temporary_names_wait_for_their_rename() {
+        for name in [
+            ".web.raw",
+            "web.raw.part",
+            "web.raw.tmp",
+            "web.raw~",
+            "x.partial",
+        ] {
+            assert!(temporary_name(OsStr::new(name)), "{name}");
+        }
+        for name in [
+            "web.raw",
+            "0123456789abcdef0123456789abcdef01234567",
+            "base.img",
+        ] {
+            assert!(!temporary_name(OsStr::new(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_file_open_for_writing_is_seen_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image.raw");
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&[1; 512]).unwrap();
+        assert_eq!(open_for_writing(&path), Some(std::process::id()));
+        drop(file);
+        assert_eq!(open_for_writing(&path), None);
+        let _reader = std::fs::File::open(&path).unwrap();
+        assert_eq!(open_for_writing(&path), None);
+    }
+}
