@@ -1,0 +1,198 @@
+//! The catalog's redb plumbing: transactions (re-opened after an I/O error), commits
+//! through a fault point, and the chunked digest, extent and record tables.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+
+use super::*;
+
+impl Catalog {
+    pub(super) fn read_txn(&self) -> Result<redb::ReadTransaction> {
+        let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+        match &*db {
+            Some(db) => db.begin_read().ctx(&self.dir),
+            None => Err::<_, redb::Error>(redb::Error::PreviousIo).ctx(&self.dir),
+        }
+    }
+
+    pub(super) fn write_txn(&self) -> Result<WriteTransaction> {
+        self.begin_write().map_err(|e| Error::Catalog {
+            dir: self.dir.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    pub(super) fn begin_write(&self) -> std::result::Result<WriteTransaction, Box<redb::Error>> {
+        let begin = || {
+            let db = self.db.read().unwrap_or_else(|p| p.into_inner());
+            match &*db {
+                Some(db) => db.begin_write().map_err(|e| Box::new(e.into())),
+                None => Err(Box::new(redb::Error::PreviousIo)),
+            }
+        };
+        match begin() {
+            Err(e) if matches!(*e, redb::Error::PreviousIo) => {
+                self.reopen();
+                begin()
+            }
+            other => other,
+        }
+    }
+
+    /// Re-opens the database after an I/O error (e.g. a full disk), which leaves redb refusing
+    /// every transaction until it is closed: the last commit is what the file holds, so
+    /// vmard carries on once the disk has room, without a restart.
+    pub(super) fn reopen(&self) {
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        *db = None;
+        for attempt in 0..50 {
+            match Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .open(&self.file)
+            {
+                Ok(opened) => {
+                    *db = Some(opened);
+                    tracing::warn!("catalog re-opened after an I/O error");
+                    return;
+                }
+                // A read transaction of the old handle may still be finishing.
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempt < 49 => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    tracing::error!("cannot re-open the catalog after an I/O error: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Commits `txn` (fsync); a fault point for the crash tests. After a failed commit the
+    /// database is re-opened, so that the next request can succeed.
+    pub(super) fn commit(&self, txn: WriteTransaction) -> Result<()> {
+        fault::point("catalog.commit")?;
+        let committed = txn.commit();
+        if committed.is_err() {
+            self.reopen();
+        }
+        committed.ctx(&self.dir)
+    }
+
+    pub(super) fn ids(&self, txn: &WriteTransaction) -> Result<Vec<ImageId>> {
+        let table = txn.open_table(IMAGES).ctx(&self.dir)?;
+        let mut ids = Vec::new();
+        for entry in table.iter().ctx(&self.dir)? {
+            ids.push(entry.ctx(&self.dir)?.0.value());
+        }
+        Ok(ids)
+    }
+
+    pub(super) fn record_in(&self, txn: &WriteTransaction, id: ImageId) -> Result<ImageRecord> {
+        let table = txn.open_table(IMAGES).ctx(&self.dir)?;
+        let value = table.get(id).ctx(&self.dir)?;
+        let value =
+            value.ok_or_else(|| self.corrupt(format!("image {id} is referenced but missing")))?;
+        self.decode(value.value())
+    }
+
+    pub(super) fn read_digests(
+        &self,
+        txn: &WriteTransaction,
+        id: ImageId,
+    ) -> Result<Vec<(u64, Digest)>> {
+        let table = txn.open_table(DIGESTS).ctx(&self.dir)?;
+        let mut digests = Vec::new();
+        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
+            let (_, value) = entry.ctx(&self.dir)?;
+            digests.extend(decode_digests(value.value()).map_err(|m| self.corrupt(m))?);
+        }
+        Ok(digests)
+    }
+
+    pub(super) fn write_digests(
+        &self,
+        txn: &WriteTransaction,
+        id: ImageId,
+        digests: &[(u64, Digest)],
+    ) -> Result<()> {
+        let mut table = txn.open_table(DIGESTS).ctx(&self.dir)?;
+        for (n, chunk) in digests.chunks(CHUNK_RECORDS).enumerate() {
+            let bytes = encode_digests(chunk);
+            table
+                .insert((id, self.chunk_number(n)?), bytes.as_slice())
+                .ctx(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn chunk_number(&self, n: usize) -> Result<u32> {
+        u32::try_from(n).map_err(|_| self.corrupt(format!("record chunk {n} out of range")))
+    }
+
+    pub(super) fn write_map(&self, txn: &WriteTransaction, map: &BlockMap) -> Result<()> {
+        let mut table = txn.open_table(EXTENTS).ctx(&self.dir)?;
+        for (n, chunk) in map.extents.chunks(CHUNK_RECORDS).enumerate() {
+            let bytes = encode_extents(chunk);
+            table
+                .insert((map.image, self.chunk_number(n)?), bytes.as_slice())
+                .ctx(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_record(&self, txn: &WriteTransaction, record: &ImageRecord) -> Result<()> {
+        let dir = &self.dir;
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| self.corrupt(format!("cannot encode image record: {e}")))?;
+        txn.open_table(IMAGES)
+            .ctx(dir)?
+            .insert(record.id, bytes.as_slice())
+            .ctx(dir)?;
+        txn.open_table(NAMES)
+            .ctx(dir)?
+            .insert(record.name.as_str(), record.id)
+            .ctx(dir)?;
+        Ok(())
+    }
+}
+
+/// Deletes the chunks of image `id` from a chunked table.
+pub(super) fn clear(
+    txn: &WriteTransaction,
+    table: TableDefinition<(u32, u32), &[u8]>,
+    id: ImageId,
+    dir: &Path,
+) -> Result<()> {
+    txn.open_table(table)
+        .ctx(dir)?
+        .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)
+        .ctx(dir)
+}
+
+/// Something in `dir` that only an existing catalog leaves: index runs or a backup.
+pub(super) fn existing_state(dir: &Path) -> Option<PathBuf> {
+    let backup = dir.join(crate::backup::BACKUP_FILE);
+    if backup.exists() {
+        return Some(backup);
+    }
+    let index = dir.join(INDEX_DIR);
+    std::fs::read_dir(&index).ok()?.flatten().find_map(|e| {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        (name.starts_with("run-") && name.ends_with(".idx")).then(|| e.path())
+    })
+}
+
+/// Creates `dir` readable by its owner only (vmard's state names host files and devices).
+pub(super) fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("cannot create state dir", dir, e))
+}
