@@ -155,7 +155,17 @@ logged_at_stop() {
     journalctl -b -u vmard -o cat --no-pager | awk '/^Stopping vmard/ { buf = "" } { buf = buf $0 "\n" } END { printf "%s", buf }' |
         grep -v -E "^(Stopping|Stopped) "
 }
-stop_logged() { logged_at_stop | grep -i -E "catalog|shut|signal|exit"; }
+# journald reads the service's stderr asynchronously: give the last lines a moment.
+stop_logged() {
+    local _
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        logged_at_stop | grep -i -E "catalog|shut|signal|exit" && return 0
+        journalctl --sync 2>/dev/null || sleep 1
+        sleep 0.5
+    done
+    journalctl -b -u vmard -o cat --no-pager | tail -n 20
+    return 1
+}
 # systemd-analyze verify, less its complaints about man pages (no man-db in the guest).
 verify_unit() {
     local out
