@@ -23,7 +23,6 @@ check() {
     echo "--- $name: $*" >>"$LOG"
     if "$@" >>"$LOG" 2>&1; then ok "$name"; else fail "$name"; fi
 }
-ctl() { vmarctl "$@" 2>>"$LOG"; }
 # Monotonic microseconds of a unit's property (0 when it never happened).
 mono() { systemctl show -P "$2" "$1"; }
 
