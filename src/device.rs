@@ -11,12 +11,12 @@
 //! current map replaced. The caller serialises all device changes (one at a time).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
 use crate::error::{Error, Result};
-use crate::image::{open_unchanged, validate_name};
+use crate::image::{ImageIdentity, open_unchanged, validate_name};
 use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
 use crate::map::ImageId;
 use crate::protocol::{
@@ -39,9 +39,9 @@ pub struct Plan {
     pub loops: BTreeMap<String, LoopHold>,
 }
 
-/// The loop device that serves `path`, if one is attached as vmar needs it.
-fn existing_loop(loops: &[LoopInfo], path: &Path) -> Option<LoopInfo> {
-    loops.iter().find(|l| l.serves(path)).cloned()
+/// The loop device that serves the image at `path`, if one is attached as vmar needs it.
+fn existing_loop(loops: &[LoopInfo], path: &Path, identity: &ImageIdentity) -> Option<LoopInfo> {
+    loops.iter().find(|l| l.serves(path, identity)).cloned()
 }
 
 /// Plans the table of `image`: refuses it if the image or any image it reads from changed
@@ -55,7 +55,7 @@ pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u6
         let file = open_unchanged(&other.name, &other.path, &other.identity)?;
         let mut hold = None;
         // An existing one may go away between the scan and the open (autoclear).
-        if let Some(info) = existing_loop(&kernel.loops()?, &file.path) {
+        if let Some(info) = existing_loop(&kernel.loops()?, &file.path, &file.identity) {
             hold = kernel.loop_hold(&info).ok();
         }
         let hold = match hold {
@@ -92,7 +92,7 @@ fn expected(
     let loops = kernel.loops()?;
     let mut by_id: BTreeMap<ImageId, BlockDev> = BTreeMap::new();
     for (id, other) in catalog.sources_of(&record, &map)? {
-        match existing_loop(&loops, &other.path) {
+        match existing_loop(&loops, &other.path, &other.identity) {
             Some(l) => by_id.insert(id, l.block_dev()),
             None => return Ok(None),
         };
@@ -375,7 +375,7 @@ fn restore_one(
 /// Detaches loop devices over captured images that have no autoclear and that no device
 /// uses: left by a crash of an older vmard between attaching and configuring one.
 fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<String>> {
-    let images: Vec<PathBuf> = catalog.images()?.into_iter().map(|i| i.path).collect();
+    let images = catalog.images()?;
     let mut used = Vec::new();
     for name in kernel.dm_list()? {
         for t in kernel.dm_table(&name).unwrap_or_default() {
@@ -386,7 +386,7 @@ fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<Str
     }
     let mut detached = Vec::new();
     for l in kernel.loops()? {
-        let ours = l.backing.as_ref().is_some_and(|b| images.contains(b));
+        let ours = images.iter().any(|i| l.backs(&i.path, &i.identity));
         if ours && !l.autoclear && !used.contains(&l.block_dev()) {
             match kernel.loop_detach(&l) {
                 Ok(()) => detached.push(l.node.display().to_string()),
@@ -673,7 +673,17 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
             let Some(l) = loops.iter().find(|l| l.block_dev() == *source) else {
                 continue;
             };
-            let Some(path) = &l.backing else { continue };
+            // The catalog's name of the file: the kernel's may be from another mount
+            // namespace (vmard's under systemd).
+            let known = catalog
+                .images()?
+                .into_iter()
+                .find(|i| l.backs(&i.path, &i.identity))
+                .map(|i| i.path);
+            let Some(path) = known.or_else(|| l.backing.clone()) else {
+                continue;
+            };
+            let path = &path;
             match image_cache(kernel, source, path) {
                 Ok(cache) => {
                     images.insert(source.clone(), cache);

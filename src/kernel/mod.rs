@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::fault;
-use crate::image::ImageFile;
+use crate::image::{ImageFile, ImageIdentity};
 use crate::table::{BlockDev, Target};
 use crate::units::Sectors;
 
@@ -81,8 +81,14 @@ pub struct LoopInfo {
     pub node: PathBuf,
     pub major: u32,
     pub minor: u32,
-    /// Its backing file; `None` when the file was deleted or replaced since.
+    /// Its backing file, as the kernel names it; `None` when the file was deleted or
+    /// replaced since. The name is the one seen in the mount namespace that attached it
+    /// (under systemd's ProtectSystem, not the host's), so files are matched by
+    /// `backing_file_id` first.
     pub backing: Option<PathBuf>,
+    /// Device and inode of the backing file (`LOOP_GET_STATUS64`), when known.
+    #[serde(default)]
+    pub backing_file_id: Option<(u64, u64)>,
     pub read_only: bool,
     pub direct_io: bool,
     pub autoclear: bool,
@@ -99,13 +105,24 @@ impl LoopInfo {
     /// Whether vmar can serve `image` through it: read-only, buffered (so the image file's
     /// page cache is what is shared), the whole file, and autoclear (so it goes away with
     /// the last table; one left without autoclear by a crash is never reused).
-    pub fn serves(&self, image: &Path) -> bool {
-        self.backing.as_deref() == Some(image)
+    pub fn serves(&self, image: &Path, identity: &ImageIdentity) -> bool {
+        self.backs(image, identity)
             && self.read_only
             && !self.direct_io
             && self.autoclear
             && self.offset == 0
             && self.size_limit == 0
+    }
+}
+
+impl LoopInfo {
+    /// Whether its backing file is the image at `image` with `identity`: by device and inode
+    /// when both are known (regular files), else by name.
+    pub fn backs(&self, image: &Path, identity: &ImageIdentity) -> bool {
+        match self.backing_file_id {
+            Some(id) if identity.ino != 0 => id == (identity.dev, identity.ino),
+            _ => self.backing.as_deref() == Some(image),
+        }
     }
 }
 
@@ -259,5 +276,51 @@ impl<K: Kernel> Kernel for Checked<K> {
     }
     fn release_stale_udev_cookies(&self) -> Result<Vec<String>> {
         self.0.release_stale_udev_cookies()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(dev: u64, ino: u64) -> ImageIdentity {
+        ImageIdentity {
+            dev,
+            ino,
+            size: 4096,
+            mtime_ns: 0,
+            ctime_ns: None,
+        }
+    }
+
+    #[test]
+    fn loop_devices_are_matched_by_file_not_by_name() {
+        let l = LoopInfo {
+            node: PathBuf::from("/dev/loop0"),
+            major: 7,
+            minor: 0,
+            // As a loop device attached in vmard's mount namespace under systemd names it.
+            backing: Some(PathBuf::from("/images/web.raw")),
+            backing_file_id: Some((64, 12)),
+            read_only: true,
+            direct_io: false,
+            autoclear: true,
+            offset: 0,
+            size_limit: 0,
+        };
+        let path = Path::new("/var/lib/vmar/images/web.raw");
+        assert!(l.serves(path, &identity(64, 12)));
+        assert!(!l.serves(path, &identity(64, 13)));
+        let unknown = LoopInfo {
+            backing_file_id: None,
+            ..l.clone()
+        };
+        assert!(!unknown.serves(path, &identity(64, 12)));
+        assert!(unknown.serves(Path::new("/images/web.raw"), &identity(64, 12)));
+        let no_autoclear = LoopInfo {
+            autoclear: false,
+            ..l
+        };
+        assert!(!no_autoclear.serves(path, &identity(64, 12)));
     }
 }

@@ -310,6 +310,7 @@ impl Kernel for RealKernel {
                 autoclear: flag("loop/autoclear"),
                 offset: number("loop/offset"),
                 size_limit: number("loop/sizelimit"),
+                backing_file_id: backing_file_id(&PathBuf::from("/dev").join(&name)),
             });
         }
         found.sort_by_key(|l| l.minor);
@@ -447,6 +448,18 @@ struct LoopConfig {
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
+nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
+
+/// Device and inode of the file behind loop device `node` (`LOOP_GET_STATUS64`); `None` if
+/// it cannot be asked (e.g. detached meanwhile).
+fn backing_file_id(node: &Path) -> Option<(u64, u64)> {
+    let file = File::open(node).ok()?;
+    // SAFETY: LoopInfo64 is plain integers and arrays, valid when zeroed.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a `struct loop_info64` the kernel fills in; `file` is a loop device.
+    unsafe { loop_get_status64(file.as_raw_fd(), &mut info) }.ok()?;
+    Some((info.lo_device, info.lo_inode))
+}
 
 /// Attaches `file` to the loop device `node` read-only, buffered and autoclear in one ioctl
 /// (`LOOP_CONFIGURE`, Linux 5.8): unlike `LOOP_SET_FD` followed by `LOOP_SET_STATUS64`, a

@@ -61,6 +61,9 @@ pub struct SimRegion {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimLoop {
     pub backing: PathBuf,
+    /// Device and inode of the backing file.
+    #[serde(default)]
+    pub file_id: Option<(u64, u64)>,
     pub size: u64,
     pub read_only: bool,
     pub autoclear: bool,
@@ -367,15 +370,18 @@ impl SimKernel {
     /// Attaches `path` to a loop device as another program would, e.g. without autoclear
     /// (what a crash between `LOOP_SET_FD` and `LOOP_SET_STATUS64` leaves). Returns its minor.
     pub fn plant_loop(&self, path: &Path, autoclear: bool) -> Result<u32> {
-        let size = fs::metadata(path)
-            .map_err(|e| Error::io("cannot stat", path, e))?
-            .len();
+        let meta = fs::metadata(path).map_err(|e| Error::io("cannot stat", path, e))?;
+        let (size, file_id) = {
+            use std::os::unix::fs::MetadataExt;
+            (meta.len(), Some((meta.dev(), meta.ino())))
+        };
         self.change(|s| {
             let minor = (0..).find(|m| !s.loops.contains_key(m)).unwrap_or(0);
             s.loops.insert(
                 minor,
                 SimLoop {
                     backing: path.to_path_buf(),
+                    file_id,
                     size,
                     read_only: true,
                     autoclear,
@@ -413,6 +419,7 @@ impl SimKernel {
             major: LOOP_MAJOR,
             minor,
             backing: Some(l.backing.clone()),
+            backing_file_id: l.file_id,
             read_only: l.read_only,
             direct_io: false,
             autoclear: l.autoclear,
@@ -652,6 +659,8 @@ impl Kernel for SimKernel {
             let minor = (0..).find(|m| !s.loops.contains_key(m)).unwrap_or(0);
             let l = SimLoop {
                 backing: image.path.clone(),
+                file_id: (image.identity.ino != 0)
+                    .then_some((image.identity.dev, image.identity.ino)),
                 size: image.size,
                 read_only: true,
                 autoclear: true,
