@@ -34,9 +34,10 @@ pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Request {
-    /// Liveness and version check.
+    /// Liveness and version check. Result: [`PingResult`].
     Ping,
     /// Capture the image at `path` (absolute) under `name` (default: from the file name).
+    /// Result: [`CaptureResult`].
     Capture {
         path: PathBuf,
         #[serde(default)]
@@ -47,27 +48,28 @@ pub enum Request {
         #[serde(default)]
         force_raw: bool,
     },
-    /// All captured images, in capture order.
+    /// All captured images, in capture order. Result: [`ImagesResult`].
     Images,
-    /// The map of an image: its figures, and its extents if `extents`.
+    /// The map of an image: its figures, and its extents if `extents`. Result: [`MapResult`].
     Map {
         name: String,
         #[serde(default)]
         extents: bool,
     },
     /// The device-mapper table of an image. `devices` names the block device of each image
-    /// (by image name); images not named get a `loop:NAME` placeholder.
+    /// (by image name); images not named get a `loop:NAME` placeholder. Result:
+    /// [`TableResult`].
     Table {
         name: String,
         #[serde(default)]
         devices: BTreeMap<String, String>,
     },
-    /// Read the image through its map and compare.
+    /// Read the image through its map and compare. Result: [`VerifyReport`].
     Verify { name: String },
-    /// Remove an image from the catalog.
+    /// Remove an image from the catalog. Result: the removed [`ImageRecord`].
     Forget { name: String },
     /// Create device `name` serving `image` (a captured image's name, or an absolute path;
-    /// with `capture`, a path not captured yet is captured first).
+    /// with `capture`, a path not captured yet is captured first). Result: [`DeviceChange`].
     Create {
         name: String,
         image: String,
@@ -77,24 +79,25 @@ pub enum Request {
         force_raw: bool,
     },
     /// Remove a device; `deferred` removes an open device at its last close (as dmsetup's
-    /// `remove --deferred`). `force` is its old name.
+    /// `remove --deferred`). `force` is its old name. Result: [`Removed`].
     Remove {
         name: String,
         #[serde(default, alias = "force")]
         deferred: bool,
     },
-    /// Saved and live devices.
+    /// Saved and live devices. Result: a list of [`DeviceStatus`].
     List,
-    /// One device; with `table`, its live table.
+    /// One device; with `table`, its live table. Result: [`DeviceStatus`].
     Status {
         name: String,
         #[serde(default)]
         table: bool,
     },
-    /// Load the current map of a device's image into the live device, atomically.
+    /// Load the current map of a device's image into the live device, atomically. Result:
+    /// [`DeviceChange`].
     Refresh { name: String },
     /// Bytes read by class of extent, target counts and page-cache sharing, of device
-    /// `name` or of all live devices.
+    /// `name` or of all live devices. Result: [`StatsReport`].
     Stats {
         #[serde(default)]
         name: Option<String>,

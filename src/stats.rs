@@ -1,6 +1,6 @@
 //! What a device's reads cost, and how much the page cache shares: pure arithmetic over a
 //! live table, the kernel's dm-stats counters and the resident pages of image files. The
-//! kernel side (dm-stats messages, `mincore`) is in [`crate::dm`] and [`crate::pagecache`].
+//! kernel side (dm-stats messages, `mincore`) is behind [`crate::kernel`].
 //!
 //! dm-stats counts reads per *area* of a region; vmar keeps one region over each device,
 //! split into at most [`MAX_STATS_AREAS`] equal areas so its kernel memory stays bounded.
