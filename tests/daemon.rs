@@ -686,3 +686,18 @@ fn a_full_state_disk_fails_requests_only_while_it_is_full() {
     let (ok, report) = daemon.json(&["verify", "derived"]);
     assert!(ok, "{report}");
 }
+
+#[test]
+fn the_state_is_private_to_vmard() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let state = daemon.stop();
+    for (path, want) in [
+        (state.clone(), 0o700),
+        (state.join("index"), 0o700),
+        (state.join("catalog.redb"), 0o600),
+    ] {
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, want, "{} is {mode:o}", path.display());
+    }
+}
