@@ -3,9 +3,10 @@
 //! The kernel seam and the catalog call [`point`] before each step that changes state
 //! (`dm.create`, `dm.load`, `dm.suspend`, `dm.resume`, `dm.remove`, `loop.attach`,
 //! `catalog.commit`, `index.write`, ...). Nothing happens unless the environment variable
-//! `VMAR_FAULTS` names the step, as `STEP[#N]=fail|kill` entries separated by commas: the
-//! N-th time (default: the first) the step is reached, `fail` returns an error from it and
-//! `kill` sends the process SIGKILL, exactly like `kill -9` between two system calls. The
+//! `VMAR_FAULTS` names the step, as `STEP[#N]=fail|kill|sleep:MS` entries separated by
+//! commas: the N-th time (default: the first) the step is reached, `fail` returns an error
+//! from it, `kill` sends the process SIGKILL, exactly like `kill -9` between two system
+//! calls, and `sleep:MS` waits (holding a race window open). The
 //! fault matrix in the tests runs every step of every operation this way. `VMAR_FAULTS` is
 //! read once, at the first step; with it unset this costs one atomic load per step.
 
@@ -19,6 +20,8 @@ use crate::error::{Error, Result};
 pub enum Action {
     Fail,
     Kill,
+    /// Wait this many milliseconds, then go on: holds a race window open for a test.
+    Sleep(u64),
 }
 
 #[derive(Debug, Default)]
@@ -51,11 +54,14 @@ pub fn parse(spec: &str) -> std::result::Result<HashMap<String, (u32, Action)>, 
     for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let (step, action) = entry
             .split_once('=')
-            .ok_or_else(|| format!("{entry:?}: expected STEP[#N]=fail|kill"))?;
+            .ok_or_else(|| format!("{entry:?}: expected STEP[#N]=fail|kill|sleep:MS"))?;
         let action = match action {
             "fail" => Action::Fail,
             "kill" => Action::Kill,
-            other => return Err(format!("{entry:?}: unknown action {other:?}")),
+            other => match other.strip_prefix("sleep:").map(str::parse) {
+                Some(Ok(ms)) => Action::Sleep(ms),
+                _ => return Err(format!("{entry:?}: unknown action {other:?}")),
+            },
         };
         let (step, nth) = match step.split_once('#') {
             Some((step, n)) => (
@@ -86,6 +92,11 @@ pub fn point(step: &str) -> Result<()> {
             Action::Fail => Err(Error::Injected {
                 step: step.to_string(),
             }),
+            Action::Sleep(ms) => {
+                drop(plan);
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                Ok(())
+            }
             Action::Kill => {
                 tracing::warn!(step, "VMAR_FAULTS: killing vmard here");
                 let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::SIGKILL);
@@ -106,6 +117,8 @@ mod tests {
         let f = parse("dm.load=fail, catalog.commit#3=kill").unwrap();
         assert_eq!(f["dm.load"], (1, Action::Fail));
         assert_eq!(f["catalog.commit"], (3, Action::Kill));
+        let sleep = parse("capture.hashed=sleep:250").unwrap();
+        assert_eq!(sleep["capture.hashed"], (1, Action::Sleep(250)));
         for bad in ["dm.load", "dm.load=explode", "x#0=fail", "x#y=kill"] {
             assert!(parse(bad).is_err(), "{bad}");
         }

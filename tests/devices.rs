@@ -572,3 +572,31 @@ fn a_kill_during_restore_is_repaired_by_the_next_restore() {
         check_invariants(dir.path(), &daemon);
     }
 }
+
+#[test]
+fn devices_change_while_another_image_is_being_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images[..2]);
+    drop(daemon);
+    // The capture of db stays between hashing and its commit for 3 s.
+    let daemon = Daemon::start_sim(dir.path(), "capture.hashed=sleep:3000");
+    std::thread::scope(|scope| {
+        let d = &daemon;
+        let capture = scope.spawn(move || {
+            let out = d.json(&["capture", s(&images[2])]);
+            (out, std::time::Instant::now())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        ok(d, &["create", "web", "web"]);
+        let created = std::time::Instant::now();
+        let ((captured_ok, out), captured) = capture.join().unwrap();
+        assert!(captured_ok, "{out}");
+        assert!(
+            created < captured,
+            "create waited for the capture's hashing"
+        );
+    });
+    check_invariants(dir.path(), &daemon);
+}

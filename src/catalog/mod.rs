@@ -56,6 +56,14 @@ const CACHE_BYTES: usize = 32 << 20;
 /// Records per stored chunk of digests or extents.
 const CHUNK_RECORDS: usize = 16 * 1024;
 
+/// What a capture does, decided from the catalog as it is.
+enum Decision {
+    /// The same version of the image is captured already.
+    Unchanged(ImageRecord),
+    /// Capture it with this id and name.
+    Capture(ImageId, String, CaptureStatus),
+}
+
 /// The catalog in a state directory.
 pub struct Catalog {
     /// The open database; `None` only while it is re-opened after an I/O error.
@@ -339,23 +347,10 @@ impl Catalog {
         Ok((record, map))
     }
 
-    /// Captures `image`: hashes it, records its digests and map. See [`CaptureStatus`] for
-    /// what happens when the image is already in the catalog. `progress` is called as bytes
-    /// are read.
-    pub fn capture(
-        &self,
-        image: &ImageFile,
-        name: Option<&str>,
-        recapture: bool,
-        progress: &mut dyn FnMut(Progress),
-    ) -> Result<(ImageRecord, CaptureStatus)> {
-        if let Some(name) = name {
-            validate_name(name)?;
-        }
-        // Changes are serialised: what is checked here stays true until this one commits.
-        let mut runs = self.lock()?;
+    /// What capturing `image` (as `name`) would do now.
+    fn decide(&self, image: &ImageFile, name: Option<&str>, recapture: bool) -> Result<Decision> {
         let existing = self.image_at(&image.path)?;
-        let (id, name, status) = match existing {
+        Ok(match existing {
             Some(record) => {
                 if let Some(wanted) = name
                     && wanted != record.name
@@ -366,7 +361,7 @@ impl Catalog {
                     });
                 }
                 if record.identity == image.identity {
-                    return Ok((record, CaptureStatus::Unchanged));
+                    return Ok(Decision::Unchanged(record));
                 }
                 if !recapture {
                     return Err(Error::ImageChanged {
@@ -382,7 +377,7 @@ impl Catalog {
                         device,
                     });
                 }
-                (record.id, record.name, CaptureStatus::Recaptured)
+                Decision::Capture(record.id, record.name, CaptureStatus::Recaptured)
             }
             None => {
                 let name = match name {
@@ -400,19 +395,40 @@ impl Catalog {
                     Err(Error::UnknownImage { .. }) => {}
                     Err(e) => return Err(e),
                 }
-                (
+                Decision::Capture(
                     ImageId::try_from(self.meta(NEXT_ID)?)
                         .map_err(|_| self.corrupt("all image ids are used".into()))?,
                     name,
                     CaptureStatus::Captured,
                 )
             }
-        };
+        })
+    }
 
+    /// Captures `image`: hashes it, records its digests and map. See [`CaptureStatus`] for
+    /// what happens when the image is already in the catalog. `progress` is called as bytes
+    /// are read.
+    pub fn capture(
+        &self,
+        image: &ImageFile,
+        name: Option<&str>,
+        recapture: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(ImageRecord, CaptureStatus)> {
+        if let Some(name) = name {
+            validate_name(name)?;
+        }
+        // Checked before hashing, to fail early, and again under the lock: other captures
+        // hash and commit meanwhile (hashing takes no lock, so captures and device changes
+        // never wait for each other's hashing), and what was checked may have changed.
+        if let Decision::Unchanged(record) = self.decide(image, name, recapture)? {
+            return Ok((record, CaptureStatus::Unchanged));
+        }
         let started = std::time::Instant::now();
         let (digests, scan) =
             hash_image(image, &mut |done, total| progress(Progress { done, total }))?;
         let hashed = started.elapsed();
+        fault::point("capture.hashed")?;
         let now = image.current_identity()?;
         if now != image.identity {
             return Err(Error::ChangedDuringCapture {
@@ -420,6 +436,12 @@ impl Catalog {
                 what: image.identity.describe_change(&now),
             });
         }
+        // Changes are serialised: what is checked here stays true until this one commits.
+        let mut runs = self.lock()?;
+        let (id, name, status) = match self.decide(image, name, recapture)? {
+            Decision::Unchanged(record) => return Ok((record, CaptureStatus::Unchanged)),
+            Decision::Capture(id, name, status) => (id, name, status),
+        };
         let mut record = ImageRecord {
             id,
             name,
