@@ -59,7 +59,7 @@ const CHUNK_RECORDS: usize = 16 * 1024;
 /// What a capture does, decided from the catalog as it is.
 enum Decision {
     /// The same version of the image is captured already.
-    Unchanged(ImageRecord),
+    Unchanged(Box<ImageRecord>),
     /// Capture it with this id and name.
     Capture(ImageId, String, CaptureStatus),
 }
@@ -361,7 +361,7 @@ impl Catalog {
                     });
                 }
                 if record.identity == image.identity {
-                    return Ok(Decision::Unchanged(record));
+                    return Ok(Decision::Unchanged(Box::new(record)));
                 }
                 if !recapture {
                     return Err(Error::ImageChanged {
@@ -422,7 +422,7 @@ impl Catalog {
         // hash and commit meanwhile (hashing takes no lock, so captures and device changes
         // never wait for each other's hashing), and what was checked may have changed.
         if let Decision::Unchanged(record) = self.decide(image, name, recapture)? {
-            return Ok((record, CaptureStatus::Unchanged));
+            return Ok((*record, CaptureStatus::Unchanged));
         }
         let started = std::time::Instant::now();
         let (digests, scan) =
@@ -439,7 +439,7 @@ impl Catalog {
         // Changes are serialised: what is checked here stays true until this one commits.
         let mut runs = self.lock()?;
         let (id, name, status) = match self.decide(image, name, recapture)? {
-            Decision::Unchanged(record) => return Ok((record, CaptureStatus::Unchanged)),
+            Decision::Unchanged(record) => return Ok((*record, CaptureStatus::Unchanged)),
             Decision::Capture(id, name, status) => (id, name, status),
         };
         let mut record = ImageRecord {
