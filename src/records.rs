@@ -155,6 +155,30 @@ pub fn decode_extents(bytes: &[u8]) -> Result<Vec<Extent>, String> {
         .collect()
 }
 
+/// Bytes of checksum after every value the catalog stores.
+const SEAL_BYTES: usize = 16;
+
+/// `payload` followed by the first 16 bytes of its blake3: how the catalog stores every
+/// record, so that a damaged one is refused instead of decoded into wrong maps.
+pub fn seal(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + SEAL_BYTES);
+    out.extend_from_slice(payload);
+    out.extend_from_slice(&blake3::hash(payload).as_bytes()[..SEAL_BYTES]);
+    out
+}
+
+/// The payload of a sealed value, if its checksum holds.
+pub fn unseal(value: &[u8]) -> Result<&[u8], String> {
+    let Some(split) = value.len().checked_sub(SEAL_BYTES) else {
+        return Err(format!("record of {} bytes is too short", value.len()));
+    };
+    let (payload, sum) = value.split_at(split);
+    if blake3::hash(payload).as_bytes()[..SEAL_BYTES] != *sum {
+        return Err("record checksum mismatch".into());
+    }
+    Ok(payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +213,18 @@ mod tests {
         let mut bad = encode_extents(&extents[..1]);
         bad[16] = 9;
         assert!(decode_extents(&bad).is_err());
+    }
+
+    #[test]
+    fn sealed_values_round_trip_and_damage_is_found() {
+        let value = seal(b"{\"name\":\"web\"}");
+        assert_eq!(unseal(&value).unwrap(), b"{\"name\":\"web\"}");
+        for i in 0..value.len() {
+            let mut bad = value.clone();
+            bad[i] ^= 0x10;
+            assert!(unseal(&bad).is_err(), "flip at {i} not found");
+        }
+        assert!(unseal(&value[..10]).is_err());
+        assert_eq!(unseal(&seal(b"")).unwrap(), b"");
     }
 }

@@ -25,7 +25,9 @@ use crate::index::{self, Run, resolve};
 use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
 use crate::protocol::Progress;
 pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord};
-use crate::records::{decode_digests, decode_extents, encode_digests, encode_extents};
+use crate::records::{
+    decode_digests, decode_extents, encode_digests, encode_extents, seal, unseal,
+};
 use crate::scan::{Digest, hash_image};
 use crate::time::now_secs;
 
@@ -44,7 +46,8 @@ const RUNS: TableDefinition<u64, u64> = TableDefinition::new("index_runs");
 /// Run id -> blake3 of the run file: a damaged run is found when it is opened.
 const RUN_SUMS: TableDefinition<u64, &[u8]> = TableDefinition::new("index_run_sums");
 
-const SCHEMA_VERSION: u64 = 2;
+/// 3: every record value is sealed with a checksum (schema 2 catalogs are upgraded in place).
+const SCHEMA_VERSION: u64 = 3;
 const NEXT_ID: &str = "next_image_id";
 const NEXT_RUN: &str = "next_run_id";
 /// File name of the catalog inside the state directory.
@@ -222,6 +225,17 @@ impl Catalog {
                     meta.insert("schema_version", SCHEMA_VERSION).ctx(dir)?;
                 }
                 Some(SCHEMA_VERSION) => {}
+                Some(2) => {
+                    drop(meta);
+                    self.seal_all(&txn)?;
+                    txn.open_table(META)
+                        .ctx(dir)?
+                        .insert("schema_version", SCHEMA_VERSION)
+                        .ctx(dir)?;
+                    tracing::info!(
+                        "catalog upgraded to schema {SCHEMA_VERSION} (checksummed records)"
+                    );
+                }
                 Some(other) => {
                     return Err(self.corrupt(format!(
                         "schema version {other} is not supported by this vmar (it reads {SCHEMA_VERSION})"
@@ -248,7 +262,7 @@ impl Catalog {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<ImageRecord> {
-        serde_json::from_slice(bytes)
+        serde_json::from_slice(self.unseal(bytes, "image")?)
             .map_err(|e| self.corrupt(format!("corrupt image record: {e}")))
     }
 
@@ -269,7 +283,7 @@ impl Catalog {
         let mut records = Vec::new();
         for entry in table.iter().ctx(dir)? {
             let (_, value) = entry.ctx(dir)?;
-            let record = serde_json::from_slice(value.value())
+            let record = serde_json::from_slice(self.unseal(value.value(), what)?)
                 .map_err(|e| self.corrupt(format!("corrupt {what} record: {e}")))?;
             records.push(record);
         }
@@ -337,7 +351,8 @@ impl Catalog {
             .ctx(dir)?
         {
             let (_, value) = entry.ctx(dir)?;
-            extents.extend(decode_extents(value.value()).map_err(|m| self.corrupt(m))?);
+            let bytes = self.unseal(value.value(), "extent")?;
+            extents.extend(decode_extents(bytes).map_err(|m| self.corrupt(m))?);
         }
         let map = BlockMap {
             image: record.id,
@@ -557,7 +572,7 @@ impl Catalog {
         let txn = self.write_txn()?;
         txn.open_table(DEVICES)
             .ctx(dir)?
-            .insert(record.name.as_str(), bytes.as_slice())
+            .insert(record.name.as_str(), seal(&bytes).as_slice())
             .ctx(dir)?;
         self.commit(txn)?;
         self.write_backup();

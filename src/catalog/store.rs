@@ -8,6 +8,55 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use super::*;
 
 impl Catalog {
+    /// The payload of a stored record, or a clear error if its checksum fails.
+    pub(super) fn unseal<'a>(&self, value: &'a [u8], what: &str) -> Result<&'a [u8]> {
+        unseal(value).map_err(|e| {
+            self.corrupt(format!(
+                "damaged {what} record ({e}); rebuild the catalog with `vmard --recover`"
+            ))
+        })
+    }
+
+    /// Seals every record of a schema 2 catalog (written before records had checksums).
+    pub(super) fn seal_all(&self, txn: &WriteTransaction) -> Result<()> {
+        let dir = &self.dir;
+        {
+            let mut table = txn.open_table(IMAGES).ctx(dir)?;
+            let all: Vec<(u32, Vec<u8>)> = table
+                .iter()
+                .ctx(dir)?
+                .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .collect::<std::result::Result<_, _>>()
+                .ctx(dir)?;
+            for (k, v) in all {
+                table.insert(k, seal(&v).as_slice()).ctx(dir)?;
+            }
+        }
+        for def in [DIGESTS, EXTENTS] {
+            let mut table = txn.open_table(def).ctx(dir)?;
+            let all: Vec<((u32, u32), Vec<u8>)> = table
+                .iter()
+                .ctx(dir)?
+                .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())))
+                .collect::<std::result::Result<_, _>>()
+                .ctx(dir)?;
+            for (k, v) in all {
+                table.insert(k, seal(&v).as_slice()).ctx(dir)?;
+            }
+        }
+        let mut table = txn.open_table(DEVICES).ctx(dir)?;
+        let all: Vec<(String, Vec<u8>)> = table
+            .iter()
+            .ctx(dir)?
+            .map(|e| e.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+            .collect::<std::result::Result<_, _>>()
+            .ctx(dir)?;
+        for (k, v) in all {
+            table.insert(k.as_str(), seal(&v).as_slice()).ctx(dir)?;
+        }
+        Ok(())
+    }
+
     pub(super) fn read_txn(&self) -> Result<redb::ReadTransaction> {
         let db = self.db.read().unwrap_or_else(|p| p.into_inner());
         match &*db {
@@ -105,7 +154,8 @@ impl Catalog {
         let mut digests = Vec::new();
         for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
             let (_, value) = entry.ctx(&self.dir)?;
-            digests.extend(decode_digests(value.value()).map_err(|m| self.corrupt(m))?);
+            let bytes = self.unseal(value.value(), "digest")?;
+            digests.extend(decode_digests(bytes).map_err(|m| self.corrupt(m))?);
         }
         Ok(digests)
     }
@@ -120,7 +170,7 @@ impl Catalog {
         for (n, chunk) in digests.chunks(CHUNK_RECORDS).enumerate() {
             let bytes = encode_digests(chunk);
             table
-                .insert((id, self.chunk_number(n)?), bytes.as_slice())
+                .insert((id, self.chunk_number(n)?), seal(&bytes).as_slice())
                 .ctx(&self.dir)?;
         }
         Ok(())
@@ -135,7 +185,7 @@ impl Catalog {
         for (n, chunk) in map.extents.chunks(CHUNK_RECORDS).enumerate() {
             let bytes = encode_extents(chunk);
             table
-                .insert((map.image, self.chunk_number(n)?), bytes.as_slice())
+                .insert((map.image, self.chunk_number(n)?), seal(&bytes).as_slice())
                 .ctx(&self.dir)?;
         }
         Ok(())
@@ -147,7 +197,7 @@ impl Catalog {
             .map_err(|e| self.corrupt(format!("cannot encode image record: {e}")))?;
         txn.open_table(IMAGES)
             .ctx(dir)?
-            .insert(record.id, bytes.as_slice())
+            .insert(record.id, seal(&bytes).as_slice())
             .ctx(dir)?;
         txn.open_table(NAMES)
             .ctx(dir)?
@@ -195,4 +245,66 @@ pub(super) fn create_private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .map_err(|e| Error::io("cannot create state dir", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn captured(dir: &Path) -> Catalog {
+        let image = dir.join("img.raw");
+        std::fs::write(&image, [7u8; 3 * 4096]).unwrap();
+        let catalog = Catalog::open(&dir.join("state")).unwrap();
+        let file = ImageFile::open(&image).unwrap();
+        catalog.capture(&file, None, false, &mut |_| {}).unwrap();
+        catalog
+    }
+
+    #[test]
+    fn a_damaged_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = captured(dir.path());
+        let txn = catalog.write_txn().unwrap();
+        {
+            let mut table = txn.open_table(IMAGES).unwrap();
+            let mut value = table.get(0).unwrap().unwrap().value().to_vec();
+            value[5] ^= 0x01;
+            table.insert(0, value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        let err = catalog.images().unwrap_err();
+        assert!(err.to_string().contains("damaged image record"), "{err}");
+    }
+
+    #[test]
+    fn schema_2_catalogs_are_sealed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = captured(dir.path());
+        let before = catalog.map("img").unwrap();
+        // Turn it into what vmar wrote before records had checksums.
+        let txn = catalog.write_txn().unwrap();
+        {
+            let mut images = txn.open_table(IMAGES).unwrap();
+            let v = unseal(images.get(0).unwrap().unwrap().value())
+                .unwrap()
+                .to_vec();
+            images.insert(0, v.as_slice()).unwrap();
+            for def in [DIGESTS, EXTENTS] {
+                let mut table = txn.open_table(def).unwrap();
+                let v = unseal(table.get((0, 0)).unwrap().unwrap().value())
+                    .unwrap()
+                    .to_vec();
+                table.insert((0, 0), v.as_slice()).unwrap();
+            }
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 2)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        drop(catalog);
+        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        assert_eq!(catalog.map("img").unwrap(), before);
+        assert_eq!(catalog.meta("schema_version").unwrap(), SCHEMA_VERSION);
+    }
 }
