@@ -296,10 +296,8 @@ unsafe fn hash_lanes<V: Lanes>(blocks: &[&[u8; BLOCK]], out: &mut [Digest]) {
     }
 }
 
-// The AVX-512 intrinsics are stable since Rust 1.89. Cargo.toml's rust-version (1.85) is to be
-// raised by whoever merges this, together with the newer lints that raise brings elsewhere.
+// The AVX-512 intrinsics are stable since Rust 1.89, hence Cargo.toml's rust-version.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use std::arch::x86_64::*;
 

@@ -19,14 +19,18 @@ use crate::hash;
 
 mod mapped;
 
-/// How a scan gets at the bytes it hashes.
+/// How a scan gets at the bytes it hashes. Measured on 2 GiB hot (examples/bench-scan):
+/// mapping each batch saves about 12% of the CPU time but not wall time (mapping and
+/// unmapping 64 MiB happen between batches), and the mapped pages count in vmard's RSS (up to
+/// a batch's span, 64 MiB or more with holes); mapping each 256 KiB chunk instead saved
+/// nothing. So capture copies by default.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Read {
-    /// From a memory mapping of the file, without copying (falls back to `Copied` where the
-    /// file cannot be mapped).
-    #[default]
+    /// From a memory mapping of each batch, without copying (falls back to `Copied` where
+    /// the file cannot be mapped).
     Mapped,
     /// pread(2) into a buffer per hashing thread.
+    #[default]
     Copied,
 }
 use crate::image::{BLOCK_SIZE, ImageFile};
@@ -266,7 +270,7 @@ impl<'a> Scan<'a> {
         })
     }
 
-    /// Chooses how blocks are read (for benchmarks and tests; the default maps).
+    /// Chooses how blocks are read (for benchmarks and tests; the default copies).
     pub fn read(mut self, read: Read) -> Scan<'a> {
         self.read = read;
         self

@@ -1,6 +1,6 @@
 //! Reading an image through a memory mapping, so blocks are hashed straight from the page
-//! cache instead of being copied into a buffer first (the copy cost capture about as much CPU
-//! as hashing itself).
+//! cache instead of being copied into a buffer first (see [`super::Read`] for what that
+//! saves and costs).
 //!
 //! A mapping has one hazard a read has not: touching a page past the end of a file that was
 //! truncated meanwhile raises SIGBUS, which would kill the daemon. So every mapping is
