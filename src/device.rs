@@ -692,14 +692,18 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
             }
         }
         let image = catalog.device(&name)?.map(|d| d.image);
-        let own_path = match &image {
-            Some(image) => Some(catalog.image(image)?.path.display().to_string()),
+        // Its own image's loop device, found by file identity: whether the page-cache figures
+        // could be had or not, own extents are told from redirected ones.
+        let own = match &image {
+            Some(image) => {
+                let record = catalog.image(image)?;
+                loops
+                    .iter()
+                    .find(|l| l.backs(&record.path, &record.identity))
+                    .map(LoopInfo::block_dev)
+            }
             None => None,
         };
-        let own = images
-            .iter()
-            .find(|(_, (cache, _))| Some(&cache.path) == own_path.as_ref())
-            .map(|(device, _)| device.clone());
         let mapped = stats::classify(&table, own.as_ref());
         let mut cached = 0;
         for m in &mapped {

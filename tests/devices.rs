@@ -172,6 +172,7 @@ fn devices_serve_their_images_and_go_away_cleanly() {
         stats["devices"][0]["read"]["total"].as_u64().unwrap()
     );
     assert!(by["redirected"].as_u64().unwrap() > 0, "{stats}");
+    assert!(by["own"].as_u64().unwrap() > 0, "{stats}");
     for name in ["base", "web", "db"] {
         ok(&daemon, &["remove", name]);
     }

@@ -611,3 +611,35 @@ mod tests {
         assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
     }
 }
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+
+    #[test]
+    fn loop_devices_report_their_backing_file_by_device_and_inode() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for a loop device");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("img.raw");
+        std::fs::write(&image, [5u8; 8192]).unwrap();
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!("skipped: no loop device");
+            return;
+        }
+        let node = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let found = backing_file_id(Path::new(&node));
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &node])
+            .status();
+        let meta = std::fs::metadata(&image).unwrap();
+        assert_eq!(found, Some((meta.dev(), meta.ino())), "{node}");
+    }
+}
