@@ -85,6 +85,9 @@ struct Args {
         default_value = "plain,vmar,qemu-plain,qemu-vmar"
     )]
     paths: Vec<String>,
+    /// Where the qemu paths put their qcow2 overlays (a file system with O_DIRECT).
+    #[arg(long, default_value = "/overlays")]
+    overlays: PathBuf,
     /// Replay one trace on one device: DEVICE TRACE (internal).
     #[arg(long, num_args = 2, value_names = ["DEVICE", "TRACE"])]
     replay: Option<Vec<PathBuf>>,
@@ -464,7 +467,7 @@ enum Access {
 }
 
 impl Access {
-    fn open(path: &str, name: &str, image: &Path) -> Result<Access> {
+    fn open(path: &str, name: &str, image: &Path, overlays: &Path) -> Result<Access> {
         let vmar = Path::new("/dev/mapper").join(format!("vmar-{name}"));
         Ok(match path {
             "plain" => {
@@ -484,8 +487,7 @@ impl Access {
                 } else {
                     vmar
                 };
-                let overlay = PathBuf::from(format!("/tmp/overlays/{name}.qcow2"));
-                fs::create_dir_all("/tmp/overlays")?;
+                let overlay = overlays.join(format!("{name}.qcow2"));
                 let _ = fs::remove_file(&overlay);
                 run(
                     "qemu-img",
@@ -607,6 +609,7 @@ fn trace_run(
             path,
             name,
             &args.images.join(format!("{name}.raw")),
+            &args.overlays,
         )?);
     }
     let _ = Command::new("udevadm").arg("settle").status();
