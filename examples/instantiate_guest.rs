@@ -11,13 +11,23 @@
 //! Bytes read come from /proc/diskstats of the disk holding the images, page cache from
 //! /proc/meminfo, both through procfs.
 //!
+//! `--workload trace` replays instead the disk reads that real boots of the images made
+//! (tools/trace-boot), phase by phase (OS, then application, without dropping the cache in
+//! between), in order and with O_DIRECT, at the queue depth the guest used, over the whole
+//! image: `plain` through a buffered read-only loop device of the image file, `vmar` through
+//! /dev/mapper/vmar-NAME, and the path libvirt uses, a qcow2 overlay whose raw backing file is
+//! the image file (`qemu-plain`) or the vmar device (`qemu-vmar`), read by QEMU's own block
+//! layer (`qemu-io -t none`, i.e. `cache=none`).
+//!
 //! Not a tool to run by hand: it expects the guest `tools/bench-instantiate` boots.
 
+use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -58,6 +68,134 @@ struct Args {
     /// cgroup v2 hierarchy where each VM gets a cgroup (none: all VMs share one).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroups: PathBuf,
+    /// `files` (read the listed files) or `trace` (replay traced boots).
+    #[arg(long, default_value = "files")]
+    workload: String,
+    /// Directory holding NAME.os.trace and NAME.app.trace (trace workload).
+    #[arg(long, default_value = "/bench/traces")]
+    traces: PathBuf,
+    /// Sets of images started together, as LABEL=NAME,NAME,... (trace workload; N images
+    /// of a set are its first N). Without it, one set `main` of --names.
+    #[arg(long = "set")]
+    sets: Vec<String>,
+    /// Paths the trace workload reads the images through.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "plain,vmar,qemu-plain,qemu-vmar"
+    )]
+    paths: Vec<String>,
+    /// Where the qemu paths put their qcow2 overlays (a file system with O_DIRECT).
+    #[arg(long, default_value = "/overlays")]
+    overlays: PathBuf,
+    /// Replay one trace on one device: DEVICE TRACE (internal).
+    #[arg(long, num_args = 2, value_names = ["DEVICE", "TRACE"])]
+    replay: Option<Vec<PathBuf>>,
+}
+
+/// One traced phase of one image: its reads (offset, bytes) in order and the queue depth
+/// the guest used.
+struct Trace {
+    reads: Vec<(u64, u64)>,
+    queue_depth: usize,
+}
+
+/// Reads a trace file: a line `qd K`, then one `OFFSET BYTES` line per read.
+fn read_trace(path: &Path) -> Result<Trace> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut trace = Trace {
+        reads: Vec::new(),
+        queue_depth: 1,
+    };
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        match fields.as_slice() {
+            ["qd", k] => trace.queue_depth = k.parse::<usize>()?.max(1),
+            [offset, bytes] => trace.reads.push((offset.parse()?, bytes.parse()?)),
+            [] => {}
+            _ => bail!("{}: bad line {line:?}", path.display()),
+        }
+    }
+    Ok(trace)
+}
+
+/// A read widened to 4 KiB boundaries, so that O_DIRECT accepts it on every device.
+fn aligned(offset: u64, bytes: u64) -> (u64, u64) {
+    let start = offset & !4095;
+    let end = (offset + bytes + 4095) & !4095;
+    (start, end - start)
+}
+
+/// Replays a trace on a device with O_DIRECT: `queue_depth` threads take the reads in
+/// order, so that at most that many are in flight. Returns (requests, bytes).
+fn replay(device: &Path, trace: &Path) -> Result<(u64, u64)> {
+    let trace = read_trace(trace)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(device)
+        .with_context(|| format!("opening {}", device.display()))?;
+    // A block device's size is where a seek to its end lands (its metadata says 0).
+    let size = std::io::Seek::seek(&mut &file, std::io::SeekFrom::End(0))?;
+    let next = AtomicUsize::new(0);
+    let largest = trace
+        .reads
+        .iter()
+        .map(|&(o, b)| aligned(o, b).1)
+        .max()
+        .unwrap_or(4096);
+    let results: Vec<Result<u64>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..trace.queue_depth)
+            .map(|_| {
+                scope.spawn(|| -> Result<u64> {
+                    let mut buffer = vec![0u8; largest as usize + 4096];
+                    let skip = buffer.as_ptr().align_offset(4096);
+                    let mut bytes = 0;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(offset, length)) = trace.reads.get(i) else {
+                            return Ok(bytes);
+                        };
+                        let (start, mut length) = aligned(offset, length);
+                        if size > 0 {
+                            length = length.min(size.saturating_sub(start));
+                        }
+                        let chunk = &mut buffer[skip..skip + length as usize];
+                        file.read_exact_at(chunk, start).with_context(|| {
+                            format!("reading {length} bytes at {start} of {}", device.display())
+                        })?;
+                        bytes += length;
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a replay thread panicked"))
+            })
+            .collect()
+    });
+    let mut bytes = 0;
+    for r in results {
+        bytes += r?;
+    }
+    Ok((trace.reads.len() as u64, bytes))
+}
+
+/// qemu-io commands replaying a trace: batches of `queue_depth` asynchronous reads, each
+/// batch waited for before the next (QEMU's block layer keeps them in flight together).
+fn qemu_io_commands(trace: &Trace) -> String {
+    let mut out = String::new();
+    for batch in trace.reads.chunks(trace.queue_depth) {
+        for &(offset, bytes) in batch {
+            let (start, length) = aligned(offset, bytes);
+            let _ = writeln!(out, "aio_read -q {start} {length}");
+        }
+        out.push_str("aio_flush\n");
+    }
+    out
 }
 
 fn vmarctl(args: &Args, command: &[&str]) -> Result<Value> {
@@ -320,14 +458,218 @@ fn vm_cgroups(root: &Path, n: usize) -> Result<Option<Vec<PathBuf>>> {
         .map(Some)
 }
 
+/// How one image is reached on one path of the trace workload, and how to take it down.
+enum Access {
+    /// A read-only loop device over the image file, or the vmar device.
+    Device(Option<LoopDevice>, PathBuf),
+    /// A qcow2 overlay over a raw backing file, read by qemu-io.
+    Qemu(PathBuf),
+}
+
+impl Access {
+    fn open(path: &str, name: &str, image: &Path, overlays: &Path) -> Result<Access> {
+        let vmar = Path::new("/dev/mapper").join(format!("vmar-{name}"));
+        Ok(match path {
+            "plain" => {
+                let device = LoopControl::open()?.next_free()?;
+                device
+                    .with()
+                    .read_only(true)
+                    .attach(image)
+                    .with_context(|| format!("attaching {}", image.display()))?;
+                let dev = device.path().context("loop device without a path")?;
+                Access::Device(Some(device), dev)
+            }
+            "vmar" => Access::Device(None, vmar),
+            "qemu-plain" | "qemu-vmar" => {
+                let backing = if path == "qemu-plain" {
+                    image.to_path_buf()
+                } else {
+                    vmar
+                };
+                let overlay = overlays.join(format!("{name}.qcow2"));
+                let _ = fs::remove_file(&overlay);
+                run(
+                    "qemu-img",
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-F",
+                        "raw",
+                        "-b",
+                        &backing.to_string_lossy(),
+                        &overlay.to_string_lossy(),
+                    ],
+                )?;
+                Access::Qemu(overlay)
+            }
+            _ => bail!("unknown path {path} (plain, vmar, qemu-plain, qemu-vmar)"),
+        })
+    }
+
+    /// The command line of one VM replaying `trace` (a file of qemu-io commands for qemu).
+    fn command(&self, trace: &Path, commands: &Path) -> Result<Vec<String>> {
+        Ok(match self {
+            Access::Device(_, device) => vec![
+                std::env::current_exe()?.to_string_lossy().into_owned(),
+                "--replay".into(),
+                device.to_string_lossy().into_owned(),
+                trace.to_string_lossy().into_owned(),
+            ],
+            Access::Qemu(overlay) => {
+                fs::write(commands, qemu_io_commands(&read_trace(trace)?))?;
+                vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!(
+                        "qemu-io -t none -n -f qcow2 {} < {} > /dev/null",
+                        overlay.display(),
+                        commands.display()
+                    ),
+                ]
+            }
+        })
+    }
+
+    fn close(self) -> Result<()> {
+        match self {
+            Access::Device(Some(device), _) => device.detach().context("detaching loop device"),
+            Access::Device(None, _) => Ok(()),
+            Access::Qemu(overlay) => Ok(fs::remove_file(overlay)?),
+        }
+    }
+}
+
+/// Starts the N VMs of one phase together, each a process in its own cgroup, and measures
+/// them until the last one is done.
+fn trace_phase(args: &Args, names: &[String], paths: &[Access], phase: &str) -> Result<Value> {
+    let cgroups = vm_cgroups(&args.cgroups, names.len())?;
+    let mut commands = Vec::new();
+    let mut trace_bytes = 0;
+    for (name, path) in names.iter().zip(paths) {
+        let trace = args.traces.join(format!("{name}.{phase}.trace"));
+        trace_bytes += read_trace(&trace)?.reads.iter().map(|r| r.1).sum::<u64>();
+        commands.push(path.command(&trace, Path::new(&format!("/tmp/{name}.{phase}.qemu-io")))?);
+    }
+    let before = snapshot(&args.disk)?;
+    let started = Instant::now();
+    let mut children = Vec::new();
+    for (i, command) in commands.iter().enumerate() {
+        let join = match &cgroups {
+            Some(dirs) => format!("echo 0 > {}/cgroup.procs && ", dirs[i].display()),
+            None => String::new(),
+        };
+        children.push(
+            Command::new("sh")
+                .arg("-c")
+                .arg(format!("{join}exec \"$@\""))
+                .arg("sh")
+                .args(command)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("starting a VM process")?,
+        );
+    }
+    let mut seconds = Vec::new();
+    for mut child in children {
+        let status = child.wait()?;
+        seconds.push(started.elapsed().as_secs_f64());
+        if !status.success() {
+            bail!("a VM process failed in phase {phase}: {status}");
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let after = snapshot(&args.disk)?;
+    Ok(json!({
+        "phase": phase,
+        "seconds": wall,
+        "vm_seconds": seconds,
+        "trace_bytes": trace_bytes,
+        "disk_bytes_read": (after.sectors_read - before.sectors_read) * 512,
+        "disk_reads": after.reads - before.reads,
+        "cached_bytes": after.cached as i64 - before.cached as i64,
+        "cgroup_per_vm": cgroups.is_some(),
+    }))
+}
+
+/// One start of N VMs on one path: the OS phase from a cold cache, then the application
+/// phase. Returns one result per phase.
+fn trace_run(
+    args: &Args,
+    set: &str,
+    names: &[String],
+    path: &str,
+    round: usize,
+) -> Result<Vec<Value>> {
+    let mut paths = Vec::new();
+    for name in names {
+        paths.push(Access::open(
+            path,
+            name,
+            &args.images.join(format!("{name}.raw")),
+            &args.overlays,
+        )?);
+    }
+    let _ = Command::new("udevadm").arg("settle").status();
+    drop_caches()?;
+    let mut results = Vec::new();
+    for phase in ["os", "app"] {
+        let mut r = trace_phase(args, names, &paths, phase)?;
+        r["workload"] = json!("trace");
+        r["set"] = json!(set);
+        r["mode"] = json!(path);
+        r["n"] = json!(names.len());
+        r["round"] = json!(round);
+        r["images"] = json!(names);
+        results.push(r);
+    }
+    for p in paths {
+        p.close()?;
+    }
+    Ok(results)
+}
+
+/// The sets of the trace workload: (label, names).
+fn sets(args: &Args) -> Result<Vec<(String, Vec<String>)>> {
+    if args.sets.is_empty() {
+        return Ok(vec![("main".into(), args.names.clone())]);
+    }
+    args.sets
+        .iter()
+        .map(|s| {
+            let (label, names) = s
+                .split_once('=')
+                .with_context(|| format!("bad set {s:?}"))?;
+            Ok((
+                label.to_string(),
+                names.split(',').map(String::from).collect(),
+            ))
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(r) = &args.replay {
+        let (requests, bytes) = replay(&r[0], &r[1])?;
+        println!("{}", json!({"requests": requests, "bytes": bytes}));
+        return Ok(());
+    }
     if let Some(vm) = &args.start_vm {
         let (files, bytes) = start_vm(&vm[0], &vm[1], &vm[2])?;
         println!("{}", json!({"files": files, "bytes": bytes}));
         return Ok(());
     }
-    for name in &args.names {
+    let sets = sets(&args)?;
+    let mut capture: Vec<&String> = Vec::new();
+    for name in args.names.iter().chain(sets.iter().flat_map(|(_, n)| n)) {
+        if !capture.contains(&name) {
+            capture.push(name);
+        }
+    }
+    for name in capture {
         let image = args.images.join(format!("{name}.raw"));
         let started = Instant::now();
         let out = vmarctl(&args, &["capture", &image.to_string_lossy()])?;
@@ -338,6 +680,25 @@ fn main() -> Result<()> {
             "BENCH: {}",
             json!({"capture": name, "seconds": captured, "summary": summary})
         );
+    }
+    if args.workload == "trace" {
+        for round in 0..args.rounds {
+            for (label, names) in &sets {
+                for &n in &args.ns {
+                    if n > names.len() {
+                        continue;
+                    }
+                    for path in &args.paths {
+                        let results = trace_run(&args, label, &names[..n], path, round)
+                            .with_context(|| format!("{path} run of {label} with {n} images"))?;
+                        for r in results {
+                            println!("BENCH: {r}");
+                        }
+                    }
+                }
+            }
+        }
+        return Ok(());
     }
     for round in 0..args.rounds {
         for &n in &args.ns {
