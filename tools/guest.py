@@ -131,7 +131,7 @@ def module_files(moddir, modules):
 
 def build_binaries(cargo_args, target):
     """Builds vmard and vmarctl in release mode, and the artifact named `target` that
-    `cargo build --release <cargo_args>` makes (a test or an example). Returns its path
+    `cargo build --release <cargo_args>` makes (a test or a devtools program). Returns its path
     first, then vmard and vmarctl."""
     log(f"building vmard, vmarctl and {target} (release)")
     run(["cargo", "build", "--release", "--locked", "--bins"], cwd=ROOT)

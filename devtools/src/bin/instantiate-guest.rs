@@ -35,6 +35,7 @@ use clap::Parser;
 use loopdev::{LoopControl, LoopDevice};
 use procfs::{Current, Meminfo};
 use serde_json::{Value, json};
+use vmar::units::usize_of;
 
 /// Offset of the ext4 partition in the images tools/make-images builds.
 const PARTITION_OFFSET: u64 = 1 << 20;
@@ -148,7 +149,7 @@ fn replay(device: &Path, trace: &Path) -> Result<(u64, u64)> {
         let handles: Vec<_> = (0..trace.queue_depth)
             .map(|_| {
                 scope.spawn(|| -> Result<u64> {
-                    let mut buffer = vec![0u8; largest as usize + 4096];
+                    let mut buffer = vec![0u8; usize_of(largest) + 4096];
                     let skip = buffer.as_ptr().align_offset(4096);
                     let mut bytes = 0;
                     loop {
@@ -160,7 +161,7 @@ fn replay(device: &Path, trace: &Path) -> Result<(u64, u64)> {
                         if size > 0 {
                             length = length.min(size.saturating_sub(start));
                         }
-                        let chunk = &mut buffer[skip..skip + length as usize];
+                        let chunk = &mut buffer[skip..skip + usize_of(length)];
                         file.read_exact_at(chunk, start).with_context(|| {
                             format!("reading {length} bytes at {start} of {}", device.display())
                         })?;
