@@ -104,7 +104,24 @@ fn process_alive(pid: u32) -> bool {
     }
 }
 
+impl SimDevice {
+    /// Length of its active table (0 without one).
+    fn sectors(&self) -> u64 {
+        self.active
+            .as_ref()
+            .and_then(|t| t.last())
+            .map_or(0, |t| t.end().0)
+    }
+}
+
 impl SimState {
+    /// Device `name`, for a dm-stats message.
+    fn get(&self, name: &str) -> Result<&SimDevice> {
+        self.devices
+            .get(name)
+            .ok_or_else(|| sim_error("send dm-stats message to", name, nix::errno::Errno::ENXIO))
+    }
+
     fn referenced(&self, minor: u32) -> bool {
         let dev = BlockDev::number(LOOP_MAJOR, minor);
         self.devices.values().any(|d| {
@@ -545,15 +562,8 @@ impl Kernel for SimKernel {
 
     fn stats_regions(&self, name: &str) -> Result<Vec<Region>> {
         let state = self.state()?;
-        let d = state
-            .devices
-            .get(name)
-            .ok_or_else(|| sim_error("send dm-stats message to", name, nix::errno::Errno::ENXIO))?;
-        let len = d
-            .active
-            .as_ref()
-            .and_then(|t| t.last())
-            .map_or(0, |t| t.end().0);
+        let d = state.get(name)?;
+        let len = d.sectors();
         Ok(d.regions
             .iter()
             .map(|r| Region {
@@ -569,11 +579,7 @@ impl Kernel for SimKernel {
     fn stats_create(&self, name: &str, step: Sectors, program: &str) -> Result<()> {
         self.change(|s| {
             let d = s.device(name, "send dm-stats message to")?;
-            let len = d
-                .active
-                .as_ref()
-                .and_then(|t| t.last())
-                .map_or(0, |t| t.end().0);
+            let len = d.sectors();
             if step.0 == 0 || len == 0 {
                 return Err(sim_error(
                     "create dm-stats region of",
@@ -594,15 +600,8 @@ impl Kernel for SimKernel {
 
     fn stats_areas(&self, name: &str, id: u64) -> Result<Vec<AreaReads>> {
         let state = self.state()?;
-        let d = state
-            .devices
-            .get(name)
-            .ok_or_else(|| sim_error("send dm-stats message to", name, nix::errno::Errno::ENXIO))?;
-        let len = d
-            .active
-            .as_ref()
-            .and_then(|t| t.last())
-            .map_or(0, |t| t.end().0);
+        let d = state.get(name)?;
+        let len = d.sectors();
         let region = d.regions.iter().find(|r| r.id == id).ok_or_else(|| {
             sim_error("read dm-stats counters of", name, nix::errno::Errno::EINVAL)
         })?;
