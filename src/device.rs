@@ -18,7 +18,7 @@ use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
 use crate::error::{Error, Result};
 use crate::image::{ImageIdentity, open_unchanged, validate_name};
 use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
-use crate::map::ImageId;
+use crate::map::{BlockMap, ImageId};
 use crate::protocol::{
     DeviceChange, DeviceStats, DeviceStatus, ImageCache, Removed, RestoreReport, StatsReport,
 };
@@ -51,11 +51,12 @@ pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u6
     let (map, cost) = budget::fit(&map, max_targets);
     let mut by_id = BTreeMap::new();
     let mut loops = BTreeMap::new();
+    let attached = kernel.loops()?;
     for (id, other) in catalog.sources_of(&record, &map)? {
         let file = open_unchanged(&other.name, &other.path, &other.identity)?;
         let mut hold = None;
         // An existing one may go away between the scan and the open (autoclear).
-        if let Some(info) = existing_loop(&kernel.loops()?, &file.path, &file.identity) {
+        if let Some(info) = existing_loop(&attached, &file.path, &file.identity) {
             hold = kernel.loop_hold(&info).ok();
         }
         let hold = match hold {
@@ -65,12 +66,7 @@ pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u6
         by_id.insert(id, hold.info.block_dev());
         loops.insert(other.name, hold);
     }
-    let targets = table::build(&map, record.size, |id| {
-        by_id
-            .get(&id)
-            .cloned()
-            .unwrap_or_else(|| BlockDev::Named(format!("missing-image-{id}")))
-    });
+    let targets = build_table(&map, record.size, &by_id);
     Ok(Plan {
         image: record,
         targets,
@@ -97,12 +93,17 @@ fn expected(
             None => return Ok(None),
         };
     }
-    Ok(Some(table::build(&map, record.size, |id| {
+    Ok(Some(build_table(&map, record.size, &by_id)))
+}
+
+/// The table of `map` reading each image through the device `by_id` names for it.
+fn build_table(map: &BlockMap, size: u64, by_id: &BTreeMap<ImageId, BlockDev>) -> Vec<Target> {
+    table::build(map, size, |id| {
         by_id
             .get(&id)
             .cloned()
             .unwrap_or_else(|| BlockDev::Named(format!("missing-image-{id}")))
-    })))
+    })
 }
 
 fn change(plan: &Plan, device: DeviceStatus, started: std::time::Instant) -> DeviceChange {
@@ -652,6 +653,7 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
         None => kernel.dm_list()?,
     };
     let loops = kernel.loops()?;
+    let captured = catalog.images()?;
     let mut images: BTreeMap<BlockDev, (ImageCache, crate::kernel::Residency)> = BTreeMap::new();
     let mut report = StatsReport {
         devices: Vec::new(),
@@ -675,11 +677,10 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
             };
             // The catalog's name of the file: the kernel's may be from another mount
             // namespace (vmard's under systemd).
-            let known = catalog
-                .images()?
-                .into_iter()
+            let known = captured
+                .iter()
                 .find(|i| l.backs(&i.path, &i.identity))
-                .map(|i| i.path);
+                .map(|i| i.path.clone());
             let Some(path) = known.or_else(|| l.backing.clone()) else {
                 continue;
             };
