@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -82,7 +82,6 @@ struct InFlight {
 /// Stops a running [`Server`] from another thread (a signal handler thread).
 #[derive(Clone)]
 pub struct Stopper {
-    stopping: Arc<AtomicBool>,
     listener_fd: i32,
 }
 
@@ -91,7 +90,6 @@ impl Stopper {
     /// batch), then makes [`Server::run`] return.
     pub fn stop(&self) {
         crate::shutdown::request();
-        self.stopping.store(true, Ordering::SeqCst);
         // Wakes the accept() of run(); the listener itself is closed when run() returns.
         let _ = nix::sys::socket::shutdown(self.listener_fd, nix::sys::socket::Shutdown::Both);
     }
@@ -103,7 +101,6 @@ pub struct Server {
     socket: PathBuf,
     context: Arc<Context>,
     access: Access,
-    stopping: Arc<AtomicBool>,
     in_flight: Arc<InFlight>,
     refused: AtomicUsize,
 }
@@ -140,7 +137,6 @@ impl Server {
             socket: socket.to_path_buf(),
             context: Arc::new(context),
             access,
-            stopping: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::new(InFlight::default()),
             refused: AtomicUsize::new(0),
         })
@@ -157,7 +153,6 @@ impl Server {
     /// A handle that stops [`Server::run`].
     pub fn stopper(&self) -> Stopper {
         Stopper {
-            stopping: Arc::clone(&self.stopping),
             listener_fd: self.listener.as_raw_fd(),
         }
     }
@@ -166,7 +161,7 @@ impl Server {
     /// and removes the socket. The catalog closes when the server is dropped.
     pub fn run(&self) -> Result<()> {
         for stream in self.listener.incoming() {
-            if self.stopping.load(Ordering::SeqCst) {
+            if crate::shutdown::requested() {
                 break;
             }
             let stream = match stream {
