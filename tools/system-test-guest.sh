@@ -150,9 +150,11 @@ no_second_timestamp() {
     [ -n "$lines" ] && none_of "^[[:space:]]*(.\[[0-9;]*m)?[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z?" "$lines"
 }
 # What vmard logged between systemd's "Stopping" and "Stopped" of its last stop.
+# What vmard logged since its last start (journald may file vmard's last lines before
+# systemd's "Stopping" line, so that line cannot mark where the stop begins).
 logged_at_stop() {
-    journalctl -b -u vmard -o cat --no-pager | awk '/^Stopping vmard/ { buf = "" } { buf = buf $0 "\n" } END { printf "%s", buf }' |
-        grep -v -E "^(Stopping|Stopped) "
+    journalctl -b -u vmard -o cat --no-pager | awk '/^Starting vmard/ { buf = "" } { buf = buf $0 "\n" } END { printf "%s", buf }' |
+        grep -v -E "^(Starting|Started|Stopping|Stopped) "
 }
 # journald reads the service's stderr asynchronously: give the last lines a moment.
 stop_logged() {
