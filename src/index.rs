@@ -18,11 +18,10 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use rayon::prelude::*;
-
 use crate::error::{Error, Result};
-use crate::map::{ImageId, Source};
+use crate::map::ImageId;
 use crate::scan::Digest;
+use crate::spill::{ByDigest, Redirect};
 
 /// Bytes of one record: digest, image (u32 LE), block (u64 LE).
 const RECORD: usize = 32 + 4 + 8;
@@ -146,45 +145,92 @@ pub fn run_path(dir: &Path, id: u64) -> PathBuf {
 
 /// Writes sorted `entries` as run `id`: to a temporary file, synced, then renamed.
 pub fn write_run(dir: &Path, id: u64, entries: impl Iterator<Item = Entry>) -> Result<Run> {
-    let tmp = run_path(dir, id).with_extension("tmp");
-    let written = write_run_file(dir, id, entries);
-    if written.is_err() {
-        // A full disk must not leave a temporary file behind to fill it further.
-        let _ = fs::remove_file(&tmp);
+    let mut writer = RunWriter::create(dir, id)?;
+    for entry in entries {
+        writer.push(entry)?;
     }
-    written
+    writer.finish()
 }
 
-fn write_run_file(dir: &Path, id: u64, entries: impl Iterator<Item = Entry>) -> Result<Run> {
-    let path = run_path(dir, id);
-    let tmp = path.with_extension("tmp");
-    let file = File::create(&tmp).map_err(|e| Error::io("cannot create index run", &tmp, e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    let mut last: Option<Digest> = None;
-    for entry in entries {
-        if last.is_some_and(|d| d >= entry.digest) {
+/// A run being written entry by entry, in digest order. Nothing is visible under the run's
+/// name until [`RunWriter::finish`]; a writer dropped before that removes its temporary
+/// file, so a full disk or a failed capture leaves nothing behind to fill it further.
+pub struct RunWriter {
+    dir: PathBuf,
+    id: u64,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+    last: Option<Digest>,
+}
+
+impl RunWriter {
+    pub fn create(dir: &Path, id: u64) -> Result<RunWriter> {
+        let tmp = run_path(dir, id).with_extension("tmp");
+        let file = File::create(&tmp).map_err(|e| Error::io("cannot create index run", &tmp, e))?;
+        Ok(RunWriter {
+            dir: dir.to_path_buf(),
+            id,
+            tmp,
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            last: None,
+        })
+    }
+
+    pub fn push(&mut self, entry: Entry) -> Result<()> {
+        if self.last.is_some_and(|d| d >= entry.digest) {
             return Err(Error::Catalog {
-                dir: dir.to_path_buf(),
+                dir: self.dir.clone(),
                 message: "index run entries out of order (this is a bug)".into(),
             });
         }
-        last = Some(entry.digest);
+        self.last = Some(entry.digest);
         let mut record = [0u8; RECORD];
         record[..32].copy_from_slice(&entry.digest);
         record[32..36].copy_from_slice(&entry.image.to_le_bytes());
         record[36..].copy_from_slice(&entry.block.to_le_bytes());
-        out.write_all(&record)
-            .map_err(|e| Error::io("cannot write index run", &tmp, e))?;
+        match &mut self.out {
+            Some(out) => out
+                .write_all(&record)
+                .map_err(|e| Error::io("cannot write index run", &self.tmp, e)),
+            None => Ok(()),
+        }
     }
-    let file = out
-        .into_inner()
-        .map_err(|e| Error::io("cannot write index run", &tmp, e.into_error()))?;
-    file.sync_all()
-        .map_err(|e| Error::io("cannot sync index run", &tmp, e))?;
-    crate::fault::point("index.write")?;
-    fs::rename(&tmp, &path).map_err(|e| Error::io("cannot rename index run", &path, e))?;
-    sync_dir(dir)?;
-    Run::open(dir, id)
+
+    /// Syncs the run and renames it into place: it must be durable before the commit that
+    /// names it.
+    pub fn finish(mut self) -> Result<Run> {
+        let Some(out) = self.out.take() else {
+            return Err(Error::Catalog {
+                dir: self.dir.clone(),
+                message: "index run finished twice (this is a bug)".into(),
+            });
+        };
+        let finished = (|| {
+            let file = out
+                .into_inner()
+                .map_err(|e| Error::io("cannot write index run", &self.tmp, e.into_error()))?;
+            file.sync_all()
+                .map_err(|e| Error::io("cannot sync index run", &self.tmp, e))?;
+            crate::fault::point("index.write")?;
+            let path = run_path(&self.dir, self.id);
+            fs::rename(&self.tmp, &path)
+                .map_err(|e| Error::io("cannot rename index run", &path, e))?;
+            sync_dir(&self.dir)
+        })();
+        if let Err(e) = finished {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
+        Run::open(&self.dir, self.id)
+    }
+}
+
+impl Drop for RunWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// True when the newest run should be merged into the one before it: it has grown to half
@@ -242,65 +288,33 @@ pub fn remove_orphans(dir: &Path, keep: &BTreeSet<u64>) -> Result<usize> {
     Ok(removed)
 }
 
-fn prefix(digest: &Digest) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&digest[..8]);
-    u64::from_be_bytes(b)
-}
-
-/// How the blocks of one image resolve against the index.
-#[derive(Debug, Default)]
-pub struct Resolution {
-    /// Source of each input block, in input order.
-    pub sources: Vec<Source>,
-    /// Positions (in the input) of contents seen for the first time, sorted by digest: the
-    /// image's new run. Positions, not entries, keep this at 4 bytes a block.
-    pub new: Vec<u32>,
-}
-
-impl Resolution {
-    /// The new run's entries, in digest order, for the input `blocks` of image `image`.
-    pub fn new_entries<'a>(
-        &'a self,
-        image: ImageId,
-        blocks: &'a [(u64, Digest)],
-    ) -> impl Iterator<Item = Entry> + 'a {
-        self.new.iter().map(move |&i| {
-            let (block, digest) = blocks[i as usize];
-            Entry {
-                digest,
-                image,
-                block,
-            }
-        })
-    }
-}
-
-/// Resolves the non-zero blocks of image `image` (`(block, digest)` in block order) against
-/// `runs`: a content already indexed redirects to its canonical copy; a new content is
-/// canonical at its first block in this image, and its later copies redirect there.
-pub fn resolve(image: ImageId, blocks: &[(u64, Digest)], runs: &[Run]) -> Resolution {
-    // Sort by digest through its first 8 bytes (big-endian, so the same order), falling back
-    // to the whole digest on equal prefixes; ties keep block order, so the first copy in the
-    // image comes first.
-    // Positions are u32: capture refuses images with more blocks than that.
-    #[allow(clippy::cast_possible_truncation)]
-    let mut keyed: Vec<(u64, u32)> = blocks
-        .iter()
-        .enumerate()
-        .map(|(i, (_, digest))| (prefix(digest), i as u32))
-        .collect();
-    keyed.par_sort_unstable_by(|a, b| {
-        a.0.cmp(&b.0)
-            .then_with(|| blocks[a.1 as usize].1.cmp(&blocks[b.1 as usize].1))
-            .then(a.1.cmp(&b.1))
-    });
-    let mut sources = vec![Source::Own; blocks.len()];
-    let mut new = Vec::new();
+/// Resolves the non-zero blocks of image `image`, given in digest order (ties in block
+/// order), against `runs`: a content already indexed redirects to its canonical copy; a new
+/// content is canonical at its first block in this image (`new` gets its index entry, in
+/// digest order: the image's new run), and its later copies redirect there. `redirect` gets
+/// every block served from elsewhere; the blocks neither names are the image's own.
+/// Memory does not grow with the image: one content is looked at at a time.
+pub fn resolve(
+    image: ImageId,
+    sorted: impl Iterator<Item = Result<ByDigest>>,
+    runs: &[Run],
+    mut new: impl FnMut(Entry) -> Result<()>,
+    mut redirect: impl FnMut(Redirect) -> Result<()>,
+) -> Result<()> {
     let mut cursors = vec![0usize; runs.len()];
-    for group in keyed.chunk_by(|a, b| blocks[a.1 as usize].1 == blocks[b.1 as usize].1) {
-        let first = group[0].1;
-        let (first_block, digest) = blocks[first as usize];
+    let mut current: Option<(Digest, ImageId, u64)> = None;
+    for record in sorted {
+        let ByDigest { digest, block } = record?;
+        if let Some((seen, image, target)) = current
+            && seen == digest
+        {
+            redirect(Redirect {
+                block,
+                image,
+                target,
+            })?;
+            continue;
+        }
         let mut found = None;
         for (run, cursor) in runs.iter().zip(cursors.iter_mut()) {
             let (pos, hit) = run.seek(*cursor, &digest);
@@ -310,26 +324,26 @@ pub fn resolve(image: ImageId, blocks: &[(u64, Digest)], runs: &[Run]) -> Resolu
                 break;
             }
         }
-        let canonical = match found {
-            Some(entry) => Source::Redirect {
-                image: entry.image,
-                block: entry.block,
-            },
-            None => {
-                new.push(first);
-                sources[first as usize] = Source::Own;
-                Source::Redirect {
-                    image,
-                    block: first_block,
-                }
+        match found {
+            Some(entry) => {
+                redirect(Redirect {
+                    block,
+                    image: entry.image,
+                    target: entry.block,
+                })?;
+                current = Some((digest, entry.image, entry.block));
             }
-        };
-        let skip = usize::from(found.is_none());
-        for &(_, i) in &group[skip..] {
-            sources[i as usize] = canonical;
+            None => {
+                new(Entry {
+                    digest,
+                    image,
+                    block,
+                })?;
+                current = Some((digest, image, block));
+            }
         }
     }
-    Resolution { sources, new }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -422,27 +436,43 @@ mod tests {
         )
         .unwrap();
         let blocks = [(0, d(9)), (1, d(5)), (2, d(9)), (3, d(1)), (4, d(5))];
-        let r = resolve(2, &blocks, &[run]);
-        assert_eq!(
-            r.sources,
-            vec![
-                Source::Own,
-                Source::Redirect {
-                    image: 0,
-                    block: 77
-                },
-                Source::Redirect { image: 2, block: 0 },
-                Source::Own,
-                Source::Redirect {
-                    image: 0,
-                    block: 77
-                },
-            ]
-        );
-        let new: Vec<(u8, u64)> = r
-            .new_entries(2, &blocks)
-            .map(|e| (e.digest[0], e.block))
+        let mut sorted: Vec<ByDigest> = blocks
+            .iter()
+            .map(|&(block, digest)| ByDigest { digest, block })
             .collect();
-        assert_eq!(new, vec![(1, 3), (9, 0)]);
+        sorted.sort();
+        let (mut new, mut redirects) = (Vec::new(), Vec::new());
+        resolve(
+            2,
+            sorted.into_iter().map(Ok),
+            &[run],
+            |e| {
+                new.push((e.digest[0], e.image, e.block));
+                Ok(())
+            },
+            |r| {
+                redirects.push((r.block, r.image, r.target));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(new, vec![(1, 2, 3), (9, 2, 0)]);
+        redirects.sort();
+        assert_eq!(redirects, vec![(1, 0, 77), (2, 2, 0), (4, 0, 77)]);
+    }
+
+    #[test]
+    fn an_unfinished_run_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = RunWriter::create(dir.path(), 4).unwrap();
+        writer
+            .push(Entry {
+                digest: d(1),
+                image: 0,
+                block: 0,
+            })
+            .unwrap();
+        drop(writer);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -35,13 +35,31 @@ pub struct ImageRecord {
 /// non-zero blocks in order. Two hosts that print the same fingerprint for a name serve the
 /// same bytes under it, whatever the paths, capture order or maps.
 pub fn fingerprint(size: u64, digests: &[(u64, Digest)]) -> String {
-    let mut hasher = blake3::Hasher::new_derive_key("vmar 2026 image fingerprint v1");
-    hasher.update(&size.to_le_bytes());
+    let mut fingerprint = Fingerprint::new(size);
     for (block, digest) in digests {
-        hasher.update(&block.to_le_bytes());
-        hasher.update(digest);
+        fingerprint.push(*block, digest);
     }
-    format!("blake3:{}", hasher.finalize().to_hex())
+    fingerprint.finish()
+}
+
+/// [`fingerprint`] computed as the digests arrive, so they need not be kept.
+pub struct Fingerprint(blake3::Hasher);
+
+impl Fingerprint {
+    pub fn new(size: u64) -> Fingerprint {
+        let mut hasher = blake3::Hasher::new_derive_key("vmar 2026 image fingerprint v1");
+        hasher.update(&size.to_le_bytes());
+        Fingerprint(hasher)
+    }
+
+    pub fn push(&mut self, block: u64, digest: &Digest) {
+        self.0.update(&block.to_le_bytes());
+        self.0.update(digest);
+    }
+
+    pub fn finish(&self) -> String {
+        format!("blake3:{}", self.0.finalize().to_hex())
+    }
 }
 
 /// A device vmard should serve: saved before it is created, marked before it is removed,

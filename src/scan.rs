@@ -349,26 +349,31 @@ pub fn scan(
     Scan::new(file, size, path)?.run(consume)
 }
 
-/// Reads and hashes a whole image, reporting progress (bytes done, of total) and stopping when vmard shuts down; returns the digests of its non-zero blocks in block order.
+/// A non-zero block and the digest of its content.
+pub type BlockDigest = (u64, Digest);
+
+/// Reads and hashes a whole image, reporting progress (bytes done, of total) and stopping
+/// when vmard shuts down; hands the digests of its non-zero blocks, in block order, to
+/// `digests` a batch at a time (it keeps or spills them: nothing here grows with the image).
 pub fn hash_image(
     image: &ImageFile,
     progress: &mut dyn FnMut(u64, u64),
-) -> Result<(Vec<(u64, Digest)>, ScanStats)> {
+    digests: &mut dyn FnMut(&[BlockDigest]) -> Result<()>,
+) -> Result<ScanStats> {
     let scan = Scan::new(&image.file, image.size, &image.path)?;
     let total = scan.data_bytes();
     let mut done = 0;
-    let mut digests = Vec::new();
     progress(done, total);
     let stats = scan.run(|batch| {
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
-        digests.extend_from_slice(&batch.digests);
+        digests(&batch.digests)?;
         done += batch.read_bytes;
         progress(done, total);
         Ok(())
     })?;
-    Ok((digests, stats))
+    Ok(stats)
 }
 
 #[cfg(test)]

@@ -76,13 +76,26 @@ fn check_maps(catalog: &Catalog, images: &[(Vec<Block>, usize)], names: &[String
     }
 }
 
+/// A catalog whose captures keep `spill` records in memory (tiny: every image spills to
+/// several sorted runs) or the default (small images never spill).
+fn open(dir: &std::path::Path, spill: Option<usize>) -> Catalog {
+    let catalog = Catalog::open(&dir.join("state")).unwrap();
+    if let Some(records) = spill {
+        catalog.set_spill_records(records);
+    }
+    catalog
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     #[test]
-    fn maps_redirect_identical_content_only(images in prop::collection::vec(image_strategy(), 1..5)) {
+    fn maps_redirect_identical_content_only(
+        images in prop::collection::vec(image_strategy(), 1..5),
+        spill in prop::option::of(2usize..8),
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        let catalog = open(dir.path(), spill);
         capture_all(&catalog, dir.path(), &images);
         let names: Vec<String> = (0..images.len()).map(|i| format!("img{i}")).collect();
         check_maps(&catalog, &images, &names);
@@ -108,9 +121,10 @@ proptest! {
         images in prop::collection::vec(image_strategy(), 2..5),
         replacement in image_strategy(),
         which in any::<prop::sample::Index>(),
+        spill in prop::option::of(2usize..8),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        let catalog = open(dir.path(), spill);
         capture_all(&catalog, dir.path(), &images);
         let k = which.index(images.len());
         let names: Vec<String> = (0..images.len()).map(|i| format!("img{i}")).collect();

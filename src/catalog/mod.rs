@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
@@ -21,14 +22,15 @@ use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::image::{BLOCK_SIZE, ImageFile, default_name, validate_name};
-use crate::index::{self, Run, resolve};
+use crate::index::{self, Run, RunWriter};
 use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
 use crate::protocol::Progress;
 pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord};
 use crate::records::{
     decode_digests, decode_extents, encode_digests, encode_extents, seal, unseal,
 };
-use crate::scan::{Digest, hash_image};
+use crate::scan::hash_image;
+use crate::spill::{BlockDigests, DigestCollector, Hashed, SortedRedirects, Spill};
 use crate::time::now_secs;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -76,6 +78,8 @@ pub struct Catalog {
     index_dir: PathBuf,
     /// Serialises changes, and holds the runs of the content index as last committed.
     runs: Mutex<Vec<Run>>,
+    /// Per-block records a capture keeps in memory before spilling ([`crate::spill`]).
+    spill_records: AtomicUsize,
 }
 
 /// Turns any redb error into a catalog error naming the directory.
@@ -184,7 +188,15 @@ impl Catalog {
             dir: dir.to_path_buf(),
             index_dir,
             runs: Mutex::new(Vec::new()),
+            spill_records: AtomicUsize::new(crate::spill::DEFAULT_RECORDS),
         };
+        let spilled = crate::spill::remove_leftovers(&dir.join(crate::spill::SPILL_DIR))?;
+        if spilled > 0 {
+            tracing::info!(
+                spilled,
+                "removed spill directories left by interrupted captures"
+            );
+        }
         let ids = catalog.init()?;
         let removed = index::remove_orphans(&catalog.index_dir, &ids.iter().copied().collect())?;
         if removed > 0 {
@@ -197,6 +209,20 @@ impl Catalog {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Sets how many per-block records (of each kind) a capture keeps in memory before it
+    /// spills them to files under the state directory: the bound on a capture's memory. For
+    /// tests and benchmarks; the default keeps about 60 MiB.
+    pub fn set_spill_records(&self, records: usize) {
+        self.spill_records.store(records.max(2), Ordering::Relaxed);
+    }
+
+    fn spill(&self) -> Result<Spill> {
+        Spill::new(
+            &self.dir.join(crate::spill::SPILL_DIR),
+            self.spill_records.load(Ordering::Relaxed),
+        )
     }
 
     fn lock(&self) -> Result<MutexGuard<'_, Vec<Run>>> {
@@ -440,9 +466,15 @@ impl Catalog {
             return Ok((*record, CaptureStatus::Unchanged));
         }
         let started = std::time::Instant::now();
-        let (digests, scan) =
-            hash_image(image, &mut |done, total| progress(Progress { done, total }))?;
-        let hashed = started.elapsed();
+        let mut spill = self.spill()?;
+        let mut collector = spill.digests(image.size)?;
+        let scan = hash_image(
+            image,
+            &mut |done, total| progress(Progress { done, total }),
+            &mut |records| collector.extend(records),
+        )?;
+        let hashed = collector.finish()?;
+        let hashed_at = started.elapsed();
         fault::point("capture.hashed")?;
         let now = image.current_identity()?;
         if now != image.identity {
@@ -466,43 +498,34 @@ impl Catalog {
             captured_at: now_secs(),
             scan,
             summary: MapSummary::default(),
-            fingerprint: Some(crate::records::fingerprint(image.size, &digests)),
+            fingerprint: Some(hashed.fingerprint.clone()),
         };
         if status == CaptureStatus::Recaptured {
             let rebuild = Rebuild {
                 from: id,
-                replace: Some((record, digests)),
+                replace: Some((record, hashed)),
                 remove: None,
             };
             let record = self
-                .rebuild(&mut runs, rebuild)?
+                .rebuild(&mut runs, &mut spill, rebuild)?
                 .ok_or_else(|| self.corrupt("rebuild did not meet the changed image".into()))?;
             self.write_backup();
             return Ok((record, status));
         }
 
-        if u32::try_from(digests.len()).is_err() {
-            return Err(Error::Catalog {
-                dir: self.dir.clone(),
-                message: format!(
-                    "{} has more than 2^32 non-zero blocks (16 TiB); vmar indexes at most that many per image",
-                    image.path.display()
-                ),
-            });
-        }
-        let resolution = resolve(id, &digests, &runs);
-        let resolved = started.elapsed();
-        let map = build_map(&record, &digests, &resolution.sources);
-        record.summary = map.summary(record.size);
         let run_id = self.meta(NEXT_RUN)?;
+        let Hashed { sorted, blocks, .. } = hashed;
+        let (writer, map) =
+            self.resolve_image(&mut spill, &record, sorted, &blocks, &runs, run_id)?;
+        record.summary = map.summary(record.size);
+        let resolved = started.elapsed();
         let dir = &self.dir;
-        // The new run is written and synced while the catalog transaction is prepared; it must
-        // be durable before the commit that names it.
+        // The new run is synced while the catalog transaction is prepared; it must be durable
+        // before the commit that names it.
         let (run, txn) = std::thread::scope(|scope| {
-            let entries = resolution.new_entries(id, &digests);
-            let writer = scope.spawn(|| index::write_run(&self.index_dir, run_id, entries));
-            let txn = self.prepare_capture(id, run_id, &digests, &map, &record);
-            let run = writer
+            let syncer = scope.spawn(|| writer.finish());
+            let txn = self.prepare_capture(id, run_id, &blocks, &map, &record);
+            let run = syncer
                 .join()
                 .map_err(|_| self.corrupt("index writer panicked".into()))?;
             Ok::<_, Error>((run?, txn?))
@@ -522,13 +545,39 @@ impl Catalog {
         self.write_backup();
         tracing::debug!(
             image = %record.name,
-            ?hashed,
+            hashed = ?hashed_at,
             ?resolved,
             ?run_written,
             committed = ?started.elapsed(),
+            spill = spill.records(),
             "capture phases"
         );
         Ok((record, status))
+    }
+
+    /// Resolves an image's digests against `runs`: writes its new contents as run `run_id`
+    /// (left unsynced: the caller finishes it) and builds its map. Memory stays within the
+    /// spill's bound whatever the image's size.
+    fn resolve_image(
+        &self,
+        spill: &mut Spill,
+        record: &ImageRecord,
+        sorted: crate::spill::SortedDigests,
+        blocks: &BlockDigests,
+        runs: &[Run],
+        run_id: u64,
+    ) -> Result<(RunWriter, BlockMap)> {
+        let mut writer = RunWriter::create(&self.index_dir, run_id)?;
+        let mut redirects = spill.redirects()?;
+        index::resolve(
+            record.id,
+            sorted,
+            runs,
+            |entry| writer.push(entry),
+            |redirect| redirects.push(redirect),
+        )?;
+        let map = build_map(record, blocks, redirects.finish()?, spill.path())?;
+        Ok((writer, map))
     }
 
     /// A transaction holding a new image's digests, map, record and counters.
@@ -536,7 +585,7 @@ impl Catalog {
         &self,
         id: ImageId,
         run_id: u64,
-        digests: &[(u64, Digest)],
+        digests: &BlockDigests,
         map: &BlockMap,
         record: &ImageRecord,
     ) -> Result<WriteTransaction> {
@@ -641,11 +690,33 @@ impl Catalog {
     }
 }
 
-/// The map of an image from the sources of its non-zero blocks.
-fn build_map(record: &ImageRecord, digests: &[(u64, Digest)], sources: &[Source]) -> BlockMap {
+/// The map of an image from its non-zero blocks and the redirects among them (both in block
+/// order): a non-zero block no redirect names is the image's own.
+fn build_map(
+    record: &ImageRecord,
+    blocks: &BlockDigests,
+    redirects: SortedRedirects,
+    spill_dir: &Path,
+) -> Result<BlockMap> {
     let mut builder = MapBuilder::new(record.id, record.size.div_ceil(BLOCK_SIZE));
-    for ((block, _), source) in digests.iter().zip(sources) {
-        builder.push(*block, 1, *source);
+    let mut redirects = redirects.peekable();
+    for entry in blocks.iter()? {
+        let (block, _) = entry?;
+        let source = match redirects.next_if(|r| r.as_ref().is_ok_and(|r| r.block == block)) {
+            Some(Ok(redirect)) => redirect.source(),
+            _ => Source::Own,
+        };
+        builder.push(block, 1, source);
     }
-    builder.finish()
+    if let Some(next) = redirects.next() {
+        let next = next?;
+        return Err(Error::Catalog {
+            dir: spill_dir.to_path_buf(),
+            message: format!(
+                "redirect of block {} that is not a non-zero block (this is a bug)",
+                next.block
+            ),
+        });
+    }
+    Ok(builder.finish())
 }

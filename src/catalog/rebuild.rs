@@ -8,7 +8,7 @@ use super::*;
 pub(super) struct Rebuild {
     pub(super) from: ImageId,
     /// New record and digests of a re-captured image.
-    pub(super) replace: Option<(ImageRecord, Vec<(u64, Digest)>)>,
+    pub(super) replace: Option<(ImageRecord, Hashed)>,
     /// An image being removed.
     pub(super) remove: Option<ImageRecord>,
 }
@@ -49,6 +49,7 @@ impl Catalog {
             let mut runs = Vec::new();
             self.rebuild(
                 &mut runs,
+                &mut self.spill()?,
                 Rebuild {
                     from: ImageId::MAX,
                     replace: None,
@@ -103,6 +104,7 @@ impl Catalog {
         let record = self.image(name)?;
         self.rebuild(
             &mut runs,
+            &mut self.spill()?,
             Rebuild {
                 from: record.id,
                 replace: None,
@@ -176,6 +178,7 @@ impl Catalog {
     pub(super) fn rebuild(
         &self,
         runs: &mut Vec<Run>,
+        spill: &mut Spill,
         change: Rebuild,
     ) -> Result<Option<ImageRecord>> {
         let dir = &self.dir;
@@ -190,20 +193,19 @@ impl Catalog {
                 if change.remove.as_ref().is_some_and(|r| r.id == id) {
                     continue;
                 }
-                let (mut record, digests, replaced) = match replace.take_if(|(r, _)| r.id == id) {
-                    Some((record, digests)) => (record, digests, true),
-                    None => (
-                        self.record_in(&txn, id)?,
-                        self.read_digests(&txn, id)?,
-                        false,
-                    ),
+                let (mut record, hashed, replaced) = match replace.take_if(|(r, _)| r.id == id) {
+                    Some((record, hashed)) => (record, hashed, true),
+                    None => {
+                        let record = self.record_in(&txn, id)?;
+                        let mut collector = spill.digests(record.size)?;
+                        self.read_digests(&txn, id, &mut collector)?;
+                        (record, collector.finish()?, false)
+                    }
                 };
-                let resolution = resolve(id, &digests, &new_runs);
-                let run = index::write_run(
-                    &self.index_dir,
-                    next_run,
-                    resolution.new_entries(id, &digests),
-                )?;
+                let Hashed { sorted, blocks, .. } = hashed;
+                let (writer, map) =
+                    self.resolve_image(spill, &record, sorted, &blocks, &new_runs, next_run)?;
+                let run = writer.finish()?;
                 next_run += 1;
                 new_runs.push(run);
                 while index::should_merge(&new_runs) {
@@ -220,13 +222,12 @@ impl Catalog {
                     self.remove_runs(old);
                 }
                 if id >= change.from {
-                    let map = build_map(&record, &digests, &resolution.sources);
                     record.summary = map.summary(record.size);
                     clear(&txn, EXTENTS, id, dir)?;
                     self.write_map(&txn, &map)?;
                     if replaced {
                         clear(&txn, DIGESTS, id, dir)?;
-                        self.write_digests(&txn, id, &digests)?;
+                        self.write_digests(&txn, id, &blocks)?;
                     }
                     self.write_record(&txn, &record)?;
                     if replaced {

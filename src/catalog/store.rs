@@ -145,35 +145,53 @@ impl Catalog {
         self.decode(value.value())
     }
 
+    /// Feeds the stored digests of image `id`, in block order, to `collector`, a chunk at
+    /// a time.
     pub(super) fn read_digests(
         &self,
         txn: &WriteTransaction,
         id: ImageId,
-    ) -> Result<Vec<(u64, Digest)>> {
+        collector: &mut DigestCollector,
+    ) -> Result<()> {
         let table = txn.open_table(DIGESTS).ctx(&self.dir)?;
-        let mut digests = Vec::new();
         for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
             let (_, value) = entry.ctx(&self.dir)?;
             let bytes = self.unseal(value.value(), "digest")?;
-            digests.extend(decode_digests(bytes).map_err(|m| self.corrupt(m))?);
+            collector.extend(&decode_digests(bytes).map_err(|m| self.corrupt(m))?)?;
         }
-        Ok(digests)
+        Ok(())
     }
 
+    /// Stores the digests of image `id` (block order), a chunk at a time.
     pub(super) fn write_digests(
         &self,
         txn: &WriteTransaction,
         id: ImageId,
-        digests: &[(u64, Digest)],
+        digests: &BlockDigests,
     ) -> Result<()> {
         let mut table = txn.open_table(DIGESTS).ctx(&self.dir)?;
-        for (n, chunk) in digests.chunks(CHUNK_RECORDS).enumerate() {
-            let bytes = encode_digests(chunk);
-            table
-                .insert((id, self.chunk_number(n)?), seal(&bytes).as_slice())
-                .ctx(&self.dir)?;
+        let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
+        let mut n = 0;
+        let mut records = digests.iter()?;
+        loop {
+            let record = records.next().transpose()?;
+            if let Some(record) = record {
+                chunk.push(record);
+            }
+            if chunk.len() == CHUNK_RECORDS || (record.is_none() && !chunk.is_empty()) {
+                table
+                    .insert(
+                        (id, self.chunk_number(n)?),
+                        seal(&encode_digests(&chunk)).as_slice(),
+                    )
+                    .ctx(&self.dir)?;
+                chunk.clear();
+                n += 1;
+            }
+            if record.is_none() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     pub(super) fn chunk_number(&self, n: usize) -> Result<u32> {

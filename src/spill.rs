@@ -1,0 +1,555 @@
+//! A capture's per-block records, kept in memory up to a fixed number and spilled to
+//! temporary files beyond it, so capturing an image needs the same memory whatever its size.
+//!
+//! Hashing yields `(block, digest)` in block order. Resolution needs them in digest order
+//! (sorted runs, merged); the map and the stored digests need them in block
+//! order again (one sequential temporary file). Resolution yields redirects in digest order;
+//! the map needs them in block order (a second external sort). Each of the three holds at
+//! most [`Spill::records`] records in memory at a time; only an image with more non-zero
+//! blocks than that writes temporary files, in a private directory under the state directory
+//! that is removed when the capture ends (and on the next start after a crash).
+//!
+//! The external sort is our own, small and for fixed-size records: the `extsort` crate
+//! (0.5.0) returns no records at all when their number is a multiple of its segment size
+//! (measured: 30 records in segments of 10 came back as 0).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use rayon::slice::ParallelSliceMut;
+
+use crate::error::{Error, Result};
+use crate::map::{ImageId, Source};
+use crate::scan::{BlockDigest, Digest};
+
+/// Records of each kind a capture keeps in memory before spilling: 40 bytes each, about
+/// 20 MiB per kind (one less than a power of two, so the buffer's capacity never doubles).
+pub const DEFAULT_RECORDS: usize = (1 << 19) - 1;
+
+/// Name of the directory under the state directory that holds spilled records.
+pub const SPILL_DIR: &str = "spill";
+
+/// A content and the block where this image holds it; ordered by digest, then block, so the
+/// first copy in the image comes first among equal contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByDigest {
+    pub digest: Digest,
+    pub block: u64,
+}
+
+/// A fixed-size record the external sort can write and read back.
+pub trait Record: Copy + Ord + Send {
+    const SIZE: usize;
+    fn encode(&self, out: &mut [u8]);
+    fn decode(bytes: &[u8]) -> Self;
+}
+
+impl Record for ByDigest {
+    const SIZE: usize = 40;
+
+    fn encode(&self, out: &mut [u8]) {
+        out[..32].copy_from_slice(&self.digest);
+        out[32..40].copy_from_slice(&self.block.to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let (block, digest) = decode_block_digest(bytes);
+        ByDigest { digest, block }
+    }
+}
+
+/// A block served from another block (of this or an earlier image), ordered by block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Redirect {
+    pub block: u64,
+    pub image: ImageId,
+    pub target: u64,
+}
+
+impl Redirect {
+    pub fn source(&self) -> Source {
+        Source::Redirect {
+            image: self.image,
+            block: self.target,
+        }
+    }
+}
+
+impl Record for Redirect {
+    const SIZE: usize = 20;
+
+    fn encode(&self, out: &mut [u8]) {
+        out[..8].copy_from_slice(&self.block.to_le_bytes());
+        out[8..12].copy_from_slice(&self.image.to_le_bytes());
+        out[12..20].copy_from_slice(&self.target.to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let mut block = [0u8; 8];
+        block.copy_from_slice(&bytes[..8]);
+        let mut image = [0u8; 4];
+        image.copy_from_slice(&bytes[8..12]);
+        let mut target = [0u8; 8];
+        target.copy_from_slice(&bytes[12..20]);
+        Redirect {
+            block: u64::from_le_bytes(block),
+            image: u32::from_le_bytes(image),
+            target: u64::from_le_bytes(target),
+        }
+    }
+}
+
+/// Digest-ordered records of an image, read back from memory or merged from spilled runs.
+pub type SortedDigests = Sorted<ByDigest>;
+/// Block-ordered redirects, read back from memory or merged from spilled runs.
+pub type SortedRedirects = Sorted<Redirect>;
+
+fn decode_block_digest(record: &[u8]) -> (u64, Digest) {
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&record[..32]);
+    let mut block = [0u8; 8];
+    block.copy_from_slice(&record[32..40]);
+    (u64::from_le_bytes(block), digest)
+}
+
+/// Sorts records pushed in any order, in memory up to `limit` records, beyond that as
+/// sorted runs in files of `dir` that [`Sorter::finish`] merges.
+pub struct Sorter<T: Record> {
+    dir: PathBuf,
+    limit: usize,
+    buffer: Vec<T>,
+    runs: Vec<File>,
+}
+
+impl<T: Record> Sorter<T> {
+    fn new(dir: PathBuf, limit: usize) -> Sorter<T> {
+        Sorter {
+            dir,
+            limit,
+            buffer: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, record: T) -> Result<()> {
+        self.buffer.push(record);
+        if self.buffer.len() >= self.limit {
+            self.spill_run()?;
+        }
+        Ok(())
+    }
+
+    fn spill_run(&mut self) -> Result<()> {
+        self.buffer.par_sort_unstable();
+        let path = &self.dir;
+        let file = unnamed_file(path)?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut bytes = vec![0u8; T::SIZE];
+        for record in self.buffer.drain(..) {
+            record.encode(&mut bytes);
+            out.write_all(&bytes).map_err(|e| spill_error(path, e))?;
+        }
+        let mut file = out
+            .into_inner()
+            .map_err(|e| spill_error(path, e.into_error()))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| spill_error(path, e))?;
+        self.runs.push(file);
+        Ok(())
+    }
+
+    /// All records pushed, in order.
+    pub fn finish(mut self) -> Result<Sorted<T>> {
+        if self.runs.is_empty() {
+            self.buffer.par_sort_unstable();
+            return Ok(Sorted::Memory(std::mem::take(&mut self.buffer).into_iter()));
+        }
+        if !self.buffer.is_empty() {
+            self.spill_run()?;
+        }
+        self.buffer = Vec::new();
+        let mut merge = Merge {
+            dir: self.dir.clone(),
+            readers: Vec::new(),
+            heap: BinaryHeap::new(),
+        };
+        for file in std::mem::take(&mut self.runs) {
+            merge.readers.push(BufReader::with_capacity(64 << 10, file));
+            let run = merge.readers.len() - 1;
+            if let Some(record) = merge.read(run)? {
+                merge.heap.push(Reverse((record, run)));
+            }
+        }
+        Ok(Sorted::Merge(merge))
+    }
+}
+
+/// Sorted records: from memory, or merged from runs on disk.
+pub enum Sorted<T: Record> {
+    Memory(std::vec::IntoIter<T>),
+    Merge(Merge<T>),
+}
+
+/// A k-way merge of sorted runs: a heap holds the next record of each run.
+pub struct Merge<T: Record> {
+    dir: PathBuf,
+    readers: Vec<BufReader<File>>,
+    heap: BinaryHeap<Reverse<(T, usize)>>,
+}
+
+impl<T: Record> Merge<T> {
+    fn read(&mut self, run: usize) -> Result<Option<T>> {
+        let mut bytes = [0u8; 64];
+        let bytes = &mut bytes[..T::SIZE];
+        match self.readers[run].read_exact(bytes) {
+            Ok(()) => Ok(Some(T::decode(bytes))),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(spill_error(&self.dir, e)),
+        }
+    }
+}
+
+impl<T: Record> Iterator for Sorted<T> {
+    type Item = Result<T>;
+
+    fn next(&mut self) -> Option<Result<T>> {
+        match self {
+            Sorted::Memory(records) => records.next().map(Ok),
+            Sorted::Merge(merge) => {
+                let Reverse((record, run)) = merge.heap.pop()?;
+                match merge.read(run) {
+                    Ok(Some(next)) => merge.heap.push(Reverse((next, run))),
+                    Ok(None) => {}
+                    Err(e) => return Some(Err(e)),
+                }
+                Some(Ok(record))
+            }
+        }
+    }
+}
+
+/// Where one capture spills: a private directory removed when the capture ends.
+pub struct Spill {
+    dir: tempfile::TempDir,
+    records: usize,
+}
+
+impl Spill {
+    /// A spill area under `parent` (created if needed) that keeps `records` records of each
+    /// kind in memory.
+    pub fn new(parent: &Path, records: usize) -> Result<Spill> {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| Error::io("cannot create spill directory", parent, e))?;
+        let dir = tempfile::Builder::new()
+            .prefix("capture-")
+            .tempdir_in(parent)
+            .map_err(|e| Error::io("cannot create spill directory", parent, e))?;
+        Ok(Spill {
+            dir,
+            records: records.max(1),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// How many records of each kind stay in memory.
+    pub fn records(&self) -> usize {
+        self.records
+    }
+
+    fn sorter<T: Record>(&mut self) -> Result<Sorter<T>> {
+        Ok(Sorter::new(self.dir.path().to_path_buf(), self.records))
+    }
+
+    /// A collector for the digests of one image of `size` bytes, pushed in block order.
+    pub fn digests(&mut self, size: u64) -> Result<DigestCollector> {
+        Ok(DigestCollector {
+            by_digest: self.sorter()?,
+            blocks: BlockDigests::new(self.dir.path().to_path_buf(), self.records),
+            count: 0,
+            last: None,
+            fingerprint: crate::records::Fingerprint::new(size),
+        })
+    }
+
+    /// A sorter for redirects, found in digest order, read back by block.
+    pub fn redirects(&mut self) -> Result<Sorter<Redirect>> {
+        self.sorter()
+    }
+}
+
+/// A file in `dir` with no name: its blocks go back to the file system when it is closed,
+/// so records of an image a rebuild has passed, or of a crashed capture, take no space.
+fn unnamed_file(dir: &Path) -> Result<File> {
+    tempfile::tempfile_in(dir).map_err(|e| spill_error(dir, e))
+}
+
+fn spill_error(dir: &Path, e: std::io::Error) -> Error {
+    Error::io("cannot spill capture records", dir, e)
+}
+
+/// Collects an image's `(block, digest)` records as they are hashed.
+pub struct DigestCollector {
+    by_digest: Sorter<ByDigest>,
+    blocks: BlockDigests,
+    count: u64,
+    last: Option<u64>,
+    fingerprint: crate::records::Fingerprint,
+}
+
+impl DigestCollector {
+    /// Adds records, which must come in increasing block order.
+    pub fn extend(&mut self, records: &[(u64, Digest)]) -> Result<()> {
+        for &(block, digest) in records {
+            if self.last.is_some_and(|last| last >= block) {
+                return Err(Error::Protocol(format!(
+                    "block {block} hashed out of order (this is a bug)"
+                )));
+            }
+            self.last = Some(block);
+            self.by_digest.push(ByDigest { digest, block })?;
+            self.blocks.push(block, digest)?;
+            self.fingerprint.push(block, &digest);
+            self.count += 1;
+        }
+        Ok(())
+    }
+
+    /// Ends collection: the digest-ordered stream and the block-ordered records.
+    pub fn finish(self) -> Result<Hashed> {
+        let sorted = self.by_digest.finish()?;
+        Ok(Hashed {
+            sorted,
+            blocks: self.blocks.finish()?,
+            count: self.count,
+            fingerprint: self.fingerprint.finish(),
+        })
+    }
+}
+
+/// What hashing one image produced, bounded in memory.
+pub struct Hashed {
+    /// `(digest, block)` in digest order (consumed by resolution).
+    pub sorted: SortedDigests,
+    /// `(block, digest)` in block order, readable many times.
+    pub blocks: BlockDigests,
+    /// Non-zero blocks.
+    pub count: u64,
+    pub fingerprint: String,
+}
+
+/// `(block, digest)` records in block order: in memory up to a limit, then in a file.
+pub struct BlockDigests {
+    /// Directory of the file.
+    path: PathBuf,
+    memory: Vec<(u64, Digest)>,
+    file: Option<BufWriter<File>>,
+    read: Option<File>,
+    limit: usize,
+}
+
+impl BlockDigests {
+    fn new(path: PathBuf, limit: usize) -> BlockDigests {
+        BlockDigests {
+            path,
+            memory: Vec::new(),
+            file: None,
+            read: None,
+            limit,
+        }
+    }
+
+    fn push(&mut self, block: u64, digest: Digest) -> Result<()> {
+        if self.file.is_none() && self.memory.len() < self.limit {
+            self.memory.push((block, digest));
+            return Ok(());
+        }
+        let path = &self.path;
+        let out = match &mut self.file {
+            Some(out) => out,
+            None => {
+                let file = unnamed_file(path)?;
+                let mut out = BufWriter::with_capacity(1 << 20, file);
+                for (b, d) in self.memory.drain(..) {
+                    write_block_digest(&mut out, b, &d).map_err(|e| spill_error(path, e))?;
+                }
+                self.memory.shrink_to_fit();
+                self.file.insert(out)
+            }
+        };
+        write_block_digest(out, block, &digest).map_err(|e| spill_error(path, e))
+    }
+
+    fn finish(mut self) -> Result<BlockDigests> {
+        if let Some(out) = self.file.take() {
+            let file = out
+                .into_inner()
+                .map_err(|e| spill_error(&self.path, e.into_error()))?;
+            self.read = Some(file);
+        }
+        Ok(self)
+    }
+
+    /// The records, in block order, from the start.
+    pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<BlockDigest>> + '_>> {
+        let Some(file) = &self.read else {
+            return Ok(Box::new(self.memory.iter().map(|r| Ok(*r))));
+        };
+        let mut file = file.try_clone().map_err(|e| spill_error(&self.path, e))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|e| spill_error(&self.path, e))?;
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let path = self.path.clone();
+        Ok(Box::new(std::iter::from_fn(move || {
+            let mut record = [0u8; 40];
+            match reader.read_exact(&mut record) {
+                Ok(()) => Some(Ok(decode_block_digest(&record))),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
+                Err(e) => Some(Err(spill_error(&path, e))),
+            }
+        })))
+    }
+
+    /// True when the records went to a file.
+    pub fn spilled(&self) -> bool {
+        self.read.is_some()
+    }
+}
+
+fn write_block_digest(out: &mut impl Write, block: u64, digest: &Digest) -> std::io::Result<()> {
+    out.write_all(digest)?;
+    out.write_all(&block.to_le_bytes())
+}
+
+/// Removes spill directories left by captures that a crash interrupted.
+pub fn remove_leftovers(parent: &Path) -> Result<usize> {
+    let entries = match std::fs::read_dir(parent) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(Error::io("cannot list", parent, e)),
+    };
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot list", parent, e))?;
+        std::fs::remove_dir_all(entry.path())
+            .map_err(|e| Error::io("cannot remove stale spill directory", entry.path(), e))?;
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u64) -> Digest {
+        *blake3::hash(&(n % 97).to_le_bytes()).as_bytes()
+    }
+
+    fn collect(records: usize, n: u64) -> (tempfile::TempDir, Hashed) {
+        let parent = tempfile::tempdir().unwrap();
+        let mut spill = Spill::new(parent.path(), records).unwrap();
+        let mut collector = spill.digests(n * 3 * 4096).unwrap();
+        let input: Vec<(u64, Digest)> = (0..n).map(|b| (b * 3, digest(b))).collect();
+        for chunk in input.chunks(7) {
+            collector.extend(chunk).unwrap();
+        }
+        let hashed = collector.finish().unwrap();
+        std::mem::forget(spill);
+        (parent, hashed)
+    }
+
+    #[test]
+    fn spilled_and_in_memory_records_read_back_the_same() {
+        let (_a, small) = collect(1 << 20, 1000);
+        // 1000 records in runs of 10 (an exact multiple: the last run is full).
+        let (_b, spilled) = collect(10, 1000);
+        assert!(matches!(small.sorted, Sorted::Memory(_)) && !small.blocks.spilled());
+        assert!(matches!(&spilled.sorted, Sorted::Merge(m) if m.readers.len() == 100));
+        assert!(spilled.blocks.spilled());
+        let sorted_small: Vec<ByDigest> = small.sorted.map(|r| r.unwrap()).collect();
+        let sorted_spilled: Vec<ByDigest> = spilled.sorted.map(|r| r.unwrap()).collect();
+        assert_eq!(sorted_small, sorted_spilled);
+        assert!(sorted_small.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(sorted_small.len(), 1000);
+        let blocks_small = small
+            .blocks
+            .iter()
+            .unwrap()
+            .collect::<Result<Vec<_>>>()
+            .unwrap();
+        assert_eq!(
+            blocks_small,
+            spilled
+                .blocks
+                .iter()
+                .unwrap()
+                .collect::<Result<Vec<_>>>()
+                .unwrap()
+        );
+        // Readable twice.
+        assert_eq!(
+            blocks_small,
+            spilled
+                .blocks
+                .iter()
+                .unwrap()
+                .collect::<Result<Vec<_>>>()
+                .unwrap()
+        );
+        assert_eq!(blocks_small[5], (15, digest(5)));
+        assert_eq!(small.fingerprint, spilled.fingerprint);
+        assert_eq!(
+            small.fingerprint,
+            crate::records::fingerprint(3000 * 4096, &blocks_small)
+        );
+    }
+
+    #[test]
+    fn redirects_come_back_in_block_order() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut spill = Spill::new(parent.path(), 4).unwrap();
+        let mut sorter = spill.redirects().unwrap();
+        for block in [9u64, 2, 7, 1, 8, 3, 0, 5, 6, 4] {
+            sorter
+                .push(Redirect {
+                    block,
+                    image: 1,
+                    target: block * 10,
+                })
+                .unwrap();
+        }
+        let back: Vec<(u64, u64)> = sorter
+            .finish()
+            .unwrap()
+            .map(|r| r.map(|r| (r.block, r.target)).unwrap())
+            .collect();
+        assert_eq!(back, (0..10).map(|b| (b, b * 10)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn out_of_order_blocks_are_refused() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut spill = Spill::new(parent.path(), 4).unwrap();
+        let mut collector = spill.digests(4096 * 8).unwrap();
+        collector.extend(&[(5, digest(1))]).unwrap();
+        assert!(collector.extend(&[(5, digest(2))]).is_err());
+    }
+
+    #[test]
+    fn leftovers_are_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let spill = Spill::new(parent.path(), 4).unwrap();
+        std::fs::write(spill.path().join("blocks"), b"x").unwrap();
+        let kept = spill.path().to_path_buf();
+        std::mem::forget(spill);
+        assert_eq!(remove_leftovers(parent.path()).unwrap(), 1);
+        assert!(!kept.exists());
+        assert_eq!(remove_leftovers(&parent.path().join("absent")).unwrap(), 0);
+    }
+}
