@@ -243,10 +243,12 @@ pub fn should_merge(runs: &[Run]) -> bool {
     }
 }
 
-/// Merges two runs (disjoint digests) into new run `id`.
-pub fn merge_runs(dir: &Path, id: u64, a: &Run, b: &Run) -> Result<Run> {
-    let mut left = a.entries().peekable();
-    let mut right = b.entries().peekable();
+/// Merges two runs into new run `id`, dropping the entries of `dead` (forgotten) images:
+/// the live entries of two runs have disjoint digests.
+pub fn merge_runs(dir: &Path, id: u64, a: &Run, b: &Run, dead: &BTreeSet<ImageId>) -> Result<Run> {
+    let live = |e: &Entry| !dead.contains(&e.image);
+    let mut left = a.entries().filter(live).peekable();
+    let mut right = b.entries().filter(live).peekable();
     let merged = std::iter::from_fn(move || match (left.peek(), right.peek()) {
         (Some(x), Some(y)) if x.digest <= y.digest => left.next(),
         (Some(_), Some(_)) => right.next(),
@@ -292,12 +294,14 @@ pub fn remove_orphans(dir: &Path, keep: &BTreeSet<u64>) -> Result<usize> {
 /// order), against `runs`: a content already indexed redirects to its canonical copy; a new
 /// content is canonical at its first block in this image (`new` gets its index entry, in
 /// digest order: the image's new run), and its later copies redirect there. `redirect` gets
-/// every block served from elsewhere; the blocks neither names are the image's own.
+/// every block served from elsewhere; the blocks neither names are the image's own. Entries
+/// of `dead` (forgotten) images are skipped.
 /// Memory does not grow with the image: one content is looked at at a time.
 pub fn resolve(
     image: ImageId,
     sorted: impl Iterator<Item = Result<ByDigest>>,
     runs: &[Run],
+    dead: &BTreeSet<ImageId>,
     mut new: impl FnMut(Entry) -> Result<()>,
     mut redirect: impl FnMut(Redirect) -> Result<()>,
 ) -> Result<()> {
@@ -319,7 +323,11 @@ pub fn resolve(
         for (run, cursor) in runs.iter().zip(cursors.iter_mut()) {
             let (pos, hit) = run.seek(*cursor, &digest);
             *cursor = pos;
-            if hit.is_some() {
+            // An entry of a forgotten image is no copy: a later run may hold the content's
+            // new canonical copy.
+            if let Some(entry) = hit
+                && !dead.contains(&entry.image)
+            {
                 found = hit;
                 break;
             }
@@ -393,7 +401,7 @@ mod tests {
         };
         let a = write_run(dir.path(), 1, [1, 4, 9].map(entry).into_iter()).unwrap();
         let b = write_run(dir.path(), 2, [2, 3, 10, 11].map(entry).into_iter()).unwrap();
-        let c = merge_runs(dir.path(), 3, &a, &b).unwrap();
+        let c = merge_runs(dir.path(), 3, &a, &b, &BTreeSet::new()).unwrap();
         let digests: Vec<u8> = c.entries().map(|e| e.digest[0]).collect();
         assert_eq!(digests, vec![1, 2, 3, 4, 9, 10, 11]);
         fs::write(dir.path().join("run-0000000000000009.tmp"), b"x").unwrap();
@@ -446,6 +454,7 @@ mod tests {
             2,
             sorted.into_iter().map(Ok),
             &[run],
+            &BTreeSet::new(),
             |e| {
                 new.push((e.digest[0], e.image, e.block));
                 Ok(())
@@ -459,6 +468,48 @@ mod tests {
         assert_eq!(new, vec![(1, 2, 3), (9, 2, 0)]);
         redirects.sort();
         assert_eq!(redirects, vec![(1, 0, 77), (2, 2, 0), (4, 0, 77)]);
+    }
+
+    #[test]
+    fn entries_of_forgotten_images_are_skipped_and_merged_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let entry = |n: u8, image: ImageId| Entry {
+            digest: d(n),
+            image,
+            block: u64::from(n),
+        };
+        // Image 1 is forgotten; its content 5 moved to image 3 (a later run).
+        let old = write_run(dir.path(), 1, [entry(2, 0), entry(5, 1)].into_iter()).unwrap();
+        let new = write_run(dir.path(), 2, [entry(5, 3)].into_iter()).unwrap();
+        let dead = BTreeSet::from([1]);
+        let lookup = |runs: &[Run], dead: &BTreeSet<ImageId>| {
+            let mut redirects = Vec::new();
+            let sorted = [ByDigest {
+                digest: d(5),
+                block: 9,
+            }];
+            resolve(
+                7,
+                sorted.into_iter().map(Ok),
+                runs,
+                dead,
+                |_| Ok(()),
+                |r| {
+                    redirects.push((r.image, r.target));
+                    Ok(())
+                },
+            )
+            .unwrap();
+            redirects
+        };
+        let runs = [old, new];
+        assert_eq!(lookup(&runs, &dead), vec![(3, 5)]);
+        assert_eq!(lookup(&runs, &BTreeSet::new()), vec![(1, 5)]);
+        let merged = merge_runs(dir.path(), 3, &runs[0], &runs[1], &dead).unwrap();
+        let images: Vec<ImageId> = merged.entries().map(|e| e.image).collect();
+        assert_eq!(images, vec![0, 3]);
+        // Without dropping the dead entry, the two runs' entries for content 5 collide.
+        assert!(merge_runs(dir.path(), 4, &runs[0], &runs[1], &BTreeSet::new()).is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! A map is a sorted list of extents covering the image; adjacent extents that continue each
 //! other are merged, so a copy of a whole file is one extent. Pure logic, no I/O.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::image::BLOCK_SIZE;
@@ -106,6 +108,19 @@ impl BlockMap {
             }
         }
         s
+    }
+
+    /// Blocks redirected to each other image, by image id.
+    pub fn redirects_by_image(&self) -> BTreeMap<ImageId, u64> {
+        let mut by_image = BTreeMap::new();
+        for e in &self.extents {
+            if let Source::Redirect { image, .. } = e.source
+                && image != self.image
+            {
+                *by_image.entry(image).or_insert(0) += e.len;
+            }
+        }
+        by_image
     }
 
     /// Ids of the other images this map reads from, sorted.

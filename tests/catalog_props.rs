@@ -153,6 +153,16 @@ proptest! {
         let mut rest_names = names.clone();
         rest_names.remove(k);
         check_maps(&catalog, &rest, &rest_names);
+
+        // Captures after a forget skip the forgotten image's old index entries, and merges
+        // drop them: another copy of the forgotten content lands where it should.
+        let again = dir.path().join("again.raw");
+        write_image(&again, &images[k].0, images[k].1);
+        catalog.capture(&ImageFile::open(&again).unwrap(), None, false, &mut |_| {}).unwrap();
+        catalog.compact_index().unwrap();
+        rest.push(images[k].clone());
+        rest_names.push("again".to_string());
+        check_maps(&catalog, &rest, &rest_names);
     }
 }
 

@@ -11,7 +11,7 @@
 //! change. Re-capturing or removing image K rebuilds the index, and the maps of images K and
 //! later, from the stored digests, without reading any image.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,11 +47,20 @@ const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const RUNS: TableDefinition<u64, u64> = TableDefinition::new("index_runs");
 /// Run id -> blake3 of the run file: a damaged run is found when it is opened.
 const RUN_SUMS: TableDefinition<u64, &[u8]> = TableDefinition::new("index_run_sums");
+/// (canonical image, image redirecting to it) -> blocks redirected: the images whose maps
+/// change when an image is forgotten, found without reading every map.
+const REFS: TableDefinition<(u32, u32), u64> = TableDefinition::new("image_refs");
+/// Forgotten images whose entries may still be in index runs: lookups skip them, merges drop
+/// them. Emptied when the index is rebuilt from scratch.
+const DEAD: TableDefinition<u32, u64> = TableDefinition::new("dead_images");
 
 /// 3: every record value is sealed with a checksum (schema 2 catalogs are upgraded in place).
 const SCHEMA_VERSION: u64 = 3;
 const NEXT_ID: &str = "next_image_id";
 const NEXT_RUN: &str = "next_run_id";
+/// Set once [`REFS`] holds every image's references (catalogs from before it are filled in
+/// on open).
+const REFS_BUILT: &str = "refs_built";
 /// File name of the catalog inside the state directory.
 pub const CATALOG_FILE: &str = "catalog.redb";
 /// Directory of the content index runs inside the state directory.
@@ -275,6 +284,11 @@ impl Catalog {
             txn.open_table(RUNS).ctx(dir)?;
             txn.open_table(DEVICES).ctx(dir)?;
             txn.open_table(RUN_SUMS).ctx(dir)?;
+            txn.open_table(REFS).ctx(dir)?;
+            txn.open_table(DEAD).ctx(dir)?;
+        }
+        if self.meta_in(&txn, REFS_BUILT)? == 0 {
+            self.build_refs(&txn)?;
         }
         fault::point("catalog.init")?;
         txn.commit().ctx(dir)?;
@@ -515,8 +529,14 @@ impl Catalog {
 
         let run_id = self.meta(NEXT_RUN)?;
         let Hashed { sorted, blocks, .. } = hashed;
-        let (writer, map) =
-            self.resolve_image(&mut spill, &record, sorted, &blocks, &runs, run_id)?;
+        let dead = self.dead()?;
+        let (writer, map) = self.resolve_image(
+            &mut spill,
+            &record,
+            (sorted, &blocks),
+            (&runs, &dead),
+            run_id,
+        )?;
         record.summary = map.summary(record.size);
         let resolved = started.elapsed();
         let dir = &self.dir;
@@ -555,16 +575,16 @@ impl Catalog {
         Ok((record, status))
     }
 
-    /// Resolves an image's digests against `runs`: writes its new contents as run `run_id`
+    /// Resolves an image's digests (sorted by digest, and by block) against `runs` (skipping
+    /// entries of `dead` images): writes its new contents as run `run_id`
     /// (left unsynced: the caller finishes it) and builds its map. Memory stays within the
     /// spill's bound whatever the image's size.
     fn resolve_image(
         &self,
         spill: &mut Spill,
         record: &ImageRecord,
-        sorted: crate::spill::SortedDigests,
-        blocks: &BlockDigests,
-        runs: &[Run],
+        (sorted, blocks): (crate::spill::SortedDigests, &BlockDigests),
+        (runs, dead): (&[Run], &BTreeSet<ImageId>),
         run_id: u64,
     ) -> Result<(RunWriter, BlockMap)> {
         let mut writer = RunWriter::create(&self.index_dir, run_id)?;
@@ -573,6 +593,7 @@ impl Catalog {
             record.id,
             sorted,
             runs,
+            dead,
             |entry| writer.push(entry),
             |redirect| redirects.push(redirect),
         )?;
@@ -593,6 +614,7 @@ impl Catalog {
         let txn = self.write_txn()?;
         self.write_digests(&txn, id, digests)?;
         self.write_map(&txn, map)?;
+        self.add_refs(&txn, map)?;
         self.write_record(&txn, record)?;
         {
             let mut meta = txn.open_table(META).ctx(dir)?;

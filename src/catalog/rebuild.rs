@@ -2,6 +2,8 @@
 //! the images captured after it are rebuilt from stored digests), compaction of index runs,
 //! and the rebuild of a damaged index at open.
 
+use std::collections::HashMap;
+
 use super::*;
 
 /// A change to the catalog that needs the index rebuilt from image `from` on.
@@ -91,8 +93,14 @@ impl Catalog {
     }
 
     /// Removes image `name` from the catalog. Images captured after it that redirected to it
-    /// get new maps (their blocks' new canonical copies), rebuilt from stored digests.
-    /// Refused while a saved device serves the image.
+    /// get new maps: each content the image held canonically moves to its first copy in the
+    /// earliest of them, and the others redirect there. Refused while a saved device serves
+    /// the image.
+    ///
+    /// The cost follows the change, not the catalog: the images to change are found in
+    /// [`REFS`], only their maps and the forgotten image's digests are read, and the moved
+    /// contents go into one small new index run; the forgotten image's old entries stay in
+    /// their runs, skipped by lookups ([`DEAD`]) until a merge drops them.
     pub fn forget(&self, name: &str) -> Result<ImageRecord> {
         if let Some(device) = self.images_in_use()?.remove(name) {
             return Err(Error::ImageInUse {
@@ -102,17 +110,184 @@ impl Catalog {
         }
         let mut runs = self.lock()?;
         let record = self.image(name)?;
-        self.rebuild(
-            &mut runs,
-            &mut self.spill()?,
-            Rebuild {
-                from: record.id,
-                replace: None,
-                remove: Some(record.clone()),
-            },
-        )?;
+        let started = std::time::Instant::now();
+        let dir = &self.dir;
+        let k = record.id;
+        let txn = self.write_txn()?;
+        let affected: Vec<ImageId> = {
+            let refs = txn.open_table(REFS).ctx(dir)?;
+            let mut ids = Vec::new();
+            for entry in refs.range((k, 0)..=(k, u32::MAX)).ctx(dir)? {
+                ids.push(entry.ctx(dir)?.0.value().1);
+            }
+            ids
+        };
+        let mut new_run = None;
+        if !affected.is_empty() {
+            let entries = self.move_canonical_copies(&txn, &record, &affected)?;
+            let run_id = self.meta_in(&txn, NEXT_RUN)?;
+            let run = index::write_run(&self.index_dir, run_id, entries.into_iter())?;
+            txn.open_table(RUNS)
+                .ctx(dir)?
+                .insert(run_id, run.len() as u64)
+                .ctx(dir)?;
+            txn.open_table(RUN_SUMS)
+                .ctx(dir)?
+                .insert(run_id, index::checksum(&run).as_slice())
+                .ctx(dir)?;
+            txn.open_table(META)
+                .ctx(dir)?
+                .insert(NEXT_RUN, run_id + 1)
+                .ctx(dir)?;
+            new_run = Some(run);
+        }
+        let removed = (|| {
+            let map = self.map_in(&txn, k, record.size)?;
+            {
+                let mut refs = txn.open_table(REFS).ctx(dir)?;
+                for target in map.redirects_by_image().keys() {
+                    refs.remove((*target, k)).ctx(dir)?;
+                }
+                for j in &affected {
+                    refs.remove((k, *j)).ctx(dir)?;
+                }
+            }
+            clear(&txn, EXTENTS, k, dir)?;
+            clear(&txn, DIGESTS, k, dir)?;
+            txn.open_table(IMAGES).ctx(dir)?.remove(k).ctx(dir)?;
+            txn.open_table(NAMES)
+                .ctx(dir)?
+                .remove(record.name.as_str())
+                .ctx(dir)?;
+            txn.open_table(DEAD).ctx(dir)?.insert(k, 0).ctx(dir)?;
+            Ok(())
+        })();
+        let committed = removed.and_then(|()| self.commit(txn));
+        if let Err(e) = committed {
+            if let Some(run) = new_run {
+                self.remove_runs(vec![run]);
+            }
+            return Err(e);
+        }
+        runs.extend(new_run);
         self.write_backup();
+        tracing::debug!(image = %record.name, changed = affected.len(), took = ?started.elapsed(), "forgotten");
         Ok(record)
+    }
+
+    /// Rewrites the maps of `affected` (the images redirecting to `gone`, in capture order) so
+    /// that nothing reads from `gone`, and returns the index entries of the contents' new
+    /// canonical copies, in digest order.
+    fn move_canonical_copies(
+        &self,
+        txn: &WriteTransaction,
+        gone: &ImageRecord,
+        affected: &[ImageId],
+    ) -> Result<Vec<index::Entry>> {
+        let dir = &self.dir;
+        // The content behind each redirect into `gone` is the digest of the block it names.
+        let digests = self.digest_list_in(txn, gone.id)?;
+        let digest_of = |block: u64| {
+            digests
+                .binary_search_by_key(&block, |(b, _)| *b)
+                .map(|i| digests[i].1)
+                .map_err(|_| {
+                    self.corrupt(format!(
+                        "a map redirects to block {block} of image {}, which has no such content",
+                        gone.name
+                    ))
+                })
+        };
+        // Block of `gone` -> its content's new canonical copy.
+        let mut moved: HashMap<u64, (ImageId, u64)> = HashMap::new();
+        let mut entries = Vec::new();
+        for &j in affected {
+            let mut record = self.record_in(txn, j)?;
+            let old = self.map_in(txn, j, record.size)?;
+            let mut builder = MapBuilder::new(j, old.blocks);
+            for extent in &old.extents {
+                let Source::Redirect {
+                    image,
+                    block: first,
+                } = extent.source
+                else {
+                    builder.push(extent.start, extent.len, extent.source);
+                    continue;
+                };
+                if image != gone.id {
+                    builder.push(extent.start, extent.len, extent.source);
+                    continue;
+                }
+                for i in 0..extent.len {
+                    let (block, target) = (extent.start + i, first + i);
+                    let source = match moved.get(&target) {
+                        Some(&(image, block)) => Source::Redirect { image, block },
+                        None => {
+                            moved.insert(target, (j, block));
+                            entries.push(index::Entry {
+                                digest: digest_of(target)?,
+                                image: j,
+                                block,
+                            });
+                            Source::Own
+                        }
+                    };
+                    builder.push(block, 1, source);
+                }
+            }
+            let map = builder.finish();
+            record.summary = map.summary(record.size);
+            {
+                let mut refs = txn.open_table(REFS).ctx(dir)?;
+                for target in old.redirects_by_image().keys() {
+                    refs.remove((*target, j)).ctx(dir)?;
+                }
+            }
+            self.add_refs(txn, &map)?;
+            clear(txn, EXTENTS, j, dir)?;
+            self.write_map(txn, &map)?;
+            self.write_record(txn, &record)?;
+        }
+        entries.sort_unstable_by_key(|e| e.digest);
+        Ok(entries)
+    }
+
+    /// Records which images `map` redirects to.
+    pub(super) fn add_refs(&self, txn: &WriteTransaction, map: &BlockMap) -> Result<()> {
+        let mut refs = txn.open_table(REFS).ctx(&self.dir)?;
+        for (target, blocks) in map.redirects_by_image() {
+            refs.insert((target, map.image), blocks).ctx(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Fills [`REFS`] from every map (catalogs written before it existed).
+    pub(super) fn build_refs(&self, txn: &WriteTransaction) -> Result<()> {
+        txn.open_table(REFS)
+            .ctx(&self.dir)?
+            .retain(|_, _| false)
+            .ctx(&self.dir)?;
+        for id in self.ids(txn)? {
+            let record = self.record_in(txn, id)?;
+            self.add_refs(txn, &self.map_in(txn, id, record.size)?)?;
+        }
+        txn.open_table(META)
+            .ctx(&self.dir)?
+            .insert(REFS_BUILT, 1)
+            .ctx(&self.dir)?;
+        Ok(())
+    }
+
+    /// Forgotten images whose entries may remain in the index runs.
+    pub(super) fn dead(&self) -> Result<BTreeSet<ImageId>> {
+        let dir = &self.dir;
+        let txn = self.read_txn()?;
+        let table = txn.open_table(DEAD).ctx(dir)?;
+        let mut dead = BTreeSet::new();
+        for entry in table.iter().ctx(dir)? {
+            dead.insert(entry.ctx(dir)?.0.value());
+        }
+        Ok(dead)
     }
 
     /// Merges the newest runs of the content index while the newest is at least half the
@@ -135,7 +310,7 @@ impl Catalog {
             let (older, newer) = (&runs[runs.len() - 2], &runs[runs.len() - 1]);
             let dir = &self.dir;
             let id = self.meta(NEXT_RUN)?;
-            let merged = index::merge_runs(&self.index_dir, id, older, newer)?;
+            let merged = index::merge_runs(&self.index_dir, id, older, newer, &self.dead()?)?;
             let txn = self.write_txn()?;
             {
                 let mut table = txn.open_table(RUNS).ctx(dir)?;
@@ -188,6 +363,16 @@ impl Catalog {
         let txn = self.write_txn()?;
         let ids = self.ids(&txn)?;
         let outcome = (|| {
+            // Maps before `from` stay as they are, and so do their references; the new runs
+            // hold no entry of a forgotten image.
+            txn.open_table(REFS)
+                .ctx(dir)?
+                .retain(|(_, source), _| source < change.from)
+                .ctx(dir)?;
+            txn.open_table(DEAD)
+                .ctx(dir)?
+                .retain(|_, _| false)
+                .ctx(dir)?;
             let mut replace = change.replace;
             for id in ids {
                 if change.remove.as_ref().is_some_and(|r| r.id == id) {
@@ -203,8 +388,13 @@ impl Catalog {
                     }
                 };
                 let Hashed { sorted, blocks, .. } = hashed;
-                let (writer, map) =
-                    self.resolve_image(spill, &record, sorted, &blocks, &new_runs, next_run)?;
+                let (writer, map) = self.resolve_image(
+                    spill,
+                    &record,
+                    (sorted, &blocks),
+                    (&new_runs, &BTreeSet::new()),
+                    next_run,
+                )?;
                 let run = writer.finish()?;
                 next_run += 1;
                 new_runs.push(run);
@@ -215,6 +405,7 @@ impl Catalog {
                         next_run,
                         &new_runs[n - 2],
                         &new_runs[n - 1],
+                        &BTreeSet::new(),
                     )?;
                     next_run += 1;
                     let old: Vec<Run> = new_runs.drain(n - 2..).collect();
@@ -225,6 +416,7 @@ impl Catalog {
                     record.summary = map.summary(record.size);
                     clear(&txn, EXTENTS, id, dir)?;
                     self.write_map(&txn, &map)?;
+                    self.add_refs(&txn, &map)?;
                     if replaced {
                         clear(&txn, DIGESTS, id, dir)?;
                         self.write_digests(&txn, id, &blocks)?;

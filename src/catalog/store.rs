@@ -162,6 +162,53 @@ impl Catalog {
         Ok(())
     }
 
+    /// The stored digests of image `id`, in block order, in memory.
+    pub(super) fn digest_list_in(
+        &self,
+        txn: &WriteTransaction,
+        id: ImageId,
+    ) -> Result<Vec<(u64, crate::scan::Digest)>> {
+        let table = txn.open_table(DIGESTS).ctx(&self.dir)?;
+        let mut digests = Vec::new();
+        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
+            let (_, value) = entry.ctx(&self.dir)?;
+            let bytes = self.unseal(value.value(), "digest")?;
+            digests.extend(decode_digests(bytes).map_err(|m| self.corrupt(m))?);
+        }
+        Ok(digests)
+    }
+
+    /// The stored map of image `id` of `size` bytes.
+    pub(super) fn map_in(
+        &self,
+        txn: &WriteTransaction,
+        id: ImageId,
+        size: u64,
+    ) -> Result<BlockMap> {
+        let table = txn.open_table(EXTENTS).ctx(&self.dir)?;
+        let mut extents = Vec::new();
+        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
+            let (_, value) = entry.ctx(&self.dir)?;
+            let bytes = self.unseal(value.value(), "extent")?;
+            extents.extend(decode_extents(bytes).map_err(|m| self.corrupt(m))?);
+        }
+        Ok(BlockMap {
+            image: id,
+            blocks: size.div_ceil(BLOCK_SIZE),
+            extents,
+        })
+    }
+
+    /// A counter in the meta table, as this transaction sees it.
+    pub(super) fn meta_in(&self, txn: &WriteTransaction, key: &str) -> Result<u64> {
+        let meta = txn.open_table(META).ctx(&self.dir)?;
+        Ok(meta
+            .get(key)
+            .ctx(&self.dir)?
+            .map(|v| v.value())
+            .unwrap_or(0))
+    }
+
     /// Stores the digests of image `id` (block order), a chunk at a time.
     pub(super) fn write_digests(
         &self,
@@ -324,5 +371,50 @@ mod tests {
         let catalog = Catalog::open(&dir.path().join("state")).unwrap();
         assert_eq!(catalog.map("img").unwrap(), before);
         assert_eq!(catalog.meta("schema_version").unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn references_are_rebuilt_for_catalogs_without_them_and_forget_uses_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let catalog = Catalog::open(&state).unwrap();
+        // a holds A; b and c copy it; c also holds its own B, which d copies.
+        let blocks = |fill: &[u8]| fill.iter().flat_map(|&f| [f; 4096]).collect::<Vec<u8>>();
+        for (name, fill) in [("a", &[1u8][..]), ("b", &[9, 1]), ("c", &[1, 2]), ("d", &[2])] {
+            let path = dir.path().join(format!("{name}.raw"));
+            std::fs::write(&path, blocks(fill)).unwrap();
+            let file = ImageFile::open(&path).unwrap();
+            catalog.capture(&file, None, false, &mut |_| {}).unwrap();
+        }
+        let refs = |catalog: &Catalog| {
+            let txn = catalog.write_txn().unwrap();
+            let table = txn.open_table(REFS).unwrap();
+            let refs: Vec<((u32, u32), u64)> = table
+                .iter()
+                .unwrap()
+                .map(|e| {
+                    let (k, v) = e.unwrap();
+                    (k.value(), v.value())
+                })
+                .collect();
+            refs
+        };
+        let want = vec![((0, 1), 1), ((0, 2), 1), ((2, 3), 1)];
+        assert_eq!(refs(&catalog), want);
+        // What vmar wrote before references were kept.
+        let txn = catalog.write_txn().unwrap();
+        txn.open_table(REFS).unwrap().retain(|_, _| false).unwrap();
+        txn.open_table(META).unwrap().remove(REFS_BUILT).unwrap();
+        txn.commit().unwrap();
+        drop(catalog);
+        let catalog = Catalog::open(&state).unwrap();
+        assert_eq!(refs(&catalog), want);
+        // Forgetting a moves A to b (the earliest copy); c now reads it from b.
+        catalog.forget("a").unwrap();
+        assert_eq!(refs(&catalog), vec![((1, 2), 1), ((2, 3), 1)]);
+        assert_eq!(catalog.dead().unwrap(), BTreeSet::from([0]));
+        let (_, c) = catalog.map("c").unwrap();
+        assert_eq!(c.source_of(0), Some(Source::Redirect { image: 1, block: 1 }));
+        assert_eq!(catalog.map("b").unwrap().1.source_of(1), Some(Source::Own));
     }
 }
