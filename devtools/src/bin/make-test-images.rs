@@ -7,9 +7,9 @@
 //! between images are byte-identical and everything else is unique.
 //!
 //! ```text
-//! cargo run --release --example make-test-images -- family DIR [--count 3] [--size 64M]
-//! cargo run --release --example make-test-images -- dense FILE --size 2G
-//! cargo run --release --example make-test-images -- sparse FILE --size 4G [--data-percent 25]
+//! make-test-images family DIR [--count 3] [--size 64M] [--shuffle]
+//! make-test-images dense FILE --size 2G
+//! make-test-images sparse FILE --size 4G [--data-percent 25 | --data-size 1G]
 //! ```
 
 use std::fs::File;
@@ -35,9 +35,14 @@ enum Kind {
         dir: PathBuf,
         #[arg(long, default_value_t = 3)]
         count: u32,
-        /// Size of each image (K, M, G suffixes).
+        /// Size of each image (K, M, G, T suffixes).
         #[arg(long, default_value = "64M", value_parser = parse_size)]
         size: u64,
+        /// Each derived image places the base's files in an order of its own (the same
+        /// content at different blocks, as after installing from packages rather than
+        /// cloning a template): maps redirect file by file instead of in long runs.
+        #[arg(long)]
+        shuffle: bool,
     },
     /// One image with every block written: files, some duplicated, and ~5% zero blocks.
     Dense {
@@ -52,6 +57,9 @@ enum Kind {
         size: u64,
         #[arg(long, default_value_t = 25)]
         data_percent: u64,
+        /// Bytes of data instead of a percentage (e.g. 8G in a 1T image).
+        #[arg(long, value_parser = parse_size, conflicts_with = "data_percent")]
+        data_size: Option<u64>,
     },
 }
 
@@ -66,6 +74,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
         "K" | "k" => 1 << 10,
         "M" | "m" => 1 << 20,
         "G" | "g" => 1 << 30,
+        "T" | "t" => 1 << 40,
         other => return Err(format!("unknown unit {other:?}")),
     };
     let size = n * mult;
@@ -163,7 +172,7 @@ fn place_files(
     files
 }
 
-fn family(dir: &Path, count: u32, size: u64) -> Result<()> {
+fn family(dir: &Path, count: u32, size: u64, shuffle: bool) -> Result<()> {
     if count < 1 {
         bail!("--count must be at least 1");
     }
@@ -180,6 +189,9 @@ fn family(dir: &Path, count: u32, size: u64) -> Result<()> {
             .map(|s| s.to_string())
             .unwrap_or(format!("app{n}"));
         let mut files = base.clone();
+        if n > 0 && shuffle {
+            shuffled(&mut rng, &mut files);
+        }
         if n > 0 {
             // Updated packages: about 3% of the base's files differ in this image.
             for f in files.iter_mut() {
@@ -205,6 +217,31 @@ fn family(dir: &Path, count: u32, size: u64) -> Result<()> {
     Ok(())
 }
 
+/// Moves `files` (laid out one after another with gaps) into a random order over the same
+/// span, keeping each file's length and the gap after it.
+fn shuffled(rng: &mut Rng, files: &mut [FileExtent]) {
+    let Some(start) = files.first().map(|f| f.at) else {
+        return;
+    };
+    let gaps: Vec<u64> = files
+        .windows(2)
+        .map(|w| w[1].at - (w[0].at + w[0].blocks))
+        .chain([0])
+        .collect();
+    let mut order: Vec<(FileExtent, u64)> = files.iter().copied().zip(gaps).collect();
+    // Fisher-Yates.
+    for i in (1..order.len()).rev() {
+        let j = usize_of(rng.below(i as u64 + 1));
+        order.swap(i, j);
+    }
+    let mut at = start;
+    for (slot, (mut file, gap)) in files.iter_mut().zip(order) {
+        file.at = at;
+        at += file.blocks + gap;
+        *slot = file;
+    }
+}
+
 fn dense(path: &Path, size: u64) -> Result<()> {
     let blocks = size / BLOCK;
     let mut rng = Rng(7);
@@ -221,15 +258,21 @@ fn dense(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn sparse(path: &Path, size: u64, data_percent: u64) -> Result<()> {
+fn sparse(path: &Path, size: u64, data_percent: u64, data_size: Option<u64>) -> Result<()> {
     if data_percent == 0 || data_percent > 100 {
         bail!("--data-percent must be 1..=100");
     }
     let blocks = size / BLOCK;
+    let data_blocks = match data_size {
+        Some(bytes) if bytes > size => bail!("--data-size is larger than --size"),
+        Some(bytes) => bytes / BLOCK,
+        None => blocks * data_percent / 100,
+    };
     let mut rng = Rng(9);
-    // Average file 128 blocks; the average gap makes `data_percent` of the image data.
-    let gap = 2 * 128 * (100 - data_percent) / data_percent;
-    let files = place_files(&mut rng, 0, blocks, blocks * data_percent / 100, 256, gap);
+    // Average file 128 blocks; the average gap (half the maximum drawn) spreads the data
+    // over the whole image.
+    let gap = 2 * 128 * (blocks - data_blocks) / data_blocks.max(1);
+    let files = place_files(&mut rng, 0, blocks, data_blocks, 256, gap);
     write_image(path, size, &files)?;
     println!("{}", path.display());
     Ok(())
@@ -237,12 +280,18 @@ fn sparse(path: &Path, size: u64, data_percent: u64) -> Result<()> {
 
 fn main() -> Result<()> {
     match Args::parse().kind {
-        Kind::Family { dir, count, size } => family(&dir, count, size),
+        Kind::Family {
+            dir,
+            count,
+            size,
+            shuffle,
+        } => family(&dir, count, size, shuffle),
         Kind::Dense { file, size } => dense(&file, size),
         Kind::Sparse {
             file,
             size,
             data_percent,
-        } => sparse(&file, size, data_percent),
+            data_size,
+        } => sparse(&file, size, data_percent, data_size),
     }
 }
