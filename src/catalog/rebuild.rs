@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use super::store::RunStamp;
 use super::*;
 
 /// A change to the catalog that needs the index rebuilt from image `from` on.
@@ -20,25 +21,37 @@ impl Catalog {
     /// for it. A missing or damaged run is derived data: the index is rebuilt from the
     /// stored digests (the damaged file is kept aside as `damaged-*.idx`), and no map
     /// changes.
+    ///
+    /// A run whose file still has the [`RunStamp`] recorded when it was last verified is not
+    /// hashed again (see there for what that check still finds): start-up costs a few
+    /// `stat`s whatever the size of the index. Runs verified here get their stamp recorded.
     pub(super) fn open_runs(&self, ids: &[u64]) -> Result<Vec<Run>> {
         let sums = self.run_sums()?;
+        let stamps = self.run_stamps()?;
+        let mut fresh = Vec::new();
         let mut runs = Vec::new();
         let mut damaged = None;
         for &id in ids {
+            let path = index::run_path(&self.index_dir, id);
             let checked = Run::open(&self.index_dir, id).and_then(|run| {
-                let sum = index::checksum(&run);
-                match sums.get(&id) {
-                    Some(want) if *want != sum => {
-                        Err(self.corrupt(format!("index run {id} does not match its checksum")))
-                    }
-                    _ => Ok(run),
+                let Some(&want) = sums.get(&id) else {
+                    return Ok(run);
+                };
+                // Taken before hashing: a change during the hash makes the stamp stale.
+                let stamp = RunStamp::of(&path, want).ok();
+                if stamp.is_some() && stamp.as_ref() == stamps.get(&id) {
+                    return Ok(run);
                 }
+                if index::checksum(&run) != want {
+                    return Err(self.corrupt(format!("index run {id} does not match its checksum")));
+                }
+                fresh.extend(stamp.filter(RunStamp::settled).map(|s| (id, s)));
+                Ok(run)
             });
             match checked {
                 Ok(run) => runs.push(run),
                 Err(e) => {
                     damaged = Some(e);
-                    let path = index::run_path(&self.index_dir, id);
                     let aside = self.index_dir.join(format!("damaged-{id:016x}.idx"));
                     let _ = std::fs::rename(&path, &aside);
                     break;
@@ -73,6 +86,9 @@ impl Catalog {
                 }
             }
             self.commit(txn)?;
+        }
+        if !fresh.is_empty() {
+            self.record_run_stamps(&fresh, ids)?;
         }
         Ok(runs)
     }
