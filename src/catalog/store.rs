@@ -380,7 +380,12 @@ mod tests {
         let catalog = Catalog::open(&state).unwrap();
         // a holds A; b and c copy it; c also holds its own B, which d copies.
         let blocks = |fill: &[u8]| fill.iter().flat_map(|&f| [f; 4096]).collect::<Vec<u8>>();
-        for (name, fill) in [("a", &[1u8][..]), ("b", &[9, 1]), ("c", &[1, 2]), ("d", &[2])] {
+        for (name, fill) in [
+            ("a", &[1u8][..]),
+            ("b", &[9, 1]),
+            ("c", &[1, 2]),
+            ("d", &[2]),
+        ] {
             let path = dir.path().join(format!("{name}.raw"));
             std::fs::write(&path, blocks(fill)).unwrap();
             let file = ImageFile::open(&path).unwrap();
@@ -410,11 +415,15 @@ mod tests {
         let catalog = Catalog::open(&state).unwrap();
         assert_eq!(refs(&catalog), want);
         // Forgetting a moves A to b (the earliest copy); c now reads it from b.
-        catalog.forget("a").unwrap();
+        let (_, changed) = catalog.forget("a").unwrap();
+        assert_eq!(changed, ["b", "c"]);
         assert_eq!(refs(&catalog), vec![((1, 2), 1), ((2, 3), 1)]);
         assert_eq!(catalog.dead().unwrap(), BTreeSet::from([0]));
         let (_, c) = catalog.map("c").unwrap();
-        assert_eq!(c.source_of(0), Some(Source::Redirect { image: 1, block: 1 }));
+        assert_eq!(
+            c.source_of(0),
+            Some(Source::Redirect { image: 1, block: 1 })
+        );
         assert_eq!(catalog.map("b").unwrap().1.source_of(1), Some(Source::Own));
     }
 }
