@@ -590,7 +590,10 @@ mod tests {
         let mut ours = false;
         let mut kib = 0;
         for line in smaps.lines() {
-            if line.split_whitespace().nth(1).is_some_and(|f| f.contains('-'))
+            if line
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|f| f.contains('-'))
                 && line.contains(' ')
                 && !line.starts_with(char::is_uppercase)
             {
@@ -619,7 +622,11 @@ mod tests {
         // 44 MB of entries; each pass keeps only a few MiB mapped at a time, and none after.
         for pass in 0..2 {
             assert_eq!(run.entries().count(), 1_000_000);
-            assert!(resident_kib(&path) < 1024, "after pass {pass}: {} KiB", resident_kib(&path));
+            assert!(
+                resident_kib(&path) < 1024,
+                "after pass {pass}: {} KiB",
+                resident_kib(&path)
+            );
             checksum(&run);
             assert!(resident_kib(&path) < 1024, "after checksum {pass}");
         }

@@ -609,7 +609,6 @@ impl Catalog {
         runs: &[Run],
         dead: &BTreeSet<ImageId>,
     ) -> Result<Run> {
-        let dir = &self.dir;
         let run_id = self.meta_in(txn, NEXT_RUN)?;
         let Hashed { sorted, blocks, .. } = hashed;
         let (writer, map) =
@@ -625,17 +624,7 @@ impl Catalog {
             (run, filled)
         });
         let run = run??;
-        let staged = filled.and_then(|()| {
-            txn.open_table(RUNS)
-                .ctx(dir)?
-                .insert(run_id, run.len() as u64)
-                .ctx(dir)?;
-            txn.open_table(RUN_SUMS)
-                .ctx(dir)?
-                .insert(run_id, index::checksum(&run).as_slice())
-                .ctx(dir)?;
-            Ok(())
-        });
+        let staged = filled.and_then(|()| self.name_run(txn, &run));
         match staged {
             Ok(()) => Ok(run),
             Err(e) => {

@@ -131,14 +131,7 @@ impl Catalog {
             let run_id = self.meta_in(txn, NEXT_RUN)?;
             let run = index::write_run(&self.index_dir, run_id, entries.into_iter())?;
             let staged = (|| {
-                txn.open_table(RUNS)
-                    .ctx(dir)?
-                    .insert(run_id, run.len() as u64)
-                    .ctx(dir)?;
-                txn.open_table(RUN_SUMS)
-                    .ctx(dir)?
-                    .insert(run_id, index::checksum(&run).as_slice())
-                    .ctx(dir)?;
+                self.name_run(txn, &run)?;
                 txn.open_table(META)
                     .ctx(dir)?
                     .insert(NEXT_RUN, run_id + 1)
@@ -256,6 +249,20 @@ impl Catalog {
         }
         entries.sort_unstable_by_key(|e| e.digest);
         Ok((entries, changed))
+    }
+
+    /// Names `run` in the catalog's list of runs, with its checksum.
+    pub(super) fn name_run(&self, txn: &WriteTransaction, run: &Run) -> Result<()> {
+        let dir = &self.dir;
+        txn.open_table(RUNS)
+            .ctx(dir)?
+            .insert(run.id, run.len() as u64)
+            .ctx(dir)?;
+        txn.open_table(RUN_SUMS)
+            .ctx(dir)?
+            .insert(run.id, index::checksum(run).as_slice())
+            .ctx(dir)?;
+        Ok(())
     }
 
     /// Records which images `map` redirects to.
