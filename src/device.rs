@@ -742,15 +742,27 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
     Ok(report)
 }
 
-/// The page-cache residency of image file `path`, read through loop device `device`.
+/// Size of the image at `path`: a block device's is its device size (`st_size` is 0).
+fn file_size(path: &Path) -> Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot stat", path, e))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    std::fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| Error::io("cannot size", path, e))
+}
+
+/// The page-cache residency of image `path` (a file, or a block device whose own page cache
+/// a buffered loop device reads through), read through loop device `device`.
 fn image_cache(
     kernel: &dyn Kernel,
     device: &BlockDev,
     path: &Path,
 ) -> Result<(ImageCache, crate::kernel::Residency)> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| Error::io("cannot stat", path, e))?
-        .len();
+    let size = file_size(path)?;
     let residency = kernel.residency(path, size)?;
     Ok((
         ImageCache {
