@@ -16,6 +16,17 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Size of a device-mapper sector.
 pub const SECTOR_SIZE: u64 = 512;
 
+/// A block device's (major, minor).
+pub type DeviceNumber = (u32, u32);
+
+/// (major, minor) of device number `dev` as `stat` gives it (Linux's are 12 and 20 bits
+/// wide, so they always fit).
+pub fn device_number(dev: u64) -> Option<DeviceNumber> {
+    let major = u32::try_from(nix::sys::stat::major(dev)).ok()?;
+    let minor = u32::try_from(nix::sys::stat::minor(dev)).ok()?;
+    Some((major, minor))
+}
+
 /// What identifies one version of an image file: if any field differs, its content may have
 /// changed and every map built from it is stale. `ctime` catches what `mtime` alone misses:
 /// a writer that restores the modification time afterwards (`touch -d`) cannot set the
@@ -75,13 +86,12 @@ impl ImageIdentity {
     }
 
     /// The (major, minor) of the block device it identifies, if it is one.
-    pub fn block_device(&self) -> Option<(u32, u32)> {
-        self.is_block_device().then(|| {
-            (
-                nix::sys::stat::major(self.dev) as u32,
-                nix::sys::stat::minor(self.dev) as u32,
-            )
-        })
+    pub fn block_device(&self) -> Option<DeviceNumber> {
+        if self.is_block_device() {
+            device_number(self.dev)
+        } else {
+            None
+        }
     }
 
     /// Human description of how `now` differs from `self`, e.g. "size 4096 -> 8192".

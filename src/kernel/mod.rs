@@ -92,7 +92,7 @@ pub struct LoopInfo {
     /// (major, minor) of the backing file when it is a block device (`LOOP_GET_STATUS64`'s
     /// `lo_rdevice`): one device has one number whichever node it was opened through.
     #[serde(default)]
-    pub backing_rdev: Option<(u32, u32)>,
+    pub backing_rdev: Option<crate::image::DeviceNumber>,
     pub read_only: bool,
     pub direct_io: bool,
     pub autoclear: bool,

@@ -461,7 +461,7 @@ pub struct LoopStatus {
     /// Inode of the backing file (for a block device: of that node).
     pub inode: u64,
     /// (major, minor) of the backing block device; `None` for a regular file.
-    pub rdev: Option<(u32, u32)>,
+    pub rdev: Option<crate::image::DeviceNumber>,
     pub offset: u64,
     pub size_limit: u64,
 }
@@ -475,12 +475,11 @@ pub fn loop_status(file: &File) -> Option<LoopStatus> {
     // device the ioctl fails without touching it.
     unsafe { loop_get_status64(file.as_raw_fd(), &mut info) }.ok()?;
     // The kernel encodes rdev as huge_encode_dev, which glibc's major/minor decode.
-    let rdev = (info.lo_rdevice != 0).then(|| {
-        (
-            nix::sys::stat::major(info.lo_rdevice) as u32,
-            nix::sys::stat::minor(info.lo_rdevice) as u32,
-        )
-    });
+    let rdev = if info.lo_rdevice == 0 {
+        None
+    } else {
+        crate::image::device_number(info.lo_rdevice)
+    };
     Some(LoopStatus {
         device: info.lo_device,
         inode: info.lo_inode,
@@ -698,10 +697,7 @@ mod loop_tests {
         let over_device = over_device.unwrap_or_else(|| panic!("no status of {stacked}"));
         assert_eq!(
             over_device.rdev,
-            Some((
-                nix::sys::stat::major(node_meta.rdev()) as u32,
-                nix::sys::stat::minor(node_meta.rdev()) as u32
-            )),
+            crate::image::device_number(node_meta.rdev()),
             "{stacked} over {node}"
         );
     }

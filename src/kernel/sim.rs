@@ -24,7 +24,7 @@ use super::{
     AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
 };
 use crate::error::{Error, Result};
-use crate::image::ImageFile;
+use crate::image::{DeviceNumber, ImageFile, device_number};
 use crate::table::{BlockDev, Target, TargetKind};
 use crate::units::{Sectors, usize_of};
 
@@ -67,7 +67,7 @@ pub struct SimLoop {
     pub file_id: Option<(u64, u64)>,
     /// (major, minor) of the backing block device; `None` for a regular file.
     #[serde(default)]
-    pub rdev: Option<(u32, u32)>,
+    pub rdev: Option<DeviceNumber>,
     pub size: u64,
     pub read_only: bool,
     pub autoclear: bool,
@@ -201,19 +201,21 @@ impl SimState {
     }
 }
 
+/// Device and inode of a loop device's backing file, and its number if it is a block device.
+type BackingIds = (Option<(u64, u64)>, Option<DeviceNumber>);
+
 /// What the real kernel's `LOOP_GET_STATUS64` reports of backing file `file`: the device and
 /// inode it was opened through, and its device number if it is a block device.
-fn backing_ids(file: &File, path: &Path) -> Result<(Option<(u64, u64)>, Option<(u32, u32)>)> {
+fn backing_ids(file: &File, path: &Path) -> Result<BackingIds> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let meta = file
         .metadata()
         .map_err(|e| Error::io("cannot stat", path, e))?;
-    let rdev = meta.file_type().is_block_device().then(|| {
-        (
-            nix::sys::stat::major(meta.rdev()) as u32,
-            nix::sys::stat::minor(meta.rdev()) as u32,
-        )
-    });
+    let rdev = if meta.file_type().is_block_device() {
+        device_number(meta.rdev())
+    } else {
+        None
+    };
     Ok((Some((meta.dev(), meta.ino())), rdev))
 }
 
