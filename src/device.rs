@@ -387,7 +387,11 @@ fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<Str
     }
     let mut detached = Vec::new();
     for l in kernel.loops()? {
-        let ours = images.iter().any(|i| l.backs(&i.path, &i.identity));
+        // Only what vmar itself attaches (read-only, buffered, whole image): a loop device
+        // someone made otherwise over a captured image, e.g. writable over a block device
+        // for partition mappings, is theirs.
+        let as_vmar_attaches = l.read_only && !l.direct_io && l.offset == 0 && l.size_limit == 0;
+        let ours = as_vmar_attaches && images.iter().any(|i| l.backs(&i.path, &i.identity));
         if ours && !l.autoclear && !used.contains(&l.block_dev()) {
             match kernel.loop_detach(&l) {
                 Ok(()) => detached.push(l.node.display().to_string()),

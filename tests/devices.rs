@@ -420,6 +420,8 @@ fn restore_repairs_every_kind_of_leftover() {
     // over a captured image (a crash between LOOP_SET_FD and LOOP_SET_STATUS64).
     kernel.dm_create("stray").unwrap();
     let leaked = kernel.plant_loop(&images[2], false).unwrap();
+    // A writable loop device someone else made over a captured image is not vmar's leftover.
+    let theirs = kernel.plant_loop_as(&images[2], false, false).unwrap();
     let daemon = Daemon::start_sim(dir.path(), "");
     let mut got = states(&daemon);
     got.sort();
@@ -437,6 +439,19 @@ fn restore_repairs_every_kind_of_leftover() {
         !state.loops.contains_key(&leaked),
         "leaked loop not detached: {state:?}"
     );
+    assert!(
+        state.loops.contains_key(&theirs),
+        "someone else's loop device detached: {state:?}"
+    );
+    {
+        use vmar::kernel::Kernel;
+        let info = kernel
+            .loops()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.minor == theirs);
+        kernel.loop_detach(&info.unwrap()).unwrap();
+    }
     assert_eq!(kernel.read("web", 0, 4096).unwrap().len(), 4096);
     kernel.close_device("web").unwrap();
     check_invariants(dir.path(), &daemon);

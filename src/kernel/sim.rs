@@ -410,6 +410,11 @@ impl SimKernel {
     /// (what a crash between `LOOP_SET_FD` and `LOOP_SET_STATUS64` leaves). Returns its minor.
     /// `path` may be a block device, named by any of its nodes.
     pub fn plant_loop(&self, path: &Path, autoclear: bool) -> Result<u32> {
+        self.plant_loop_as(path, autoclear, true)
+    }
+
+    /// [`SimKernel::plant_loop`], read-only or writable.
+    pub fn plant_loop_as(&self, path: &Path, autoclear: bool, read_only: bool) -> Result<u32> {
         let file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
         let (file_id, rdev) = backing_ids(&file, path)?;
         let size = {
@@ -427,7 +432,7 @@ impl SimKernel {
                     file_id,
                     rdev,
                     size,
-                    read_only: true,
+                    read_only,
                     autoclear,
                     holders: if autoclear {
                         vec![std::process::id()]
