@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Block, Daemon, s, write_image};
+use common::{Block, Daemon, alias_node, s, write_image};
 use serde_json::Value;
 use vmar::kernel::sim::SimKernel;
 
@@ -225,19 +225,6 @@ impl Drop for HostLoops {
                 .status();
         }
     }
-}
-
-/// Makes a block-device node at `at` for the device `of` names (another name of it).
-fn alias_node(of: &Path, at: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let rdev = std::fs::metadata(of).unwrap().rdev();
-    nix::sys::stat::mknod(
-        at,
-        nix::sys::stat::SFlag::S_IFBLK,
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-        rdev,
-    )
-    .unwrap();
 }
 
 /// Images on block devices go through buffered loop devices like files (so reads share the

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Block, Daemon, s, write_image};
+use common::{Block, Daemon, alias_node, s, write_image};
 use serde_json::Value;
 
 const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test";
@@ -1058,17 +1058,7 @@ fn real_block_device_images_share_the_page_cache() {
     let daemon = Daemon::start(dir.path());
     for (name, node) in ["base", "web"].iter().zip(&lower_nodes) {
         let alias = dir.path().join(format!("{name}.dev"));
-        let rdev = {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(node).unwrap().rdev()
-        };
-        nix::sys::stat::mknod(
-            &alias,
-            nix::sys::stat::SFlag::S_IFBLK,
-            nix::sys::stat::Mode::from_bits_truncate(0o600),
-            rdev,
-        )
-        .unwrap();
+        alias_node(node, &alias);
         let (ok, out) = daemon.json(&["capture", s(&alias), "--name", name]);
         assert!(ok, "{out}");
     }
