@@ -1015,17 +1015,43 @@ fn device_number(node: &Path) -> String {
     )
 }
 
+/// Sectors read from each of `lower` once no read is in flight: the page cache's readahead
+/// for one reader completes after its reads return, and must not count for the next.
+fn settled_reads(lower: &[PathBuf]) -> Vec<u64> {
+    let snapshot = || -> Vec<u64> { lower.iter().map(|l| sectors_read(l)).collect() };
+    let in_flight = || {
+        lower.iter().any(|l| {
+            use std::os::unix::fs::MetadataExt;
+            let rdev = std::fs::metadata(l).unwrap().rdev();
+            let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+            std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/inflight"))
+                .unwrap()
+                .split_whitespace()
+                .any(|n| n != "0")
+        })
+    };
+    let mut last = snapshot();
+    eventually("reads of the block devices to settle", || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = snapshot();
+        let settled = !in_flight() && now == last;
+        last = now;
+        settled
+    });
+    last
+}
+
 /// Reads all of `first`, then all of `second` (O_DIRECT, from a cold cache) and returns the
 /// bytes read from each of `lower` while `second` was read.
 fn second_reader_cost(first: &Path, second: &Path, lower: &[PathBuf]) -> Vec<u64> {
     drop_caches();
     read_direct(first);
-    let before: Vec<u64> = lower.iter().map(|l| sectors_read(l)).collect();
+    let before = settled_reads(lower);
     read_direct(second);
-    lower
+    settled_reads(lower)
         .iter()
         .zip(before)
-        .map(|(l, b)| (sectors_read(l) - b) * 512)
+        .map(|(after, b)| (after - b) * 512)
         .collect()
 }
 
@@ -1114,12 +1140,12 @@ fn real_block_device_images_share_the_page_cache() {
         .map(|p| cached(p, None))
         .sum();
     // web2 reads everything from the cache: neither device is read.
-    let before: Vec<u64> = lower_nodes.iter().map(|l| sectors_read(l)).collect();
+    let before = settled_reads(&lower_nodes);
     read_direct(&node("web2"));
-    let web2_cost: Vec<u64> = lower_nodes
+    let web2_cost: Vec<u64> = settled_reads(&lower_nodes)
         .iter()
         .zip(&before)
-        .map(|(l, b)| (sectors_read(l) - b) * 512)
+        .map(|(after, b)| (after - b) * 512)
         .collect();
 
     // The old path: the same tables directly over the block devices.
