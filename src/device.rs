@@ -387,7 +387,11 @@ fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<Str
     }
     let mut detached = Vec::new();
     for l in kernel.loops()? {
-        let ours = images.iter().any(|i| l.backs(&i.path, &i.identity));
+        // Only what vmar itself attaches (read-only, buffered, whole image): a loop device
+        // someone made otherwise over a captured image, e.g. writable over a block device
+        // for partition mappings, is theirs.
+        let as_vmar_attaches = l.read_only && !l.direct_io && l.offset == 0 && l.size_limit == 0;
+        let ours = as_vmar_attaches && images.iter().any(|i| l.backs(&i.path, &i.identity));
         if ours && !l.autoclear && !used.contains(&l.block_dev()) {
             match kernel.loop_detach(&l) {
                 Ok(()) => detached.push(l.node.display().to_string()),
@@ -742,15 +746,27 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
     Ok(report)
 }
 
-/// The page-cache residency of image file `path`, read through loop device `device`.
+/// Size of the image at `path`: a block device's is its device size (`st_size` is 0).
+fn file_size(path: &Path) -> Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot stat", path, e))?;
+    if !meta.file_type().is_block_device() {
+        return Ok(meta.len());
+    }
+    std::fs::File::open(path)
+        .and_then(|mut f| f.seek(SeekFrom::End(0)))
+        .map_err(|e| Error::io("cannot size", path, e))
+}
+
+/// The page-cache residency of image `path` (a file, or a block device whose own page cache
+/// a buffered loop device reads through), read through loop device `device`.
 fn image_cache(
     kernel: &dyn Kernel,
     device: &BlockDev,
     path: &Path,
 ) -> Result<(ImageCache, crate::kernel::Residency)> {
-    let size = std::fs::metadata(path)
-        .map_err(|e| Error::io("cannot stat", path, e))?
-        .len();
+    let size = file_size(path)?;
     let residency = kernel.residency(path, size)?;
     Ok((
         ImageCache {

@@ -16,11 +16,28 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Size of a device-mapper sector.
 pub const SECTOR_SIZE: u64 = 512;
 
+/// A block device's (major, minor).
+pub type DeviceNumber = (u32, u32);
+
+/// (major, minor) of device number `dev` as `stat` gives it (Linux's are 12 and 20 bits
+/// wide, so they always fit).
+pub fn device_number(dev: u64) -> Option<DeviceNumber> {
+    let major = u32::try_from(nix::sys::stat::major(dev)).ok()?;
+    let minor = u32::try_from(nix::sys::stat::minor(dev)).ok()?;
+    Some((major, minor))
+}
+
 /// What identifies one version of an image file: if any field differs, its content may have
 /// changed and every map built from it is stale. `ctime` catches what `mtime` alone misses:
 /// a writer that restores the modification time afterwards (`touch -d`) cannot set the
-/// inode change time, which the kernel sets on every write. For block devices neither
-/// follows writes, so only the device number and size are meaningful there.
+/// inode change time, which the kernel sets on every write.
+///
+/// Block devices (`ino` 0) are identified by their device number (`dev`, the node's rdev),
+/// their size and `block_id`, what names the device itself (see [`block_device_id`]). Their
+/// node's times are not compared: they belong to a node in devtmpfs that is made anew at
+/// every boot and every LVM activation, and writes through any other path (a mounted file
+/// system, a dm device above it) do not change them, so they would refuse every restore at
+/// boot while catching almost no write.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct ImageIdentity {
     pub dev: u64,
@@ -30,35 +47,75 @@ pub struct ImageIdentity {
     /// Absent in records of catalogs written before vmar kept it; then not compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ctime_ns: Option<i128>,
+    /// Block devices only: a digest of what names the device whatever its number (see
+    /// [`block_device_id`]); absent for files, for devices without such a name and in older
+    /// records, and then not compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_id: Option<u64>,
 }
 
 impl PartialEq for ImageIdentity {
     fn eq(&self, other: &ImageIdentity) -> bool {
-        let ctime_same = match (self.ctime_ns, other.ctime_ns) {
+        let same = |a: Option<i128>, b: Option<i128>| match (a, b) {
             (Some(a), Some(b)) => a == b,
             _ => true,
+        };
+        let block_same = match (self.block_id, other.block_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        let times_same = if self.is_block_device() && other.is_block_device() {
+            true
+        } else {
+            self.mtime_ns == other.mtime_ns && same(self.ctime_ns, other.ctime_ns)
         };
         self.dev == other.dev
             && self.ino == other.ino
             && self.size == other.size
-            && self.mtime_ns == other.mtime_ns
-            && ctime_same
+            && times_same
+            && block_same
     }
 }
 
 impl Eq for ImageIdentity {}
 
 impl ImageIdentity {
+    /// Whether it is a block device's: files always have an inode number, devices get 0.
+    pub fn is_block_device(&self) -> bool {
+        self.ino == 0
+    }
+
+    /// The (major, minor) of the block device it identifies, if it is one.
+    pub fn block_device(&self) -> Option<DeviceNumber> {
+        if self.is_block_device() {
+            device_number(self.dev)
+        } else {
+            None
+        }
+    }
+
     /// Human description of how `now` differs from `self`, e.g. "size 4096 -> 8192".
     pub fn describe_change(&self, now: &ImageIdentity) -> String {
         let mut parts = Vec::new();
-        if self.dev != now.dev || self.ino != now.ino {
+        let block = self.is_block_device() && now.is_block_device();
+        if block {
+            if let Some((major, minor)) = now.block_device()
+                && self.dev != now.dev
+            {
+                parts.push(format!("another device number now ({major}:{minor})"));
+            }
+            if matches!((self.block_id, now.block_id), (Some(a), Some(b)) if a != b) {
+                parts.push("it names another block device now".to_string());
+            }
+        } else if self.dev != now.dev || self.ino != now.ino {
             parts.push("it is a different file now".to_string());
         }
         if self.size != now.size {
             parts.push(format!("size {} -> {}", self.size, now.size));
         }
-        if self.mtime_ns != now.mtime_ns {
+        if block {
+            // A device node's times say nothing about its content (see the type's doc).
+        } else if self.mtime_ns != now.mtime_ns {
             parts.push("modification time differs".to_string());
         } else if let (Some(a), Some(b)) = (self.ctime_ns, now.ctime_ns)
             && a != b
@@ -133,6 +190,7 @@ impl ImageFile {
                 size: 0,
                 mtime_ns: 0,
                 ctime_ns: None,
+                block_id: None,
             },
             path,
             file,
@@ -188,6 +246,11 @@ impl ImageFile {
             size,
             mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
             ctime_ns,
+            block_id: if self.is_block_device {
+                block_device_id(&self.file, meta.rdev())
+            } else {
+                None
+            },
         })
     }
 
@@ -195,6 +258,56 @@ impl ImageFile {
     pub fn block_count(&self) -> u64 {
         self.size.div_ceil(BLOCK_SIZE)
     }
+}
+
+/// What names block device `file` (number `rdev`) independently of its number, which can
+/// change at the next boot or activation: a device-mapper device's UUID (LVM's holds the VG
+/// and LV UUIDs) or name, a loop device's backing file (device, inode, offset, size limit),
+/// a disk's WWID or serial number (with the partition's number and start for a partition).
+/// `None` when the device has none of them. Kept as a digest so identities stay small.
+pub fn block_device_id(file: &File, rdev: u64) -> Option<u64> {
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let sys = Path::new("/sys/dev/block").join(format!("{major}:{minor}"));
+    let name = block_device_name(file, &sys)?;
+    let digest = blake3::hash(format!("vmar block device id v1\0{name}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    Some(u64::from_le_bytes(first))
+}
+
+/// The text [`block_device_id`] digests, from sysfs directory `sys` of the device.
+fn block_device_name(file: &File, sys: &Path) -> Option<String> {
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    if let Some(uuid) = read(&sys.join("dm/uuid")) {
+        return Some(format!("dm-uuid:{uuid}"));
+    }
+    if let Some(name) = read(&sys.join("dm/name")) {
+        return Some(format!("dm-name:{name}"));
+    }
+    if sys.join("loop").is_dir() {
+        let status = crate::kernel::real::loop_status(file)?;
+        return Some(format!(
+            "loop:{}:{}:{}:{}",
+            status.device, status.inode, status.offset, status.size_limit
+        ));
+    }
+    let disk_id = |disk: &Path| {
+        ["wwid", "device/wwid", "serial", "device/serial"]
+            .iter()
+            .find_map(|f| read(&disk.join(f)))
+    };
+    if let Some(number) = read(&sys.join("partition")) {
+        // A partition's sysfs directory lies inside its disk's.
+        let disk = sys.canonicalize().ok()?.parent()?.to_path_buf();
+        let start = read(&sys.join("start"))?;
+        return Some(format!("part:{}:{number}:{start}", disk_id(&disk)?));
+    }
+    disk_id(sys).map(|id| format!("disk:{id}"))
 }
 
 /// Opens `path` read-only without following it into a FIFO's wait for a writer.
@@ -457,6 +570,62 @@ mod tests {
         assert_eq!(now.mtime_ns, captured.mtime_ns);
         let err = open_unchanged("img", &path, &captured).unwrap_err();
         assert!(err.to_string().contains("inode change time"), "{err}");
+    }
+
+    #[test]
+    fn block_devices_are_identified_by_number_size_and_what_they_are() {
+        use std::process::Command;
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for a loop device");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+        std::fs::write(&one, vec![1u8; 8192]).unwrap();
+        std::fs::write(&two, vec![2u8; 8192]).unwrap();
+        let attach = |args: &[&Path]| {
+            let out = Command::new("losetup")
+                .args(["--read-only", "--show"])
+                .args(args)
+                .output()
+                .unwrap();
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let node = attach(&[Path::new("--find"), &one]);
+        if node.is_empty() {
+            eprintln!("skipped: no loop device");
+            return;
+        }
+        let detach = |node: &str| {
+            let _ = Command::new("losetup").args(["-d", node]).status();
+        };
+        let captured = ImageFile::open(Path::new(&node)).unwrap().identity;
+        assert!(captured.is_block_device());
+        assert!(captured.block_id.is_some(), "{captured:?}");
+        // Another node of the same device, made later (as devtmpfs makes one at every boot):
+        // other times, same identity.
+        let rdev = std::fs::metadata(&node).unwrap().rdev();
+        let alias = dir.path().join("alias");
+        nix::sys::stat::mknod(
+            &alias,
+            nix::sys::stat::SFlag::S_IFBLK,
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+            rdev,
+        )
+        .unwrap();
+        let through_alias = open_unchanged("one", &alias, &captured).map(|_| ());
+        // The same number now names a loop device over another file of the same size.
+        detach(&node);
+        let reattached = attach(&[Path::new(&node), &two]);
+        let other = open_unchanged("one", Path::new(&node), &captured);
+        detach(&node);
+        assert!(through_alias.is_ok(), "{:?}", through_alias.err());
+        assert_eq!(reattached, node, "reattached {node} over {}", two.display());
+        let err = other.unwrap_err();
+        assert!(
+            err.to_string().contains("names another block device"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 use crate::map::ImageId;
@@ -25,6 +26,9 @@ use crate::spill::{ByDigest, Redirect};
 
 /// Bytes of one record: digest, image (u32 LE), block (u64 LE).
 const RECORD: usize = 32 + 4 + 8;
+
+/// Granularity of giving mapped pages back (a multiple of the page size).
+const RELEASE_UNIT: usize = 1 << 20;
 
 /// One entry of the index: the canonical copy of a content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -39,6 +43,8 @@ pub struct Entry {
 pub struct Run {
     pub id: u64,
     map: Option<memmap2::Mmap>,
+    /// Bytes from the start already given back by [`Run::release_before`].
+    released: AtomicUsize,
 }
 
 impl Run {
@@ -66,7 +72,44 @@ impl Run {
                 .map_err(|e| Error::io("cannot map index run", &path, e))?;
             Some(map)
         };
-        Ok(Run { id, map })
+        Ok(Run {
+            id,
+            map,
+            released: AtomicUsize::new(0),
+        })
+    }
+
+    /// Drops the mapped pages before record `index` from this process's memory (they stay
+    /// in the page cache, and are read again if touched). Passes over a run move forward,
+    /// so calling this behind them keeps vmard's resident memory bounded whatever the size
+    /// of the index.
+    pub fn release_before(&self, index: usize) {
+        let Some(map) = &self.map else { return };
+        let end = (index * RECORD).min(map.len()) / RELEASE_UNIT * RELEASE_UNIT;
+        let start = self.released.load(Ordering::Relaxed);
+        if end <= start {
+            return;
+        }
+        // SAFETY: the mapping is a shared, read-only mapping of a file that never changes;
+        // MADV_DONTNEED only drops this process's page table entries, and a later access
+        // reads the same bytes from the page cache or the file.
+        let dropped = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+        if dropped.is_ok() {
+            self.released.store(end, Ordering::Relaxed);
+        }
+    }
+
+    /// Drops every mapped page from this process's memory (see [`Run::release_before`]).
+    /// Every pass over a run starts from its beginning and ends with this call, so the next
+    /// pass counts what it gives back from the start again.
+    pub fn release(&self) {
+        let Some(map) = &self.map else { return };
+        // SAFETY: as in `release_before`.
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, map.len()) };
+        self.released.store(0, Ordering::Relaxed);
     }
 
     fn bytes(&self) -> &[u8] {
@@ -126,15 +169,32 @@ impl Run {
         (lo, hit)
     }
 
+    /// Every entry in order; the pages passed are given back as it goes, and all of them
+    /// at the end.
     pub fn entries(&self) -> impl Iterator<Item = Entry> + '_ {
-        (0..self.len()).map(|i| self.entry_at(i))
+        (0..=self.len()).filter_map(|i| {
+            if i == self.len() {
+                self.release();
+                return None;
+            }
+            if i.is_multiple_of(RELEASE_UNIT / RECORD * 4) {
+                self.release_before(i);
+            }
+            Some(self.entry_at(i))
+        })
     }
 }
 
-/// blake3 of a run's bytes, which the catalog keeps for every run it names.
+/// blake3 of a run's bytes, which the catalog keeps for every run it names. Reads the run
+/// a piece at a time and gives each piece's pages back after hashing it.
 pub fn checksum(run: &Run) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_rayon(run.bytes());
+    let piece = RELEASE_UNIT * 16;
+    for (n, bytes) in run.bytes().chunks(piece).enumerate() {
+        hasher.update_rayon(bytes);
+        run.release_before((n + 1) * piece / RECORD);
+    }
+    run.release();
     *hasher.finalize().as_bytes()
 }
 
@@ -307,6 +367,7 @@ pub fn resolve(
 ) -> Result<()> {
     let mut cursors = vec![0usize; runs.len()];
     let mut current: Option<(Digest, ImageId, u64)> = None;
+    let mut groups = 0usize;
     for record in sorted {
         let ByDigest { digest, block } = record?;
         if let Some((seen, image, target)) = current
@@ -318,6 +379,13 @@ pub fn resolve(
                 target,
             })?;
             continue;
+        }
+        groups += 1;
+        if groups.is_multiple_of(1024) {
+            // Lookups only move forward: what lies behind them is not read again.
+            for (run, cursor) in runs.iter().zip(&cursors) {
+                run.release_before(*cursor);
+            }
         }
         let mut found = None;
         for (run, cursor) in runs.iter().zip(cursors.iter_mut()) {
@@ -350,6 +418,9 @@ pub fn resolve(
                 current = Some((digest, image, block));
             }
         }
+    }
+    for run in runs {
+        run.release();
     }
     Ok(())
 }
@@ -510,6 +581,83 @@ mod tests {
         assert_eq!(images, vec![0, 3]);
         // Without dropping the dead entry, the two runs' entries for content 5 collide.
         assert!(merge_runs(dir.path(), 4, &runs[0], &runs[1], &BTreeSet::new()).is_err());
+    }
+
+    /// Resident kilobytes of the mappings of `path` in this process.
+    fn resident_kib(path: &Path) -> u64 {
+        let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_string_lossy();
+        let mut ours = false;
+        let mut kib = 0;
+        for line in smaps.lines() {
+            if line
+                .split_whitespace()
+                .nth(1)
+                .is_some_and(|f| f.contains('-'))
+                && line.contains(' ')
+                && !line.starts_with(char::is_uppercase)
+            {
+                ours = line.ends_with(name.as_ref());
+            } else if ours && let Some(rss) = line.strip_prefix("Rss:") {
+                kib += rss.trim().trim_end_matches(" kB").parse::<u64>().unwrap();
+            }
+        }
+        kib
+    }
+
+    #[test]
+    fn passes_over_a_run_give_its_pages_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = |n: u64| *blake3::hash(&n.to_le_bytes()).as_bytes();
+        let mut entries: Vec<Entry> = (0..1_000_000u64)
+            .map(|n| Entry {
+                digest: digest(n),
+                image: 0,
+                block: n,
+            })
+            .collect();
+        entries.sort();
+        let run = write_run(dir.path(), 1, entries.into_iter()).unwrap();
+        let path = run_path(dir.path(), 1);
+        // 44 MB of entries; each pass keeps only a few MiB mapped at a time, and none after.
+        for pass in 0..2 {
+            assert_eq!(run.entries().count(), 1_000_000);
+            assert!(
+                resident_kib(&path) < 1024,
+                "after pass {pass}: {} KiB",
+                resident_kib(&path)
+            );
+            checksum(&run);
+            assert!(resident_kib(&path) < 1024, "after checksum {pass}");
+        }
+        let mut sorted: Vec<ByDigest> = (0..300_000u64)
+            .map(|n| ByDigest {
+                digest: digest(n * 3),
+                block: n,
+            })
+            .collect();
+        sorted.sort();
+        let mut peak = 0;
+        let mut found = 0;
+        let runs = [run];
+        resolve(
+            1,
+            sorted.into_iter().map(Ok),
+            &runs,
+            &BTreeSet::new(),
+            |_| Ok(()),
+            |_| {
+                found += 1;
+                if found % 10_000 == 0 {
+                    peak = peak.max(resident_kib(&path));
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(found, 300_000);
+        assert!(peak < 8 * 1024, "lookups kept {peak} KiB of the run mapped");
+        assert!(resident_kib(&path) < 1024);
     }
 
     #[test]

@@ -135,6 +135,17 @@ pub struct CaptureResult {
     pub image: ImageRecord,
     /// Wall time of this request.
     pub seconds: f64,
+    /// Other images whose maps a re-capture changed (they read from the old version).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
+}
+
+/// Result of `forget`: the record forgotten and the images whose maps changed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetResult {
+    pub image: ImageRecord,
+    #[serde(default)]
+    pub changed: Vec<String>,
 }
 
 /// Result of `images`.

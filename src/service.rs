@@ -19,8 +19,8 @@ use crate::error::{Error, Result};
 use crate::image::validate_name;
 use crate::kernel::Kernel;
 use crate::protocol::{
-    CaptureResult, ImageRef, ImagesResult, MapResult, PROTOCOL_VERSION, PingResult, Progress,
-    Request, TableResult,
+    CaptureResult, ForgetResult, ImageRef, ImagesResult, MapResult, PROTOCOL_VERSION, PingResult,
+    Progress, Request, TableResult,
 };
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
@@ -131,11 +131,13 @@ pub fn handle(
             let image = open_image(&settings, &path, force_raw)?;
             // Re-capture rewrites maps that devices may use: checked and done under the lock.
             let _changes = recapture.then(|| ctx.changes());
-            let (image, status) = catalog.capture(&image, name.as_deref(), recapture, progress)?;
+            let captured =
+                catalog.capture_changing(&image, name.as_deref(), recapture, progress)?;
             to_value(CaptureResult {
-                status,
-                image,
+                status: captured.status,
+                image: captured.record,
                 seconds: started.elapsed().as_secs_f64(),
+                changed: captured.changed,
             })
         }
         Request::Images => to_value(ImagesResult {
@@ -176,7 +178,8 @@ pub fn handle(
             if let Ok(kernel) = ctx.kernel() {
                 device::prune(catalog, kernel.as_ref())?;
             }
-            to_value(catalog.forget(&name)?)
+            let (image, changed) = catalog.forget(&name)?;
+            to_value(ForgetResult { image, changed })
         }
         Request::Create {
             name,

@@ -477,31 +477,11 @@ mod tests {
         assert_eq!(sorted_small, sorted_spilled);
         assert!(sorted_small.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(sorted_small.len(), 1000);
-        let blocks_small = small
-            .blocks
-            .iter()
-            .unwrap()
-            .collect::<Result<Vec<_>>>()
-            .unwrap();
-        assert_eq!(
-            blocks_small,
-            spilled
-                .blocks
-                .iter()
-                .unwrap()
-                .collect::<Result<Vec<_>>>()
-                .unwrap()
-        );
+        let read = |b: &BlockDigests| b.iter().unwrap().collect::<Result<Vec<_>>>().unwrap();
+        let blocks_small = read(&small.blocks);
+        assert_eq!(blocks_small, read(&spilled.blocks));
         // Readable twice.
-        assert_eq!(
-            blocks_small,
-            spilled
-                .blocks
-                .iter()
-                .unwrap()
-                .collect::<Result<Vec<_>>>()
-                .unwrap()
-        );
+        assert_eq!(blocks_small, read(&spilled.blocks));
         assert_eq!(blocks_small[5], (15, digest(5)));
         assert_eq!(small.fingerprint, spilled.fingerprint);
         assert_eq!(

@@ -139,19 +139,24 @@ proptest! {
         let err = verify(&catalog, &names[k], &mut |_| {}).unwrap_err();
         prop_assert_eq!(err.kind(), "image-changed");
 
+        // A re-capture is a new capture of a new version: the old one is gone, as if never
+        // captured, and the new one comes after every other image.
         let (_, status) = catalog.capture(&image, None, true, &mut |_| {}).unwrap();
         prop_assert_eq!(status, CaptureStatus::Recaptured);
-        let mut now = images.clone();
-        now[k] = replacement;
-        check_maps(&catalog, &now, &names);
-
-        // Forget image k: the others are mapped as if it had never been captured.
-        catalog.forget(&names[k]).unwrap();
-        prop_assert_eq!(catalog.image(&names[k]).unwrap_err().kind(), "unknown-image");
-        let mut rest = now.clone();
+        let mut rest = images.clone();
         rest.remove(k);
         let mut rest_names = names.clone();
         rest_names.remove(k);
+        let mut now = rest.clone();
+        now.push(replacement);
+        let mut now_names = rest_names.clone();
+        now_names.push(names[k].clone());
+        check_maps(&catalog, &now, &now_names);
+
+        // Forget image k: the others are mapped as if it had never been captured.
+        let (_, changed) = catalog.forget(&names[k]).unwrap();
+        prop_assert!(changed.is_empty(), "nothing was captured after the new version");
+        prop_assert_eq!(catalog.image(&names[k]).unwrap_err().kind(), "unknown-image");
         check_maps(&catalog, &rest, &rest_names);
 
         // Captures after a forget skip the forgotten image's old index entries, and merges

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Block, Daemon, s, write_image};
+use common::{Block, Daemon, alias_node, s, write_image};
 use serde_json::Value;
 use vmar::kernel::sim::SimKernel;
 
@@ -185,6 +185,134 @@ fn devices_serve_their_images_and_go_away_cleanly() {
     assert_eq!(err(&daemon, &["remove", "web"]), "unknown-device");
 }
 
+/// Host loop devices over image files, detached when dropped: images that are block devices.
+struct HostLoops(Vec<String>);
+
+impl HostLoops {
+    /// Attaches each of `files` read-only; `None` (skip) without root or loop devices.
+    fn attach(files: &[PathBuf]) -> Option<HostLoops> {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for loop devices as block-device images");
+            return None;
+        }
+        let mut loops = HostLoops(Vec::new());
+        for file in files {
+            let out = std::process::Command::new("losetup")
+                .args(["--find", "--show", "--read-only"])
+                .arg(file)
+                .output()
+                .ok()?;
+            if !out.status.success() {
+                eprintln!(
+                    "skipped: no loop device: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return None;
+            }
+            loops
+                .0
+                .push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        Some(loops)
+    }
+}
+
+impl Drop for HostLoops {
+    fn drop(&mut self) {
+        for node in &self.0 {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", node])
+                .status();
+        }
+    }
+}
+
+/// Images on block devices go through buffered loop devices like files (so reads share the
+/// block device's page cache), one loop device per block device whichever node names it:
+/// here the device is captured through a node in the image root, and a loop device someone
+/// attached through the device's /dev node is found and reused by device number.
+#[test]
+fn block_device_images_get_one_loop_device_each_whatever_node_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = family(dir.path());
+    let Some(host) = HostLoops::attach(&files[..2]) else {
+        return;
+    };
+    let nodes: Vec<PathBuf> = ["base.dev", "web.dev"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    for (host_node, node) in host.0.iter().zip(&nodes) {
+        alias_node(Path::new(host_node), node);
+    }
+    let kernel = sim(dir.path());
+    // Attached (autoclear, held by this process) through the /dev node, not the captured one.
+    let planted = kernel.plant_loop(Path::new(&host.0[1]), true).unwrap();
+    let daemon = Daemon::start_sim(dir.path(), "");
+    for (node, name) in nodes.iter().zip(["base", "web"]) {
+        ok(&daemon, &["capture", s(node), "--name", name]);
+    }
+    for (name, image) in [("base", "base"), ("web", "web"), ("web2", "web")] {
+        let out = ok(&daemon, &["create", name, image]);
+        assert_eq!(out["device"]["state"], "active", "{out}");
+    }
+    for (name, file) in [("base", &files[0]), ("web", &files[1]), ("web2", &files[1])] {
+        assert!(
+            kernel.read_device(name).unwrap() == std::fs::read(file).unwrap(),
+            "{name} does not serve {}",
+            file.display()
+        );
+    }
+    let state = kernel.state().unwrap();
+    let by_device: Vec<Option<(u32, u32)>> = state.loops.values().map(|l| l.rdev).collect();
+    assert_eq!(
+        state.loops.len(),
+        2,
+        "one loop device per block device: {state:?}"
+    );
+    assert!(by_device.iter().all(Option::is_some), "{by_device:?}");
+    assert_ne!(by_device[0], by_device[1], "{by_device:?}");
+    let planted_dev = format!("7:{planted}");
+    for name in ["web", "web2"] {
+        let status = ok(&daemon, &["status", name]);
+        assert_eq!(status["state"], "active", "{status}");
+        let reads: Vec<&str> = status["reads_from"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            reads.contains(&planted_dev.as_str()),
+            "{name} reads {reads:?}, not {planted_dev}"
+        );
+    }
+    check_invariants(dir.path(), &daemon);
+    // Page-cache figures are of the block devices, sized as devices (st_size is 0).
+    let stats = ok(&daemon, &["stats"]);
+    let sizes: Vec<u64> = stats["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["size"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = files[..2]
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .collect();
+    assert_eq!(sizes, want, "{stats}");
+    // A restart finds the loop devices again and leaves the devices alone.
+    let state_dir = daemon.stop();
+    let daemon = Daemon::start_sim(dir.path(), "");
+    assert_eq!(state_dir, daemon.state);
+    assert_eq!(kernel.state().unwrap().loops.len(), 2);
+    for name in ["base", "web", "web2"] {
+        assert_eq!(ok(&daemon, &["status", name])["state"], "active");
+        ok(&daemon, &["remove", name]);
+    }
+    drop(host);
+}
+
 #[test]
 fn open_devices_are_removed_only_deferred() {
     let dir = tempfile::tempdir().unwrap();
@@ -279,6 +407,8 @@ fn restore_repairs_every_kind_of_leftover() {
     // over a captured image (a crash between LOOP_SET_FD and LOOP_SET_STATUS64).
     kernel.dm_create("stray").unwrap();
     let leaked = kernel.plant_loop(&images[2], false).unwrap();
+    // A writable loop device someone else made over a captured image is not vmar's leftover.
+    let theirs = kernel.plant_loop_as(&images[2], false, false).unwrap();
     let daemon = Daemon::start_sim(dir.path(), "");
     let mut got = states(&daemon);
     got.sort();
@@ -296,6 +426,19 @@ fn restore_repairs_every_kind_of_leftover() {
         !state.loops.contains_key(&leaked),
         "leaked loop not detached: {state:?}"
     );
+    assert!(
+        state.loops.contains_key(&theirs),
+        "someone else's loop device detached: {state:?}"
+    );
+    {
+        use vmar::kernel::Kernel;
+        let info = kernel
+            .loops()
+            .unwrap()
+            .into_iter()
+            .find(|l| l.minor == theirs);
+        kernel.loop_detach(&info.unwrap()).unwrap();
+    }
     assert_eq!(kernel.read("web", 0, 4096).unwrap().len(), 4096);
     kernel.close_device("web").unwrap();
     check_invariants(dir.path(), &daemon);

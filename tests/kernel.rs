@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Block, Daemon, s, write_image};
+use common::{Block, Daemon, alias_node, s, write_image};
 use serde_json::Value;
 
 const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test";
@@ -892,4 +892,335 @@ fn real_concurrent_changes_of_one_name_never_serve_the_wrong_image() {
     let (ok, _) = daemon.json(&["remove", "same"]);
     let _ = ok;
     assert!(dm_cookies().is_empty(), "cookies left: {:?}", dm_cookies());
+}
+
+/// Sectors read from block device `node` since boot (`/sys/dev/block/M:m/stat`, field 3).
+fn sectors_read(node: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(node).unwrap().rdev();
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat")).unwrap();
+    stat.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// Drops clean cached pages, so that what is read next comes from the devices.
+fn drop_caches() {
+    nix::unistd::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// Bytes of block device (or file) `path` in the page cache, in `range` (bytes) or all.
+fn cached(path: &Path, range: Option<(u64, u64)>) -> u64 {
+    use std::io::{Seek, SeekFrom};
+    let size = File::open(path).unwrap().seek(SeekFrom::End(0)).unwrap();
+    let residency = vmar::kernel::real::residency(path, size).unwrap();
+    let page = residency.page_size;
+    let (from, to) = range.unwrap_or((0, size));
+    residency
+        .pages
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| {
+            let at = *i as u64 * page;
+            at >= from && at < to && *p & 1 == 1
+        })
+        .count() as u64
+        * page
+}
+
+/// Loop devices attached by the test, as the images' block devices; detached when dropped.
+struct Lower(Vec<loopdev::LoopDevice>);
+
+impl Lower {
+    fn attach(files: &[PathBuf]) -> Lower {
+        let control = loopdev::LoopControl::open().unwrap();
+        Lower(
+            files
+                .iter()
+                .map(|file| {
+                    let device = control.next_free().unwrap();
+                    device.with().read_only(true).attach(file).unwrap();
+                    device
+                })
+                .collect(),
+        )
+    }
+
+    fn node(&self, i: usize) -> PathBuf {
+        self.0[i].path().unwrap()
+    }
+}
+
+impl Drop for Lower {
+    fn drop(&mut self) {
+        for device in &self.0 {
+            let _ = device.detach();
+        }
+    }
+}
+
+/// The loop devices whose backing file is block device `node` (by device number).
+fn loops_over(node: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(node).unwrap().rdev();
+    let want = vmar::image::device_number(rdev);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") || !entry.path().join("loop").exists() {
+            continue;
+        }
+        let Ok(file) = File::open(format!("/dev/{name}")) else {
+            continue;
+        };
+        if vmar::kernel::real::loop_status(&file).and_then(|s| s.rdev) == want {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// `name`'s live table with every linear target's device replaced through `devices`, as
+/// dmsetup table text.
+fn table_text(daemon: &Daemon, name: &str, devices: &[(String, String)]) -> String {
+    let (ok, out) = daemon.json(&["status", name, "--table"]);
+    assert!(ok, "{out}");
+    let mut text = String::new();
+    for t in out["table"].as_array().unwrap() {
+        let (start, len) = (t["start"].as_u64().unwrap(), t["len"].as_u64().unwrap());
+        match t["type"].as_str().unwrap() {
+            "zero" => text.push_str(&format!("{start} {len} zero\n")),
+            "linear" => {
+                let device = t["device"].as_str().unwrap();
+                let (_, lower) = devices
+                    .iter()
+                    .find(|(vmar_loop, _)| vmar_loop == device)
+                    .unwrap_or_else(|| panic!("{device} is no loop device of {devices:?}"));
+                let offset = t["offset"].as_u64().unwrap();
+                text.push_str(&format!("{start} {len} linear {lower} {offset}\n"));
+            }
+            other => panic!("unexpected target {other}"),
+        }
+    }
+    text
+}
+
+fn device_number(node: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(node).unwrap().rdev();
+    format!(
+        "{}:{}",
+        nix::sys::stat::major(rdev),
+        nix::sys::stat::minor(rdev)
+    )
+}
+
+/// Sectors read from each of `lower` once no read is in flight: the page cache's readahead
+/// for one reader completes after its reads return, and must not count for the next.
+fn settled_reads(lower: &[PathBuf]) -> Vec<u64> {
+    let snapshot = || -> Vec<u64> { lower.iter().map(|l| sectors_read(l)).collect() };
+    let in_flight = || {
+        lower.iter().any(|l| {
+            use std::os::unix::fs::MetadataExt;
+            let rdev = std::fs::metadata(l).unwrap().rdev();
+            let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+            std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/inflight"))
+                .unwrap()
+                .split_whitespace()
+                .any(|n| n != "0")
+        })
+    };
+    let mut last = snapshot();
+    eventually("reads of the block devices to settle", || {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = snapshot();
+        let settled = !in_flight() && now == last;
+        last = now;
+        settled
+    });
+    last
+}
+
+/// Reads all of `first`, then all of `second` (O_DIRECT, from a cold cache) and returns the
+/// bytes read from each of `lower` while `second` was read.
+fn second_reader_cost(first: &Path, second: &Path, lower: &[PathBuf]) -> Vec<u64> {
+    drop_caches();
+    read_direct(first);
+    let before = settled_reads(lower);
+    read_direct(second);
+    settled_reads(lower)
+        .iter()
+        .zip(before)
+        .map(|(after, b)| (after - b) * 512)
+        .collect()
+}
+
+/// Images on block devices share the page cache like image files: the two images are guest
+/// loop devices (as an LVM volume or an iSCSI disk would be), vmar reads them through its
+/// own buffered loop devices, so the blocks `web` shares with `base`, once read through
+/// `base`, cost no read of base's block device when read through `web`, and are cached once,
+/// in base's block device's page cache. The same tables put directly over the block devices
+/// (the path without loop devices) read those blocks from base's device again.
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_block_device_images_share_the_page_cache() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let files = family(dir.path());
+    let lower = Lower::attach(&files[..2]);
+    let lower_nodes = [lower.node(0), lower.node(1)];
+    // A loop device someone else attached (autoclear, held open) over web's device through
+    // its /dev node: vmar must find it by device number and use it.
+    let control = loopdev::LoopControl::open().unwrap();
+    let theirs = control.next_free().unwrap();
+    theirs
+        .with()
+        .read_only(true)
+        .autoclear(true)
+        .attach(&lower_nodes[1])
+        .unwrap();
+    let theirs_number = format!("7:{}", theirs.minor().unwrap());
+    // Captured through nodes of their own in the image root.
+    let daemon = Daemon::start(dir.path());
+    for (name, node) in ["base", "web"].iter().zip(&lower_nodes) {
+        let alias = dir.path().join(format!("{name}.dev"));
+        alias_node(node, &alias);
+        let (ok, out) = daemon.json(&["capture", s(&alias), "--name", name]);
+        assert!(ok, "{out}");
+    }
+    create(&daemon, "base", "base");
+    create(&daemon, "web", "web");
+    create(&daemon, "web2", "web");
+    let _ = std::process::Command::new("udevadm").arg("settle").status();
+    assert_same(&node("base"), &files[0]);
+    assert_same(&node("web"), &files[1]);
+    assert_same(&node("web2"), &files[1]);
+    // One buffered loop device per block device: web's is the one found.
+    let over: Vec<Vec<String>> = lower_nodes.iter().map(|l| loops_over(l)).collect();
+    assert_eq!(over[0].len(), 1, "{over:?}");
+    assert_eq!(over[1].len(), 1, "{over:?}");
+    let vmar_loops: Vec<String> = over
+        .iter()
+        .map(|o| device_number(&PathBuf::from("/dev").join(&o[0])))
+        .collect();
+    assert_eq!(vmar_loops[1], theirs_number);
+    for l in &over {
+        let sys = PathBuf::from("/sys/block").join(&l[0]).join("loop");
+        assert_eq!(
+            std::fs::read_to_string(sys.join("dio")).unwrap().trim(),
+            "0"
+        );
+    }
+    for name in ["web", "web2"] {
+        let (_, status) = daemon.json(&["status", name]);
+        assert_eq!(status["state"], "active", "{status}");
+    }
+    let stats = stats(&daemon, &["web"]);
+    let redirected = stats["devices"][0]["mapped"]["redirected"]
+        .as_u64()
+        .unwrap();
+    let own = stats["devices"][0]["mapped"]["own"].as_u64().unwrap();
+    assert!(redirected > 0 && own > 0, "{stats}");
+
+    // Through vmar: web's redirected blocks come from base's device's page cache.
+    let via_vmar = second_reader_cost(&node("base"), &node("web"), &lower_nodes);
+    // Cached once: in base's device's cache; not in web's device's (its copy of the shared
+    // blocks was never read), not in the dm devices' (O_DIRECT), not in vmar's loop devices'.
+    let shared_range = Some((0, 180 * 4096));
+    let base_cached = cached(&lower_nodes[0], shared_range);
+    let web_cached = cached(&lower_nodes[1], shared_range);
+    let elsewhere: u64 = [node("base"), node("web")]
+        .iter()
+        .chain(
+            over.iter()
+                .map(|o| PathBuf::from("/dev").join(&o[0]))
+                .collect::<Vec<_>>()
+                .iter(),
+        )
+        .map(|p| cached(p, None))
+        .sum();
+    // web2 reads everything from the cache: neither device is read.
+    let before = settled_reads(&lower_nodes);
+    read_direct(&node("web2"));
+    let web2_cost: Vec<u64> = settled_reads(&lower_nodes)
+        .iter()
+        .zip(&before)
+        .map(|(after, b)| (after - b) * 512)
+        .collect();
+
+    // The old path: the same tables directly over the block devices.
+    let lower_numbers: Vec<(String, String)> = vmar_loops
+        .iter()
+        .zip(&lower_nodes)
+        .map(|(v, l)| (v.clone(), device_number(l)))
+        .collect();
+    for name in ["base", "web"] {
+        let table = table_text(&daemon, name, &lower_numbers);
+        let status = std::process::Command::new("dmsetup")
+            .args([
+                "create",
+                &format!("direct-{name}"),
+                "--readonly",
+                "--table",
+                &table,
+            ])
+            .status()
+            .unwrap();
+        assert!(status.success(), "dmsetup create direct-{name}");
+    }
+    let direct = |name: &str| PathBuf::from(format!("/dev/mapper/direct-{name}"));
+    eventually("direct device nodes", || {
+        direct("base").exists() && direct("web").exists()
+    });
+    let _ = std::process::Command::new("udevadm").arg("settle").status();
+    assert_same(&direct("web"), &files[1]);
+    let via_direct = second_reader_cost(&direct("base"), &direct("web"), &lower_nodes);
+
+    eprintln!(
+        "KERNEL-TEST: block-device images, web read after base: {} B redirected, {} B own; \
+         through vmar's loop devices base's device read {} B, web's {} B; web2 after them {} B \
+         and {} B; directly over the devices base's read {} B, web's {} B. Shared blocks \
+         cached: {} B in base's device, {} B in web's, {} B in dm and vmar loop devices",
+        redirected,
+        own,
+        via_vmar[0],
+        via_vmar[1],
+        web2_cost[0],
+        web2_cost[1],
+        via_direct[0],
+        via_direct[1],
+        base_cached,
+        web_cached,
+        elsewhere
+    );
+    assert_eq!(
+        via_vmar[0], 0,
+        "shared blocks read again from base's device"
+    );
+    assert!(
+        via_vmar[1] >= own,
+        "web's own blocks come from its device: {via_vmar:?}"
+    );
+    assert_eq!(web2_cost, vec![0, 0], "a third reader reads nothing");
+    assert!(base_cached >= redirected, "{base_cached} < {redirected}");
+    assert_eq!(
+        web_cached, 0,
+        "web's copy of the shared blocks is cached too"
+    );
+    assert_eq!(elsewhere, 0, "a second copy above the block devices");
+    assert!(
+        via_direct[0] >= redirected,
+        "without loop devices the shared blocks cost {} B of base's device, not >= {redirected}",
+        via_direct[0]
+    );
+    for name in ["base", "web"] {
+        let _ = std::process::Command::new("dmsetup")
+            .args(["remove", &format!("direct-{name}")])
+            .status();
+    }
+    for name in ["base", "web", "web2"] {
+        assert!(daemon.json(&["remove", name]).0, "remove {name}");
+    }
+    drop(theirs);
+    drop(lower);
 }

@@ -19,8 +19,8 @@ use serde_json::Value;
 use vmar::client::Client;
 use vmar::error::ExitClass;
 use vmar::protocol::{
-    CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, ImagesResult,
-    MapResult, PingResult, Progress, Removed, Request, StatsReport, TableResult,
+    CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, ForgetResult,
+    ImagesResult, MapResult, PingResult, Progress, Removed, Request, StatsReport, TableResult,
 };
 use vmar::records::{CaptureStatus, ImageRecord};
 use vmar::verify::VerifyReport;
@@ -62,8 +62,8 @@ enum Command {
         /// Name of the image (only with one image; default: file name without extension).
         #[arg(long)]
         name: Option<String>,
-        /// Capture again an image that changed since it was captured; maps of images
-        /// captured after it are rebuilt.
+        /// Capture again an image that changed since it was captured: the new version is
+        /// captured after every other image, and maps that read from the old one change.
         #[arg(long)]
         recapture: bool,
         /// Capture an image even though its first bytes look like a container format
@@ -478,7 +478,8 @@ enum CaptureEither {
     Result {
         #[serde(flatten)]
         result: Box<CaptureResult>,
-        /// Images whose maps a re-capture rebuilt (the image and those captured after it).
+        /// Images whose maps a re-capture rebuilt (the image and those that read from its
+        /// old version).
         rebuilt: Vec<String>,
     },
     Error {
@@ -489,14 +490,6 @@ enum CaptureEither {
 
 /// Names of the images captured at or after image `id`: those whose maps a re-capture or
 /// forget of `id` rebuilds (the catalog rebuilds the maps from that image on).
-fn rebuilt_after(images: &[ImageRecord], id: vmar::map::ImageId) -> Vec<String> {
-    images
-        .iter()
-        .filter(|i| i.id >= id)
-        .map(|i| i.name.clone())
-        .collect()
-}
-
 fn capture(
     ctx: &Ctx,
     out: &mut dyn Write,
@@ -523,9 +516,11 @@ fn capture(
         };
         let label = format!("capture {}", path.display());
         let outcome = match ctx.call_with_progress::<CaptureResult>(&request, &label) {
-            Ok(result) => {
+            Ok(mut result) => {
                 let rebuilt = if result.status == CaptureStatus::Recaptured {
-                    rebuilt_after(&ctx.images()?.images, result.image.id)
+                    std::iter::once(result.image.name.clone())
+                        .chain(std::mem::take(&mut result.changed))
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -715,9 +710,11 @@ fn forget(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<()> {
     let request = Request::Forget {
         name: name.to_string(),
     };
-    let record: ImageRecord = ctx.call(&request)?;
-    let rebuilt = rebuilt_after(&ctx.images()?.images, record.id);
-    let forgotten = Forgotten { record, rebuilt };
+    let result: ForgetResult = ctx.call(&request)?;
+    let forgotten = Forgotten {
+        record: result.image,
+        rebuilt: result.changed,
+    };
     show(ctx.cli, out, &forgotten, |out, f| {
         writeln!(
             out,
@@ -726,9 +723,9 @@ fn forget(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<()> {
             f.record.path.display()
         )?;
         if f.rebuilt.is_empty() {
-            writeln!(out, "no map rebuilt (no image was captured after it)")?;
+            writeln!(out, "no map changed (no image read from it)")?;
         } else {
-            writeln!(out, "rebuilt the maps of {}", f.rebuilt.join(", "))?;
+            writeln!(out, "changed the maps of {}", f.rebuilt.join(", "))?;
         }
         Ok(())
     })

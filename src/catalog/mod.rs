@@ -70,6 +70,24 @@ const CACHE_BYTES: usize = 32 << 20;
 /// Records per stored chunk of digests or extents.
 const CHUNK_RECORDS: usize = 16 * 1024;
 
+/// What a capture did.
+pub struct Captured {
+    pub record: ImageRecord,
+    pub status: CaptureStatus,
+    /// Other images whose maps changed (a re-capture: they read from the old version).
+    pub changed: Vec<String>,
+}
+
+impl Captured {
+    fn unchanged(record: ImageRecord) -> Captured {
+        Captured {
+            record,
+            status: CaptureStatus::Unchanged,
+            changed: Vec::new(),
+        }
+    }
+}
+
 /// What a capture does, decided from the catalog as it is.
 enum Decision {
     /// The same version of the image is captured already.
@@ -109,7 +127,6 @@ mod rebuild;
 mod recover;
 mod store;
 
-use rebuild::Rebuild;
 pub use recover::Recovery;
 use store::{clear, create_private_dir, existing_state};
 
@@ -470,6 +487,18 @@ impl Catalog {
         recapture: bool,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<(ImageRecord, CaptureStatus)> {
+        let captured = self.capture_changing(image, name, recapture, progress)?;
+        Ok((captured.record, captured.status))
+    }
+
+    /// [`Catalog::capture`], also naming the other images whose maps a re-capture changed.
+    pub fn capture_changing(
+        &self,
+        image: &ImageFile,
+        name: Option<&str>,
+        recapture: bool,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<Captured> {
         if let Some(name) = name {
             validate_name(name)?;
         }
@@ -477,7 +506,7 @@ impl Catalog {
         // hash and commit meanwhile (hashing takes no lock, so captures and device changes
         // never wait for each other's hashing), and what was checked may have changed.
         if let Decision::Unchanged(record) = self.decide(image, name, recapture)? {
-            return Ok((*record, CaptureStatus::Unchanged));
+            return Ok(Captured::unchanged(*record));
         }
         let started = std::time::Instant::now();
         let mut spill = self.spill()?;
@@ -500,7 +529,7 @@ impl Catalog {
         // Changes are serialised: what is checked here stays true until this one commits.
         let mut runs = self.lock()?;
         let (id, name, status) = match self.decide(image, name, recapture)? {
-            Decision::Unchanged(record) => return Ok((*record, CaptureStatus::Unchanged)),
+            Decision::Unchanged(record) => return Ok(Captured::unchanged(*record)),
             Decision::Capture(id, name, status) => (id, name, status),
         };
         let mut record = ImageRecord {
@@ -514,65 +543,95 @@ impl Catalog {
             summary: MapSummary::default(),
             fingerprint: Some(hashed.fingerprint.clone()),
         };
+        let txn = self.write_txn()?;
+        let mut dead = self.dead()?;
+        let mut changed = Vec::new();
+        let mut forgot_run = false;
         if status == CaptureStatus::Recaptured {
-            let rebuild = Rebuild {
-                from: id,
-                replace: Some((record, hashed)),
-                remove: None,
-            };
-            let record = self
-                .rebuild(&mut runs, &mut spill, rebuild)?
-                .ok_or_else(|| self.corrupt("rebuild did not meet the changed image".into()))?;
-            self.write_backup();
-            return Ok((record, status));
+            // A new version of an image is a new capture: the old version is forgotten (its
+            // contents move to their next copies, as `forget` does) and the new one is
+            // resolved after every other image, in the same transaction. The cost follows
+            // the images that read from it, not the catalog's size.
+            let old = self.image_by_id(id)?;
+            let removal = self.forget_in(&txn, &old)?;
+            changed = removal.changed;
+            dead.insert(old.id);
+            record.id = u32::try_from(self.meta_in(&txn, NEXT_ID)?)
+                .map_err(|_| self.corrupt("image ids exhausted".into()))?;
+            if let Some(run) = removal.run {
+                runs.push(run);
+                forgot_run = true;
+            }
         }
-
-        let run_id = self.meta(NEXT_RUN)?;
-        let Hashed { sorted, blocks, .. } = hashed;
-        let dead = self.dead()?;
-        let (writer, map) = self.resolve_image(
-            &mut spill,
-            &record,
-            (sorted, &blocks),
-            (&runs, &dead),
-            run_id,
-        )?;
-        record.summary = map.summary(record.size);
-        let resolved = started.elapsed();
-        let dir = &self.dir;
-        // The new run is synced while the catalog transaction is prepared; it must be durable
-        // before the commit that names it.
-        let (run, txn) = std::thread::scope(|scope| {
-            let syncer = scope.spawn(|| writer.finish());
-            let txn = self.prepare_capture(id, run_id, &blocks, &map, &record);
-            let run = syncer
-                .join()
-                .map_err(|_| self.corrupt("index writer panicked".into()))?;
-            Ok::<_, Error>((run?, txn?))
-        })?;
-        let run_written = started.elapsed();
-        let run_len = run.len() as u64;
-        txn.open_table(RUNS)
-            .ctx(dir)?
-            .insert(run_id, run_len)
-            .ctx(dir)?;
-        txn.open_table(RUN_SUMS)
-            .ctx(dir)?
-            .insert(run_id, index::checksum(&run).as_slice())
-            .ctx(dir)?;
-        self.commit(txn)?;
+        let staged = self.stage_capture(&txn, &mut spill, &mut record, hashed, &runs, &dead);
+        let committed = staged.and_then(|run| match self.commit(txn) {
+            Ok(()) => Ok(run),
+            Err(e) => {
+                self.remove_runs(vec![run]);
+                Err(e)
+            }
+        });
+        let run = match committed {
+            Ok(run) => run,
+            Err(e) => {
+                if forgot_run {
+                    self.remove_runs(runs.pop().into_iter().collect());
+                }
+                return Err(e);
+            }
+        };
         runs.push(run);
         self.write_backup();
         tracing::debug!(
             image = %record.name,
             hashed = ?hashed_at,
-            ?resolved,
-            ?run_written,
             committed = ?started.elapsed(),
             spill = spill.records(),
-            "capture phases"
+            changed = changed.len(),
+            "captured"
         );
-        Ok((record, status))
+        Ok(Captured {
+            record,
+            status,
+            changed,
+        })
+    }
+
+    /// Resolves a hashed image against the index and stages it in `txn`: its digests, map,
+    /// references, record and counters, and its new index run (synced while the transaction
+    /// is filled: it must be durable before the commit that names it).
+    fn stage_capture(
+        &self,
+        txn: &WriteTransaction,
+        spill: &mut Spill,
+        record: &mut ImageRecord,
+        hashed: Hashed,
+        runs: &[Run],
+        dead: &BTreeSet<ImageId>,
+    ) -> Result<Run> {
+        let run_id = self.meta_in(txn, NEXT_RUN)?;
+        let Hashed { sorted, blocks, .. } = hashed;
+        let (writer, map) =
+            self.resolve_image(spill, record, (sorted, &blocks), (runs, dead), run_id)?;
+        record.summary = map.summary(record.size);
+        let record = &*record;
+        let (run, filled) = std::thread::scope(|scope| {
+            let syncer = scope.spawn(|| writer.finish());
+            let filled = self.fill_capture(txn, run_id, &blocks, &map, record);
+            let run = syncer
+                .join()
+                .map_err(|_| self.corrupt("index writer panicked".into()));
+            (run, filled)
+        });
+        let run = run??;
+        let staged = filled.and_then(|()| self.name_run(txn, &run));
+        match staged {
+            Ok(()) => Ok(run),
+            Err(e) => {
+                self.remove_runs(vec![run]);
+                Err(e)
+            }
+        }
     }
 
     /// Resolves an image's digests (sorted by digest, and by block) against `runs` (skipping
@@ -601,27 +660,24 @@ impl Catalog {
         Ok((writer, map))
     }
 
-    /// A transaction holding a new image's digests, map, record and counters.
-    fn prepare_capture(
+    /// Puts a new image's digests, map, references, record and counters into `txn`.
+    fn fill_capture(
         &self,
-        id: ImageId,
+        txn: &WriteTransaction,
         run_id: u64,
         digests: &BlockDigests,
         map: &BlockMap,
         record: &ImageRecord,
-    ) -> Result<WriteTransaction> {
+    ) -> Result<()> {
         let dir = &self.dir;
-        let txn = self.write_txn()?;
-        self.write_digests(&txn, id, digests)?;
-        self.write_map(&txn, map)?;
-        self.add_refs(&txn, map)?;
-        self.write_record(&txn, record)?;
-        {
-            let mut meta = txn.open_table(META).ctx(dir)?;
-            meta.insert(NEXT_ID, u64::from(id) + 1).ctx(dir)?;
-            meta.insert(NEXT_RUN, run_id + 1).ctx(dir)?;
-        }
-        Ok(txn)
+        self.write_digests(txn, record.id, digests)?;
+        self.write_map(txn, map)?;
+        self.add_refs(txn, map)?;
+        self.write_record(txn, record)?;
+        let mut meta = txn.open_table(META).ctx(dir)?;
+        meta.insert(NEXT_ID, u64::from(record.id) + 1).ctx(dir)?;
+        meta.insert(NEXT_RUN, run_id + 1).ctx(dir)?;
+        Ok(())
     }
 
     /// Saved devices, by name.

@@ -7,15 +7,6 @@ use std::collections::HashMap;
 use super::store::RunStamp;
 use super::*;
 
-/// A change to the catalog that needs the index rebuilt from image `from` on.
-pub(super) struct Rebuild {
-    pub(super) from: ImageId,
-    /// New record and digests of a re-captured image.
-    pub(super) replace: Option<(ImageRecord, Hashed)>,
-    /// An image being removed.
-    pub(super) remove: Option<ImageRecord>,
-}
-
 impl Catalog {
     /// Opens the committed index runs, checking each against the checksum the catalog holds
     /// for it. A missing or damaged run is derived data: the index is rebuilt from the
@@ -62,15 +53,7 @@ impl Catalog {
             tracing::error!("{e}: rebuilding the content index from the stored digests");
             drop(runs);
             let mut runs = Vec::new();
-            self.rebuild(
-                &mut runs,
-                &mut self.spill()?,
-                Rebuild {
-                    from: ImageId::MAX,
-                    replace: None,
-                    remove: None,
-                },
-            )?;
+            self.rebuild_index(&mut runs, &mut self.spill()?)?;
             return Ok(runs);
         }
         // Runs written before checksums were kept get one now (trusted as they are).
@@ -108,7 +91,8 @@ impl Catalog {
         Ok(sums)
     }
 
-    /// Removes image `name` from the catalog. Images captured after it that redirected to it
+    /// Removes image `name` from the catalog and returns its record and the names of the
+    /// images whose maps changed. Images captured after it that redirected to it
     /// get new maps: each content the image held canonically moves to its first copy in the
     /// earliest of them, and the others redirect there. Refused while a saved device serves
     /// the image.
@@ -117,7 +101,7 @@ impl Catalog {
     /// [`REFS`], only their maps and the forgotten image's digests are read, and the moved
     /// contents go into one small new index run; the forgotten image's old entries stay in
     /// their runs, skipped by lookups ([`DEAD`]) until a merge drops them.
-    pub fn forget(&self, name: &str) -> Result<ImageRecord> {
+    pub fn forget(&self, name: &str) -> Result<(ImageRecord, Vec<String>)> {
         if let Some(device) = self.images_in_use()?.remove(name) {
             return Err(Error::ImageInUse {
                 name: name.to_string(),
@@ -127,9 +111,27 @@ impl Catalog {
         let mut runs = self.lock()?;
         let record = self.image(name)?;
         let started = std::time::Instant::now();
+        let txn = self.write_txn()?;
+        let removal = self.forget_in(&txn, &record)?;
+        if let Err(e) = self.commit(txn) {
+            self.remove_runs(removal.run.into_iter().collect());
+            return Err(e);
+        }
+        runs.extend(removal.run);
+        self.write_backup();
+        tracing::debug!(image = %record.name, changed = removal.changed.len(), took = ?started.elapsed(), "forgotten");
+        Ok((record, removal.changed))
+    }
+
+    /// Removes `record` from the catalog in `txn` (see [`Catalog::forget`]); the caller
+    /// commits, or removes the returned run if it does not.
+    pub(super) fn forget_in(
+        &self,
+        txn: &WriteTransaction,
+        record: &ImageRecord,
+    ) -> Result<Removal> {
         let dir = &self.dir;
         let k = record.id;
-        let txn = self.write_txn()?;
         let affected: Vec<ImageId> = {
             let refs = txn.open_table(REFS).ctx(dir)?;
             let mut ids = Vec::new();
@@ -138,27 +140,28 @@ impl Catalog {
             }
             ids
         };
-        let mut new_run = None;
+        let mut removal = Removal::default();
         if !affected.is_empty() {
-            let entries = self.move_canonical_copies(&txn, &record, &affected)?;
-            let run_id = self.meta_in(&txn, NEXT_RUN)?;
+            let (entries, changed) = self.move_canonical_copies(txn, record, &affected)?;
+            removal.changed = changed;
+            let run_id = self.meta_in(txn, NEXT_RUN)?;
             let run = index::write_run(&self.index_dir, run_id, entries.into_iter())?;
-            txn.open_table(RUNS)
-                .ctx(dir)?
-                .insert(run_id, run.len() as u64)
-                .ctx(dir)?;
-            txn.open_table(RUN_SUMS)
-                .ctx(dir)?
-                .insert(run_id, index::checksum(&run).as_slice())
-                .ctx(dir)?;
-            txn.open_table(META)
-                .ctx(dir)?
-                .insert(NEXT_RUN, run_id + 1)
-                .ctx(dir)?;
-            new_run = Some(run);
+            let staged = (|| {
+                self.name_run(txn, &run)?;
+                txn.open_table(META)
+                    .ctx(dir)?
+                    .insert(NEXT_RUN, run_id + 1)
+                    .ctx(dir)?;
+                Ok(())
+            })();
+            if let Err(e) = staged {
+                self.remove_runs(vec![run]);
+                return Err(e);
+            }
+            removal.run = Some(run);
         }
         let removed = (|| {
-            let map = self.map_in(&txn, k, record.size)?;
+            let map = self.map_in(txn, k, record.size)?;
             {
                 let mut refs = txn.open_table(REFS).ctx(dir)?;
                 for target in map.redirects_by_image().keys() {
@@ -168,8 +171,8 @@ impl Catalog {
                     refs.remove((k, *j)).ctx(dir)?;
                 }
             }
-            clear(&txn, EXTENTS, k, dir)?;
-            clear(&txn, DIGESTS, k, dir)?;
+            clear(txn, EXTENTS, k, dir)?;
+            clear(txn, DIGESTS, k, dir)?;
             txn.open_table(IMAGES).ctx(dir)?.remove(k).ctx(dir)?;
             txn.open_table(NAMES)
                 .ctx(dir)?
@@ -178,17 +181,11 @@ impl Catalog {
             txn.open_table(DEAD).ctx(dir)?.insert(k, 0).ctx(dir)?;
             Ok(())
         })();
-        let committed = removed.and_then(|()| self.commit(txn));
-        if let Err(e) = committed {
-            if let Some(run) = new_run {
-                self.remove_runs(vec![run]);
-            }
+        if let Err(e) = removed {
+            self.remove_runs(removal.run.into_iter().collect());
             return Err(e);
         }
-        runs.extend(new_run);
-        self.write_backup();
-        tracing::debug!(image = %record.name, changed = affected.len(), took = ?started.elapsed(), "forgotten");
-        Ok(record)
+        Ok(removal)
     }
 
     /// Rewrites the maps of `affected` (the images redirecting to `gone`, in capture order) so
@@ -199,7 +196,7 @@ impl Catalog {
         txn: &WriteTransaction,
         gone: &ImageRecord,
         affected: &[ImageId],
-    ) -> Result<Vec<index::Entry>> {
+    ) -> Result<(Vec<index::Entry>, Vec<String>)> {
         let dir = &self.dir;
         // The content behind each redirect into `gone` is the digest of the block it names.
         let digests = self.digest_list_in(txn, gone.id)?;
@@ -217,6 +214,7 @@ impl Catalog {
         // Block of `gone` -> its content's new canonical copy.
         let mut moved: HashMap<u64, (ImageId, u64)> = HashMap::new();
         let mut entries = Vec::new();
+        let mut changed = Vec::new();
         for &j in affected {
             let mut record = self.record_in(txn, j)?;
             let old = self.map_in(txn, j, record.size)?;
@@ -263,9 +261,24 @@ impl Catalog {
             clear(txn, EXTENTS, j, dir)?;
             self.write_map(txn, &map)?;
             self.write_record(txn, &record)?;
+            changed.push(record.name);
         }
         entries.sort_unstable_by_key(|e| e.digest);
-        Ok(entries)
+        Ok((entries, changed))
+    }
+
+    /// Names `run` in the catalog's list of runs, with its checksum.
+    pub(super) fn name_run(&self, txn: &WriteTransaction, run: &Run) -> Result<()> {
+        let dir = &self.dir;
+        txn.open_table(RUNS)
+            .ctx(dir)?
+            .insert(run.id, run.len() as u64)
+            .ctx(dir)?;
+        txn.open_table(RUN_SUMS)
+            .ctx(dir)?
+            .insert(run.id, index::checksum(run).as_slice())
+            .ctx(dir)?;
+        Ok(())
     }
 
     /// Records which images `map` redirects to.
@@ -363,47 +376,20 @@ impl Catalog {
         }
     }
 
-    /// Rebuilds the index from scratch over all images in capture order, with one image
-    /// replaced or removed, and rewrites the maps of images `from` and later. Maps of earlier
-    /// images come out identical, so they are not rewritten.
-    pub(super) fn rebuild(
-        &self,
-        runs: &mut Vec<Run>,
-        spill: &mut Spill,
-        change: Rebuild,
-    ) -> Result<Option<ImageRecord>> {
+    /// Rebuilds the index from scratch from the stored digests of all images, in capture
+    /// order (a damaged run). Maps do not change: the canonical copies are the same.
+    pub(super) fn rebuild_index(&self, runs: &mut Vec<Run>, spill: &mut Spill) -> Result<()> {
         let dir = &self.dir;
         let mut next_run = self.meta(NEXT_RUN)?;
         let mut new_runs: Vec<Run> = Vec::new();
-        let mut result = None;
         let txn = self.write_txn()?;
         let ids = self.ids(&txn)?;
         let outcome = (|| {
-            // Maps before `from` stay as they are, and so do their references; the new runs
-            // hold no entry of a forgotten image.
-            txn.open_table(REFS)
-                .ctx(dir)?
-                .retain(|(_, source), _| source < change.from)
-                .ctx(dir)?;
-            txn.open_table(DEAD)
-                .ctx(dir)?
-                .retain(|_, _| false)
-                .ctx(dir)?;
-            let mut replace = change.replace;
             for id in ids {
-                if change.remove.as_ref().is_some_and(|r| r.id == id) {
-                    continue;
-                }
-                let (mut record, hashed, replaced) = match replace.take_if(|(r, _)| r.id == id) {
-                    Some((record, hashed)) => (record, hashed, true),
-                    None => {
-                        let record = self.record_in(&txn, id)?;
-                        let mut collector = spill.digests(record.size)?;
-                        self.read_digests(&txn, id, &mut collector)?;
-                        (record, collector.finish()?, false)
-                    }
-                };
-                let Hashed { sorted, blocks, .. } = hashed;
+                let record = self.record_in(&txn, id)?;
+                let mut collector = spill.digests(record.size)?;
+                self.read_digests(&txn, id, &mut collector)?;
+                let Hashed { sorted, blocks, .. } = collector.finish()?;
                 let (writer, map) = self.resolve_image(
                     spill,
                     &record,
@@ -411,9 +397,16 @@ impl Catalog {
                     (&new_runs, &BTreeSet::new()),
                     next_run,
                 )?;
-                let run = writer.finish()?;
+                if map != self.map_in(&txn, id, record.size)? {
+                    // Kept as it is: live devices may serve it, and every block it names
+                    // holds the content the digests say.
+                    tracing::warn!(
+                        image = %record.name,
+                        "the stored map differs from a fresh resolution of its digests"
+                    );
+                }
+                new_runs.push(writer.finish()?);
                 next_run += 1;
-                new_runs.push(run);
                 while index::should_merge(&new_runs) {
                     let n = new_runs.len();
                     let merged = index::merge_runs(
@@ -428,33 +421,6 @@ impl Catalog {
                     new_runs.push(merged);
                     self.remove_runs(old);
                 }
-                if id >= change.from {
-                    record.summary = map.summary(record.size);
-                    clear(&txn, EXTENTS, id, dir)?;
-                    self.write_map(&txn, &map)?;
-                    self.add_refs(&txn, &map)?;
-                    if replaced {
-                        clear(&txn, DIGESTS, id, dir)?;
-                        self.write_digests(&txn, id, &blocks)?;
-                    }
-                    self.write_record(&txn, &record)?;
-                    if replaced {
-                        result = Some(record);
-                    }
-                }
-            }
-            if let Some(removed) = &change.remove {
-                clear(&txn, EXTENTS, removed.id, dir)?;
-                clear(&txn, DIGESTS, removed.id, dir)?;
-                txn.open_table(IMAGES)
-                    .ctx(dir)?
-                    .remove(removed.id)
-                    .ctx(dir)?;
-                txn.open_table(NAMES)
-                    .ctx(dir)?
-                    .remove(removed.name.as_str())
-                    .ctx(dir)?;
-                result = Some(removed.clone());
             }
             let mut table = txn.open_table(RUNS).ctx(dir)?;
             table.retain(|_, _| false).ctx(dir)?;
@@ -467,6 +433,11 @@ impl Catalog {
                 sums.insert(run.id, index::checksum(run).as_slice())
                     .ctx(dir)?;
             }
+            // The new runs hold no entry of a forgotten image.
+            txn.open_table(DEAD)
+                .ctx(dir)?
+                .retain(|_, _| false)
+                .ctx(dir)?;
             txn.open_table(META)
                 .ctx(dir)?
                 .insert(NEXT_RUN, next_run)
@@ -480,6 +451,14 @@ impl Catalog {
         self.commit(txn)?;
         let old = std::mem::replace(runs, new_runs);
         self.remove_runs(old);
-        Ok(result)
+        Ok(())
     }
+}
+
+/// What forgetting an image staged: the run of its contents' new canonical copies, and the
+/// images whose maps changed.
+#[derive(Default)]
+pub(super) struct Removal {
+    pub(super) run: Option<Run>,
+    pub(super) changed: Vec<String>,
 }

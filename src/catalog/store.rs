@@ -703,7 +703,8 @@ mod tests {
         let catalog = Catalog::open(&state).unwrap();
         assert_eq!(refs(&catalog), want);
         // Forgetting a moves A to b (the earliest copy); c now reads it from b.
-        catalog.forget("a").unwrap();
+        let (_, changed) = catalog.forget("a").unwrap();
+        assert_eq!(changed, ["b", "c"]);
         assert_eq!(refs(&catalog), vec![((1, 2), 1), ((2, 3), 1)]);
         assert_eq!(catalog.dead().unwrap(), BTreeSet::from([0]));
         let (_, c) = catalog.map("c").unwrap();

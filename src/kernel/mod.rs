@@ -89,6 +89,10 @@ pub struct LoopInfo {
     /// Device and inode of the backing file (`LOOP_GET_STATUS64`), when known.
     #[serde(default)]
     pub backing_file_id: Option<(u64, u64)>,
+    /// (major, minor) of the backing file when it is a block device (`LOOP_GET_STATUS64`'s
+    /// `lo_rdevice`): one device has one number whichever node it was opened through.
+    #[serde(default)]
+    pub backing_rdev: Option<crate::image::DeviceNumber>,
     pub read_only: bool,
     pub direct_io: bool,
     pub autoclear: bool,
@@ -116,12 +120,23 @@ impl LoopInfo {
 }
 
 impl LoopInfo {
-    /// Whether its backing file is the image at `image` with `identity`: by device and inode
-    /// when both are known (regular files), else by name.
+    /// Whether its backing file is the image at `image` with `identity`: a block device by
+    /// its number (the same device through `/dev/vg/lv`, `/dev/dm-3` or a node elsewhere), a
+    /// regular file by device and inode, when the kernel told them; else by name.
     pub fn backs(&self, image: &Path, identity: &ImageIdentity) -> bool {
-        match self.backing_file_id {
-            Some(id) if identity.ino != 0 => id == (identity.dev, identity.ino),
-            _ => self.backing.as_deref() == Some(image),
+        if let Some(device) = identity.block_device() {
+            return match (self.backing_rdev, self.backing_file_id) {
+                (Some(rdev), _) => rdev == device,
+                // Backed by a regular file: not this device.
+                (None, Some(_)) => false,
+                (None, None) => self.backing.as_deref() == Some(image),
+            };
+        }
+        match (self.backing_file_id, self.backing_rdev) {
+            // A block device's node has a device and inode too; a file is never one.
+            (_, Some(_)) => false,
+            (Some(id), None) => id == (identity.dev, identity.ino),
+            (None, None) => self.backing.as_deref() == Some(image),
         }
     }
 }
@@ -290,6 +305,7 @@ mod tests {
             size: 4096,
             mtime_ns: 0,
             ctime_ns: None,
+            block_id: None,
         }
     }
 
@@ -302,6 +318,7 @@ mod tests {
             // As a loop device attached in vmard's mount namespace under systemd names it.
             backing: Some(PathBuf::from("/images/web.raw")),
             backing_file_id: Some((64, 12)),
+            backing_rdev: None,
             read_only: true,
             direct_io: false,
             autoclear: true,
@@ -319,8 +336,44 @@ mod tests {
         assert!(unknown.serves(Path::new("/images/web.raw"), &identity(64, 12)));
         let no_autoclear = LoopInfo {
             autoclear: false,
-            ..l
+            ..l.clone()
         };
         assert!(!no_autoclear.serves(path, &identity(64, 12)));
+    }
+
+    #[test]
+    fn loop_devices_over_block_devices_are_matched_by_device_number() {
+        // /dev/dm-3 (253:3) as captured; the loop device was attached through the node
+        // /dev/vg/lv resolves to, or through another node of the same device elsewhere.
+        let device = identity(nix::sys::stat::makedev(253, 3), 0);
+        let over = |rdev: Option<(u32, u32)>, node: &str| LoopInfo {
+            node: PathBuf::from("/dev/loop1"),
+            major: 7,
+            minor: 1,
+            backing: Some(PathBuf::from(node)),
+            // The node's own device (devtmpfs) and inode.
+            backing_file_id: Some((6, 700)),
+            backing_rdev: rdev,
+            read_only: true,
+            direct_io: false,
+            autoclear: true,
+            offset: 0,
+            size_limit: 0,
+        };
+        let path = Path::new("/dev/dm-3");
+        assert!(over(Some((253, 3)), "/dev/dm-3").serves(path, &device));
+        assert!(over(Some((253, 3)), "/srv/images/lv-node").serves(path, &device));
+        assert!(!over(Some((253, 4)), "/dev/dm-3").serves(path, &device));
+        // A loop device over a regular file is never a block device's, whatever its name.
+        assert!(!over(None, "/dev/dm-3").serves(path, &device));
+        // And a block device's node is never a regular file's, even with equal numbers.
+        assert!(!over(Some((253, 3)), "/img").serves(Path::new("/img"), &identity(6, 700)));
+        // Without numbers from the kernel, by name.
+        let unknown = LoopInfo {
+            backing_file_id: None,
+            ..over(None, "/dev/dm-3")
+        };
+        assert!(unknown.serves(path, &device));
+        assert!(!unknown.serves(Path::new("/dev/dm-4"), &device));
     }
 }

@@ -293,6 +293,7 @@ impl Kernel for RealKernel {
             else {
                 continue;
             };
+            let status = loop_status_of(&PathBuf::from("/dev").join(&name));
             let flag = |f: &str| read_sys(&sys.join(f)).as_deref() == Some("1");
             let number = |f: &str| {
                 read_sys(&sys.join(f))
@@ -310,7 +311,8 @@ impl Kernel for RealKernel {
                 autoclear: flag("loop/autoclear"),
                 offset: number("loop/offset"),
                 size_limit: number("loop/sizelimit"),
-                backing_file_id: backing_file_id(&PathBuf::from("/dev").join(&name)),
+                backing_file_id: status.map(|s| (s.device, s.inode)),
+                backing_rdev: status.and_then(|s| s.rdev),
             });
         }
         found.sort_by_key(|l| l.minor);
@@ -450,15 +452,46 @@ const LO_FLAGS_AUTOCLEAR: u32 = 4;
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
 nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
 
-/// Device and inode of the file behind loop device `node` (`LOOP_GET_STATUS64`); `None` if
-/// it cannot be asked (e.g. detached meanwhile).
-fn backing_file_id(node: &Path) -> Option<(u64, u64)> {
-    let file = File::open(node).ok()?;
+/// What `LOOP_GET_STATUS64` says of a loop device's backing file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoopStatus {
+    /// Device of the file system holding the backing file (for a block device: the one
+    /// holding the node it was opened through, e.g. devtmpfs).
+    pub device: u64,
+    /// Inode of the backing file (for a block device: of that node).
+    pub inode: u64,
+    /// (major, minor) of the backing block device; `None` for a regular file.
+    pub rdev: Option<crate::image::DeviceNumber>,
+    pub offset: u64,
+    pub size_limit: u64,
+}
+
+/// `LOOP_GET_STATUS64` of the loop device open as `file`; `None` if it is not one or is
+/// detached.
+pub fn loop_status(file: &File) -> Option<LoopStatus> {
     // SAFETY: LoopInfo64 is plain integers and arrays, valid when zeroed.
     let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a `struct loop_info64` the kernel fills in; `file` is a loop device.
+    // SAFETY: `info` is a `struct loop_info64` the kernel fills in; on anything but a loop
+    // device the ioctl fails without touching it.
     unsafe { loop_get_status64(file.as_raw_fd(), &mut info) }.ok()?;
-    Some((info.lo_device, info.lo_inode))
+    // The kernel encodes rdev as huge_encode_dev, which glibc's major/minor decode.
+    let rdev = if info.lo_rdevice == 0 {
+        None
+    } else {
+        crate::image::device_number(info.lo_rdevice)
+    };
+    Some(LoopStatus {
+        device: info.lo_device,
+        inode: info.lo_inode,
+        rdev,
+        offset: info.lo_offset,
+        size_limit: info.lo_sizelimit,
+    })
+}
+
+/// [`loop_status`] of loop device `node`.
+fn loop_status_of(node: &Path) -> Option<LoopStatus> {
+    loop_status(&File::open(node).ok()?)
 }
 
 /// Attaches `file` to the loop device `node` read-only, buffered and autoclear in one ioctl
@@ -635,11 +668,37 @@ mod loop_tests {
             return;
         }
         let node = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let found = backing_file_id(Path::new(&node));
-        let _ = std::process::Command::new("losetup")
-            .args(["-d", &node])
-            .status();
+        let found = loop_status_of(Path::new(&node));
+        // A loop device over that loop device: its backing file is a block device, which
+        // the status names by number.
+        let stacked = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--read-only", &node])
+            .output()
+            .unwrap();
+        let stacked = String::from_utf8(stacked.stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        let over_device = loop_status_of(Path::new(&stacked));
+        for device in [&stacked, &node] {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", device])
+                .status();
+        }
         let meta = std::fs::metadata(&image).unwrap();
-        assert_eq!(found, Some((meta.dev(), meta.ino())), "{node}");
+        let found = found.unwrap();
+        assert_eq!(
+            (found.device, found.inode),
+            (meta.dev(), meta.ino()),
+            "{node}"
+        );
+        assert_eq!(found.rdev, None);
+        let node_meta = std::fs::metadata(&node).unwrap();
+        let over_device = over_device.unwrap_or_else(|| panic!("no status of {stacked}"));
+        assert_eq!(
+            over_device.rdev,
+            crate::image::device_number(node_meta.rdev()),
+            "{stacked} over {node}"
+        );
     }
 }

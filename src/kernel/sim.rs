@@ -24,7 +24,7 @@ use super::{
     AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
 };
 use crate::error::{Error, Result};
-use crate::image::ImageFile;
+use crate::image::{DeviceNumber, ImageFile, device_number};
 use crate::table::{BlockDev, Target, TargetKind};
 use crate::units::{Sectors, usize_of};
 
@@ -61,9 +61,13 @@ pub struct SimRegion {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimLoop {
     pub backing: PathBuf,
-    /// Device and inode of the backing file.
+    /// Device and inode of the backing file (of the node it was opened through, for a block
+    /// device), as `LOOP_GET_STATUS64` reports them.
     #[serde(default)]
     pub file_id: Option<(u64, u64)>,
+    /// (major, minor) of the backing block device; `None` for a regular file.
+    #[serde(default)]
+    pub rdev: Option<DeviceNumber>,
     pub size: u64,
     pub read_only: bool,
     pub autoclear: bool,
@@ -195,6 +199,24 @@ impl SimState {
         }
         Ok(())
     }
+}
+
+/// Device and inode of a loop device's backing file, and its number if it is a block device.
+type BackingIds = (Option<(u64, u64)>, Option<DeviceNumber>);
+
+/// What the real kernel's `LOOP_GET_STATUS64` reports of backing file `file`: the device and
+/// inode it was opened through, and its device number if it is a block device.
+fn backing_ids(file: &File, path: &Path) -> Result<BackingIds> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("cannot stat", path, e))?;
+    let rdev = if meta.file_type().is_block_device() {
+        device_number(meta.rdev())
+    } else {
+        None
+    };
+    Ok((Some((meta.dev(), meta.ino())), rdev))
 }
 
 /// Removes `name` from `state` once it is closed, if its removal was deferred.
@@ -386,11 +408,20 @@ impl SimKernel {
 
     /// Attaches `path` to a loop device as another program would, e.g. without autoclear
     /// (what a crash between `LOOP_SET_FD` and `LOOP_SET_STATUS64` leaves). Returns its minor.
+    /// `path` may be a block device, named by any of its nodes.
     pub fn plant_loop(&self, path: &Path, autoclear: bool) -> Result<u32> {
-        let meta = fs::metadata(path).map_err(|e| Error::io("cannot stat", path, e))?;
-        let (size, file_id) = {
-            use std::os::unix::fs::MetadataExt;
-            (meta.len(), Some((meta.dev(), meta.ino())))
+        self.plant_loop_as(path, autoclear, true)
+    }
+
+    /// [`SimKernel::plant_loop`], read-only or writable.
+    pub fn plant_loop_as(&self, path: &Path, autoclear: bool, read_only: bool) -> Result<u32> {
+        let file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+        let (file_id, rdev) = backing_ids(&file, path)?;
+        let size = {
+            use std::io::{Seek, SeekFrom};
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| Error::io("cannot size", path, e))?
         };
         self.change(|s| {
             let minor = (0..).find(|m| !s.loops.contains_key(m)).unwrap_or(0);
@@ -399,8 +430,9 @@ impl SimKernel {
                 SimLoop {
                     backing: path.to_path_buf(),
                     file_id,
+                    rdev,
                     size,
-                    read_only: true,
+                    read_only,
                     autoclear,
                     holders: if autoclear {
                         vec![std::process::id()]
@@ -437,6 +469,7 @@ impl SimKernel {
             minor,
             backing: Some(l.backing.clone()),
             backing_file_id: l.file_id,
+            backing_rdev: l.rdev,
             read_only: l.read_only,
             direct_io: false,
             autoclear: l.autoclear,
@@ -654,12 +687,13 @@ impl Kernel for SimKernel {
     }
 
     fn loop_attach(&self, image: &ImageFile) -> Result<LoopHold> {
+        let (file_id, rdev) = backing_ids(&image.file, &image.path)?;
         let (minor, info) = self.change(|s| {
             let minor = (0..).find(|m| !s.loops.contains_key(m)).unwrap_or(0);
             let l = SimLoop {
                 backing: image.path.clone(),
-                file_id: (image.identity.ino != 0)
-                    .then_some((image.identity.dev, image.identity.ino)),
+                file_id,
+                rdev,
                 size: image.size,
                 read_only: true,
                 autoclear: true,

@@ -311,3 +311,16 @@ pub fn vmarctl(socket: &Path, args: &[&str]) -> Output {
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// Makes a block-device node at `at` for the device node `of` names: another name of it.
+pub fn alias_node(of: &Path, at: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = std::fs::metadata(of).unwrap().rdev();
+    nix::sys::stat::mknod(
+        at,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        rdev,
+    )
+    .unwrap_or_else(|e| panic!("mknod {}: {e}", at.display()));
+}

@@ -67,7 +67,7 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
     ),
     (
         "forget",
-        "Forget an image; the maps rebuilt are listed",
+        "Forget an image; the maps that read from it change and are listed",
         "vmarctl forget base",
     ),
     (
