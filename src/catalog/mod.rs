@@ -37,6 +37,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// id -> JSON of [`ImageRecord`].
 const IMAGES: TableDefinition<u32, &[u8]> = TableDefinition::new("images");
 const NAMES: TableDefinition<&str, u32> = TableDefinition::new("image_names");
+/// Image path (bytes) -> id: finding the image at a path without reading every record.
+const PATHS: TableDefinition<&[u8], u32> = TableDefinition::new("image_paths");
 /// (image, chunk) -> digests of non-zero blocks, [`DIGEST_RECORD`] bytes each, block order.
 const DIGESTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("digests");
 /// (image, chunk) -> extents of the map, [`EXTENT_RECORD`] bytes each, in order.
@@ -61,6 +63,8 @@ const NEXT_RUN: &str = "next_run_id";
 /// Set once [`REFS`] holds every image's references (catalogs from before it are filled in
 /// on open).
 const REFS_BUILT: &str = "refs_built";
+/// Set once [`PATHS`] names every image (filled in on open, like [`REFS_BUILT`]).
+const PATHS_BUILT: &str = "paths_built";
 /// File name of the catalog inside the state directory.
 pub const CATALOG_FILE: &str = "catalog.redb";
 /// Directory of the content index runs inside the state directory.
@@ -303,9 +307,13 @@ impl Catalog {
             txn.open_table(RUN_SUMS).ctx(dir)?;
             txn.open_table(REFS).ctx(dir)?;
             txn.open_table(DEAD).ctx(dir)?;
+            txn.open_table(PATHS).ctx(dir)?;
         }
         if self.meta_in(&txn, REFS_BUILT)? == 0 {
             self.build_refs(&txn)?;
+        }
+        if self.meta_in(&txn, PATHS_BUILT)? == 0 {
+            self.build_paths(&txn)?;
         }
         fault::point("catalog.init")?;
         txn.commit().ctx(dir)?;
@@ -349,7 +357,22 @@ impl Catalog {
 
     /// The image captured from `path` (canonical), if any.
     pub fn image_at(&self, path: &Path) -> Result<Option<ImageRecord>> {
-        Ok(self.images()?.into_iter().find(|r| r.path == path))
+        let dir = &self.dir;
+        let txn = self.read_txn()?;
+        let paths = txn.open_table(PATHS).ctx(dir)?;
+        let Some(id) = paths.get(path_key(path)).ctx(dir)?.map(|v| v.value()) else {
+            return Ok(None);
+        };
+        let images = txn.open_table(IMAGES).ctx(dir)?;
+        let record = images.get(id).ctx(dir)?;
+        let record = record.ok_or_else(|| {
+            self.corrupt(format!(
+                "path {} points to missing image {id}",
+                path.display()
+            ))
+        })?;
+        let record = self.decode(record.value())?;
+        Ok((record.path == path).then_some(record))
     }
 
     /// The image called `name`.
@@ -766,6 +789,12 @@ impl Catalog {
         let meta = txn.open_table(META).ctx(dir)?;
         Ok(meta.get(key).ctx(dir)?.map(|v| v.value()).unwrap_or(0))
     }
+}
+
+/// The key of `path` in [`PATHS`]: its bytes, whatever their encoding.
+fn path_key(path: &Path) -> &[u8] {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str().as_bytes()
 }
 
 /// The map of an image from its non-zero blocks and the redirects among them (both in block

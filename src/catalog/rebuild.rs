@@ -178,6 +178,10 @@ impl Catalog {
                 .ctx(dir)?
                 .remove(record.name.as_str())
                 .ctx(dir)?;
+            txn.open_table(PATHS)
+                .ctx(dir)?
+                .remove(path_key(&record.path))
+                .ctx(dir)?;
             txn.open_table(DEAD).ctx(dir)?.insert(k, 0).ctx(dir)?;
             Ok(())
         })();
@@ -304,6 +308,27 @@ impl Catalog {
             .ctx(&self.dir)?
             .insert(REFS_BUILT, 1)
             .ctx(&self.dir)?;
+        Ok(())
+    }
+
+    /// Fills [`PATHS`] from every record (catalogs written before it existed).
+    pub(super) fn build_paths(&self, txn: &WriteTransaction) -> Result<()> {
+        let dir = &self.dir;
+        txn.open_table(PATHS)
+            .ctx(dir)?
+            .retain(|_, _| false)
+            .ctx(dir)?;
+        for id in self.ids(txn)? {
+            let record = self.record_in(txn, id)?;
+            txn.open_table(PATHS)
+                .ctx(dir)?
+                .insert(path_key(&record.path), id)
+                .ctx(dir)?;
+        }
+        txn.open_table(META)
+            .ctx(dir)?
+            .insert(PATHS_BUILT, 1)
+            .ctx(dir)?;
         Ok(())
     }
 

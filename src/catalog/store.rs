@@ -268,6 +268,10 @@ impl Catalog {
             .ctx(dir)?
             .insert(record.name.as_str(), record.id)
             .ctx(dir)?;
+        txn.open_table(PATHS)
+            .ctx(dir)?
+            .insert(path_key(&record.path), record.id)
+            .ctx(dir)?;
         Ok(())
     }
 }
@@ -662,7 +666,7 @@ mod tests {
     }
 
     #[test]
-    fn references_are_rebuilt_for_catalogs_without_them_and_forget_uses_them() {
+    fn references_and_paths_are_rebuilt_for_catalogs_without_them_and_forget_uses_them() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let catalog = Catalog::open(&state).unwrap();
@@ -698,8 +702,17 @@ mod tests {
         let txn = catalog.write_txn().unwrap();
         txn.open_table(REFS).unwrap().retain(|_, _| false).unwrap();
         txn.open_table(META).unwrap().remove(REFS_BUILT).unwrap();
+        txn.open_table(PATHS).unwrap().retain(|_, _| false).unwrap();
+        txn.open_table(META).unwrap().remove(PATHS_BUILT).unwrap();
         txn.commit().unwrap();
         drop(catalog);
+        assert!(
+            Catalog::open(&state)
+                .unwrap()
+                .image_at(&dir.path().join("c.raw"))
+                .unwrap()
+                .is_some_and(|r| r.name == "c")
+        );
         let catalog = Catalog::open(&state).unwrap();
         assert_eq!(refs(&catalog), want);
         // Forgetting a moves A to b (the earliest copy); c now reads it from b.
