@@ -587,6 +587,7 @@ impl Catalog {
             }
         }
         let staged = self.stage_capture(&txn, &mut spill, &mut record, hashed, &runs, &dead);
+        let staged_at = started.elapsed();
         let committed = staged.and_then(|run| match self.commit(txn) {
             Ok(()) => Ok(run),
             Err(e) => {
@@ -608,6 +609,7 @@ impl Catalog {
         tracing::debug!(
             image = %record.name,
             hashed = ?hashed_at,
+            staged = ?staged_at,
             committed = ?started.elapsed(),
             spill = spill.records(),
             changed = changed.len(),

@@ -16,6 +16,7 @@ impl Catalog {
     /// Rewrites the backup of the records (see [`crate::backup`]) after a change. A failure
     /// is logged: the change itself is committed.
     pub(super) fn write_backup(&self) {
+        let started = std::time::Instant::now();
         let backup = self.images().and_then(|images| {
             Ok(crate::backup::Backup {
                 images,
@@ -25,6 +26,7 @@ impl Catalog {
         if let Err(e) = backup.and_then(|b| crate::backup::write(&self.dir, &b)) {
             tracing::warn!("cannot write the catalog backup: {e}");
         }
+        tracing::debug!(took = ?started.elapsed(), "backup written");
     }
 
     /// Rebuilds a lost or damaged catalog in `dir` from its backup: moves what is left aside
