@@ -376,6 +376,20 @@ fn restore_one(
 /// Detaches loop devices over captured images that have no autoclear and that no device
 /// uses: left by a crash of an older vmard between attaching and configuring one.
 fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<String>> {
+    // Only what vmar itself attaches (read-only, buffered, whole image) and left without
+    // autoclear: a loop device someone made otherwise over a captured image, e.g. writable
+    // over a block device for partition mappings, is theirs. Most starts find none, and then
+    // read no image record.
+    let candidates: Vec<_> = kernel
+        .loops()?
+        .into_iter()
+        .filter(|l| {
+            l.read_only && !l.direct_io && l.offset == 0 && l.size_limit == 0 && !l.autoclear
+        })
+        .collect();
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
     let images = catalog.images()?;
     let mut used = Vec::new();
     for name in kernel.dm_list()? {
@@ -386,13 +400,9 @@ fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<Str
         }
     }
     let mut detached = Vec::new();
-    for l in kernel.loops()? {
-        // Only what vmar itself attaches (read-only, buffered, whole image): a loop device
-        // someone made otherwise over a captured image, e.g. writable over a block device
-        // for partition mappings, is theirs.
-        let as_vmar_attaches = l.read_only && !l.direct_io && l.offset == 0 && l.size_limit == 0;
-        let ours = as_vmar_attaches && images.iter().any(|i| l.backs(&i.path, &i.identity));
-        if ours && !l.autoclear && !used.contains(&l.block_dev()) {
+    for l in candidates {
+        let ours = images.iter().any(|i| l.backs(&i.path, &i.identity));
+        if ours && !used.contains(&l.block_dev()) {
             match kernel.loop_detach(&l) {
                 Ok(()) => detached.push(l.node.display().to_string()),
                 Err(e) => tracing::warn!("cannot detach leaked {}: {e}", l.node.display()),
