@@ -111,6 +111,9 @@ pub struct Catalog {
     runs: Mutex<Vec<Run>>,
     /// Per-block records a capture keeps in memory before spilling ([`crate::spill`]).
     spill_records: AtomicUsize,
+    /// Where the backup stands; `None` until the first change after open, which writes a
+    /// snapshot.
+    backup: Mutex<Option<recover::BackupPosition>>,
 }
 
 /// Turns any redb error into a catalog error naming the directory.
@@ -219,6 +222,7 @@ impl Catalog {
             index_dir,
             runs: Mutex::new(Vec::new()),
             spill_records: AtomicUsize::new(crate::spill::DEFAULT_RECORDS),
+            backup: Mutex::new(None),
         };
         let spilled = crate::spill::remove_leftovers(&dir.join(crate::spill::SPILL_DIR))?;
         if spilled > 0 {
@@ -569,6 +573,7 @@ impl Catalog {
         let txn = self.write_txn()?;
         let mut dead = self.dead()?;
         let mut changed = Vec::new();
+        let mut backup_changes = Vec::new();
         let mut forgot_run = false;
         if status == CaptureStatus::Recaptured {
             // A new version of an image is a new capture: the old version is forgotten (its
@@ -578,6 +583,7 @@ impl Catalog {
             let old = self.image_by_id(id)?;
             let removal = self.forget_in(&txn, &old)?;
             changed = removal.changed;
+            backup_changes.push(crate::backup::Change::ForgetImage { id: old.id });
             dead.insert(old.id);
             record.id = u32::try_from(self.meta_in(&txn, NEXT_ID)?)
                 .map_err(|_| self.corrupt("image ids exhausted".into()))?;
@@ -605,7 +611,10 @@ impl Catalog {
             }
         };
         runs.push(run);
-        self.write_backup();
+        backup_changes.push(crate::backup::Change::Image {
+            record: Box::new(record.clone()),
+        });
+        self.write_backup(backup_changes);
         tracing::debug!(
             image = %record.name,
             hashed = ?hashed_at,
@@ -727,7 +736,9 @@ impl Catalog {
             .insert(record.name.as_str(), seal(&bytes).as_slice())
             .ctx(dir)?;
         self.commit(txn)?;
-        self.write_backup();
+        self.write_backup(vec![crate::backup::Change::Device {
+            record: record.clone(),
+        }]);
         Ok(())
     }
 
@@ -743,7 +754,11 @@ impl Catalog {
             .ctx(dir)?
             .is_some();
         self.commit(txn)?;
-        self.write_backup();
+        if existed {
+            self.write_backup(vec![crate::backup::Change::ForgetDevice {
+                name: name.to_string(),
+            }]);
+        }
         Ok(existed)
     }
 

@@ -118,7 +118,7 @@ impl Catalog {
             return Err(e);
         }
         runs.extend(removal.run);
-        self.write_backup();
+        self.write_backup(vec![crate::backup::Change::ForgetImage { id: record.id }]);
         tracing::debug!(image = %record.name, changed = removal.changed.len(), took = ?started.elapsed(), "forgotten");
         Ok((record, removal.changed))
     }

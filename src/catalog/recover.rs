@@ -2,6 +2,21 @@
 //! catalog from it.
 
 use super::*;
+use crate::backup::Change;
+
+/// Journal lines the backup takes before its snapshot is rewritten, at least: the snapshot
+/// is rewritten when the journal has as many lines as it has records, so a change costs O(1)
+/// amortised.
+const JOURNAL_MIN: usize = 64;
+
+/// Where the backup stands: the last change's number, the journal's lines, and the records
+/// the snapshot holds.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct BackupPosition {
+    seq: u64,
+    lines: usize,
+    snapshot_records: usize,
+}
 
 /// What [`Catalog::recover`] brought back.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -13,20 +28,48 @@ pub struct Recovery {
 }
 
 impl Catalog {
-    /// Rewrites the backup of the records (see [`crate::backup`]) after a change. A failure
-    /// is logged: the change itself is committed.
-    pub(super) fn write_backup(&self) {
+    /// Records `changes` in the backup (see [`crate::backup`]): one appended journal line
+    /// each, or a new snapshot of every record when the journal has grown to the snapshot's
+    /// size (and at the first change after start). A failure is logged, and the next change
+    /// writes a snapshot: the change itself is committed.
+    pub(super) fn write_backup(&self, changes: Vec<Change>) {
         let started = std::time::Instant::now();
-        let backup = self.images().and_then(|images| {
-            Ok(crate::backup::Backup {
-                images,
-                devices: self.devices()?,
-            })
-        });
-        if let Err(e) = backup.and_then(|b| crate::backup::write(&self.dir, &b)) {
-            tracing::warn!("cannot write the catalog backup: {e}");
-        }
+        let Ok(mut position) = self.backup.lock() else {
+            return;
+        };
+        let written = match *position {
+            Some(at) if at.lines < at.snapshot_records.max(JOURNAL_MIN) => {
+                crate::backup::append(&self.dir, at.seq + 1, &changes).map(|()| BackupPosition {
+                    seq: at.seq + changes.len() as u64,
+                    lines: at.lines + changes.len(),
+                    snapshot_records: at.snapshot_records,
+                })
+            }
+            _ => self.write_snapshot(position.map(|at| at.seq), changes.len()),
+        };
+        *position = match written {
+            Ok(at) => Some(at),
+            Err(e) => {
+                tracing::warn!("cannot write the catalog backup: {e}");
+                None
+            }
+        };
         tracing::debug!(took = ?started.elapsed(), "backup written");
+    }
+
+    fn write_snapshot(&self, seq: Option<u64>, changes: usize) -> Result<BackupPosition> {
+        let seq = seq.unwrap_or_else(|| crate::backup::last_seq(&self.dir)) + changes as u64;
+        let backup = crate::backup::Backup {
+            images: self.images()?,
+            devices: self.devices()?,
+            seq,
+        };
+        crate::backup::write(&self.dir, &backup)?;
+        Ok(BackupPosition {
+            seq,
+            lines: 0,
+            snapshot_records: backup.images.len() + backup.devices.len(),
+        })
     }
 
     /// Rebuilds a lost or damaged catalog in `dir` from its backup: moves what is left aside

@@ -727,4 +727,39 @@ mod tests {
         );
         assert_eq!(catalog.map("b").unwrap().1.source_of(1), Some(Source::Own));
     }
+
+    #[test]
+    fn the_backup_follows_every_change_through_journal_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = captured(dir.path());
+        let state = dir.path().join("state");
+        let device = |n: usize| DeviceRecord {
+            name: format!("vm{}", n % 7),
+            image: "img".into(),
+            created_at: n as u64,
+            state: Default::default(),
+        };
+        // Far more changes than the journal takes before a snapshot is rewritten.
+        for n in 0..150 {
+            catalog.save_device(&device(n)).unwrap();
+            if n % 3 == 0 {
+                catalog.forget_device(&device(n + 1).name).unwrap();
+            }
+            let backup = crate::backup::read(&state).unwrap();
+            assert_eq!(backup.images, catalog.images().unwrap(), "after change {n}");
+            assert_eq!(backup.devices, catalog.devices().unwrap(), "after change {n}");
+        }
+        let journal = std::fs::read_to_string(state.join(crate::backup::JOURNAL_FILE)).unwrap();
+        assert!(journal.lines().count() <= 64, "the journal is emptied by snapshots");
+        // A vmard started later goes on numbering above what the backup holds.
+        let last = crate::backup::last_seq(&state);
+        drop(catalog);
+        let catalog = Catalog::open(&state).unwrap();
+        catalog.forget_device("vm1").unwrap();
+        assert!(crate::backup::last_seq(&state) > last);
+        assert_eq!(
+            crate::backup::read(&state).unwrap().devices,
+            catalog.devices().unwrap()
+        );
+    }
 }
