@@ -45,7 +45,7 @@ struct Args {
     #[arg(long)]
     no_restore: bool,
 
-    /// Rebuild a lost or damaged catalog from its backup (state dir's backup/catalog.json):
+    /// Rebuild a lost or damaged catalog from its backup (state dir's backup/: catalog.json and journal.jsonl):
     /// what is left is moved aside, the images are captured again in their original order
     /// and their devices saved again; then vmard starts as usual.
     #[arg(long)]
