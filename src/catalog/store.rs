@@ -747,10 +747,17 @@ mod tests {
             }
             let backup = crate::backup::read(&state).unwrap();
             assert_eq!(backup.images, catalog.images().unwrap(), "after change {n}");
-            assert_eq!(backup.devices, catalog.devices().unwrap(), "after change {n}");
+            assert_eq!(
+                backup.devices,
+                catalog.devices().unwrap(),
+                "after change {n}"
+            );
         }
         let journal = std::fs::read_to_string(state.join(crate::backup::JOURNAL_FILE)).unwrap();
-        assert!(journal.lines().count() <= 64, "the journal is emptied by snapshots");
+        assert!(
+            journal.lines().count() <= 64,
+            "the journal is emptied by snapshots"
+        );
         // A vmard started later goes on numbering above what the backup holds.
         let last = crate::backup::last_seq(&state);
         drop(catalog);
