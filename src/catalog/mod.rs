@@ -8,8 +8,9 @@
 //!
 //! Invariant: the canonical copy of a content is its first occurrence in capture order (image
 //! id, then block). A capture only adds index entries, so maps of images captured before never
-//! change. Re-capturing or removing image K rebuilds the index, and the maps of images K and
-//! later, from the stored digests, without reading any image.
+//! change. Forgetting image K changes only the maps that redirect to it (found in the
+//! reference table): each content K held moves to its first copy in the earliest of them. A
+//! re-capture forgets the old version and captures the new one last. Neither reads an image.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
@@ -426,23 +427,9 @@ impl Catalog {
     /// The map of image `name`.
     pub fn map(&self, name: &str) -> Result<(ImageRecord, BlockMap)> {
         let record = self.image(name)?;
-        let dir = &self.dir;
         let txn = self.read_txn()?;
-        let table = txn.open_table(EXTENTS).ctx(dir)?;
-        let mut extents = Vec::new();
-        for entry in table
-            .range((record.id, 0)..=(record.id, u32::MAX))
-            .ctx(dir)?
-        {
-            let (_, value) = entry.ctx(dir)?;
-            let bytes = self.unseal(value.value(), "extent")?;
-            extents.extend(decode_extents(bytes).map_err(|m| self.corrupt(m))?);
-        }
-        let map = BlockMap {
-            image: record.id,
-            blocks: record.size.div_ceil(BLOCK_SIZE),
-            extents,
-        };
+        let table = txn.open_table(EXTENTS).ctx(&self.dir)?;
+        let map = self.map_from(&table, record.id, record.size)?;
         Ok((record, map))
     }
 

@@ -1,6 +1,6 @@
-//! Changes that rebuild the content index: forgetting or re-capturing an image (the maps of
-//! the images captured after it are rebuilt from stored digests), compaction of index runs,
-//! and the rebuild of a damaged index at open.
+//! Changes to the content index beyond adding a capture's run: forgetting an image (the maps
+//! that read from it change, through the reference table), compaction of index runs, and the
+//! rebuild of a damaged index at open from the stored digests.
 
 use std::collections::HashMap;
 
@@ -161,12 +161,9 @@ impl Catalog {
             removal.run = Some(run);
         }
         let removed = (|| {
-            let map = self.map_in(txn, k, record.size)?;
+            self.remove_refs(txn, &self.map_in(txn, k, record.size)?)?;
             {
                 let mut refs = txn.open_table(REFS).ctx(dir)?;
-                for target in map.redirects_by_image().keys() {
-                    refs.remove((*target, k)).ctx(dir)?;
-                }
                 for j in &affected {
                     refs.remove((k, *j)).ctx(dir)?;
                 }
@@ -255,12 +252,7 @@ impl Catalog {
             }
             let map = builder.finish();
             record.summary = map.summary(record.size);
-            {
-                let mut refs = txn.open_table(REFS).ctx(dir)?;
-                for target in old.redirects_by_image().keys() {
-                    refs.remove((*target, j)).ctx(dir)?;
-                }
-            }
+            self.remove_refs(txn, &old)?;
             self.add_refs(txn, &map)?;
             clear(txn, EXTENTS, j, dir)?;
             self.write_map(txn, &map)?;
@@ -290,6 +282,15 @@ impl Catalog {
         let mut refs = txn.open_table(REFS).ctx(&self.dir)?;
         for (target, blocks) in map.redirects_by_image() {
             refs.insert((target, map.image), blocks).ctx(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets which images `map` redirects to.
+    fn remove_refs(&self, txn: &WriteTransaction, map: &BlockMap) -> Result<()> {
+        let mut refs = txn.open_table(REFS).ctx(&self.dir)?;
+        for target in map.redirects_by_image().keys() {
+            refs.remove((*target, map.image)).ctx(&self.dir)?;
         }
         Ok(())
     }
@@ -366,21 +367,15 @@ impl Catalog {
             let id = self.meta(NEXT_RUN)?;
             let merged = index::merge_runs(&self.index_dir, id, older, newer, &self.dead()?)?;
             let txn = self.write_txn()?;
-            {
-                let mut table = txn.open_table(RUNS).ctx(dir)?;
-                table.remove(older.id).ctx(dir)?;
-                table.remove(newer.id).ctx(dir)?;
-                table.insert(id, merged.len() as u64).ctx(dir)?;
-                let mut sums = txn.open_table(RUN_SUMS).ctx(dir)?;
-                sums.remove(older.id).ctx(dir)?;
-                sums.remove(newer.id).ctx(dir)?;
-                sums.insert(id, index::checksum(&merged).as_slice())
-                    .ctx(dir)?;
-                txn.open_table(META)
-                    .ctx(dir)?
-                    .insert(NEXT_RUN, id + 1)
-                    .ctx(dir)?;
+            for run in [older, newer] {
+                txn.open_table(RUNS).ctx(dir)?.remove(run.id).ctx(dir)?;
+                txn.open_table(RUN_SUMS).ctx(dir)?.remove(run.id).ctx(dir)?;
             }
+            self.name_run(&txn, &merged)?;
+            txn.open_table(META)
+                .ctx(dir)?
+                .insert(NEXT_RUN, id + 1)
+                .ctx(dir)?;
             self.commit(txn)?;
             let old: Vec<Run> = runs.drain(runs.len() - 2..).collect();
             runs.push(merged);
@@ -447,16 +442,16 @@ impl Catalog {
                     self.remove_runs(old);
                 }
             }
-            let mut table = txn.open_table(RUNS).ctx(dir)?;
-            table.retain(|_, _| false).ctx(dir)?;
+            txn.open_table(RUNS)
+                .ctx(dir)?
+                .retain(|_, _| false)
+                .ctx(dir)?;
+            txn.open_table(RUN_SUMS)
+                .ctx(dir)?
+                .retain(|_, _| false)
+                .ctx(dir)?;
             for run in &new_runs {
-                table.insert(run.id, run.len() as u64).ctx(dir)?;
-            }
-            let mut sums = txn.open_table(RUN_SUMS).ctx(dir)?;
-            sums.retain(|_, _| false).ctx(dir)?;
-            for run in &new_runs {
-                sums.insert(run.id, index::checksum(run).as_slice())
-                    .ctx(dir)?;
+                self.name_run(&txn, run)?;
             }
             // The new runs hold no entry of a forgotten image.
             txn.open_table(DEAD)

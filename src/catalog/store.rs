@@ -145,6 +145,24 @@ impl Catalog {
         self.decode(value.value())
     }
 
+    /// Decodes the chunks of image `id` in a chunked table (digests or extents), in order,
+    /// handing each chunk's records to `each`.
+    pub(super) fn read_chunks<T>(
+        &self,
+        table: &impl ReadableTable<(u32, u32), &'static [u8]>,
+        id: ImageId,
+        what: &str,
+        decode: fn(&[u8]) -> std::result::Result<Vec<T>, String>,
+        mut each: impl FnMut(Vec<T>) -> Result<()>,
+    ) -> Result<()> {
+        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
+            let (_, value) = entry.ctx(&self.dir)?;
+            let bytes = self.unseal(value.value(), what)?;
+            each(decode(bytes).map_err(|m| self.corrupt(m))?)?;
+        }
+        Ok(())
+    }
+
     /// Feeds the stored digests of image `id`, in block order, to `collector`, a chunk at
     /// a time.
     pub(super) fn read_digests(
@@ -154,12 +172,9 @@ impl Catalog {
         collector: &mut DigestCollector,
     ) -> Result<()> {
         let table = txn.open_table(DIGESTS).ctx(&self.dir)?;
-        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
-            let (_, value) = entry.ctx(&self.dir)?;
-            let bytes = self.unseal(value.value(), "digest")?;
-            collector.extend(&decode_digests(bytes).map_err(|m| self.corrupt(m))?)?;
-        }
-        Ok(())
+        self.read_chunks(&table, id, "digest", decode_digests, |chunk| {
+            collector.extend(&chunk)
+        })
     }
 
     /// The stored digests of image `id`, in block order, in memory.
@@ -170,11 +185,10 @@ impl Catalog {
     ) -> Result<Vec<(u64, crate::scan::Digest)>> {
         let table = txn.open_table(DIGESTS).ctx(&self.dir)?;
         let mut digests = Vec::new();
-        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
-            let (_, value) = entry.ctx(&self.dir)?;
-            let bytes = self.unseal(value.value(), "digest")?;
-            digests.extend(decode_digests(bytes).map_err(|m| self.corrupt(m))?);
-        }
+        self.read_chunks(&table, id, "digest", decode_digests, |chunk| {
+            digests.extend(chunk);
+            Ok(())
+        })?;
         Ok(digests)
     }
 
@@ -186,12 +200,22 @@ impl Catalog {
         size: u64,
     ) -> Result<BlockMap> {
         let table = txn.open_table(EXTENTS).ctx(&self.dir)?;
+        self.map_from(&table, id, size)
+    }
+
+    /// The map of image `id` of `size` bytes, from an extents table of either kind of
+    /// transaction.
+    pub(super) fn map_from(
+        &self,
+        table: &impl ReadableTable<(u32, u32), &'static [u8]>,
+        id: ImageId,
+        size: u64,
+    ) -> Result<BlockMap> {
         let mut extents = Vec::new();
-        for entry in table.range((id, 0)..=(id, u32::MAX)).ctx(&self.dir)? {
-            let (_, value) = entry.ctx(&self.dir)?;
-            let bytes = self.unseal(value.value(), "extent")?;
-            extents.extend(decode_extents(bytes).map_err(|m| self.corrupt(m))?);
-        }
+        self.read_chunks(table, id, "extent", decode_extents, |chunk| {
+            extents.extend(chunk);
+            Ok(())
+        })?;
         Ok(BlockMap {
             image: id,
             blocks: size.div_ceil(BLOCK_SIZE),
