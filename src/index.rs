@@ -90,13 +90,7 @@ impl Run {
         if end <= start {
             return;
         }
-        // SAFETY: the mapping is a shared, read-only mapping of a file that never changes;
-        // MADV_DONTNEED only drops this process's page table entries, and a later access
-        // reads the same bytes from the page cache or the file.
-        let dropped = unsafe {
-            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
-        };
-        if dropped.is_ok() {
+        if drop_pages(map, start, end - start).is_ok() {
             self.released.store(end, Ordering::Relaxed);
         }
     }
@@ -106,9 +100,7 @@ impl Run {
     /// pass counts what it gives back from the start again.
     pub fn release(&self) {
         let Some(map) = &self.map else { return };
-        // SAFETY: as in `release_before`.
-        let _ =
-            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, map.len()) };
+        let _ = drop_pages(map, 0, map.len());
         self.released.store(0, Ordering::Relaxed);
     }
 
@@ -183,6 +175,14 @@ impl Run {
             Some(self.entry_at(i))
         })
     }
+}
+
+/// Drops `len` bytes of a run's mapping from `offset` out of this process's memory.
+fn drop_pages(map: &memmap2::Mmap, offset: usize, len: usize) -> std::io::Result<()> {
+    // SAFETY: run mappings are shared, read-only mappings of files that never change;
+    // MADV_DONTNEED only drops this process's page table entries, and a later access reads
+    // the same bytes from the page cache or the file.
+    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) }
 }
 
 /// blake3 of a run's bytes, which the catalog keeps for every run it names. Reads the run

@@ -345,8 +345,8 @@ pub struct Hashed {
 
 /// `(block, digest)` records in block order: in memory up to a limit, then in a file.
 pub struct BlockDigests {
-    /// Directory of the file.
-    path: PathBuf,
+    /// Directory of the file the records spill to.
+    dir: PathBuf,
     memory: Vec<(u64, Digest)>,
     file: Option<BufWriter<File>>,
     read: Option<File>,
@@ -354,9 +354,9 @@ pub struct BlockDigests {
 }
 
 impl BlockDigests {
-    fn new(path: PathBuf, limit: usize) -> BlockDigests {
+    fn new(dir: PathBuf, limit: usize) -> BlockDigests {
         BlockDigests {
-            path,
+            dir,
             memory: Vec::new(),
             file: None,
             read: None,
@@ -369,7 +369,7 @@ impl BlockDigests {
             self.memory.push((block, digest));
             return Ok(());
         }
-        let path = &self.path;
+        let path = &self.dir;
         let out = match &mut self.file {
             Some(out) => out,
             None => {
@@ -389,7 +389,7 @@ impl BlockDigests {
         if let Some(out) = self.file.take() {
             let file = out
                 .into_inner()
-                .map_err(|e| spill_error(&self.path, e.into_error()))?;
+                .map_err(|e| spill_error(&self.dir, e.into_error()))?;
             self.read = Some(file);
         }
         Ok(self)
@@ -400,11 +400,11 @@ impl BlockDigests {
         let Some(file) = &self.read else {
             return Ok(Box::new(self.memory.iter().map(|r| Ok(*r))));
         };
-        let mut file = file.try_clone().map_err(|e| spill_error(&self.path, e))?;
+        let mut file = file.try_clone().map_err(|e| spill_error(&self.dir, e))?;
         file.seek(SeekFrom::Start(0))
-            .map_err(|e| spill_error(&self.path, e))?;
+            .map_err(|e| spill_error(&self.dir, e))?;
         let mut reader = BufReader::with_capacity(1 << 20, file);
-        let path = self.path.clone();
+        let path = self.dir.clone();
         Ok(Box::new(std::iter::from_fn(move || {
             let mut record = [0u8; 40];
             match reader.read_exact(&mut record) {
