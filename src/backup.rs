@@ -13,7 +13,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -153,10 +153,6 @@ pub fn last_seq(dir: &Path) -> u64 {
     snapshot.max(journal)
 }
 
-fn journal_path(dir: &Path) -> PathBuf {
-    dir.join(JOURNAL_FILE)
-}
-
 #[derive(Serialize, Deserialize)]
 struct Sealed {
     /// blake3 of `backup` as JSON: a torn or edited file is refused.
@@ -168,7 +164,7 @@ struct Sealed {
 /// one as `catalog.json.1`) and empties the journal, whose changes it holds.
 pub fn write(dir: &Path, backup: &Backup) -> Result<()> {
     write_snapshot(dir, backup)?;
-    let journal = journal_path(dir);
+    let journal = dir.join(JOURNAL_FILE);
     match fs::remove_file(&journal) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
