@@ -249,6 +249,25 @@ fn snapshot(disk: &str) -> Result<Snapshot> {
     })
 }
 
+impl Snapshot {
+    /// What happened between `self` and the later `after`, as the results report it.
+    fn delta(&self, after: &Snapshot) -> Value {
+        json!({
+            "disk_bytes_read": (after.sectors_read - self.sectors_read) * 512,
+            "disk_reads": after.reads - self.reads,
+            "cached_bytes": after.cached as i64 - self.cached as i64,
+        })
+    }
+}
+
+/// `fields` with `more`'s fields added.
+fn merged(mut fields: Value, more: Value) -> Value {
+    if let (Some(fields), Value::Object(more)) = (fields.as_object_mut(), more) {
+        fields.extend(more);
+    }
+    fields
+}
+
 fn drop_caches() -> Result<()> {
     nix::unistd::sync();
     fs::write("/proc/sys/vm/drop_caches", "3").context("dropping caches")
@@ -419,17 +438,17 @@ fn one_run(args: &Args, mode: &str, n: usize, round: usize) -> Result<Value> {
         let (files, bytes, secs) = outcome?;
         per_vm.push(json!({"image": name, "files": files, "file_bytes": bytes, "seconds": secs}));
     }
-    let mut result = json!({
-        "mode": mode,
-        "n": n,
-        "round": round,
-        "seconds": seconds,
-        "disk_bytes_read": (after.sectors_read - before.sectors_read) * 512,
-        "disk_reads": after.reads - before.reads,
-        "cached_bytes": after.cached as i64 - before.cached as i64,
-        "cgroup_per_vm": cgroups.is_some(),
-        "vms": per_vm,
-    });
+    let mut result = merged(
+        json!({
+            "mode": mode,
+            "n": n,
+            "round": round,
+            "seconds": seconds,
+            "cgroup_per_vm": cgroups.is_some(),
+            "vms": per_vm,
+        }),
+        before.delta(&after),
+    );
     if let (Some(b), Some(a)) = (stats_before, stats_after) {
         let class = |v: &Value, c: &str| v["read"]["by_class"][c].as_u64().unwrap_or(0);
         result["vmar_stats"] = json!({
@@ -583,16 +602,16 @@ fn trace_phase(args: &Args, names: &[String], paths: &[Access], phase: &str) -> 
     }
     let wall = started.elapsed().as_secs_f64();
     let after = snapshot(&args.disk)?;
-    Ok(json!({
-        "phase": phase,
-        "seconds": wall,
-        "vm_seconds": seconds,
-        "trace_bytes": trace_bytes,
-        "disk_bytes_read": (after.sectors_read - before.sectors_read) * 512,
-        "disk_reads": after.reads - before.reads,
-        "cached_bytes": after.cached as i64 - before.cached as i64,
-        "cgroup_per_vm": cgroups.is_some(),
-    }))
+    Ok(merged(
+        json!({
+            "phase": phase,
+            "seconds": wall,
+            "vm_seconds": seconds,
+            "trace_bytes": trace_bytes,
+            "cgroup_per_vm": cgroups.is_some(),
+        }),
+        before.delta(&after),
+    ))
 }
 
 /// One start of N VMs on one path: the OS phase from a cold cache, then the application
