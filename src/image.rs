@@ -16,16 +16,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// Size of a device-mapper sector.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// A block device's (major, minor).
-pub type DeviceNumber = (u32, u32);
-
-/// (major, minor) of device number `dev` as `stat` gives it (Linux's are 12 and 20 bits
-/// wide, so they always fit).
-pub fn device_number(dev: u64) -> Option<DeviceNumber> {
-    let major = u32::try_from(nix::sys::stat::major(dev)).ok()?;
-    let minor = u32::try_from(nix::sys::stat::minor(dev)).ok()?;
-    Some((major, minor))
-}
+pub use crate::sys::{DeviceNumber, device_number};
 
 /// What identifies one version of an image file: if any field differs, its content may have
 /// changed and every map built from it is stale. `ctime` catches what `mtime` alone misses:
@@ -290,7 +281,7 @@ fn block_device_name(file: &File, sys: &Path) -> Option<String> {
         return Some(format!("dm-name:{name}"));
     }
     if sys.join("loop").is_dir() {
-        let status = crate::kernel::real::loop_status(file)?;
+        let status = crate::sys::loop_status(file)?;
         return Some(format!(
             "loop:{}:{}:{}:{}",
             status.device, status.inode, status.offset, status.size_limit

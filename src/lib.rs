@@ -29,6 +29,7 @@ pub mod service;
 pub mod shutdown;
 pub mod spill;
 pub mod stats;
+pub mod sys;
 pub mod table;
 pub mod time;
 pub mod units;

@@ -21,11 +21,10 @@ use rayon::prelude::*;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile, open_unchanged};
-use crate::kernel::Residency;
-use crate::kernel::real::residency;
 use crate::map::{ImageId, Source};
 use crate::protocol::Progress;
 use crate::scan::{data_ranges, is_zero};
+use crate::sys::{Residency, residency};
 use crate::units::usize_of;
 
 /// Blocks compared by one parallel task, and per progress step.
@@ -363,7 +362,7 @@ fn check_piece(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::real::residency;
+    use crate::sys::residency;
     use std::fs::File;
     use std::io::Read;
     use std::os::unix::fs::FileExt;

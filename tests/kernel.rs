@@ -913,7 +913,7 @@ fn drop_caches() {
 fn cached(path: &Path, range: Option<(u64, u64)>) -> u64 {
     use std::io::{Seek, SeekFrom};
     let size = File::open(path).unwrap().seek(SeekFrom::End(0)).unwrap();
-    let residency = vmar::kernel::real::residency(path, size).unwrap();
+    let residency = vmar::sys::residency(path, size).unwrap();
     let page = residency.page_size;
     let (from, to) = range.unwrap_or((0, size));
     residency
@@ -973,7 +973,7 @@ fn loops_over(node: &Path) -> Vec<String> {
         let Ok(file) = File::open(format!("/dev/{name}")) else {
             continue;
         };
-        if vmar::kernel::real::loop_status(&file).and_then(|s| s.rdev) == want {
+        if vmar::sys::loop_status(&file).and_then(|s| s.rdev) == want {
             found.push(name);
         }
     }

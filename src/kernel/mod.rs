@@ -27,6 +27,7 @@ use crate::image::{ImageFile, ImageIdentity};
 use crate::table::{BlockDev, Target};
 use crate::units::Sectors;
 
+pub use crate::sys::Residency;
 pub use dmstats::{AreaReads, Region};
 
 /// Prefix of vmar's dm device names; the rest is the device name.
@@ -165,20 +166,6 @@ impl std::fmt::Debug for LoopHold {
             .field("info", &self.info)
             .field("attached", &self.attached)
             .finish()
-    }
-}
-
-/// Resident-page vector of one file: one byte per page, bit 0 set when the page is cached.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Residency {
-    pub page_size: u64,
-    pub pages: Vec<u8>,
-}
-
-impl Residency {
-    /// Bytes of the file in the page cache.
-    pub fn cached_bytes(&self) -> u64 {
-        self.pages.iter().filter(|p| *p & 1 == 1).count() as u64 * self.page_size
     }
 }
 

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use devicemapper::{DM, DevId, DmError, DmFlags, DmNameBuf, DmOptions, DmUdevFlags, DmUuidBuf};
-use memmap2::MmapOptions;
 
 use super::dmstats::{parse_stats_list, parse_stats_print};
 use super::{
@@ -26,8 +25,9 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
+use crate::sys::{LoopInfo64, LoopStatus, loop_status, residency};
 use crate::table::Target;
-use crate::units::{Sectors, usize_of};
+use crate::units::Sectors;
 
 /// The kernel vmard runs on. All device-mapper calls go through one lock: the crate's udev
 /// cookies and the kernel's per-device state are not meant for concurrent changes of one
@@ -420,24 +420,6 @@ fn device_numbers(device: &Path) -> Result<(u32, u32)> {
     ))
 }
 
-/// `struct loop_info64` of `<linux/loop.h>`.
-#[repr(C)]
-struct LoopInfo64 {
-    lo_device: u64,
-    lo_inode: u64,
-    lo_rdevice: u64,
-    lo_offset: u64,
-    lo_sizelimit: u64,
-    lo_number: u32,
-    lo_encrypt_type: u32,
-    lo_encrypt_key_size: u32,
-    lo_flags: u32,
-    lo_file_name: [u8; 64],
-    lo_crypt_name: [u8; 64],
-    lo_encrypt_key: [u8; 32],
-    lo_init: [u64; 2],
-}
-
 /// `struct loop_config` of `<linux/loop.h>`.
 #[repr(C)]
 struct LoopConfig {
@@ -450,44 +432,6 @@ struct LoopConfig {
 const LO_FLAGS_READ_ONLY: u32 = 1;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 nix::ioctl_write_ptr_bad!(loop_configure, 0x4C0A, LoopConfig);
-nix::ioctl_read_bad!(loop_get_status64, 0x4C05, LoopInfo64);
-
-/// What `LOOP_GET_STATUS64` says of a loop device's backing file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoopStatus {
-    /// Device of the file system holding the backing file (for a block device: the one
-    /// holding the node it was opened through, e.g. devtmpfs).
-    pub device: u64,
-    /// Inode of the backing file (for a block device: of that node).
-    pub inode: u64,
-    /// (major, minor) of the backing block device; `None` for a regular file.
-    pub rdev: Option<crate::image::DeviceNumber>,
-    pub offset: u64,
-    pub size_limit: u64,
-}
-
-/// `LOOP_GET_STATUS64` of the loop device open as `file`; `None` if it is not one or is
-/// detached.
-pub fn loop_status(file: &File) -> Option<LoopStatus> {
-    // SAFETY: LoopInfo64 is plain integers and arrays, valid when zeroed.
-    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a `struct loop_info64` the kernel fills in; on anything but a loop
-    // device the ioctl fails without touching it.
-    unsafe { loop_get_status64(file.as_raw_fd(), &mut info) }.ok()?;
-    // The kernel encodes rdev as huge_encode_dev, which glibc's major/minor decode.
-    let rdev = if info.lo_rdevice == 0 {
-        None
-    } else {
-        crate::image::device_number(info.lo_rdevice)
-    };
-    Some(LoopStatus {
-        device: info.lo_device,
-        inode: info.lo_inode,
-        rdev,
-        offset: info.lo_offset,
-        size_limit: info.lo_sizelimit,
-    })
-}
 
 /// [`loop_status`] of loop device `node`.
 fn loop_status_of(node: &Path) -> Option<LoopStatus> {
@@ -521,51 +465,6 @@ fn configure(node: &File, file: &File) -> std::result::Result<(), nix::errno::Er
     // SAFETY: `config` is a fully initialised `struct loop_config` that outlives the call,
     // and `node` is an open loop device.
     unsafe { loop_configure(node.as_raw_fd(), &config) }.map(|_| ())
-}
-
-/// Residency of the first `size` bytes of the file at `path` (`mincore` over a read-only
-/// shared mapping: mapping a file reads nothing and faults nothing in).
-pub fn residency(path: &Path, size: u64) -> Result<Residency> {
-    let page_size = page_size();
-    if size == 0 {
-        return Ok(Residency {
-            page_size,
-            pages: Vec::new(),
-        });
-    }
-    let file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-    let len = usize::try_from(size)
-        .map_err(|_| Error::io("cannot map", path, std::io::Error::other("file too large")))?;
-    // SAFETY: the mapping is read-only and never dereferenced here: only its address range
-    // is handed to mincore, so a file changing underneath cannot cause undefined behaviour.
-    let map = unsafe { MmapOptions::new().len(len).map(&file) }
-        .map_err(|e| Error::io("cannot map", path, e))?;
-    let mut pages = vec![0u8; len.div_ceil(usize_of(page_size))];
-    // SAFETY: `map` is a live mapping of `len` bytes at a page-aligned address, and `pages`
-    // has one byte for each of its pages, as mincore requires.
-    let rc = unsafe {
-        nix::libc::mincore(
-            map.as_ptr() as *mut nix::libc::c_void,
-            len,
-            pages.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(Error::io(
-            "cannot query the page cache (mincore) of",
-            path,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(Residency { page_size, pages })
-}
-
-/// The page size of this host.
-pub fn page_size() -> u64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4096, |s| s as u64)
 }
 
 /// Upper 16 bits of the SysV key of a device-mapper udev cookie (`DM_COOKIE_MAGIC`).
@@ -612,42 +511,9 @@ fn release_stale_cookies() -> Result<Vec<String>> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn pages_read_through_the_cache_are_resident_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("image.raw");
-        let page = usize_of(page_size());
-        let mut file = File::create(&path).unwrap();
-        file.write_all(&vec![7u8; page * 8]).unwrap();
-        file.sync_all().unwrap();
-        drop(file);
-        std::fs::read(&path).unwrap();
-        let resident = residency(&path, (page * 8) as u64).unwrap();
-        assert_eq!(resident.pages.len(), 8);
-        assert_eq!(resident.cached_bytes(), (page * 8) as u64);
-        assert_eq!(residency(&path, 0).unwrap().cached_bytes(), 0);
-        assert_eq!(
-            residency(&dir.path().join("missing"), 4096)
-                .unwrap_err()
-                .kind(),
-            "io"
-        );
-    }
-
-    #[test]
-    fn loop_config_has_the_kernel_layout() {
-        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
-        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
-    }
-}
-
-#[cfg(test)]
 mod loop_tests {
     use super::*;
+    use crate::sys::device_number;
 
     #[test]
     fn loop_devices_report_their_backing_file_by_device_and_inode() {
@@ -697,7 +563,7 @@ mod loop_tests {
         let over_device = over_device.unwrap_or_else(|| panic!("no status of {stacked}"));
         assert_eq!(
             over_device.rdev,
-            crate::image::device_number(node_meta.rdev()),
+            device_number(node_meta.rdev()),
             "{stacked} over {node}"
         );
     }

@@ -725,7 +725,7 @@ impl Kernel for SimKernel {
     }
 
     fn residency(&self, path: &Path, size: u64) -> Result<Residency> {
-        super::real::residency(path, size)
+        crate::sys::residency(path, size)
     }
 
     fn release_stale_udev_cookies(&self) -> Result<Vec<String>> {
