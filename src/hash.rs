@@ -209,6 +209,8 @@ trait Lanes: Copy {
 
 #[inline(always)]
 unsafe fn g<V: Lanes>(v: &mut [V; 16], a: usize, b: usize, c: usize, d: usize, x: V, y: V) {
+    // SAFETY: the lane operations' only precondition is the instruction set, which this function's
+    // own contract passes on to its caller.
     unsafe {
         v[a] = V::add(V::add(v[a], v[b]), x);
         v[d] = V::ror16(V::xor(v[d], v[a]));
@@ -224,6 +226,7 @@ unsafe fn g<V: Lanes>(v: &mut [V; 16], a: usize, b: usize, c: usize, d: usize, x
 /// The BLAKE3 compression function in every lane; returns the new chaining value.
 #[inline(always)]
 unsafe fn compress<V: Lanes>(cv: &[V; 8], m: &[V; 16], counter: u32, flags: u32) -> [V; 8] {
+    // SAFETY: as in `g`: register-only lane operations; the caller guarantees the instruction set.
     unsafe {
         let mut v = [
             cv[0],
@@ -260,6 +263,9 @@ unsafe fn compress<V: Lanes>(cv: &[V; 8], m: &[V; 16], counter: u32, flags: u32)
 /// Hashes `V::N` blocks, one per lane.
 #[inline(always)]
 unsafe fn hash_lanes<V: Lanes>(blocks: &[&[u8; BLOCK]], out: &mut [Digest]) {
+    // SAFETY: `load_message` is called with `blocks.len() == V::N` (the entry points take arrays of
+    // exactly N) and offsets below BLOCK - 64; the rest are register-only lane operations; the
+    // caller guarantees the instruction set.
     unsafe {
         let iv: [V; 8] = std::array::from_fn(|i| V::splat(IV[i]));
         let mut chunk_cvs = [iv; 4];
@@ -310,18 +316,26 @@ mod x86 {
         const N: usize = 8;
         #[inline(always)]
         unsafe fn splat(x: u32) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe { Avx2(_mm256_set1_epi32(x as i32)) }
         }
         #[inline(always)]
         unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe { Avx2(_mm256_add_epi32(a.0, b.0)) }
         }
         #[inline(always)]
         unsafe fn xor(a: Self, b: Self) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe { Avx2(_mm256_xor_si256(a.0, b.0)) }
         }
         #[inline(always)]
         unsafe fn ror16(a: Self) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe {
                 let m = _mm256_set_epi8(
                     13, 12, 15, 14, 9, 8, 11, 10, 5, 4, 7, 6, 1, 0, 3, 2, 13, 12, 15, 14, 9, 8, 11,
@@ -332,6 +346,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn ror12(a: Self) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe {
                 Avx2(_mm256_or_si256(
                     _mm256_srli_epi32(a.0, 12),
@@ -341,6 +357,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn ror8(a: Self) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe {
                 let m = _mm256_set_epi8(
                     12, 15, 14, 13, 8, 11, 10, 9, 4, 7, 6, 5, 0, 3, 2, 1, 12, 15, 14, 13, 8, 11,
@@ -351,6 +369,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn ror7(a: Self) -> Self {
+            // SAFETY: register-only AVX2 intrinsic; the trait's contract makes the caller guarantee
+            // AVX2.
             unsafe {
                 Avx2(_mm256_or_si256(
                     _mm256_srli_epi32(a.0, 7),
@@ -360,6 +380,9 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_message(blocks: &[&[u8; BLOCK]], offset: usize) -> [Self; 16] {
+            // SAFETY: every load reads 32 bytes of a slice that indexing has already bounds-checked
+            // (`bytes` is exactly 32 bytes long); unaligned loads need no alignment; AVX2 is
+            // guaranteed by the caller.
             unsafe {
                 let mut m = [Avx2(_mm256_setzero_si256()); 16];
                 for half in 0..2 {
@@ -378,6 +401,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn store(a: Self, out: &mut [u32; 16]) {
+            // SAFETY: `out` is 16 u32 = 64 bytes, the store writes the first 32 (unaligned store);
+            // AVX2 is guaranteed by the caller.
             unsafe { _mm256_storeu_si256(out.as_mut_ptr().cast(), a.0) }
         }
     }
@@ -385,6 +410,7 @@ mod x86 {
     /// 8x8 transpose of 32-bit words: `r[l][i]` becomes `c[i][l]`.
     #[inline(always)]
     unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+        // SAFETY: register-only unpack and permute intrinsics; AVX2 is guaranteed by the caller.
         unsafe {
             let t: [__m256i; 8] = std::array::from_fn(|k| {
                 let (a, b) = (r[k & !1], r[k | 1]);
@@ -422,34 +448,51 @@ mod x86 {
         const N: usize = 16;
         #[inline(always)]
         unsafe fn splat(x: u32) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_set1_epi32(x as i32)) }
         }
         #[inline(always)]
         unsafe fn add(a: Self, b: Self) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_add_epi32(a.0, b.0)) }
         }
         #[inline(always)]
         unsafe fn xor(a: Self, b: Self) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_xor_si512(a.0, b.0)) }
         }
         #[inline(always)]
         unsafe fn ror16(a: Self) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_ror_epi32::<16>(a.0)) }
         }
         #[inline(always)]
         unsafe fn ror12(a: Self) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_ror_epi32::<12>(a.0)) }
         }
         #[inline(always)]
         unsafe fn ror8(a: Self) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_ror_epi32::<8>(a.0)) }
         }
         #[inline(always)]
         unsafe fn ror7(a: Self) -> Self {
+            // SAFETY: register-only AVX-512F intrinsic; the trait's contract makes the caller
+            // guarantee AVX-512F.
             unsafe { Avx512(_mm512_ror_epi32::<7>(a.0)) }
         }
         #[inline(always)]
         unsafe fn load_message(blocks: &[&[u8; BLOCK]], offset: usize) -> [Self; 16] {
+            // SAFETY: every load reads 64 bytes of a slice that indexing has already bounds-checked
+            // (`bytes` is exactly 64 bytes long); unaligned loads need no alignment; AVX-512F is
+            // guaranteed by the caller.
             unsafe {
                 let rows: [__m512i; 16] = std::array::from_fn(|l| {
                     let bytes = &blocks[l][offset..offset + 64];
@@ -460,6 +503,8 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn store(a: Self, out: &mut [u32; 16]) {
+            // SAFETY: `out` is 16 u32 = 64 bytes, exactly what the unaligned store writes; AVX-512F
+            // is guaranteed by the caller.
             unsafe { _mm512_storeu_si512(out.as_mut_ptr().cast(), a.0) }
         }
     }
@@ -467,6 +512,8 @@ mod x86 {
     /// 16x16 transpose of 32-bit words: `r[l][i]` becomes `c[i][l]`.
     #[inline(always)]
     unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        // SAFETY: register-only unpack and shuffle intrinsics; AVX-512F is guaranteed by the
+        // caller.
         unsafe {
             // Within each 128-bit lane j, t[2p] holds words 4j, 4j+1 and t[2p+1] words
             // 4j+2, 4j+3 of rows 2p and 2p+1, interleaved.
@@ -508,6 +555,8 @@ mod x86 {
     /// The CPU must have AVX2.
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn hash8(blocks: &[&[u8; BLOCK]; 8], out: &mut [Digest; 8]) {
+        // SAFETY: this function is compiled with AVX2 enabled and its caller checked the CPU has it
+        // (`available()`); `blocks` holds exactly 8 blocks, as `hash_lanes::<Avx2>` needs.
         unsafe { hash_lanes::<Avx2>(blocks, out) }
     }
 
@@ -515,6 +564,9 @@ mod x86 {
     /// The CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn hash16(blocks: &[&[u8; BLOCK]; 16], out: &mut [Digest; 16]) {
+        // SAFETY: this function is compiled with AVX-512F enabled and its caller checked the CPU
+        // has it (`available()`); `blocks` holds exactly 16 blocks, as `hash_lanes::<Avx512>`
+        // needs.
         unsafe { hash_lanes::<Avx512>(blocks, out) }
     }
 }
