@@ -215,10 +215,12 @@ pub fn handle(
                 device::image_name(catalog, &settings.roots, &image)?
             };
             let kernel = ctx.kernel()?;
-            let _changes = ctx.changes();
-            let created = device::create(catalog, kernel.as_ref(), &name, &image, max_targets);
-            // The guard marks the images the new device reads.
-            crate::guard::poke();
+            let created = {
+                let _changes = ctx.changes();
+                device::create(catalog, kernel.as_ref(), &name, &image, max_targets)
+            };
+            // Answered once the guard refuses writes to the images the new device reads.
+            crate::guard::sync();
             to_value(created?)
         }
         Request::Remove { name, deferred } => {
@@ -236,9 +238,11 @@ pub fn handle(
         )?),
         Request::Refresh { name } => {
             let kernel = kernel_for(ctx, Some(&name))?;
-            let _changes = ctx.changes();
-            let refreshed = device::refresh(catalog, kernel.as_ref(), &name, max_targets);
-            crate::guard::poke();
+            let refreshed = {
+                let _changes = ctx.changes();
+                device::refresh(catalog, kernel.as_ref(), &name, max_targets)
+            };
+            crate::guard::sync();
             to_value(refreshed?)
         }
         Request::Stats { name } => to_value(device::stats(

@@ -88,7 +88,11 @@ impl Default for Settings {
 }
 
 static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
-static WAKE: Mutex<Option<mpsc::Sender<()>>> = Mutex::new(None);
+/// Wakes the checker; a request may carry a sender to be told when a check that began after
+/// it has finished.
+static WAKE: Mutex<Option<mpsc::Sender<Option<mpsc::Sender<()>>>>> = Mutex::new(None);
+/// Longest a device change waits for the guard to mark its images.
+const SYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// The guard's settings now.
 pub fn settings() -> Settings {
@@ -112,7 +116,22 @@ pub fn poke() {
     if let Ok(wake) = WAKE.lock()
         && let Some(wake) = wake.as_ref()
     {
-        let _ = wake.send(());
+        let _ = wake.send(None);
+    }
+}
+
+/// Checks now and waits (boundedly) until that check is done, so that a device change
+/// returns only once the images it reads are guarded. The caller must not hold the lock
+/// for device changes. Returns at once when no guard runs.
+pub fn sync() {
+    let (done, finished) = mpsc::channel();
+    let sent = WAKE
+        .lock()
+        .ok()
+        .and_then(|wake| wake.as_ref().map(|w| w.send(Some(done)).is_ok()))
+        .unwrap_or(false);
+    if sent && finished.recv_timeout(SYNC_WAIT).is_err() {
+        tracing::warn!("the image guard did not check within {SYNC_WAIT:?}");
     }
 }
 
@@ -393,7 +412,7 @@ pub fn start(
     refuse: bool,
     check: impl Fn(&mut Probe) -> Result<CheckReport> + Send + 'static,
 ) -> Result<()> {
-    let (wake, woken) = mpsc::channel::<()>();
+    let (wake, woken) = mpsc::channel::<Option<mpsc::Sender<()>>>();
     if let Ok(mut w) = WAKE.lock() {
         *w = Some(wake);
     }
@@ -423,6 +442,7 @@ pub fn start(
         .name("vmard-guard".into())
         .spawn(move || {
             let mut probe = Probe::default();
+            let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
             loop {
                 match check(&mut probe) {
                     Ok(report) => {
@@ -435,11 +455,18 @@ pub fn start(
                     }
                     Err(e) => tracing::warn!("image check failed: {e}"),
                 }
+                for done in waiting.drain(..) {
+                    let _ = done.send(());
+                }
                 match woken.recv_timeout(settings().interval) {
-                    Ok(()) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                    Ok(first) => {
                         // Several wake-ups (a burst of writes) make one check.
-                        while woken.try_recv().is_ok() {}
+                        waiting.extend(first);
+                        while let Ok(more) = woken.try_recv() {
+                            waiting.extend(more);
+                        }
                     }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }

@@ -238,6 +238,7 @@ impl Marks {
                 ino: meta.st_ino,
             }
         };
+        tracing::debug!(?key, tid, "fanotify open permission event");
         let guarded = self
             .guarded
             .lock()
@@ -246,13 +247,12 @@ impl Marks {
         let Some(guarded) = guarded else {
             return allowed;
         };
+        // No writer at all: a read-only open. Otherwise (or without a probe) the opener's
+        // own flags decide: a reader is not refused because someone else writes (that
+        // writer is the checker's, which this wakes).
         let access = match key {
-            FileKey::File { .. } => match writer_probe(fd) {
-                Some(true) => Access::Write,
-                Some(false) => Access::ReadOnly,
-                None => syscall_access(tid),
-            },
-            FileKey::Block { .. } => syscall_access(tid),
+            FileKey::File { .. } if writer_probe(fd) == Some(false) => Access::ReadOnly,
+            _ => syscall_access(tid),
         };
         if allow(false, access) {
             return allowed;
