@@ -25,8 +25,9 @@ struct Args {
     #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 
-    /// Configuration file (image_roots, socket_group, max_targets, auto_capture); options
-    /// override it.
+    /// Configuration file (image_roots, socket_group, max_targets, auto_capture,
+    /// on_image_change, refuse_image_writes, image_check_interval, image_check_samples);
+    /// options override it.
     /// SIGHUP re-reads it.
     #[arg(long, env = "VMAR_CONFIG", default_value = vmar::config::DEFAULT_CONFIG)]
     config: PathBuf,
