@@ -451,7 +451,10 @@ fn restore_repairs_every_kind_of_leftover() {
     let mut got = states(&daemon);
     got.sort();
     assert_eq!(got[0], ("base".to_string(), "active".to_string()));
-    assert_eq!(got[2], ("web".to_string(), "missing".to_string()));
+    // Restored failed closed (issue 18.1), never as unchanged: reads of its changed image
+    // fail.
+    assert_eq!(got[2], ("web".to_string(), "image-changed".to_string()));
+    assert!(kernel.read_device("web").is_err());
     assert_eq!(err(&daemon, &["create", "web2", "web"]), "image-changed");
 }
 
