@@ -72,9 +72,9 @@ fn plan_with(
             changed.push(other.name);
             continue;
         }
-        let file = match open_unchanged(&other.name, &other.path, &other.identity).and_then(
-            |file| crate::guard::check_block_image(catalog, &other).map(|()| file),
-        ) {
+        let file = match open_unchanged(&other.name, &other.path, &other.identity)
+            .and_then(|file| crate::guard::check_block_image(catalog, &other).map(|()| file))
+        {
             Ok(file) => file,
             Err(Error::ImageChanged { .. }) if tolerate.is_some() && other.path.exists() => {
                 changed.push(other.name);
@@ -371,7 +371,8 @@ fn restore_one(
         }
         DeviceState::Active | DeviceState::ImageChanged => {
             let policy = crate::guard::settings().policy;
-            let tolerate = (policy == crate::guard::Policy::FailClosed).then_some(&record.changed[..]);
+            let tolerate =
+                (policy == crate::guard::Policy::FailClosed).then_some(&record.changed[..]);
             let (plan, changed) =
                 match plan_with(catalog, kernel, &record.image, max_targets, tolerate) {
                     Ok(planned) => planned,
@@ -694,7 +695,10 @@ fn status_of(
         },
         (None, None) => None,
     };
-    let changed_images = saved.as_ref().map(|s| s.changed.clone()).unwrap_or_default();
+    let changed_images = saved
+        .as_ref()
+        .map(|s| s.changed.clone())
+        .unwrap_or_default();
     Ok(DeviceStatus {
         name: name.to_string(),
         changed_images,

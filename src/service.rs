@@ -98,8 +98,7 @@ impl Context {
             }
             Err(e) => return Err(e),
         };
-        let report =
-            device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets);
+        let report = device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets);
         crate::guard::poke();
         report
     }
@@ -118,7 +117,12 @@ impl Context {
             Err(e) => return Err(e),
         };
         let _changes = self.changes();
-        crate::guard::check(&self.catalog, kernel.as_ref(), probe, crate::guard::settings())
+        crate::guard::check(
+            &self.catalog,
+            kernel.as_ref(),
+            probe,
+            crate::guard::settings(),
+        )
     }
 }
 

@@ -420,7 +420,10 @@ mod tests {
         let counts = TargetCounts::of(&mapped);
         assert_eq!((counts.error, counts.zero, counts.other), (1, 1, 1));
         let bytes = layout(&mapped);
-        assert_eq!((bytes.error, bytes.zero, bytes.other), (8 * 512, 8 * 512, 8 * 512));
+        assert_eq!(
+            (bytes.error, bytes.zero, bytes.other),
+            (8 * 512, 8 * 512, 8 * 512)
+        );
         assert_eq!(bytes.total(), 40 * 512);
         // Reads attributed to an area over the error extent go to it.
         let reads = attribute(&mapped, &[area(16, 8, 8)]);

@@ -436,12 +436,20 @@ mod tests {
             to_text(&closed),
             "0 24 error\n24 8 linear /dev/loop2 0\n32 16 error\n"
         );
-        assert_eq!(closed.last().map(Target::end), table.last().map(Target::end));
+        assert_eq!(
+            closed.last().map(Target::end),
+            table.last().map(Target::end)
+        );
         // Built the same way from the map when the changed images have no device.
         let guarded = build_guarded(&map, 6 * BLOCK_SIZE, |id| (id == 2).then(|| dev(id)));
         assert_eq!(guarded, closed);
         // Nothing changed: the same table.
         assert_eq!(fail_closed(&table, &[]), table);
-        assert_eq!(Target::parse(Sectors(0), Sectors(8), "error", "").unwrap().kind, TargetKind::Error);
+        assert_eq!(
+            Target::parse(Sectors(0), Sectors(8), "error", "")
+                .unwrap()
+                .kind,
+            TargetKind::Error
+        );
     }
 }

@@ -839,7 +839,7 @@ fn writes_to_an_image_under_live_devices_are_refused_or_failed_closed() {
     use std::os::unix::fs::FileExt;
     let base_len = std::fs::metadata(&images[0]).unwrap().len();
     early
-        .write_all_at(&vec![0xab; base_len as usize], 0)
+        .write_all_at(&vec![0xab; usize::try_from(base_len).unwrap()], 0)
         .unwrap();
     if !guarded {
         daemon.signal(nix::sys::signal::Signal::SIGHUP);
@@ -852,8 +852,15 @@ fn writes_to_an_image_under_live_devices_are_refused_or_failed_closed() {
         );
     }
     let status = ok(&daemon, &["status", "web", "--table"]);
-    assert_eq!(status["changed_images"], serde_json::json!(["base"]), "{status}");
-    assert!(status["target_types"]["error"].as_u64().unwrap() > 0, "{status}");
+    assert_eq!(
+        status["changed_images"],
+        serde_json::json!(["base"]),
+        "{status}"
+    );
+    assert!(
+        status["target_types"]["error"].as_u64().unwrap() > 0,
+        "{status}"
+    );
     let listed = ok(&daemon, &["list"]);
     assert!(
         listed
@@ -864,7 +871,10 @@ fn writes_to_an_image_under_live_devices_are_refused_or_failed_closed() {
         "{listed}"
     );
     // Fail closed: reads of base's extents fail, web's own blocks (40..64) still read.
-    assert!(kernel.read_device("web").is_err(), "web serves base's new bytes");
+    assert!(
+        kernel.read_device("web").is_err(),
+        "web serves base's new bytes"
+    );
     assert!(kernel.read_device("base").is_err());
     let web = std::fs::read(&images[1]).unwrap();
     assert_eq!(
@@ -873,7 +883,10 @@ fn writes_to_an_image_under_live_devices_are_refused_or_failed_closed() {
     );
     // Stats count the error extents as such, not as zeros.
     let stats = ok(&daemon, &["stats", "web"]);
-    assert!(stats["devices"][0]["targets"]["error"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        stats["devices"][0]["targets"]["error"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
     // Refresh will not serve the changed image again.
     assert_eq!(err(&daemon, &["refresh", "web"]), "image-changed");
     // The verdict and the table survive a restart.
@@ -939,7 +952,10 @@ fn a_write_nobody_reports_is_served_until_the_next_check() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert!(changed.contains(&"db") && changed.contains(&"base"), "{status}");
+    assert!(
+        changed.contains(&"db") && changed.contains(&"base"),
+        "{status}"
+    );
     drop(dbs);
 }
 
@@ -1012,7 +1028,7 @@ fn a_block_device_image_written_in_place_is_refused_or_found() {
     let write_all = |node: &str, byte: u8| {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(node).unwrap();
-        let len = std::fs::metadata(&files[0]).unwrap().len() as usize;
+        let len = std::fs::read(&files[0]).unwrap().len();
         f.write_all_at(&vec![byte; len], 0).unwrap();
         f.sync_all().unwrap();
     };
@@ -1029,7 +1045,10 @@ fn a_block_device_image_written_in_place_is_refused_or_found() {
     // Put base back as captured.
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(&host.0[0]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&host.0[0])
+            .unwrap();
         f.write_all_at(&original_base, 0).unwrap();
         f.sync_all().unwrap();
     }

@@ -1309,8 +1309,15 @@ fn real_writes_to_served_images_are_refused_or_fail_closed() {
         );
     }
     let (_, status) = daemon.json(&["status", "web", "--table"]);
-    assert_eq!(status["changed_images"], serde_json::json!(["base"]), "{status}");
-    assert!(status["target_types"]["error"].as_u64().unwrap() > 0, "{status}");
+    assert_eq!(
+        status["changed_images"],
+        serde_json::json!(["base"]),
+        "{status}"
+    );
+    assert!(
+        status["target_types"]["error"].as_u64().unwrap() > 0,
+        "{status}"
+    );
     // The open device's reads of base's extents fail; its own blocks (180..256) read.
     let mut whole = Vec::new();
     let failed = File::open(node("web"))
@@ -1377,7 +1384,12 @@ fn real_block_device_images_written_in_place_are_refused_or_found() {
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     assert!(wait_for_state(&daemon, "web", "image-changed", 10));
     let mut whole = Vec::new();
-    assert!(File::open(node("web")).unwrap().read_to_end(&mut whole).is_err());
+    assert!(
+        File::open(node("web"))
+            .unwrap()
+            .read_to_end(&mut whole)
+            .is_err()
+    );
     let (ok, out) = daemon.json(&["remove", "web"]);
     assert!(ok, "{out}");
     write_all(&lower_nodes[0], &original);

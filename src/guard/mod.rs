@@ -54,9 +54,7 @@ impl Policy {
             Policy::FailClosed => {
                 "reads of its extents now fail with EIO (on_image_change = \"fail-closed\")"
             }
-            Policy::Report => {
-                "the devices serve what it holds now (on_image_change = \"report\")"
-            }
+            Policy::Report => "the devices serve what it holds now (on_image_change = \"report\")",
         }
     }
 }
@@ -96,11 +94,7 @@ const SYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// The guard's settings now.
 pub fn settings() -> Settings {
-    SETTINGS
-        .read()
-        .ok()
-        .and_then(|s| *s)
-        .unwrap_or_default()
+    SETTINGS.read().ok().and_then(|s| *s).unwrap_or_default()
 }
 
 /// Replaces the guard's settings (start, SIGHUP) and checks at once.
@@ -295,7 +289,10 @@ pub fn check(
     let mut verdicts: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut guarded: BTreeMap<String, Guarded> = BTreeMap::new();
     for device in catalog.devices()? {
-        if !matches!(device.state, DeviceState::Active | DeviceState::ImageChanged) {
+        if !matches!(
+            device.state,
+            DeviceState::Active | DeviceState::ImageChanged
+        ) {
             continue;
         }
         if kernel.dm_info(&device.name)?.is_none() {

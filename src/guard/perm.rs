@@ -76,7 +76,7 @@ pub fn access_from_syscall(line: &str) -> Access {
     };
     #[cfg(target_arch = "x86_64")]
     let flags = match nr {
-        2 => arg(1),         // open(path, flags, mode)
+        2 => arg(1),                // open(path, flags, mode)
         257 | 304 => arg(2), // openat(dirfd, path, flags), open_by_handle_at(fd, handle, flags)
         85 => return Access::Write, // creat
         _ => None,
@@ -94,7 +94,8 @@ pub fn access_from_syscall(line: &str) -> Access {
     let Some(flags) = flags else {
         return Access::Unknown;
     };
-    let flags = OFlag::from_bits_truncate(flags as i32);
+    // Open flags fit an int; anything else is taken as the worst case (all bits: a write).
+    let flags = OFlag::from_bits_truncate(i32::try_from(flags).unwrap_or(-1));
     let mode = flags & OFlag::O_ACCMODE;
     if mode == OFlag::O_RDONLY && !flags.contains(OFlag::O_TRUNC) {
         Access::ReadOnly
@@ -178,7 +179,9 @@ impl Marks {
                 Ok(events) => events,
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => {
-                    tracing::error!("fanotify stopped ({e}): writes to images are no longer refused, only detected");
+                    tracing::error!(
+                        "fanotify stopped ({e}): writes to images are no longer refused, only detected"
+                    );
                     return;
                 }
             };
@@ -197,10 +200,7 @@ impl Marks {
                     } else {
                         Response::FAN_DENY
                     };
-                    if let Err(e) = self
-                        .fan
-                        .write_response(FanotifyResponse::new(fd, response))
-                    {
+                    if let Err(e) = self.fan.write_response(FanotifyResponse::new(fd, response)) {
                         tracing::error!("cannot answer a fanotify permission event: {e}");
                     }
                     // Logged after answering, so that no open waits for the log.
@@ -239,11 +239,7 @@ impl Marks {
             }
         };
         tracing::debug!(?key, tid, "fanotify open permission event");
-        let guarded = self
-            .guarded
-            .lock()
-            .ok()
-            .and_then(|g| g.get(&key).cloned());
+        let guarded = self.guarded.lock().ok().and_then(|g| g.get(&key).cloned());
         let Some(guarded) = guarded else {
             return allowed;
         };
@@ -349,12 +345,24 @@ mod tests {
             let wo = "257 0xffffff9c 0x7ffd1 0x41 0x1b6 0x0 0x0 0x7ffd0 0x7f1";
             assert_eq!(access_from_syscall(wo), Access::Write);
             // O_RDWR through open(2)
-            assert_eq!(access_from_syscall("2 0x7ffd1 0x2 0x0 0 0 0 0 0"), Access::Write);
+            assert_eq!(
+                access_from_syscall("2 0x7ffd1 0x2 0x0 0 0 0 0 0"),
+                Access::Write
+            );
             // O_RDONLY|O_TRUNC truncates on Linux.
-            assert_eq!(access_from_syscall("2 0x7ffd1 0x200 0x0 0 0 0 0 0"), Access::Write);
-            assert_eq!(access_from_syscall("85 0x7ffd1 0x1b6 0 0 0 0 0 0"), Access::Write);
+            assert_eq!(
+                access_from_syscall("2 0x7ffd1 0x200 0x0 0 0 0 0 0"),
+                Access::Write
+            );
+            assert_eq!(
+                access_from_syscall("85 0x7ffd1 0x1b6 0 0 0 0 0 0"),
+                Access::Write
+            );
             // openat2: flags behind a pointer.
-            assert_eq!(access_from_syscall("437 0xffffff9c 0x1 0x2 0x18 0 0 0 0"), Access::Unknown);
+            assert_eq!(
+                access_from_syscall("437 0xffffff9c 0x1 0x2 0x18 0 0 0 0"),
+                Access::Unknown
+            );
         }
         assert_eq!(access_from_syscall("running"), Access::Unknown);
         assert_eq!(access_from_syscall(""), Access::Unknown);

@@ -98,8 +98,13 @@ fn run(dir: &std::path::Path, node: &std::path::Path, mib: usize, runs: usize) -
         std::hint::black_box(hasher.finalize());
         Ok(())
     })?;
-    println!("block-device image of {mib} MiB (loop device over a cached file), median [min-max] of {runs} runs");
-    println!("{:<52} {:>10} {:>22} {:>12}", "step", "ms", "range ms", "vs whole");
+    println!(
+        "block-device image of {mib} MiB (loop device over a cached file), median [min-max] of {runs} runs"
+    );
+    println!(
+        "{:<52} {:>10} {:>22} {:>12}",
+        "step", "ms", "range ms", "vs whole"
+    );
     let row = |name: &str, (m, lo, hi): (f64, f64, f64)| {
         println!(
             "{name:<52} {:>10.3} {:>10.3}-{:<11.3} {:>12.5}",
