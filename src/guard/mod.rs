@@ -288,6 +288,8 @@ pub fn check(
     let mut report = CheckReport::default();
     let mut verdicts: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut guarded: BTreeMap<String, Guarded> = BTreeMap::new();
+    let mut sources_of: BTreeMap<String, std::result::Result<Vec<ImageRecord>, String>> =
+        BTreeMap::new();
     for device in catalog.devices()? {
         if !matches!(
             device.state,
@@ -298,18 +300,23 @@ pub fn check(
         if kernel.dm_info(&device.name)?.is_none() {
             continue;
         }
-        let sources = match catalog
-            .map(&device.image)
-            .and_then(|(record, map)| catalog.sources_of(&record, &map))
-        {
-            Ok(sources) => sources,
+        // Devices of one image read the same images: its map is read once per check.
+        let found = sources_of.entry(device.image.clone()).or_insert_with(|| {
+            catalog
+                .map(&device.image)
+                .and_then(|(record, map)| catalog.sources_of(&record, &map))
+                .map(|sources| sources.into_values().collect())
+                .map_err(|e| e.to_string())
+        });
+        let sources = match found {
+            Ok(sources) => sources.clone(),
             Err(e) => {
-                report.failed.push((device.name.clone(), e.to_string()));
+                report.failed.push((device.name.clone(), e.clone()));
                 continue;
             }
         };
         let mut newly = Vec::new();
-        for image in sources.into_values() {
+        for image in sources {
             guarded
                 .entry(image.name.clone())
                 .or_insert_with(|| Guarded {
