@@ -429,6 +429,11 @@ pub fn start(
                     .name("vmard-fanotify".into())
                     .spawn(move || listener.listen(poke))
                     .map_err(|e| Error::io("cannot start the fanotify thread", "vmard", e))?;
+                let changes = Arc::clone(&marks);
+                std::thread::Builder::new()
+                    .name("vmard-changes".into())
+                    .spawn(move || changes.listen_changes(poke))
+                    .map_err(|e| Error::io("cannot start the fanotify thread", "vmard", e))?;
                 Some(marks)
             }
             Err(e) => {
@@ -448,8 +453,14 @@ pub fn start(
             let mut probe = Probe::default();
             let mut waiting: Vec<mpsc::Sender<()>> = Vec::new();
             loop {
+                tracing::debug!("image check");
                 match check(&mut probe) {
                     Ok(report) => {
+                        tracing::debug!(
+                            guarded = report.guarded.len(),
+                            changed = report.changed.len(),
+                            "image check done"
+                        );
                         for (what, why) in &report.failed {
                             tracing::warn!("image check of {what} failed: {why}");
                         }

@@ -12,8 +12,9 @@
 //!   inside `open`/`openat`); where they cannot be read the open is refused.
 //!
 //! `FAN_MODIFY` on the same marks wakes the checker at once ([`super::poke`]), so a writer
-//! that opened before the mark (or a `truncate(2)` by path, which opens nothing) is found
-//! within milliseconds on a local file system. Every event is answered by this thread
+//! that opened before the mark is found within milliseconds on a local file system; a
+//! `truncate(2)` by path, which opens nothing and has no path the permission group could
+//! report, is reported by a second, file-handle group (`FAN_REPORT_FID`) marked the same. Every event is answered by this thread
 //! without waiting for anything but `fstat`, `fcntl` and one small procfs read; if vmard
 //! dies, the kernel allows the opens still pending, so detection stays necessary.
 
@@ -104,9 +105,12 @@ pub fn access_from_syscall(line: &str) -> Access {
     }
 }
 
-/// The fanotify group and the images it guards.
+/// The fanotify groups and the images they guard.
 pub struct Marks {
     fan: Fanotify,
+    /// A notification group reporting file handles: the only kind the kernel tells of
+    /// changes made without a path (`truncate(2)`, which the permission group never sees).
+    changes: Option<Fanotify>,
     guarded: Mutex<BTreeMap<FileKey, Guarded>>,
     marked: Mutex<BTreeMap<PathBuf, FileKey>>,
 }
@@ -119,8 +123,20 @@ impl Marks {
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
         )
         .map_err(|e| Error::io("cannot start fanotify", "fanotify", e.into()))?;
+        // nix 0.29 has no name for FAN_REPORT_FID.
+        let changes = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF
+                | InitFlags::FAN_CLOEXEC
+                | InitFlags::from_bits_retain(nix::libc::FAN_REPORT_FID),
+            EventFFlags::O_RDONLY | EventFFlags::O_CLOEXEC,
+        )
+        .map_err(|e| {
+            tracing::warn!("truncations by path are found only by the periodic check: {e}")
+        })
+        .ok();
         Ok(Marks {
             fan,
+            changes,
             guarded: Mutex::new(BTreeMap::new()),
             marked: Mutex::new(BTreeMap::new()),
         })
@@ -145,6 +161,16 @@ impl Marks {
             {
                 Ok(()) => {
                     marked.insert(path.clone(), *key);
+                    if let Some(changes) = &self.changes
+                        && let Err(e) = changes.mark(
+                            MarkFlags::FAN_MARK_ADD,
+                            MaskFlags::FAN_MODIFY,
+                            None,
+                            Some(path.as_path()),
+                        )
+                    {
+                        tracing::warn!(path = %path.display(), "truncations by path are found only by the periodic check: {e}");
+                    }
                 }
                 Err(e) => tracing::warn!(
                     path = %path.display(),
@@ -163,6 +189,14 @@ impl Marks {
             let _ = self
                 .fan
                 .mark(MarkFlags::FAN_MARK_REMOVE, mask, None, Some(path.as_path()));
+            if let Some(changes) = &self.changes {
+                let _ = changes.mark(
+                    MarkFlags::FAN_MARK_REMOVE,
+                    MaskFlags::FAN_MODIFY,
+                    None,
+                    Some(path.as_path()),
+                );
+            }
             marked.remove(&path);
         }
     }
@@ -187,6 +221,7 @@ impl Marks {
             };
             let mut wake = false;
             for event in events {
+                tracing::debug!(mask = ?event.mask(), pid = event.pid(), "fanotify event");
                 let Some(fd) = event.fd() else {
                     // Queue overflow: events were lost, so look at everything.
                     wake = true;
@@ -215,6 +250,28 @@ impl Marks {
             }
             if wake {
                 modified();
+            }
+        }
+    }
+
+    /// Calls `modified` for every batch of changes the file-handle group reports (writes
+    /// and truncations of guarded images, with or without a path); returns at once if there
+    /// is no such group.
+    pub fn listen_changes(self: Arc<Self>, modified: impl Fn()) {
+        let Some(changes) = &self.changes else {
+            return;
+        };
+        loop {
+            match changes.read_events() {
+                Ok(events) if events.is_empty() => {}
+                Ok(_) => modified(),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(
+                        "fanotify change events stopped ({e}): truncations by path are found only by the periodic check"
+                    );
+                    return;
+                }
             }
         }
     }
