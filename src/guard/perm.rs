@@ -303,16 +303,23 @@ impl Marks {
         // No writer at all: a read-only open. Otherwise (or without a probe) the opener's
         // own flags decide: a reader is not refused because someone else writes (that
         // writer is the checker's, which this wakes).
-        let access = match key {
-            FileKey::File { .. } if writer_probe(fd) == Some(false) => Access::ReadOnly,
+        let writer = match key {
+            FileKey::File { .. } => writer_probe(fd),
+            FileKey::Block { .. } => None,
+        };
+        let access = match writer {
+            Some(false) => Access::ReadOnly,
             _ => syscall_access(tid),
         };
         if allow(false, access) {
             return allowed;
         }
-        let why = match access {
-            Access::Write => "an open for writing",
-            _ => "an open whose mode cannot be read",
+        let why = match (access, writer) {
+            (Access::Write, _) => "an open for writing",
+            (_, Some(true)) => {
+                "an open (mode not visible to vmard) while the inode is open for writing"
+            }
+            _ => "an open whose mode is not visible to vmard",
         };
         Decision {
             allowed: false,
