@@ -280,6 +280,7 @@ mod tests {
             image: "web".into(),
             created_at: 0,
             state: Default::default(),
+            changed: Vec::new(),
         };
         let changes = [
             Change::Image {

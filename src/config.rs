@@ -11,6 +11,15 @@
 //! # they stayed unchanged and closed for writing this many seconds.
 //! auto_capture = true
 //! auto_capture_settle = 30
+//! # What to do with a device whose image changed under it: "fail-closed" (its extents read
+//! # as EIO) or "report" (keep serving, state image-changed, logged at ERROR).
+//! on_image_change = "fail-closed"
+//! # Refuse opens for writing of images that live devices read (fanotify).
+//! refuse_image_writes = true
+//! # Seconds between checks of the images live devices read, and blocks sampled from each
+//! # block-device image per check.
+//! image_check_interval = 10
+//! image_check_samples = 64
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -35,6 +44,16 @@ pub struct Config {
     /// Seconds a new image must stay unchanged and closed for writing before auto-capture
     /// takes it [default: 30].
     pub auto_capture_settle: Option<f64>,
+    /// What to do with devices whose image changed (see [`crate::guard`]) [default:
+    /// fail-closed].
+    #[serde(default)]
+    pub on_image_change: crate::guard::Policy,
+    /// Refuse opens for writing of served images [default: true].
+    pub refuse_image_writes: Option<bool>,
+    /// Seconds between image checks [default: 10].
+    pub image_check_interval: Option<f64>,
+    /// Blocks sampled per block-device image per check [default: 64].
+    pub image_check_samples: Option<usize>,
 }
 
 /// Default of `auto_capture_settle`: long enough for a copy or download that pauses.
@@ -59,6 +78,29 @@ impl Config {
 }
 
 impl Config {
+    /// The image guard's settings; rejects an interval outside 0.1 s .. 1 day.
+    pub fn guard(&self, path: &Path) -> Result<crate::guard::Settings> {
+        let seconds = self
+            .image_check_interval
+            .unwrap_or(crate::guard::DEFAULT_INTERVAL);
+        let interval = std::time::Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|d| d.as_secs_f64() >= 0.1 && d.as_secs() <= 86_400)
+            .ok_or_else(|| Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "image_check_interval = {seconds}: give seconds between 0.1 and 86400"
+                ),
+            })?;
+        Ok(crate::guard::Settings {
+            policy: self.on_image_change,
+            interval,
+            samples: self
+                .image_check_samples
+                .unwrap_or(crate::guard::DEFAULT_SAMPLES),
+        })
+    }
+
     /// Reads `path`. A missing file gives the defaults unless `required`.
     pub fn load(path: &Path, required: bool) -> Result<Config> {
         let text = match std::fs::read_to_string(path) {
@@ -108,6 +150,25 @@ mod tests {
         std::fs::write(&path, "auto_capture_settle = -1\n").unwrap();
         let config = Config::load(&path, false).unwrap();
         assert!(config.auto_capture_settle(&path).is_err());
+        assert_eq!(
+            config.guard(&path).unwrap(),
+            crate::guard::Settings::default()
+        );
+        std::fs::write(
+            &path,
+            "on_image_change = \"report\"\nimage_check_interval = 0.5\nimage_check_samples = 8\nrefuse_image_writes = false\n",
+        )
+        .unwrap();
+        let config = Config::load(&path, false).unwrap();
+        let guard = config.guard(&path).unwrap();
+        assert_eq!(guard.policy, crate::guard::Policy::Report);
+        assert_eq!(guard.interval, std::time::Duration::from_millis(500));
+        assert_eq!(guard.samples, 8);
+        assert_eq!(config.refuse_image_writes, Some(false));
+        std::fs::write(&path, "image_check_interval = 0\n").unwrap();
+        assert!(Config::load(&path, false).unwrap().guard(&path).is_err());
+        std::fs::write(&path, "on_image_change = \"ignore\"\n").unwrap();
+        assert!(Config::load(&path, false).is_err());
         std::fs::write(&path, "image_root = [\"/a\"]\n").unwrap();
         let err = Config::load(&path, false).unwrap_err();
         assert_eq!(err.kind(), "config");

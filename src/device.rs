@@ -47,13 +47,41 @@ fn existing_loop(loops: &[LoopInfo], path: &Path, identity: &ImageIdentity) -> O
 /// Plans the table of `image`: refuses it if the image or any image it reads from changed
 /// since capture, fits the map into `max_targets`, attaches (or reuses) the loop devices.
 pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u64) -> Result<Plan> {
+    plan_with(catalog, kernel, image, max_targets, None).map(|(plan, _)| plan)
+}
+
+/// [`plan`] for a device vmar already serves, failing closed: with `tolerate`, images named
+/// in it (found changed before) and images found changed now (written in place: the file
+/// is still there) get no loop device, so their extents become `error` targets. Returns the
+/// names of those images too.
+fn plan_with(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    image: &str,
+    max_targets: u64,
+    tolerate: Option<&[String]>,
+) -> Result<(Plan, Vec<String>)> {
     let (record, map) = catalog.map(image)?;
     let (map, cost) = budget::fit(&map, max_targets);
     let mut by_id = BTreeMap::new();
     let mut loops = BTreeMap::new();
     let attached = kernel.loops()?;
+    let mut changed = Vec::new();
     for (id, other) in catalog.sources_of(&record, &map)? {
-        let file = open_unchanged(&other.name, &other.path, &other.identity)?;
+        if tolerate.is_some_and(|known| known.contains(&other.name)) {
+            changed.push(other.name);
+            continue;
+        }
+        let file = match open_unchanged(&other.name, &other.path, &other.identity)
+            .and_then(|file| crate::guard::check_block_image(catalog, &other).map(|()| file))
+        {
+            Ok(file) => file,
+            Err(Error::ImageChanged { .. }) if tolerate.is_some() && other.path.exists() => {
+                changed.push(other.name);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut hold = None;
         // An existing one may go away between the scan and the open (autoclear).
         if let Some(info) = existing_loop(&attached, &file.path, &file.identity) {
@@ -66,13 +94,14 @@ pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u6
         by_id.insert(id, hold.info.block_dev());
         loops.insert(other.name, hold);
     }
-    let targets = build_table(&map, record.size, &by_id);
-    Ok(Plan {
+    let targets = table::build_guarded(&map, record.size, |id| by_id.get(&id).cloned());
+    let plan = Plan {
         image: record,
         targets,
         cost,
         loops,
-    })
+    };
+    Ok((plan, changed))
 }
 
 /// The table `image` would get now from the loop devices already attached, without
@@ -175,7 +204,7 @@ fn stats_region(
 
 /// Swaps `targets` into live device `name` atomically: load into the inactive slot, suspend,
 /// resume. Whatever fails, the device is left resumed: a suspended device hangs its VM.
-fn swap(kernel: &dyn Kernel, name: &str, targets: &[Target]) -> Result<()> {
+pub(crate) fn swap(kernel: &dyn Kernel, name: &str, targets: &[Target]) -> Result<()> {
     kernel.dm_load(name, targets)?;
     let swapped = kernel
         .dm_suspend(name)
@@ -217,6 +246,7 @@ pub fn create(
         image: plan.image.name.clone(),
         created_at: now_secs(),
         state: DeviceState::Creating,
+        changed: Vec::new(),
     };
     catalog.save_device(&record)?;
     if let Err(e) = activate(kernel, name, &plan.targets) {
@@ -261,6 +291,7 @@ pub fn restore(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Resu
         match restore_one(catalog, kernel, &record, max_targets) {
             Ok(Restored::Created) => report.created.push(name),
             Ok(Restored::Unchanged) => report.unchanged.push(name),
+            Ok(Restored::ImageChanged) => report.image_changed.push(name),
             Ok(Restored::Repaired) => report.repaired.push(name),
             Ok(Restored::RolledBack) => report.rolled_back.push(name),
             Ok(Restored::Removed) => report.removed.push(name),
@@ -278,6 +309,8 @@ pub fn restore(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Resu
 enum Restored {
     Created,
     Unchanged,
+    /// Served failed closed: an image it reads changed (see [`crate::guard`]).
+    ImageChanged,
     Repaired,
     RolledBack,
     Removed,
@@ -336,27 +369,46 @@ fn restore_one(
             catalog.forget_device(name)?;
             Ok(Restored::Removed)
         }
-        DeviceState::Active => {
-            let Some(live) = live else {
-                let plan = plan(catalog, kernel, &record.image, max_targets)?;
-                activate(kernel, name, &plan.targets)?;
-                return Ok(Restored::Created);
-            };
-            let plan = match plan(catalog, kernel, &record.image, max_targets) {
-                Ok(plan) => plan,
-                Err(e) => {
-                    // Never leave a VM hanging, even on a device that cannot be checked.
-                    if live.suspended {
-                        kernel.dm_resume(name)?;
+        DeviceState::Active | DeviceState::ImageChanged => {
+            let policy = crate::guard::settings().policy;
+            let tolerate =
+                (policy == crate::guard::Policy::FailClosed).then_some(&record.changed[..]);
+            let (plan, changed) =
+                match plan_with(catalog, kernel, &record.image, max_targets, tolerate) {
+                    Ok(planned) => planned,
+                    Err(e) => {
+                        // Never leave a VM hanging, even on a device that cannot be checked.
+                        if live.as_ref().is_some_and(|l| l.suspended) {
+                            kernel.dm_resume(name)?;
+                        }
+                        if let Error::ImageChanged { name: image, .. } = &e
+                            && live.is_some()
+                        {
+                            mark_changed(catalog, record, std::slice::from_ref(image))?;
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                };
+            let failed_closed = !changed.is_empty();
+            if failed_closed {
+                mark_changed(catalog, record, &changed)?;
+            }
+            let done = |restored| {
+                if failed_closed {
+                    Restored::ImageChanged
+                } else {
+                    restored
                 }
+            };
+            let Some(live) = live else {
+                activate(kernel, name, &plan.targets)?;
+                return Ok(done(Restored::Created));
             };
             let table = kernel.dm_table(name)?;
             if live.active_table && !live.suspended && !live.inactive_table && table == plan.targets
             {
                 ensure_stats(kernel, name, &plan.targets);
-                return Ok(Restored::Unchanged);
+                return Ok(done(Restored::Unchanged));
             }
             if live.active_table && table == plan.targets {
                 // Only an interrupted swap to the same table: drop it and resume.
@@ -368,9 +420,34 @@ fn restore_one(
                 swap(kernel, name, &plan.targets)?;
             }
             ensure_stats(kernel, name, &plan.targets);
-            Ok(Restored::Repaired)
+            Ok(done(Restored::Repaired))
         }
     }
+}
+
+/// Saves `record` as `image-changed` for `images` (added to those found before), logged at
+/// ERROR the first time each is found.
+fn mark_changed(catalog: &Catalog, record: &DeviceRecord, images: &[String]) -> Result<()> {
+    let mut marked = record.clone();
+    marked.state = DeviceState::ImageChanged;
+    for image in images {
+        if !marked.changed.contains(image) {
+            tracing::error!(
+                device = %record.name,
+                %image,
+                "image changed since capture under a saved device: {}",
+                match crate::guard::settings().policy {
+                    crate::guard::Policy::FailClosed => "its extents are served as EIO",
+                    crate::guard::Policy::Report => "the device is not restored over it",
+                }
+            );
+            marked.changed.push(image.clone());
+        }
+    }
+    if marked != *record {
+        catalog.save_device(&marked)?;
+    }
+    Ok(())
 }
 
 /// Detaches loop devices over captured images that have no autoclear and that no device
@@ -423,7 +500,7 @@ pub fn refresh(
     let started = std::time::Instant::now();
     let record = catalog
         .device(name)?
-        .filter(|r| r.state == DeviceState::Active)
+        .filter(|r| matches!(r.state, DeviceState::Active | DeviceState::ImageChanged))
         .ok_or_else(|| Error::UnknownDevice {
             name: name.to_string(),
         })?;
@@ -432,8 +509,15 @@ pub fn refresh(
             name: name.to_string(),
         });
     }
+    // An image-changed device is served again only when every image it reads is as captured.
     let plan = plan(catalog, kernel, &record.image, max_targets)?;
     swap(kernel, name, &plan.targets)?;
+    if record.state == DeviceState::ImageChanged {
+        let mut active = record.clone();
+        active.state = DeviceState::Active;
+        active.changed.clear();
+        catalog.save_device(&active)?;
+    }
     ensure_stats(kernel, name, &plan.targets);
     let status = status_of(catalog, kernel, name, max_targets, Some(&plan))?;
     Ok(change(&plan, status, started))
@@ -571,9 +655,11 @@ fn status_of(
             "removing"
         }
         (Some(r), None) if r.state != DeviceState::Active => "gone",
+        (Some(r), None) if r.state == DeviceState::ImageChanged => "image-changed",
         (Some(_), None) => "missing",
         (Some(_), Some(l)) if l.suspended => "suspended",
         (Some(_), Some(l)) if !l.active_table => "no-table",
+        (Some(r), _) if r.state == DeviceState::ImageChanged => "image-changed",
         (Some(r), Some(_)) => {
             let want = match planned {
                 Some(plan) => Some(plan.targets.clone()),
@@ -609,8 +695,13 @@ fn status_of(
         },
         (None, None) => None,
     };
+    let changed_images = saved
+        .as_ref()
+        .map(|s| s.changed.clone())
+        .unwrap_or_default();
     Ok(DeviceStatus {
         name: name.to_string(),
+        changed_images,
         image: saved.map(|s| s.image),
         state: state.to_string(),
         node: node_path(name).display().to_string(),

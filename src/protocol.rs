@@ -230,8 +230,13 @@ pub struct DeviceStatus {
     /// restart of vmard, releases them); `differs`: live, but its table is not the image's
     /// current map (`refresh` swaps it in); `no-table`: live without a table; `missing`:
     /// saved, not in the kernel (a restart creates it); `creating`; `removing`: removal
-    /// deferred to its last close; `unmanaged`: a `vmar-` device the catalog does not know.
+    /// deferred to its last close; `unmanaged`: a `vmar-` device the catalog does not know;
+    /// `image-changed`: an image it reads changed since capture (see `changed_images`), and
+    /// by default reads of that image's extents fail with EIO.
     pub state: String,
+    /// Images found changed under it (state `image-changed`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_images: Vec<String>,
     pub node: String,
     pub live: Option<LiveDevice>,
     /// Target counts of the live table by type.
@@ -265,6 +270,10 @@ pub struct RestoreReport {
     pub created: Vec<String>,
     /// Saved devices already live with the expected table: left alone.
     pub unchanged: Vec<String>,
+    /// Saved devices served failed closed because an image they read changed since capture
+    /// (state `image-changed`: those extents read as EIO).
+    #[serde(default)]
+    pub image_changed: Vec<String>,
     /// Live devices brought back in line: resumed (left suspended by a crash), or given the
     /// image's current map (atomically, while in use).
     pub repaired: Vec<String>,

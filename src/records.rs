@@ -74,6 +74,10 @@ pub struct DeviceRecord {
     pub created_at: u64,
     #[serde(default)]
     pub state: DeviceState,
+    /// Images found changed under it (state `image-changed`), so that the verdict survives
+    /// restarts and reboots, which a block device's write counters do not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed: Vec<String>,
 }
 
 /// Where a device is in its life. A crash leaves a record in the state of the step it
@@ -86,6 +90,10 @@ pub enum DeviceState {
     /// Serve it.
     #[default]
     Active,
+    /// Live, but an image it reads changed since capture (written in place, truncated):
+    /// served as the policy says (by default its extents fail with EIO), never silently.
+    /// `refresh` makes it active again once its images are unchanged.
+    ImageChanged,
     /// Being removed: start-up removes it.
     Removing,
     /// Removal deferred to its last close: the record goes once the device is gone.

@@ -98,7 +98,31 @@ impl Context {
             }
             Err(e) => return Err(e),
         };
-        device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets)
+        let report = device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets);
+        crate::guard::poke();
+        report
+    }
+
+    /// Checks the images that live devices read and applies the policy to the devices of
+    /// changed ones (see [`crate::guard`]), serialised with device changes.
+    pub fn check_images(
+        &self,
+        probe: &mut crate::guard::Probe,
+    ) -> Result<crate::guard::CheckReport> {
+        let kernel = match self.kernel() {
+            Ok(kernel) => kernel,
+            Err(_) if self.catalog.devices()?.is_empty() => {
+                return Ok(crate::guard::CheckReport::default());
+            }
+            Err(e) => return Err(e),
+        };
+        let _changes = self.changes();
+        crate::guard::check(
+            &self.catalog,
+            kernel.as_ref(),
+            probe,
+            crate::guard::settings(),
+        )
     }
 }
 
@@ -195,14 +219,13 @@ pub fn handle(
                 device::image_name(catalog, &settings.roots, &image)?
             };
             let kernel = ctx.kernel()?;
-            let _changes = ctx.changes();
-            to_value(device::create(
-                catalog,
-                kernel.as_ref(),
-                &name,
-                &image,
-                max_targets,
-            )?)
+            let created = {
+                let _changes = ctx.changes();
+                device::create(catalog, kernel.as_ref(), &name, &image, max_targets)
+            };
+            // Answered once the guard refuses writes to the images the new device reads.
+            crate::guard::sync();
+            to_value(created?)
         }
         Request::Remove { name, deferred } => {
             let kernel = kernel_for(ctx, Some(&name))?;
@@ -219,13 +242,12 @@ pub fn handle(
         )?),
         Request::Refresh { name } => {
             let kernel = kernel_for(ctx, Some(&name))?;
-            let _changes = ctx.changes();
-            to_value(device::refresh(
-                catalog,
-                kernel.as_ref(),
-                &name,
-                max_targets,
-            )?)
+            let refreshed = {
+                let _changes = ctx.changes();
+                device::refresh(catalog, kernel.as_ref(), &name, max_targets)
+            };
+            crate::guard::sync();
+            to_value(refreshed?)
         }
         Request::Stats { name } => to_value(device::stats(
             catalog,

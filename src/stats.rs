@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::{BLOCK_SIZE, SECTOR_SIZE};
 use crate::kernel::AreaReads;
-use crate::table::{BlockDev, Target};
+use crate::table::{BlockDev, Target, TargetKind};
 use crate::units::{Sectors, usize_of};
 
 /// Most dm-stats areas of one device. Each area costs the kernel about 120 bytes plus 104
@@ -31,6 +31,11 @@ pub enum Class {
     Redirected,
     /// Served as zeros without I/O.
     Zero,
+    /// Reads fail (`error` targets: an image changed under the device and vmar failed it
+    /// closed).
+    Error,
+    /// A target type vmar does not load (someone else's table): counted, never as zeros.
+    Other,
 }
 
 /// Bytes per class of extent.
@@ -39,11 +44,15 @@ pub struct ClassBytes {
     pub own: u64,
     pub redirected: u64,
     pub zero: u64,
+    #[serde(default)]
+    pub error: u64,
+    #[serde(default)]
+    pub other: u64,
 }
 
 impl ClassBytes {
     pub fn total(&self) -> u64 {
-        self.own + self.redirected + self.zero
+        self.own + self.redirected + self.zero + self.error + self.other
     }
 
     fn add(&mut self, class: Class, bytes: u64) {
@@ -51,6 +60,8 @@ impl ClassBytes {
             Class::Own => self.own += bytes,
             Class::Redirected => self.redirected += bytes,
             Class::Zero => self.zero += bytes,
+            Class::Error => self.error += bytes,
+            Class::Other => self.other += bytes,
         }
     }
 
@@ -59,6 +70,8 @@ impl ClassBytes {
         self.own += other.own;
         self.redirected += other.redirected;
         self.zero += other.zero;
+        self.error += other.error;
+        self.other += other.other;
     }
 }
 
@@ -68,6 +81,10 @@ pub struct TargetCounts {
     pub own: u64,
     pub redirected: u64,
     pub zero: u64,
+    #[serde(default)]
+    pub error: u64,
+    #[serde(default)]
+    pub other: u64,
 }
 
 impl TargetCounts {
@@ -79,6 +96,8 @@ impl TargetCounts {
                 Class::Own => counts.own += 1,
                 Class::Redirected => counts.redirected += 1,
                 Class::Zero => counts.zero += 1,
+                Class::Error => counts.error += 1,
+                Class::Other => counts.other += 1,
             }
         }
         counts
@@ -89,6 +108,8 @@ impl TargetCounts {
         self.own += other.own;
         self.redirected += other.redirected;
         self.zero += other.zero;
+        self.error += other.error;
+        self.other += other.other;
     }
 }
 
@@ -104,8 +125,8 @@ pub struct Mapped {
 
 /// Classifies the targets of a live table. `own_device` is the `MAJOR:MINOR` of the loop
 /// device of the device's own image: a `linear` target reading it at its own offset is
-/// own, every other `linear` target is a redirection, any other target type is zero (vmar
-/// loads only `linear` and `zero`).
+/// own, every other `linear` target is a redirection; `zero`, `error` (extents of an image
+/// that changed under the device) and any other target type are each their own class.
 pub fn classify(table: &[Target], own_device: Option<&BlockDev>) -> Vec<Mapped> {
     table
         .iter()
@@ -113,12 +134,14 @@ pub fn classify(table: &[Target], own_device: Option<&BlockDev>) -> Vec<Mapped> 
             let source = t
                 .linear_source()
                 .map(|(device, offset)| (device.clone(), offset));
-            let class = match &source {
-                None => Class::Zero,
-                Some((device, offset)) if Some(device) == own_device && *offset == t.start => {
+            let class = match (&source, &t.kind) {
+                (None, TargetKind::Zero) => Class::Zero,
+                (None, TargetKind::Error) => Class::Error,
+                (None, _) => Class::Other,
+                (Some((device, offset)), _) if Some(device) == own_device && *offset == t.start => {
                     Class::Own
                 }
-                Some(_) => Class::Redirected,
+                (Some(_), _) => Class::Redirected,
             };
             Mapped {
                 start: t.start,
@@ -198,6 +221,8 @@ pub fn attribute(mapped: &[Mapped], areas: &[AreaReads]) -> ReadBytes {
             (Class::Own, overlap.own),
             (Class::Redirected, overlap.redirected),
             (Class::Zero, overlap.zero),
+            (Class::Error, overlap.error),
+            (Class::Other, overlap.other),
         ];
         let mixed = classes.iter().filter(|(_, s)| *s > 0).count() > 1;
         // Split by share; the rounding remainder goes to the largest class.
@@ -293,7 +318,8 @@ mod tests {
             TargetCounts {
                 own: 2,
                 redirected: 2,
-                zero: 1
+                zero: 1,
+                ..TargetCounts::default()
             }
         );
         // Without knowing its own loop device, nothing is own.
@@ -308,7 +334,8 @@ mod tests {
             ClassBytes {
                 own: 32 * 512,
                 redirected: 24 * 512,
-                zero: 8 * 512
+                zero: 8 * 512,
+                ..ClassBytes::default()
             }
         );
     }
@@ -350,7 +377,8 @@ mod tests {
             ClassBytes {
                 own: 16 * 512,
                 redirected: 8 * 512,
-                zero: 8 * 512
+                zero: 8 * 512,
+                ..ClassBytes::default()
             }
         );
         assert_eq!(reads.estimated, 32 * 512);
@@ -373,5 +401,33 @@ mod tests {
         assert_eq!(resident_bytes(&[2u8], 4096, 0, 4096), 0);
         assert_eq!(sharing_factor(0, 0), None);
         assert_eq!(sharing_factor(3, 2), Some(1.5));
+    }
+
+    #[test]
+    fn error_and_unknown_targets_are_not_counted_as_zeros() {
+        let table = vec![
+            target(0, 16, "linear", "7:0 0"),
+            target(16, 8, "error", ""),
+            target(24, 8, "zero", ""),
+            target(32, 8, "striped", "2 8 7:1 0 7:2 0"),
+        ];
+        let mapped = classify(&table, own());
+        let classes: Vec<Class> = mapped.iter().map(|m| m.class).collect();
+        assert_eq!(
+            classes,
+            [Class::Own, Class::Error, Class::Zero, Class::Other]
+        );
+        let counts = TargetCounts::of(&mapped);
+        assert_eq!((counts.error, counts.zero, counts.other), (1, 1, 1));
+        let bytes = layout(&mapped);
+        assert_eq!(
+            (bytes.error, bytes.zero, bytes.other),
+            (8 * 512, 8 * 512, 8 * 512)
+        );
+        assert_eq!(bytes.total(), 40 * 512);
+        // Reads attributed to an area over the error extent go to it.
+        let reads = attribute(&mapped, &[area(16, 8, 8)]);
+        assert_eq!(reads.by_class.error, 8 * 512);
+        assert_eq!(reads.by_class.zero, 0);
     }
 }

@@ -1,4 +1,5 @@
-//! Device-mapper tables: a map turned into `linear` and `zero` targets in 512-byte sectors.
+//! Device-mapper tables: a map turned into `linear` and `zero` targets in 512-byte sectors
+//! (and `error` targets where an image changed under a live device, see [`fail_closed`]).
 //! Pure and deterministic; the device path loads exactly what this produces, and live tables
 //! read back from the kernel parse into the same [`Target`] type, so they compare as values.
 
@@ -71,8 +72,11 @@ pub enum TargetKind {
     Zero,
     /// Reads go to `device` starting at sector `offset`.
     Linear { device: BlockDev, offset: Sectors },
-    /// Any other target a live table may hold (vmar loads none: e.g. the `error` target
-    /// `dmsetup remove --force` leaves behind).
+    /// Every read fails with EIO: what vmar loads over the extents of an image that changed
+    /// under a live device (fail closed, as dm-verity does), and what `dmsetup remove
+    /// --force` leaves behind.
+    Error,
+    /// Any other target a live table may hold (vmar loads none).
     Other { target_type: String, params: String },
 }
 
@@ -95,6 +99,7 @@ impl Target {
         match &self.kind {
             TargetKind::Zero => "zero",
             TargetKind::Linear { .. } => "linear",
+            TargetKind::Error => "error",
             TargetKind::Other { target_type, .. } => target_type,
         }
     }
@@ -102,7 +107,7 @@ impl Target {
     /// Target parameters as the kernel takes them.
     pub fn params(&self) -> String {
         match &self.kind {
-            TargetKind::Zero => String::new(),
+            TargetKind::Zero | TargetKind::Error => String::new(),
             TargetKind::Linear { device, offset } => format!("{device} {offset}"),
             TargetKind::Other { params, .. } => params.clone(),
         }
@@ -162,6 +167,7 @@ impl Target {
         let words: Vec<&str> = params.split_whitespace().collect();
         let kind = match (target_type, words.as_slice()) {
             ("zero", []) => TargetKind::Zero,
+            ("error", []) => TargetKind::Error,
             ("linear", [device, offset]) => TargetKind::Linear {
                 device: device.parse()?,
                 offset: Sectors(
@@ -170,7 +176,7 @@ impl Target {
                         .map_err(|_| format!("linear target: bad offset {offset:?}"))?,
                 ),
             },
-            ("zero" | "linear", _) => {
+            ("zero" | "linear" | "error", _) => {
                 return Err(format!("{target_type} target: bad parameters {params:?}"));
             }
             (other, _) => TargetKind::Other {
@@ -187,6 +193,17 @@ impl Target {
 /// targets that continue each other are merged, and the last target ends at the image's
 /// last sector even when its last block is partial.
 pub fn build(map: &BlockMap, size: u64, device_of: impl Fn(ImageId) -> BlockDev) -> Vec<Target> {
+    build_guarded(map, size, |id| Some(device_of(id)))
+}
+
+/// Like [`build`], but extents that read an image `device_of` gives no device for (one that
+/// changed under a live device) become `error` targets: reads of them fail, reads of the
+/// rest are served.
+pub fn build_guarded(
+    map: &BlockMap,
+    size: u64,
+    device_of: impl Fn(ImageId) -> Option<BlockDev>,
+) -> Vec<Target> {
     let total = Sectors::of_bytes(size);
     let mut targets: Vec<Target> = Vec::with_capacity(map.extents.len());
     for extent in &map.extents {
@@ -197,13 +214,19 @@ pub fn build(map: &BlockMap, size: u64, device_of: impl Fn(ImageId) -> BlockDev)
         let len = Blocks(extent.end()).sectors().min(total) - start;
         let kind = match extent.source {
             Source::Zero => TargetKind::Zero,
-            Source::Own => TargetKind::Linear {
-                device: device_of(map.image),
-                offset: start,
+            Source::Own => match device_of(map.image) {
+                Some(device) => TargetKind::Linear {
+                    device,
+                    offset: start,
+                },
+                None => TargetKind::Error,
             },
-            Source::Redirect { image, block } => TargetKind::Linear {
-                device: device_of(image),
-                offset: Blocks(block).sectors(),
+            Source::Redirect { image, block } => match device_of(image) {
+                Some(device) => TargetKind::Linear {
+                    device,
+                    offset: Blocks(block).sectors(),
+                },
+                None => TargetKind::Error,
             },
         };
         if let Some(last) = targets.last_mut()
@@ -217,9 +240,35 @@ pub fn build(map: &BlockMap, size: u64, device_of: impl Fn(ImageId) -> BlockDev)
     targets
 }
 
+/// `targets` with every `linear` target that reads one of `changed` replaced by an `error`
+/// target of the same sectors (adjacent ones merged): the table a live device gets when
+/// images it reads changed and the policy is to fail closed. Extents that read other images
+/// or zeros are kept as they are, so the VM still reads them.
+pub fn fail_closed(targets: &[Target], changed: &[BlockDev]) -> Vec<Target> {
+    let mut out: Vec<Target> = Vec::with_capacity(targets.len());
+    for t in targets {
+        let kind = match t.linear_source() {
+            Some((device, _)) if changed.contains(device) => TargetKind::Error,
+            _ => t.kind.clone(),
+        };
+        if let Some(last) = out.last_mut()
+            && continues(last, &kind)
+        {
+            last.len += t.len;
+            continue;
+        }
+        out.push(Target {
+            start: t.start,
+            len: t.len,
+            kind,
+        });
+    }
+    out
+}
+
 fn continues(last: &Target, kind: &TargetKind) -> bool {
     match (&last.kind, kind) {
-        (TargetKind::Zero, TargetKind::Zero) => true,
+        (TargetKind::Zero, TargetKind::Zero) | (TargetKind::Error, TargetKind::Error) => true,
         (
             TargetKind::Linear { device, offset },
             TargetKind::Linear {
@@ -357,8 +406,50 @@ mod tests {
             "0 8 linear 7:0",
             "0 8 linear 7:0 x",
             "0 8 zero 1",
+            "0 8 error 1",
         ] {
             assert!(bad.parse::<Target>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn failing_closed_errors_only_the_extents_of_changed_images() {
+        let mut b = MapBuilder::new(1, 6);
+        b.push(0, 2, Source::Own);
+        b.push(2, 1, Source::Redirect { image: 0, block: 5 });
+        b.push(3, 1, Source::Redirect { image: 2, block: 0 });
+        b.push(4, 2, Source::Own);
+        let map = b.finish();
+        let table = build(&map, 6 * BLOCK_SIZE, dev);
+        // Image 0 changed: only the extent redirected into it fails.
+        let closed = fail_closed(&table, &[dev(0)]);
+        assert_eq!(
+            to_text(&closed),
+            "0 16 linear /dev/loop1 0\n\
+             16 8 error\n\
+             24 8 linear /dev/loop2 0\n\
+             32 16 linear /dev/loop1 32\n"
+        );
+        // Its own image changed too: adjacent error extents merge, the rest still reads.
+        let closed = fail_closed(&table, &[dev(0), dev(1)]);
+        assert_eq!(
+            to_text(&closed),
+            "0 24 error\n24 8 linear /dev/loop2 0\n32 16 error\n"
+        );
+        assert_eq!(
+            closed.last().map(Target::end),
+            table.last().map(Target::end)
+        );
+        // Built the same way from the map when the changed images have no device.
+        let guarded = build_guarded(&map, 6 * BLOCK_SIZE, |id| (id == 2).then(|| dev(id)));
+        assert_eq!(guarded, closed);
+        // Nothing changed: the same table.
+        assert_eq!(fail_closed(&table, &[]), table);
+        assert_eq!(
+            Target::parse(Sectors(0), Sectors(8), "error", "")
+                .unwrap()
+                .kind,
+            TargetKind::Error
+        );
     }
 }

@@ -451,7 +451,10 @@ fn restore_repairs_every_kind_of_leftover() {
     let mut got = states(&daemon);
     got.sort();
     assert_eq!(got[0], ("base".to_string(), "active".to_string()));
-    assert_eq!(got[2], ("web".to_string(), "missing".to_string()));
+    // Restored failed closed (issue 18.1), never as unchanged: reads of its changed image
+    // fail.
+    assert_eq!(got[2], ("web".to_string(), "image-changed".to_string()));
+    assert!(kernel.read_device("web").is_err());
     assert_eq!(err(&daemon, &["create", "web2", "web"]), "image-changed");
 }
 
@@ -466,13 +469,12 @@ fn images_that_devices_read_cannot_be_forgotten_or_recaptured() {
     assert_eq!(err(&daemon, &["forget", "base"]), "image-in-use");
     assert_eq!(err(&daemon, &["forget", "web"]), "image-in-use");
     // Touching base makes it "changed"; re-capturing it would change web's map under it.
-    let file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&images[0])
-        .unwrap();
-    file.set_len(std::fs::metadata(&images[0]).unwrap().len() + 4096)
-        .unwrap();
-    drop(file);
+    // (By path: the image guard refuses opens for writing of an image a device reads.)
+    nix::unistd::truncate(
+        &images[0],
+        i64::try_from(std::fs::metadata(&images[0]).unwrap().len() + 4096).unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         err(&daemon, &["capture", "--recapture", s(&images[0])]),
         "image-in-use"
@@ -743,4 +745,337 @@ fn devices_change_while_another_image_is_being_captured() {
         );
     });
     check_invariants(dir.path(), &daemon);
+}
+
+/// vmard on the in-memory kernel with configuration `config` (written to `dir/vmar.toml`).
+fn start_configured(dir: &Path, config: &str) -> Daemon {
+    let path = dir.join("vmar.toml");
+    std::fs::write(&path, config).unwrap();
+    Daemon::start_env(
+        dir,
+        &dir.join("state"),
+        &dir.join("run/vmard.sock"),
+        &["--sim", s(&dir.join("kernel")), "--config", s(&path)],
+        &[],
+    )
+}
+
+/// Waits up to `seconds` until device `name` is `image-changed` because of `image`, with
+/// `error` targets in its table (the state is saved before the table is swapped).
+fn wait_failed_closed(daemon: &Daemon, name: &str, image: &str, seconds: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while std::time::Instant::now() < deadline {
+        let status = ok(daemon, &["status", name]);
+        let because = status["changed_images"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|i| i == image));
+        if status["state"] == "image-changed"
+            && because
+            && status["target_types"]["error"].as_u64().unwrap_or(0) > 0
+        {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// Whether this process can have the kernel's fanotify permission events (root).
+fn fanotify_available() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// Opens `path` for writing, as `dd of=PATH conv=notrunc` does, and tells whether the
+/// kernel refused it; waits up to 5 s for vmard to mark the image after a device change.
+fn write_open_refused(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match std::fs::OpenOptions::new().write(true).open(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return true,
+            Err(e) => panic!("open {}: {e}", path.display()),
+            Ok(_) if std::time::Instant::now() > deadline => return false,
+            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Issue 18.1: an image written under live devices. Opens for writing are refused by the
+/// kernel (fanotify) while devices read the image, reads are not; a writer that opened
+/// before any device existed is not stopped, but its write is found at once (FAN_MODIFY),
+/// every device that reads the image (directly or through redirects) goes `image-changed`,
+/// and its extents of that image fail with EIO while the rest still reads. The verdict
+/// survives a restart; `refresh` will not serve the changed image again.
+#[test]
+fn writes_to_an_image_under_live_devices_are_refused_or_failed_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    // Only events and device changes check: the interval plays no part here.
+    let daemon = start_configured(dir.path(), "image_check_interval = 3600\n");
+    capture_all(&daemon, &images);
+    // Opened before any device reads base: no guard can refuse this one.
+    let early = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&images[0])
+        .unwrap();
+    for (name, image) in [("base", "base"), ("web", "web"), ("db", "db")] {
+        ok(&daemon, &["create", name, image]);
+    }
+    let kernel = sim(dir.path());
+    let guarded = fanotify_available();
+    if guarded {
+        assert!(
+            write_open_refused(&images[0]),
+            "an open for writing of a served image was allowed"
+        );
+        // Redirect targets and own images alike; reading stays allowed.
+        assert!(write_open_refused(&images[1]));
+        std::fs::File::open(&images[0]).expect("reading a served image is allowed");
+        // A truncating open is refused too, and nothing was truncated.
+        let truncating = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&images[2]);
+        assert!(truncating.is_err());
+        assert!(std::fs::metadata(&images[2]).unwrap().len() > 0);
+    } else {
+        eprintln!("fanotify refusal not checked: needs root");
+    }
+    assert!(states(&daemon).iter().all(|(_, st)| st == "active"));
+    check_invariants(dir.path(), &daemon);
+
+    // The early writer overwrites base in place.
+    use std::os::unix::fs::FileExt;
+    let base_len = std::fs::metadata(&images[0]).unwrap().len();
+    early
+        .write_all_at(&vec![0xab; usize::try_from(base_len).unwrap()], 0)
+        .unwrap();
+    if !guarded {
+        daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+    for name in ["base", "web", "db"] {
+        assert!(
+            wait_failed_closed(&daemon, name, "base", 10),
+            "{name} still {} after its image was overwritten",
+            ok(&daemon, &["status", name])["state"]
+        );
+    }
+    let status = ok(&daemon, &["status", "web", "--table"]);
+    assert_eq!(
+        status["changed_images"],
+        serde_json::json!(["base"]),
+        "{status}"
+    );
+    assert!(
+        status["target_types"]["error"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    let listed = ok(&daemon, &["list"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "image-changed"),
+        "{listed}"
+    );
+    // Fail closed: reads of base's extents fail, web's own blocks (40..64) still read.
+    assert!(
+        kernel.read_device("web").is_err(),
+        "web serves base's new bytes"
+    );
+    assert!(kernel.read_device("base").is_err());
+    let web = std::fs::read(&images[1]).unwrap();
+    assert_eq!(
+        kernel.read("web", 40 * 4096, 24 * 4096).unwrap(),
+        web[40 * 4096..64 * 4096]
+    );
+    // Stats count the error extents as such, not as zeros.
+    let stats = ok(&daemon, &["stats", "web"]);
+    assert!(
+        stats["devices"][0]["targets"]["error"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+    // Refresh will not serve the changed image again.
+    assert_eq!(err(&daemon, &["refresh", "web"]), "image-changed");
+    // The verdict and the table survive a restart.
+    drop(daemon);
+    let daemon = start_configured(dir.path(), "image_check_interval = 3600\n");
+    for name in ["base", "web", "db"] {
+        assert_eq!(ok(&daemon, &["status", name])["state"], "image-changed");
+    }
+    assert!(kernel.read_device("web").is_err());
+    assert_eq!(
+        kernel.read("web", 40 * 4096, 24 * 4096).unwrap(),
+        web[40 * 4096..64 * 4096]
+    );
+    // A new device over the changed image is refused; removing the old ones works.
+    assert_eq!(err(&daemon, &["create", "web2", "web"]), "image-changed");
+    for name in ["base", "web", "db"] {
+        ok(&daemon, &["remove", name]);
+    }
+}
+
+/// The window that remains, shown: where no event reports a write (here the permission
+/// guard is off, as for a write from another NFS client), a device serves the new bytes
+/// until the next check; the check (periodic, or SIGHUP as here) finds the change, and from
+/// then on reads fail closed. A truncation by path is the same.
+#[test]
+fn a_write_nobody_reports_is_served_until_the_next_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let config = "refuse_image_writes = false\nimage_check_interval = 3600\n";
+    let daemon = start_configured(dir.path(), config);
+    capture_all(&daemon, &images);
+    ok(&daemon, &["create", "web", "web"]);
+    ok(&daemon, &["create", "db", "db"]);
+    let kernel = sim(dir.path());
+    // In place, through a new open: nothing refuses it.
+    use std::os::unix::fs::FileExt;
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&images[0])
+        .unwrap();
+    writer.write_all_at(&[0xcd; 4096 * 8], 0).unwrap();
+    drop(writer);
+    // The window: still "active", and web serves base's new bytes.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(ok(&daemon, &["status", "web"])["state"], "active");
+    let served = kernel.read_device("web").unwrap();
+    assert_ne!(served, std::fs::read(&images[1]).unwrap());
+    // The next check closes it.
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(wait_failed_closed(&daemon, "web", "base", 10));
+    assert!(kernel.read_device("web").is_err());
+    // Truncation by path (no open at all) of db's own image.
+    assert_eq!(ok(&daemon, &["status", "db"])["state"], "image-changed");
+    let truncated = dir.path().join("db.raw");
+    let dbs = std::fs::read(&truncated).unwrap();
+    nix::unistd::truncate(&truncated, 4096).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(wait_failed_closed(&daemon, "db", "db", 10));
+    let status = ok(&daemon, &["status", "db"]);
+    let changed: Vec<&str> = status["changed_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        changed.contains(&"db") && changed.contains(&"base"),
+        "{status}"
+    );
+    drop(dbs);
+}
+
+/// With the permission guard on, a truncation by path (which opens nothing, so no
+/// permission event, and has no path for the permission group to report) is reported by
+/// the guard's file-handle fanotify group and found at once, long before the interval.
+#[test]
+fn a_truncation_by_path_is_found_without_waiting_for_the_interval() {
+    if !fanotify_available() {
+        eprintln!("skipped: fanotify needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = start_configured(dir.path(), "image_check_interval = 3600\n");
+    capture_all(&daemon, &images);
+    ok(&daemon, &["create", "web", "web"]);
+    assert!(write_open_refused(&images[0]));
+    // Let the check the refusal asked for pass, so that only the truncation can wake one.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(ok(&daemon, &["status", "web"])["state"], "active");
+    nix::unistd::truncate(&images[0], 4096).unwrap();
+    assert!(wait_failed_closed(&daemon, "web", "base", 10));
+    assert!(sim(dir.path()).read_device("web").is_err());
+}
+
+/// Issue 18.1, block devices: a block-device image written in place. Writes through any
+/// node of the device are found by its write counters at the next check; writes while vmard was not running are found by
+/// sampled digests at restore, which no longer calls the device unchanged, and a new
+/// create over the changed device is refused.
+#[test]
+fn a_block_device_image_written_in_place_is_refused_or_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = family(dir.path());
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root for loop devices as block-device images");
+        return;
+    }
+    let original_base = std::fs::read(&files[0]).unwrap();
+    // Writable loop devices, as a volume manager's would be.
+    let mut host = HostLoops(Vec::new());
+    for file in &files[..2] {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!("skipped: no loop device");
+            return;
+        }
+        host.0
+            .push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let nodes: Vec<PathBuf> = ["base.dev", "web.dev"]
+        .iter()
+        .map(|n| dir.path().join(n))
+        .collect();
+    for (host_node, node) in host.0.iter().zip(&nodes) {
+        alias_node(Path::new(host_node), node);
+    }
+    let config = "image_check_interval = 3600\n";
+    let daemon = start_configured(dir.path(), config);
+    for (node, name) in nodes.iter().zip(["base", "web"]) {
+        ok(&daemon, &["capture", s(node), "--name", name]);
+    }
+    ok(&daemon, &["create", "web", "web"]);
+    let kernel = sim(dir.path());
+    // (Refusing opens of the captured node is shown on Debian's kernel, in
+    // `real_writes_to_served_images_are_refused_or_fail_closed`: since 6.14 the kernel
+    // sends no fanotify permission events for device nodes, and the host runs a newer one.)
+    // Through the device's own /dev node: written, then found by the device's write
+    // counters at the next check.
+    let write_all = |node: &str, byte: u8| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(node).unwrap();
+        let len = std::fs::read(&files[0]).unwrap().len();
+        f.write_all_at(&vec![byte; len], 0).unwrap();
+        f.sync_all().unwrap();
+    };
+    write_all(&host.0[0], 0xee);
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        wait_failed_closed(&daemon, "web", "base", 10),
+        "web still {}",
+        ok(&daemon, &["status", "web"])["state"]
+    );
+    assert!(kernel.read_device("web").is_err());
+    ok(&daemon, &["remove", "web"]);
+    drop(daemon);
+    // Put base back as captured.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&host.0[0])
+            .unwrap();
+        f.write_all_at(&original_base, 0).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    // Written while vmard is down: counters know nothing, samples do.
+    let daemon = start_configured(dir.path(), config);
+    ok(&daemon, &["create", "solo", "web"]);
+    drop(daemon);
+    write_all(&host.0[1], 0x5a);
+    let daemon = start_configured(dir.path(), config);
+    let status = ok(&daemon, &["status", "solo"]);
+    assert_eq!(status["state"], "image-changed", "{status}");
+    assert!(kernel.read_device("solo").is_err());
+    assert_eq!(err(&daemon, &["create", "solo2", "web"]), "image-changed");
+    ok(&daemon, &["remove", "solo"]);
+    drop(daemon);
+    drop(host);
 }

@@ -1048,6 +1048,13 @@ fn print_status(out: &mut dyn Write, doc: &StatusDoc) -> Result<()> {
         d.state.as_str()
     };
     writeln!(out, "state       {state}")?;
+    if !d.changed_images.is_empty() {
+        writeln!(
+            out,
+            "changed     {} (changed since capture; see vmard's log for what and the policy)",
+            d.changed_images.join(", ")
+        )?;
+    }
     writeln!(out, "image       {}", d.image.as_deref().unwrap_or("-"))?;
     writeln!(
         out,
@@ -1133,10 +1140,15 @@ fn print_stats(out: &mut dyn Write, report: &StatsReport, args: &TableArgs) -> R
             share(r.by_class.zero, r.total),
             Cell::Bytes(d.cached),
             share(r.estimated, r.total),
-            Cell::Text(format!(
-                "{}/{}/{}",
-                d.targets.own, d.targets.redirected, d.targets.zero
-            )),
+            Cell::Text({
+                let t = &d.targets;
+                let mut text = format!("{}/{}/{}", t.own, t.redirected, t.zero);
+                // Failed-closed and foreign extents are never shown as zeros.
+                if t.error + t.other > 0 {
+                    text.push_str(&format!(" +{} error +{} other", t.error, t.other));
+                }
+                text
+            }),
         ]
     };
     let mut rows: Vec<Vec<Cell>> = report.devices.iter().map(|d| row(&d.name, d)).collect();

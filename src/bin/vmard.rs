@@ -25,8 +25,9 @@ struct Args {
     #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
 
-    /// Configuration file (image_roots, socket_group, max_targets, auto_capture); options
-    /// override it.
+    /// Configuration file (image_roots, socket_group, max_targets, auto_capture,
+    /// on_image_change, refuse_image_writes, image_check_interval, image_check_samples);
+    /// options override it.
     /// SIGHUP re-reads it.
     #[arg(long, env = "VMAR_CONFIG", default_value = vmar::config::DEFAULT_CONFIG)]
     config: PathBuf,
@@ -142,6 +143,7 @@ fn main() -> Result<()> {
     );
 
     start_auto_capture(&args, server.socket())?;
+    start_guard(&args, server.context())?;
 
     let stopper = server.stopper();
     let context = Arc::clone(server.context());
@@ -204,6 +206,8 @@ fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
         ),
         None => None,
     };
+    // Applied here, once the whole file is known good; SIGHUP also makes the guard check.
+    vmar::guard::set_settings(config.guard(&args.config)?);
     Ok((Settings { max_targets, roots }, group))
 }
 
@@ -218,6 +222,19 @@ fn start_auto_capture(args: &Args, socket: &std::path::Path) -> Result<()> {
     let mut roots = config.image_roots.clone();
     roots.extend(args.image_roots.iter().cloned());
     vmar::watch::start(roots, socket.to_path_buf(), settle).context("cannot start auto-capture")
+}
+
+/// Starts the image guard: images that live devices read are checked now, then on every
+/// write fanotify reports and every `image_check_interval`; writes are refused unless
+/// `refuse_image_writes = false` (read at start only).
+fn start_guard(args: &Args, context: &Arc<Context>) -> Result<()> {
+    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
+    let config = vmar::config::Config::load(&args.config, explicit)?;
+    let context = Arc::clone(context);
+    vmar::guard::start(config.refuse_image_writes.unwrap_or(true), move |probe| {
+        context.check_images(probe)
+    })
+    .context("cannot start the image guard")
 }
 
 /// SIGHUP: re-reads the configuration; a bad one is reported and the old one kept.
@@ -245,6 +262,7 @@ fn restore(context: &Context) -> String {
             tracing::info!(
                 created = ?report.created,
                 unchanged = ?report.unchanged,
+                image_changed = ?report.image_changed,
                 repaired = ?report.repaired,
                 rolled_back = ?report.rolled_back,
                 removed = ?report.removed,
@@ -255,9 +273,10 @@ fn restore(context: &Context) -> String {
                 "devices restored"
             );
             format!(
-                "{} devices created, {} unchanged, {} repaired, {} failed, {} leftovers removed",
+                "{} devices created, {} unchanged, {} image-changed, {} repaired, {} failed, {} leftovers removed",
                 report.created.len(),
                 report.unchanged.len(),
+                report.image_changed.len(),
                 report.repaired.len(),
                 report.failed.len(),
                 report.cleaned.len() + report.rolled_back.len() + report.removed.len()

@@ -766,6 +766,29 @@ impl Catalog {
         self.commit(txn)
     }
 
+    /// The stored digests of blocks `blocks` (sorted, distinct) of image `id`: `None` for a
+    /// block the capture found all zeros (zero blocks have no digest). Streams the chunks, so
+    /// memory stays that of one chunk whatever the image's size.
+    pub fn sample_digests(
+        &self,
+        id: ImageId,
+        blocks: &[u64],
+    ) -> Result<Vec<Option<crate::scan::Digest>>> {
+        let dir = &self.dir;
+        let txn = self.read_txn()?;
+        let table = txn.open_table(DIGESTS).ctx(dir)?;
+        let mut found = vec![None; blocks.len()];
+        self.read_chunks(&table, id, "digest", decode_digests, |chunk| {
+            for (block, digest) in chunk {
+                if let Ok(i) = blocks.binary_search(&block) {
+                    found[i] = Some(digest);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(found)
+    }
+
     /// Images that saved devices read: their own image and every image its map redirects
     /// to, each with one device that reads it. Such images must not change under them.
     pub fn images_in_use(&self) -> Result<BTreeMap<String, String>> {

@@ -108,7 +108,11 @@ impl Catalog {
             }
         }
         for device in backup.devices {
-            if device.state == DeviceState::Active && recovery.images.contains(&device.image) {
+            if matches!(
+                device.state,
+                DeviceState::Active | DeviceState::ImageChanged
+            ) && recovery.images.contains(&device.image)
+            {
                 catalog.save_device(&device)?;
                 recovery.devices.push(device.name);
             }

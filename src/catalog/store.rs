@@ -762,6 +762,7 @@ mod tests {
             image: "img".into(),
             created_at: n as u64,
             state: Default::default(),
+            changed: Vec::new(),
         };
         // Far more changes than the journal takes before a snapshot is rewritten.
         for n in 0..150 {

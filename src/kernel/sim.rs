@@ -177,7 +177,7 @@ impl SimState {
             }
             next = t.end();
             match &t.kind {
-                TargetKind::Zero => {}
+                TargetKind::Zero | TargetKind::Error => {}
                 TargetKind::Linear { device, offset } => {
                     let loop_dev = match device {
                         BlockDev::Number { major, minor } if *major == LOOP_MAJOR => {
@@ -350,6 +350,10 @@ impl SimKernel {
                 let (lo, hi) = (t.start.bytes().max(offset), t.end().bytes().min(end));
                 if lo >= hi {
                     continue;
+                }
+                if t.kind == TargetKind::Error {
+                    // dm's error target fails every bio that touches it.
+                    return Err(sim_error("read", &dm_name, nix::errno::Errno::EIO));
                 }
                 if let TargetKind::Linear {
                     device: BlockDev::Number { minor, .. },
