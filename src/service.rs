@@ -14,7 +14,6 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
-use crate::device;
 use crate::error::{Error, Result};
 use crate::image::validate_name;
 use crate::kernel::Kernel;
@@ -25,6 +24,7 @@ use crate::protocol::{
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
 use crate::verify::verify;
+use crate::{binding, device};
 
 /// What can change while vmard runs (SIGHUP re-reads the configuration).
 #[derive(Clone, Debug, Default)]
@@ -186,6 +186,7 @@ pub fn handle(
             image,
             capture,
             force_raw,
+            rebind,
         } => {
             validate_name(&name)?;
             let image = if capture && image.starts_with('/') {
@@ -196,12 +197,40 @@ pub fn handle(
             };
             let kernel = ctx.kernel()?;
             let _changes = ctx.changes();
-            to_value(device::create(
+            to_value(binding::create(
                 catalog,
                 kernel.as_ref(),
                 &name,
                 &image,
                 max_targets,
+                rebind,
+            )?)
+        }
+        Request::Ensure {
+            name,
+            image,
+            capture,
+            force_raw,
+            rebind,
+        } => {
+            validate_name(&name)?;
+            let image = match image {
+                Some(image) if capture && image.starts_with('/') => {
+                    let file = open_image(&settings, Path::new(&image), force_raw)?;
+                    Some(catalog.capture(&file, None, false, progress)?.0.name)
+                }
+                Some(image) => Some(device::image_name(catalog, &settings.roots, &image)?),
+                None => None,
+            };
+            let kernel = ctx.kernel()?;
+            let _changes = ctx.changes();
+            to_value(binding::ensure(
+                catalog,
+                kernel.as_ref(),
+                &name,
+                image.as_deref(),
+                max_targets,
+                rebind,
             )?)
         }
         Request::Remove { name, deferred } => {
