@@ -26,6 +26,9 @@ check() {
 # Monotonic microseconds of a unit's property (0 when it never happened).
 mono() { systemctl show -P "$2" "$1"; }
 
+# libvirt hook, pool and Nova checks (tools/system-test-platform.sh).
+. "$T/platform.sh"
+
 phase=$(cat "$T/phase" 2>/dev/null || echo 1)
 say "boot $phase: $(uname -r), $(systemctl --version | head -n1), up $(cut -d' ' -f1 /proc/uptime) s"
 
@@ -250,6 +253,8 @@ boot1() {
     check "reload: the new image root is used (capture /srv/images2/reload.raw)" \
         vmarctl capture /srv/images2/reload.raw
 
+    nova_checks
+
     # What the next boot compares with.
     table tiny >"$T/tiny.table"
     table lvmpart >"$T/lvmpart.table"
@@ -342,6 +347,7 @@ boot2() {
     hidden_checks "after reboot"
 
     domain_checks
+    hook_checks
 
     # Removing the package stops the service and leaves live devices alone.
     check "dpkg -r vmar" dpkg -r vmar
