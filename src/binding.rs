@@ -172,3 +172,56 @@ pub fn ensure(
     let change = create(catalog, kernel, name, &wanted.name, max_targets, rebind)?;
     Ok(result(true, change.device))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::ImageFile;
+
+    fn captured(catalog: &Catalog, path: &std::path::Path, fill: u8) -> ImageRecord {
+        std::fs::write(path, vec![fill; 8192]).unwrap();
+        let file = ImageFile::open(path).unwrap();
+        catalog.capture(&file, None, false, &mut |_| {}).unwrap().0
+    }
+
+    #[test]
+    fn content_decides_not_the_image_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        let a = captured(&catalog, &dir.path().join("a.raw"), 1);
+        let same = captured(&catalog, &dir.path().join("same.raw"), 1);
+        let other = captured(&catalog, &dir.path().join("other.raw"), 2);
+        let bound = binding_of("vm", &a);
+        assert!(check(Some(&bound), &a).is_ok());
+        assert!(check(Some(&bound), &same).is_ok());
+        assert_eq!(
+            check(Some(&bound), &other).unwrap_err().kind(),
+            "name-bound"
+        );
+        assert!(check(None, &other).is_ok());
+        // Without fingerprints (old records) only the same image is the same content.
+        let old = NameBinding {
+            fingerprint: None,
+            ..bound.clone()
+        };
+        let mut same_old = same.clone();
+        same_old.fingerprint = None;
+        assert!(check(Some(&old), &same_old).is_err());
+        assert!(check(Some(&old), &a).is_ok());
+    }
+
+    #[test]
+    fn bindings_survive_in_the_backup_and_a_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let catalog = Catalog::open(&state).unwrap();
+        let a = captured(&catalog, &dir.path().join("a.raw"), 1);
+        bind(&catalog, "vm", &a).unwrap();
+        assert_eq!(crate::backup::read(&state).unwrap().names.len(), 1);
+        drop(catalog);
+        let (catalog, _) = Catalog::recover(&state).unwrap();
+        let b = catalog.name_binding("vm").unwrap().unwrap();
+        assert_eq!((b.image.as_str(), &b.fingerprint), ("a", &a.fingerprint));
+        assert_eq!(catalog.name_bindings().unwrap(), [b]);
+    }
+}

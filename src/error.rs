@@ -241,7 +241,8 @@ pub enum ExitClass {
     CheckFailed = 3,
     /// No such image or device.
     NotFound = 4,
-    /// Refused: busy, in use, changed image, outside the image roots, not a raw image, name taken.
+    /// Refused: busy, in use, changed image, outside the image roots, not a raw image, name taken
+    /// or bound to other content.
     Refused = 5,
     /// vmard cannot be reached, or this user may not use it.
     Unreachable = 6,
@@ -266,7 +267,7 @@ impl ExitClass {
         (ExitClass::NotFound, "no such image or device"),
         (
             ExitClass::Refused,
-            "refused: busy, in use, image changed, outside the image roots, not raw, name taken",
+            "refused: busy, in use, image changed, outside the image roots, not raw, name taken, name bound to other content, overlay not over the device",
         ),
         (
             ExitClass::Unreachable,

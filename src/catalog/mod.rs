@@ -770,6 +770,22 @@ impl Catalog {
         Ok(Some(binding))
     }
 
+    /// Every device name's binding, by name.
+    pub fn name_bindings(&self) -> Result<Vec<NameBinding>> {
+        let exists = {
+            let txn = self.read_txn()?;
+            match txn.open_table(NAME_BINDINGS) {
+                Ok(_) => true,
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(e).ctx(&self.dir),
+            }
+        };
+        if !exists {
+            return Ok(Vec::new());
+        }
+        self.records(NAME_BINDINGS, "name binding")
+    }
+
     /// Records (or replaces) the content a device name serves.
     pub fn bind_name(&self, binding: &NameBinding) -> Result<()> {
         let _guard = self.lock()?;
@@ -781,7 +797,11 @@ impl Catalog {
             .ctx(dir)?
             .insert(binding.name.as_str(), seal(&bytes).as_slice())
             .ctx(dir)?;
-        self.commit(txn)
+        self.commit(txn)?;
+        self.write_backup(vec![crate::backup::Change::BindName {
+            binding: binding.clone(),
+        }]);
+        Ok(())
     }
 
     /// Records `identity` as image `name`'s, as if it had been captured so: lets tests put a
