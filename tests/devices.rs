@@ -500,6 +500,11 @@ const REMOVE_STEPS: &[&str] = &["catalog.commit#1", "dm.remove", "catalog.commit
 /// the invariants; returns the restarted daemon.
 fn fault_then_restart(dir: &Path, step: &str, action: &str, op: &[&str]) -> Daemon {
     eprintln!("fault: {op:?} with {step}={action}");
+    // A start records the stamps of index runs that have settled (1 s old) in a commit of its
+    // own: let a clean start do that now, so that the faulty one counts only the commits of
+    // `op` (otherwise, on a loaded machine, `catalog.commit#1` hits the start instead).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    drop(Daemon::start_sim(dir, ""));
     let mut faulty = Daemon::start_sim(dir, &format!("{step}={action}"));
     let (succeeded, out) = faulty.json(op);
     if action == "kill" {
