@@ -1113,3 +1113,69 @@ fn libvirt_xml_checks_an_existing_overlay_before_printing() {
     // Refused before anything was created.
     assert!(live_devices(&daemon).is_empty());
 }
+
+/// The shipped hook script (packaging/libvirt/qemu-hook) with its binary directory set.
+fn hook_script(dir: &Path, bindir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/libvirt/qemu-hook"),
+    )
+    .unwrap()
+    .replace("@BINDIR@", s(bindir));
+    let path = dir.join("vmar-hook");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_script(script: &Path, socket: &Path, stdin: &str) -> std::process::Output {
+    let mut child = Command::new("sh")
+        .arg(script)
+        .args(["vm1", "prepare", "begin", "-"])
+        .env("VMAR_SOCKET", socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_shipped_hook_runs_vmarctl_and_does_nothing_once_the_package_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths);
+    let bindir = dir.path().join("bin");
+    std::fs::create_dir(&bindir).unwrap();
+    std::os::unix::fs::symlink(vmarctl_bin(), bindir.join("vmarctl")).unwrap();
+    let xml = "<domain><devices><disk type='block'><source dev='/dev/vmar/web'/>\
+               <target dev='vda'/></disk></devices></domain>";
+    let script = hook_script(dir.path(), &bindir);
+    let out = run_script(&script, &daemon.socket, xml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(live_devices(&daemon), ["web"]);
+    // A bad domain at prepare fails, through the script.
+    assert!(
+        !run_script(&script, &daemon.socket, "<domain>")
+            .status
+            .success()
+    );
+    // `dpkg -r` leaves the conffile without vmarctl: every start must still work.
+    std::fs::remove_file(bindir.join("vmarctl")).unwrap();
+    let out = run_script(&script, &daemon.socket, "<domain>");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
