@@ -20,6 +20,11 @@ install: build
 	install -Dm644 udev/61-vmar.rules $(RULESDIR)/61-vmar.rules
 	install -Dm644 packaging/udev/59-vmar-loop.rules $(RULESDIR)/59-vmar-loop.rules
 	install -Dm755 packaging/udev/vmar-loop-image $(LIBDIR)/vmar-loop-image
+	install -d $(DESTDIR)/etc/libvirt/hooks/qemu.d
+	sed 's|@BINDIR@|$(PREFIX)/bin|' packaging/libvirt/qemu-hook > $(DESTDIR)/etc/libvirt/hooks/qemu.d/vmar
+	chmod 755 $(DESTDIR)/etc/libvirt/hooks/qemu.d/vmar
+	install -Dm644 packaging/libvirt/vmar-pool.xml $(DESTDIR)$(PREFIX)/share/vmar/libvirt-pool.xml
+	install -Dm644 packaging/libvirt/vmar-tmpfiles.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vmar.conf
 	# Keep an existing configuration.
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
 	install -d $(MANDIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
@@ -34,6 +39,8 @@ install: build
 uninstall:
 	rm -f $(BINDIR)/vmard $(BINDIR)/vmarctl $(UNITDIR)/vmard.service $(RULESDIR)/61-vmar.rules \
 		$(RULESDIR)/59-vmar-loop.rules $(LIBDIR)/vmar-loop-image \
+		$(DESTDIR)/etc/libvirt/hooks/qemu.d/vmar $(DESTDIR)$(PREFIX)/share/vmar/libvirt-pool.xml \
+		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vmar.conf \
 		$(MANDIR)/vmarctl.1 $(MANDIR)/vmarctl-*.1 $(MANDIR)/vmard.1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_vmarctl \
 		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/vmarctl.fish

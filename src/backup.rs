@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::map::ImageId;
-use crate::records::{DeviceRecord, ImageRecord};
+use crate::records::{DeviceRecord, ImageRecord, NameBinding};
 
 /// Where the backup's snapshot lives inside the state directory.
 pub const BACKUP_FILE: &str = "backup/catalog.json";
@@ -31,6 +31,9 @@ pub const JOURNAL_FILE: &str = "backup/journal.jsonl";
 pub struct Backup {
     pub images: Vec<ImageRecord>,
     pub devices: Vec<DeviceRecord>,
+    /// The content each device name served (see [`crate::binding`]), by name.
+    #[serde(default)]
+    pub names: Vec<NameBinding>,
     /// Sequence number of the last change this holds (0 in backups from before the journal).
     #[serde(default)]
     pub seq: u64,
@@ -54,6 +57,10 @@ pub enum Change {
     ForgetDevice {
         name: String,
     },
+    /// A device name bound to content (never forgotten).
+    BindName {
+        binding: NameBinding,
+    },
 }
 
 impl Backup {
@@ -72,6 +79,11 @@ impl Backup {
                 self.devices.insert(at, record);
             }
             Change::ForgetDevice { name } => self.devices.retain(|d| d.name != name),
+            Change::BindName { binding } => {
+                self.names.retain(|b| b.name != binding.name);
+                let at = self.names.partition_point(|b| b.name < binding.name);
+                self.names.insert(at, binding);
+            }
         }
     }
 }
@@ -271,6 +283,7 @@ mod tests {
         let mut want = Backup {
             images: vec![image(0, "base")],
             devices: Vec::new(),
+            names: Vec::new(),
             seq: 1,
         };
         write(dir.path(), &want).unwrap();

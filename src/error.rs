@@ -105,6 +105,25 @@ pub enum Error {
     DeviceExists { name: String },
 
     #[error(
+        "device name {name:?} served image {bound_image:?} ({}); {image:?} ({}) is other content, and whatever names /dev/vmar/{name} (a qcow2 overlay's backing file, a domain's disk) would read other bytes. Use another name, or `--rebind` once nothing backs onto /dev/vmar/{name}",
+        .bound_fingerprint.as_deref().unwrap_or("no fingerprint"),
+        .fingerprint.as_deref().unwrap_or("no fingerprint")
+    )]
+    NameBound {
+        name: String,
+        bound_image: String,
+        bound_fingerprint: Option<String>,
+        image: String,
+        fingerprint: Option<String>,
+    },
+
+    #[error("overlay {path}: {message}")]
+    OverlayMismatch { path: PathBuf, message: String },
+
+    #[error("qemu-img on {path}: {message}")]
+    QemuImg { path: PathBuf, message: String },
+
+    #[error(
         "device {name:?} is open ({open_count} users); close it (stop the VM) and retry, or use --deferred to remove it when the last user closes it"
     )]
     DeviceBusy { name: String, open_count: i32 },
@@ -166,6 +185,9 @@ impl Error {
             Error::UnknownDevice { .. } => "unknown-device",
             Error::ImageInUse { .. } => "image-in-use",
             Error::DeviceExists { .. } => "device-exists",
+            Error::NameBound { .. } => "name-bound",
+            Error::OverlayMismatch { .. } => "overlay-mismatch",
+            Error::QemuImg { .. } => "qemu-img",
             Error::DeviceBusy { .. } => "device-busy",
             Error::ImageFormat { .. } => "image-format",
             Error::HardLinked { .. } => "hard-linked",
@@ -219,7 +241,8 @@ pub enum ExitClass {
     CheckFailed = 3,
     /// No such image or device.
     NotFound = 4,
-    /// Refused: busy, in use, changed image, outside the image roots, not a raw image, name taken.
+    /// Refused: busy, in use, changed image, outside the image roots, not a raw image, name taken
+    /// or bound to other content.
     Refused = 5,
     /// vmard cannot be reached, or this user may not use it.
     Unreachable = 6,
@@ -244,7 +267,7 @@ impl ExitClass {
         (ExitClass::NotFound, "no such image or device"),
         (
             ExitClass::Refused,
-            "refused: busy, in use, image changed, outside the image roots, not raw, name taken",
+            "refused: busy, in use, image changed, outside the image roots, not raw, name taken, name bound to other content, overlay not over the device",
         ),
         (
             ExitClass::Unreachable,
@@ -265,6 +288,8 @@ impl ExitClass {
             | "changed-during-capture"
             | "image-in-use"
             | "device-exists"
+            | "name-bound"
+            | "overlay-mismatch"
             | "device-busy"
             | "image-format"
             | "hard-linked"

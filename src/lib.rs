@@ -7,6 +7,7 @@
 //! `vmard`.
 
 pub mod backup;
+pub mod binding;
 pub mod budget;
 pub mod catalog;
 pub mod client;
@@ -16,11 +17,14 @@ pub mod error;
 pub mod fault;
 pub mod guard;
 pub mod hash;
+pub mod hook;
 pub mod image;
 pub mod index;
 pub mod kernel;
 pub mod libvirt;
 pub mod map;
+pub mod nova;
+pub mod overlay;
 pub mod protocol;
 pub mod records;
 pub mod roots;

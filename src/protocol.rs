@@ -24,7 +24,8 @@ use crate::table::Target;
 
 /// Version of this protocol, answered by `ping`. 2: `remove` takes `deferred`, `capture` and
 /// `create` take `force_raw`, device states `suspended`, `differs`, `creating`, `removing`.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `ensure`, `create` takes `rebind`.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Where vmard listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
 /// Longest request line vmard reads.
@@ -77,6 +78,23 @@ pub enum Request {
         capture: bool,
         #[serde(default)]
         force_raw: bool,
+        /// Serve other content than the name served before (see [`crate::binding`]).
+        #[serde(default)]
+        rebind: bool,
+    },
+    /// Make sure device `name` serves `image` (default: the image the name is bound to, else
+    /// the image called `name`): succeeds when it does, creates it when missing, refuses
+    /// other content. Result: [`EnsureResult`].
+    Ensure {
+        name: String,
+        #[serde(default)]
+        image: Option<String>,
+        #[serde(default)]
+        capture: bool,
+        #[serde(default)]
+        force_raw: bool,
+        #[serde(default)]
+        rebind: bool,
     },
     /// Remove a device; `deferred` removes an open device at its last close (as dmsetup's
     /// `remove --deferred`). `force` is its old name. Result: [`Removed`].
@@ -185,7 +203,8 @@ pub struct AutoCaptured {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AutoSkipped {
     pub path: PathBuf,
-    /// Error kind (as in errors) or `temporary-name`, `not-a-file`.
+    /// Error kind (as in errors) or `temporary-name`, `not-a-file`, `nova-file` (Nova's swap,
+    /// ephemeral and resized files, see [`crate::nova`]).
     pub kind: String,
     pub reason: String,
     /// Seconds since the epoch.
@@ -261,6 +280,17 @@ pub struct DeviceChange {
     /// Loop devices by image, and whether this change attached them.
     pub loops: BTreeMap<String, (String, bool)>,
     pub seconds: f64,
+}
+
+/// Result of `ensure`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnsureResult {
+    /// The device was missing and was created (false: it already served the image).
+    pub created: bool,
+    /// The image it serves, and that image's content fingerprint.
+    pub image: String,
+    pub fingerprint: Option<String>,
+    pub device: DeviceStatus,
 }
 
 /// What `restore` did at start-up.

@@ -100,6 +100,21 @@ pub enum DeviceState {
     RemovingDeferred,
 }
 
+/// The content a device name served: kept when the device is removed, so that the name
+/// cannot silently come back over other bytes (an overlay or a domain that names
+/// `/dev/vmar/NAME` would read them as its backing disk). Re-binding a name is explicit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NameBinding {
+    /// Device name.
+    pub name: String,
+    /// Name of the image it served.
+    pub image: String,
+    /// That image's content fingerprint (`None` for images captured before fingerprints).
+    pub fingerprint: Option<String>,
+    /// Seconds since the epoch.
+    pub bound_at: u64,
+}
+
 /// What a capture request did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

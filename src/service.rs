@@ -14,7 +14,6 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
-use crate::device;
 use crate::error::{Error, Result};
 use crate::image::validate_name;
 use crate::kernel::Kernel;
@@ -25,6 +24,7 @@ use crate::protocol::{
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
 use crate::verify::verify;
+use crate::{binding, device};
 
 /// What can change while vmard runs (SIGHUP re-reads the configuration).
 #[derive(Clone, Debug, Default)]
@@ -210,6 +210,7 @@ pub fn handle(
             image,
             capture,
             force_raw,
+            rebind,
         } => {
             validate_name(&name)?;
             let image = if capture && image.starts_with('/') {
@@ -221,11 +222,49 @@ pub fn handle(
             let kernel = ctx.kernel()?;
             let created = {
                 let _changes = ctx.changes();
-                device::create(catalog, kernel.as_ref(), &name, &image, max_targets)
+                binding::create(
+                    catalog,
+                    kernel.as_ref(),
+                    &name,
+                    &image,
+                    max_targets,
+                    rebind,
+                )
             };
             // Answered once the guard refuses writes to the images the new device reads.
             crate::guard::sync();
             to_value(created?)
+        }
+        Request::Ensure {
+            name,
+            image,
+            capture,
+            force_raw,
+            rebind,
+        } => {
+            validate_name(&name)?;
+            let image = match image {
+                Some(image) if capture && image.starts_with('/') => {
+                    let file = open_image(&settings, Path::new(&image), force_raw)?;
+                    Some(catalog.capture(&file, None, false, progress)?.0.name)
+                }
+                Some(image) => Some(device::image_name(catalog, &settings.roots, &image)?),
+                None => None,
+            };
+            let kernel = ctx.kernel()?;
+            let ensured = {
+                let _changes = ctx.changes();
+                binding::ensure(
+                    catalog,
+                    kernel.as_ref(),
+                    &name,
+                    image.as_deref(),
+                    max_targets,
+                    rebind,
+                )
+            };
+            crate::guard::sync();
+            to_value(ensured?)
         }
         Request::Remove { name, deferred } => {
             let kernel = kernel_for(ctx, Some(&name))?;

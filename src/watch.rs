@@ -156,6 +156,10 @@ impl Watcher {
             );
             return;
         }
+        if let Some(reason) = path.file_name().and_then(crate::nova::not_an_image) {
+            self.skip(&path, "nova-file", reason.into());
+            return;
+        }
         self.waiting.insert(
             path,
             Waiting {

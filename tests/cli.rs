@@ -815,3 +815,367 @@ fn auto_capture_skips_truncated_files_and_says_why() {
 fn s_(path: &Path) -> String {
     s(path).to_string()
 }
+
+// ---- content-bound device names, `ensure`, and the libvirt hook ----
+
+/// The kind of error `vmarctl --json ARGS` failed with (panics if it succeeded).
+fn error_kind(daemon: &Daemon, args: &[&str]) -> String {
+    let (ok, value) = daemon.document(args);
+    assert!(!ok, "{args:?} succeeded: {value}");
+    assert_shape("error", &value);
+    value["error"]["kind"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn ensure_is_idempotent_and_a_name_remembers_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let mut daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths);
+    // Without an image: the image called NAME. Twice: the second finds it serving.
+    let (ok, first) = daemon.document(&["ensure", "web"]);
+    assert!(ok, "{first}");
+    assert_shape("ensure", &first);
+    assert_eq!(first["created"], true);
+    let (ok, again) = daemon.document(&["ensure", "web", "web"]);
+    assert!(ok && again["created"] == false, "{again}");
+    assert_eq!(again["fingerprint"], first["fingerprint"]);
+    // A live device serving other content is refused, whatever the command.
+    assert_eq!(
+        error_kind(&daemon, &["ensure", "web", "base"]),
+        "name-bound"
+    );
+    assert_eq!(code(&daemon, &["ensure", "web", "base"]), 5);
+    // Another image with the same bytes is the same content.
+    assert!(daemon.ctl(&["create", "tmp", "base"]).status.success());
+    let (ok, same) = daemon.document(&["ensure", "tmp", "copy"]);
+    assert!(ok && same["created"] == false, "{same}");
+
+    // create tmp web; remove tmp; create tmp db: the name remembers base's content.
+    assert!(daemon.ctl(&["remove", "tmp"]).status.success());
+    let out = daemon.ctl(&["create", "tmp", "web"]);
+    assert_eq!(out.status.code(), Some(5));
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        message.contains("\"base\"") && message.contains("--rebind") && message.contains("blake3:"),
+        "{message}"
+    );
+    assert_eq!(error_kind(&daemon, &["ensure", "tmp", "web"]), "name-bound");
+    // Also after vmard restarts: the binding is in the catalog.
+    drop(daemon);
+    daemon = Daemon::start_sim(dir.path(), "");
+    assert_eq!(error_kind(&daemon, &["create", "tmp", "web"]), "name-bound");
+    // `ensure tmp` brings back what it served; the same bytes under another image name are
+    // accepted by create.
+    let (ok, back) = daemon.document(&["ensure", "tmp"]);
+    assert!(
+        ok && back["created"] == true && back["image"] == "base",
+        "{back}"
+    );
+    assert!(daemon.ctl(&["remove", "tmp"]).status.success());
+    assert!(daemon.ctl(&["create", "tmp", "copy"]).status.success());
+    assert!(daemon.ctl(&["remove", "tmp"]).status.success());
+    // Re-binding is explicit, and then the name serves the new content.
+    let out = daemon.ctl(&["create", "tmp", "web", "--rebind"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(daemon.ctl(&["remove", "tmp"]).status.success());
+    let (ok, rebound) = daemon.document(&["ensure", "tmp"]);
+    assert!(ok && rebound["image"] == "web", "{rebound}");
+    // --rebind never replaces a live device.
+    assert_eq!(
+        error_kind(&daemon, &["create", "tmp", "base", "--rebind"]),
+        "device-exists"
+    );
+}
+
+#[test]
+fn ensure_finds_the_bound_content_under_another_name_and_refuses_changed_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths);
+    // x served "copy"; copy is forgotten; base has the same bytes.
+    assert!(daemon.ctl(&["create", "x", "copy"]).status.success());
+    assert!(daemon.ctl(&["remove", "x"]).status.success());
+    assert!(daemon.ctl(&["forget", "copy"]).status.success());
+    let (ok, found) = daemon.document(&["ensure", "x"]);
+    assert!(ok && found["image"] == "base", "{found}");
+    // y served y.raw; y.raw is rewritten and captured again: other bytes under the name.
+    let y = dir.path().join("y.raw");
+    write_image(&y, &[Block::Unique(500), Block::Unique(501)], 0);
+    capture(&daemon, std::slice::from_ref(&y));
+    assert!(daemon.ctl(&["create", "y", "y"]).status.success());
+    assert!(daemon.ctl(&["remove", "y"]).status.success());
+    assert!(daemon.ctl(&["forget", "y"]).status.success());
+    write_image(&y, &[Block::Unique(502), Block::Unique(503)], 0);
+    capture(&daemon, std::slice::from_ref(&y));
+    assert_eq!(error_kind(&daemon, &["ensure", "y"]), "name-bound");
+}
+
+fn qemu_img() -> bool {
+    let found = Command::new("qemu-img").arg("--version").output().is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("VMAR_REQUIRE_LIBVIRT").is_none(),
+            "qemu-img is missing (apt-get install qemu-utils)"
+        );
+        eprintln!("skipped: qemu-img not installed");
+    }
+    found
+}
+
+/// A qcow2 overlay at `path` whose header names `backing` as its raw backing file (which
+/// need not exist: `rebase -u` does not open it).
+fn overlay_over(path: &Path, backing: &str) {
+    for args in [
+        vec!["create", "-q", "-f", "qcow2", s(path), "1M"],
+        vec!["rebase", "-u", "-b", backing, "-F", "raw", s(path)],
+    ] {
+        let out = Command::new("qemu-img").args(&args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Runs the hook as libvirt does: `vmarctl libvirt-hook DOMAIN OP SUBOP -`, XML on stdin.
+fn run_hook(daemon: &Daemon, op: &str, sub: &str, xml: &str) -> std::process::Output {
+    let mut child = Command::new(vmarctl_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["libvirt-hook", "vm1", op, sub, "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn live_devices(daemon: &Daemon) -> Vec<String> {
+    let (ok, list) = daemon.document(&["list"]);
+    assert!(ok, "{list}");
+    list["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| !d["live"].is_null())
+        .map(|d| d["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn the_libvirt_hook_ensures_the_devices_of_disks_and_backing_chains() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths);
+    // Nova's way: an instance disk whose chain is only in its header, over a middle layer.
+    let mid = dir.path().join("mid.qcow2");
+    overlay_over(&mid, "/dev/vmar/web");
+    let disk = dir.path().join("disk");
+    overlay_over(&disk, s(&mid));
+    let out = Command::new("qemu-img")
+        .args(["rebase", "-u", "-b", s(&mid), "-F", "qcow2", s(&disk)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let xml = format!(
+        "<domain type='kvm'><name>vm1</name><devices>\
+           <disk type='block' device='disk'><driver name='qemu' type='raw'/>\
+             <source dev='/dev/mapper/vmar-base'/><target dev='vda'/><readonly/></disk>\
+           <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vdb'/></disk>\
+         </devices></domain>",
+        disk.display()
+    );
+    // Other operations do nothing, whatever they are given.
+    let out = run_hook(&daemon, "release", "end", "not xml");
+    assert!(out.status.success());
+    assert!(live_devices(&daemon).is_empty());
+    let out = run_hook(&daemon, "prepare", "begin", &xml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(live_devices(&daemon), ["base", "web"]);
+    // Two domains starting at once on the same devices both get them.
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            let xml = xml.clone();
+            let socket = daemon.socket.clone();
+            std::thread::spawn(move || {
+                let mut child = Command::new(vmarctl_bin())
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["libvirt-hook", "vm2", "prepare", "begin", "-"])
+                    .stdin(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(xml.as_bytes())
+                    .unwrap();
+                child.wait_with_output().unwrap()
+            })
+        })
+        .collect();
+    for t in both {
+        let out = t.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(live_devices(&daemon), ["base", "web"]);
+
+    // A name whose image was captured again with other bytes fails the start, saying why.
+    let y = dir.path().join("y.raw");
+    write_image(&y, &[Block::Unique(500), Block::Unique(501)], 0);
+    capture(&daemon, std::slice::from_ref(&y));
+    assert!(daemon.ctl(&["create", "y", "y"]).status.success());
+    assert!(daemon.ctl(&["remove", "y"]).status.success());
+    assert!(daemon.ctl(&["forget", "y"]).status.success());
+    write_image(&y, &[Block::Unique(502), Block::Unique(503)], 0);
+    capture(&daemon, std::slice::from_ref(&y));
+    let out = run_hook(
+        &daemon,
+        "prepare",
+        "begin",
+        &xml.replace("vmar-base", "vmar-y"),
+    );
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        message.contains("vm1")
+            && message.contains("/dev/vmar/y")
+            && message.contains("served image"),
+        "{message}"
+    );
+    assert!(!live_devices(&daemon).contains(&"y".to_string()));
+    // An unknown device name fails the start, naming the device.
+    let missing = xml.replace("vmar-base", "vmar-nosuch");
+    let out = run_hook(&daemon, "prepare", "begin", &missing);
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        message.contains("/dev/vmar/nosuch") && message.contains("vm1"),
+        "{message}"
+    );
+    // Unparsable XML at prepare fails the start too.
+    assert!(
+        !run_hook(&daemon, "prepare", "begin", "<domain>")
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn libvirt_xml_checks_an_existing_overlay_before_printing() {
+    if !qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths);
+    let wrong = dir.path().join("wrong.qcow2");
+    overlay_over(&wrong, "/dev/vmar/base");
+    assert_eq!(
+        error_kind(&daemon, &["libvirt-xml", "web", "--overlay", s(&wrong)]),
+        "overlay-mismatch"
+    );
+    let raw = dir.path().join("plain.raw");
+    write_image(&raw, &[Block::Unique(9)], 0);
+    let out = daemon.ctl(&["libvirt-xml", "web", "--overlay", s(&raw)]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be qcow2"));
+    // Refused before anything was created.
+    assert!(live_devices(&daemon).is_empty());
+}
+
+/// The shipped hook script (packaging/libvirt/qemu-hook) with its binary directory set.
+fn hook_script(dir: &Path, bindir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/libvirt/qemu-hook"),
+    )
+    .unwrap()
+    .replace("@BINDIR@", s(bindir));
+    let path = dir.join("vmar-hook");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_script(script: &Path, socket: &Path, stdin: &str) -> std::process::Output {
+    let mut child = Command::new("sh")
+        .arg(script)
+        .args(["vm1", "prepare", "begin", "-"])
+        .env("VMAR_SOCKET", socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_shipped_hook_runs_vmarctl_and_does_nothing_once_the_package_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths);
+    let bindir = dir.path().join("bin");
+    std::fs::create_dir(&bindir).unwrap();
+    std::os::unix::fs::symlink(vmarctl_bin(), bindir.join("vmarctl")).unwrap();
+    let xml = "<domain><devices><disk type='block'><source dev='/dev/vmar/web'/>\
+               <target dev='vda'/></disk></devices></domain>";
+    let script = hook_script(dir.path(), &bindir);
+    let out = run_script(&script, &daemon.socket, xml);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(live_devices(&daemon), ["web"]);
+    // A bad domain at prepare fails, through the script.
+    assert!(
+        !run_script(&script, &daemon.socket, "<domain>")
+            .status
+            .success()
+    );
+    // `dpkg -r` leaves the conffile without vmarctl: every start must still work.
+    std::fs::remove_file(bindir.join("vmarctl")).unwrap();
+    let out = run_script(&script, &daemon.socket, "<domain>");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

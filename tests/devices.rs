@@ -502,6 +502,11 @@ const REMOVE_STEPS: &[&str] = &["catalog.commit#1", "dm.remove", "catalog.commit
 /// the invariants; returns the restarted daemon.
 fn fault_then_restart(dir: &Path, step: &str, action: &str, op: &[&str]) -> Daemon {
     eprintln!("fault: {op:?} with {step}={action}");
+    // A start records the stamps of index runs that have settled (1 s old) in a commit of its
+    // own: let a clean start do that now, so that the faulty one counts only the commits of
+    // `op` (otherwise, on a loaded machine, `catalog.commit#1` hits the start instead).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    drop(Daemon::start_sim(dir, ""));
     let mut faulty = Daemon::start_sim(dir, &format!("{step}={action}"));
     let (succeeded, out) = faulty.json(op);
     if action == "kill" {
@@ -621,6 +626,7 @@ fn concurrent_changes_of_one_name_never_serve_the_wrong_image() {
     let images = family(dir.path());
     let daemon = Daemon::start_sim(dir.path(), "");
     capture_all(&daemon, &images);
+    let served = std::sync::Mutex::new(std::collections::BTreeSet::new());
     for round in 0..12 {
         std::thread::scope(|scope| {
             let d = &daemon;
@@ -628,10 +634,15 @@ fn concurrent_changes_of_one_name_never_serve_the_wrong_image() {
             let b = scope.spawn(move || d.json(&["remove", "same"]));
             let c = scope.spawn(move || d.json(&["create", "same", "db"]));
             for h in [a, b, c] {
-                let (_, out) = h.join().unwrap();
+                let (ok, out) = h.join().unwrap();
+                if ok && let Some(image) = out["device"]["image"].as_str() {
+                    served.lock().unwrap().insert(image.to_string());
+                }
+                // The name is bound to the first image it served: creating it over the
+                // other one is refused as `name-bound`.
                 if let Some(kind) = out["error"]["kind"].as_str() {
                     assert!(
-                        ["device-exists", "unknown-device"].contains(&kind),
+                        ["device-exists", "unknown-device", "name-bound"].contains(&kind),
                         "round {round}: {out}"
                     );
                 }
@@ -639,6 +650,9 @@ fn concurrent_changes_of_one_name_never_serve_the_wrong_image() {
         });
         check_invariants(dir.path(), &daemon);
     }
+    // Whichever create won first, the name never served the other image.
+    let served = served.into_inner().unwrap();
+    assert_eq!(served.len(), 1, "{served:?}");
 }
 
 #[test]

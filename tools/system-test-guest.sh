@@ -26,6 +26,9 @@ check() {
 # Monotonic microseconds of a unit's property (0 when it never happened).
 mono() { systemctl show -P "$2" "$1"; }
 
+# libvirt hook, pool and Nova checks (tools/system-test-platform.sh).
+. "$T/platform.sh"
+
 phase=$(cat "$T/phase" 2>/dev/null || echo 1)
 say "boot $phase: $(uname -r), $(systemctl --version | head -n1), up $(cut -d' ' -f1 /proc/uptime) s"
 
@@ -267,6 +270,8 @@ boot1() {
         vmarctl capture /srv/images2/reload.raw
 
     guarded_writes
+    nova_checks
+
     # What the next boot compares with.
     table tiny >"$T/tiny.table"
     table lvmpart >"$T/lvmpart.table"
@@ -359,6 +364,7 @@ boot2() {
     hidden_checks "after reboot"
 
     domain_checks
+    hook_checks
 
     # Removing the package stops the service and leaves live devices alone.
     check "dpkg -r vmar" dpkg -r vmar

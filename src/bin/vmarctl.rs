@@ -19,8 +19,9 @@ use serde_json::Value;
 use vmar::client::Client;
 use vmar::error::ExitClass;
 use vmar::protocol::{
-    CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, ForgetResult,
-    ImagesResult, MapResult, PingResult, Progress, Removed, Request, StatsReport, TableResult,
+    CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, EnsureResult,
+    ForgetResult, ImagesResult, MapResult, PingResult, Progress, Removed, Request, StatsReport,
+    TableResult,
 };
 use vmar::records::{CaptureStatus, ImageRecord};
 use vmar::verify::VerifyReport;
@@ -107,6 +108,32 @@ enum Command {
         /// With --capture: capture even if the image looks like a container format.
         #[arg(long)]
         force_raw: bool,
+        /// Serve other content than the name served before. A name remembers the image
+        /// (fingerprint) it served, also after `remove`, because overlays and domains that
+        /// name /dev/vmar/NAME would read the new bytes as theirs: re-bind only once nothing
+        /// backs onto it.
+        #[arg(long)]
+        rebind: bool,
+    },
+    /// Make sure device NAME serves IMAGE, creating it if needed (idempotent, for hooks and
+    /// scripts): succeeds when it already serves that content, refuses other content.
+    ///
+    /// Without IMAGE: the image NAME is bound to (the content it served last), else the
+    /// image called NAME. Prints whether it created the device.
+    Ensure {
+        name: String,
+        /// A captured image's name, or the path of an image file.
+        image: Option<String>,
+        /// Capture the image file first if it is not captured yet.
+        #[arg(long)]
+        capture: bool,
+        /// With --capture: capture even if the image looks like a container format.
+        #[arg(long)]
+        force_raw: bool,
+        /// Serve other content than the name served before (see `create --rebind`); never
+        /// replaces a live device.
+        #[arg(long)]
+        rebind: bool,
     },
     /// Remove a device; its loop devices go when no device uses them. An open device is
     /// refused unless --deferred.
@@ -147,11 +174,26 @@ enum Command {
         /// Guest disk name.
         #[arg(long, default_value = "vda")]
         target: String,
-        /// A qcow2 overlay file backed by the device (create it with
-        /// `qemu-img create -f qcow2 -b /dev/vmar/NAME -F raw FILE`); without it the disk is
-        /// the device itself, read-only.
+        /// A qcow2 overlay file backed by the device. A missing one is created (after
+        /// `ensure NAME`) with `qemu-img create -f qcow2 -b /dev/vmar/NAME -F raw FILE`; an
+        /// existing one must be qcow2 backed by /dev/vmar/NAME declared raw, of the image's
+        /// size (`qemu-img info --backing-chain`), or is refused (exit status 5). Without
+        /// --overlay the disk is the device itself, read-only.
         #[arg(long)]
         overlay: Option<PathBuf>,
+    },
+    /// libvirt's QEMU hook (/etc/libvirt/hooks/qemu.d/vmar runs it with the domain XML on
+    /// stdin): at `prepare begin` it ensures every vmar device the domain's disks and their
+    /// backing chains name, and fails the start with the reason if it cannot.
+    LibvirtHook {
+        /// Domain name.
+        domain: String,
+        /// libvirt's operation (prepare, start, started, stopped, release, migrate, ...).
+        operation: String,
+        /// Its sub-operation (begin, end, -).
+        sub_operation: String,
+        /// libvirt's extra argument (unused).
+        extra: Option<String>,
     },
     /// Print shell completions for vmarctl; bash and fish complete image and device names
     /// by asking vmard.
@@ -425,7 +467,29 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
             image,
             capture,
             force_raw,
-        } => create(&ctx, out, name, image, *capture, *force_raw)?,
+            rebind,
+        } => create(&ctx, out, name, image, *capture, *force_raw, *rebind)?,
+        Command::Ensure {
+            name,
+            image,
+            capture,
+            force_raw,
+            rebind,
+        } => ensure(
+            &ctx,
+            out,
+            name,
+            image.as_deref(),
+            *capture,
+            *force_raw,
+            *rebind,
+        )?,
+        Command::LibvirtHook {
+            domain,
+            operation,
+            sub_operation,
+            extra: _,
+        } => libvirt_hook(&ctx, domain, operation, sub_operation)?,
         Command::Remove { name, deferred } => remove(&ctx, out, name, *deferred)?,
         Command::List { table } => list(&ctx, out, table)?,
         Command::Status { name, table } => status(&ctx, out, name, *table)?,
@@ -731,6 +795,18 @@ fn forget(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<()> {
     })
 }
 
+/// An image argument as vmard takes it: a name, or an absolute path.
+fn image_reference(image: &str) -> Result<String> {
+    Ok(if image.contains('/') {
+        std::path::absolute(image)
+            .with_context(|| format!("cannot resolve {image}"))?
+            .display()
+            .to_string()
+    } else {
+        image.to_string()
+    })
+}
+
 fn create(
     ctx: &Ctx,
     out: &mut dyn Write,
@@ -738,25 +814,101 @@ fn create(
     image: &str,
     capture: bool,
     force_raw: bool,
+    rebind: bool,
 ) -> Result<()> {
-    let image = if image.contains('/') {
-        std::path::absolute(image)
-            .with_context(|| format!("cannot resolve {image}"))?
-            .display()
-            .to_string()
-    } else {
-        image.to_string()
-    };
     let request = Request::Create {
         name: name.to_string(),
-        image: image.clone(),
+        image: image_reference(image)?,
         capture,
         force_raw,
+        rebind,
     };
     let created: DeviceChange = ctx.call_with_progress(&request, &format!("create {name}"))?;
     show(ctx.cli, out, &created, |out, c| {
         print_change(out, "created", c)
     })
+}
+
+fn ensure(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    name: &str,
+    image: Option<&str>,
+    capture: bool,
+    force_raw: bool,
+    rebind: bool,
+) -> Result<()> {
+    let request = Request::Ensure {
+        name: name.to_string(),
+        image: image.map(image_reference).transpose()?,
+        capture,
+        force_raw,
+        rebind,
+    };
+    let ensured: EnsureResult = ctx.call_with_progress(&request, &format!("ensure {name}"))?;
+    show(ctx.cli, out, &ensured, |out, e| {
+        let done = if e.created {
+            "created"
+        } else {
+            "already serves"
+        };
+        writeln!(
+            out,
+            "{} ({}): {done} {} ({})",
+            e.device.name,
+            e.device.node,
+            e.image,
+            e.fingerprint.as_deref().unwrap_or("no fingerprint")
+        )?;
+        Ok(())
+    })
+}
+
+/// The libvirt hook: ensures the vmar devices a starting domain names. Output goes to
+/// stderr, which libvirt puts in the error of a start it fails.
+fn libvirt_hook(ctx: &Ctx, domain: &str, operation: &str, sub_operation: &str) -> Result<()> {
+    use std::io::Read;
+    // libvirt writes the XML whatever the operation: read it all so it never gets EPIPE.
+    let mut xml = String::new();
+    std::io::stdin()
+        .read_to_string(&mut xml)
+        .context("cannot read the domain XML on stdin")?;
+    if (operation, sub_operation) != ("prepare", "begin") {
+        return Ok(());
+    }
+    let disks =
+        vmar::hook::domain_disks(&xml).with_context(|| format!("vmar hook: domain {domain}"))?;
+    let mut names = disks.devices;
+    for image in &disks.probe {
+        // An image that cannot be read is libvirt's to report when it opens it.
+        match vmar::overlay::chain_devices(image) {
+            Ok(found) => names.extend(found),
+            Err(e) => eprintln!(
+                "vmar hook: domain {domain}: not following {}: {e}",
+                image.display()
+            ),
+        }
+    }
+    let mut failed = Vec::new();
+    for name in &names {
+        let request = Request::Ensure {
+            name: name.clone(),
+            image: None,
+            capture: false,
+            force_raw: false,
+            rebind: false,
+        };
+        if let Err(e) = ctx.call::<EnsureResult>(&request) {
+            failed.push(format!("/dev/vmar/{name}: {e:#}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "vmar hook: domain {domain} cannot start: {}",
+            failed.join("; ")
+        );
+    }
+    Ok(())
 }
 
 fn refresh(ctx: &Ctx, out: &mut dyn Write, name: &str) -> Result<()> {
@@ -878,15 +1030,49 @@ fn libvirt_xml(
     target: &str,
     overlay: Option<&Path>,
 ) -> Result<()> {
-    // The device must be one vmard knows.
-    let _: DeviceStatus = ctx.call(&Request::Status {
-        name: name.to_string(),
-        table: false,
-    })?;
     let overlay = overlay
         .map(std::path::absolute)
         .transpose()
         .context("cannot resolve the overlay path")?;
+    match &overlay {
+        Some(path) => {
+            if path.exists() {
+                // Its header first (readable without the device): over this device, raw.
+                let top = vmar::overlay::parse_info(path, &vmar::overlay::info(path, false)?)?;
+                vmar::overlay::check_top(path, &top, name)?;
+            }
+            // The device must serve the content its name is bound to, live, so that qemu-img
+            // can open the whole chain.
+            let ensured: EnsureResult = ctx.call(&Request::Ensure {
+                name: name.to_string(),
+                image: None,
+                capture: false,
+                force_raw: false,
+                rebind: false,
+            })?;
+            if path.exists() {
+                // An existing overlay must be directly over this device, of its image's size.
+                let size = ctx
+                    .images()?
+                    .images
+                    .into_iter()
+                    .find(|i| i.name == ensured.image)
+                    .map(|i| i.size)
+                    .with_context(|| format!("image {} is not in the catalog", ensured.image))?;
+                let chain = vmar::overlay::parse_chain(path, &vmar::overlay::info(path, true)?)?;
+                vmar::overlay::check_chain(path, &chain, name, size)?;
+            } else {
+                vmar::overlay::create(path, name)?;
+            }
+        }
+        None => {
+            // The device must be one vmard knows.
+            let _: DeviceStatus = ctx.call(&Request::Status {
+                name: name.to_string(),
+                table: false,
+            })?;
+        }
+    }
     let xml = vmar::libvirt::disk_xml(name, target, overlay.as_deref())?;
     if ctx.cli.json {
         print_json(out, &serde_json::json!({ "xml": xml }))
@@ -916,7 +1102,7 @@ _vmarctl_live() {
     if [[ $cur != -* ]]; then
         case $sub:$pos in
             map:0|table:0|verify:0|forget:0|create:1) kind=images ;;
-            remove:0|status:0|refresh:0|stats:0|libvirt-xml:0) kind=devices ;;
+            remove:0|status:0|refresh:0|stats:0|libvirt-xml:0|ensure:0) kind=devices ;;
         esac
     fi
     if [[ -n $kind ]]; then
@@ -932,7 +1118,7 @@ complete -F _vmarctl_live -o bashdefault -o default vmarctl
 const FISH_LIVE: &str = r#"
 # Live names from vmard (vmarctl __complete).
 complete -c vmarctl -n '__fish_seen_subcommand_from map table verify forget create' -f -a '(vmarctl __complete images 2>/dev/null)'
-complete -c vmarctl -n '__fish_seen_subcommand_from remove status refresh stats libvirt-xml' -f -a '(vmarctl __complete devices 2>/dev/null)'
+complete -c vmarctl -n '__fish_seen_subcommand_from remove status refresh stats libvirt-xml ensure' -f -a '(vmarctl __complete devices 2>/dev/null)'
 "#;
 
 fn completions(out: &mut dyn Write, shell: clap_complete::Shell) -> Result<()> {

@@ -26,7 +26,7 @@ use crate::image::{BLOCK_SIZE, ImageFile, default_name, validate_name};
 use crate::index::{self, Run, RunWriter};
 use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
 use crate::protocol::Progress;
-pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord};
+pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord, NameBinding};
 use crate::records::{
     decode_digests, decode_extents, encode_digests, encode_extents, seal, unseal,
 };
@@ -46,6 +46,9 @@ const DIGESTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("digest
 const EXTENTS: TableDefinition<(u32, u32), &[u8]> = TableDefinition::new("extents");
 /// Device name -> JSON of [`DeviceRecord`]: the devices vmard should serve (desired state).
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Device name -> JSON of [`NameBinding`]: the content each device name served, kept after
+/// the device is removed.
+const NAME_BINDINGS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_name_bindings");
 /// Run id -> entries: the runs of the content index, oldest first.
 const RUNS: TableDefinition<u64, u64> = TableDefinition::new("index_runs");
 /// Run id -> blake3 of the run file: a damaged run is found when it is opened.
@@ -747,6 +750,58 @@ impl Catalog {
             }]);
         }
         Ok(existed)
+    }
+
+    /// The content device name `name` last served, if it ever served any.
+    pub fn name_binding(&self, name: &str) -> Result<Option<NameBinding>> {
+        let dir = &self.dir;
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(NAME_BINDINGS) {
+            Ok(table) => table,
+            // Catalogs from before bindings have no such table until the first one.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e).ctx(dir),
+        };
+        let Some(value) = table.get(name).ctx(dir)? else {
+            return Ok(None);
+        };
+        let binding = serde_json::from_slice(self.unseal(value.value(), "name binding")?)
+            .map_err(|e| self.corrupt(format!("corrupt name binding record: {e}")))?;
+        Ok(Some(binding))
+    }
+
+    /// Every device name's binding, by name.
+    pub fn name_bindings(&self) -> Result<Vec<NameBinding>> {
+        let exists = {
+            let txn = self.read_txn()?;
+            match txn.open_table(NAME_BINDINGS) {
+                Ok(_) => true,
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(e).ctx(&self.dir),
+            }
+        };
+        if !exists {
+            return Ok(Vec::new());
+        }
+        self.records(NAME_BINDINGS, "name binding")
+    }
+
+    /// Records (or replaces) the content a device name serves.
+    pub fn bind_name(&self, binding: &NameBinding) -> Result<()> {
+        let _guard = self.lock()?;
+        let dir = &self.dir;
+        let bytes = serde_json::to_vec(binding)
+            .map_err(|e| self.corrupt(format!("cannot encode name binding: {e}")))?;
+        let txn = self.write_txn()?;
+        txn.open_table(NAME_BINDINGS)
+            .ctx(dir)?
+            .insert(binding.name.as_str(), seal(&bytes).as_slice())
+            .ctx(dir)?;
+        self.commit(txn)?;
+        self.write_backup(vec![crate::backup::Change::BindName {
+            binding: binding.clone(),
+        }]);
+        Ok(())
     }
 
     /// Records `identity` as image `name`'s, as if it had been captured so: lets tests put a

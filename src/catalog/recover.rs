@@ -62,13 +62,14 @@ impl Catalog {
         let backup = crate::backup::Backup {
             images: self.images()?,
             devices: self.devices()?,
+            names: self.name_bindings()?,
             seq,
         };
         crate::backup::write(&self.dir, &backup)?;
         Ok(BackupPosition {
             seq,
             lines: 0,
-            snapshot_records: backup.images.len() + backup.devices.len(),
+            snapshot_records: backup.images.len() + backup.devices.len() + backup.names.len(),
         })
     }
 
@@ -116,6 +117,9 @@ impl Catalog {
                 catalog.save_device(&device)?;
                 recovery.devices.push(device.name);
             }
+        }
+        for binding in &backup.names {
+            catalog.bind_name(binding)?;
         }
         Ok((catalog, recovery))
     }

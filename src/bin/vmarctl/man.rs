@@ -81,6 +81,21 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "vmarctl create db1 /var/lib/vmar/images/db.raw --capture",
     ),
     (
+        "create",
+        "Serve other content under a name that served another image (nothing backs onto it)",
+        "vmarctl create tmp db --rebind",
+    ),
+    (
+        "ensure",
+        "In a script: make sure /dev/vmar/web1 serves web (exit 0 if it already does)",
+        "vmarctl ensure web1 web",
+    ),
+    (
+        "ensure",
+        "A Nova base image, served under its own name",
+        "vmarctl ensure 0123456789abcdef0123456789abcdef01234567",
+    ),
+    (
         "remove",
         "Remove a device a VM still has open, at its last close",
         "vmarctl remove web1 --deferred",
@@ -109,6 +124,11 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "libvirt-xml",
         "A disk element for a VM, over an overlay",
         "vmarctl libvirt-xml web1 --overlay /var/lib/libvirt/images/vm1.qcow2",
+    ),
+    (
+        "libvirt-hook",
+        "What libvirt runs at a domain's start (/etc/libvirt/hooks/qemu.d/vmar)",
+        "virsh dumpxml vm1 | vmarctl libvirt-hook vm1 prepare begin -",
     ),
     (
         "completions",
