@@ -115,7 +115,12 @@ fn read_request_within(mut stream: &UnixStream, timeout: Duration) -> Result<Str
             Ok(0) => return Err(too_long()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 continue;
             }
             Err(e) => return Err(Error::Protocol(format!("cannot read request: {e}"))),
@@ -285,8 +290,8 @@ mod tests {
         assert!(over.contains("uid 1000"), "{over}");
         // Other users share what is left but the reserve.
         let others = MAX_CONNECTIONS - PRIVILEGED_RESERVE - UID_SHARE;
-        for i in 0..others {
-            slots.take(2000 + (i % 3) as u32, false).unwrap();
+        for uid in (2000..2003).cycle().take(others) {
+            slots.take(uid, false).unwrap();
         }
         assert!(slots.take(3000, false).is_err());
         // root still gets in, up to the total.

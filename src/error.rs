@@ -281,9 +281,7 @@ impl ExitClass {
             | "not-an-image"
             | "empty-image"
             | "unaligned-size" => ExitClass::Refused,
-            "daemon-unavailable" | "daemon-timeout" | "permission-denied" => {
-                ExitClass::Unreachable
-            }
+            "daemon-unavailable" | "daemon-timeout" | "permission-denied" => ExitClass::Unreachable,
             _ => ExitClass::Failed,
         }
     }

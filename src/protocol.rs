@@ -120,9 +120,17 @@ pub struct Progress {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Reply {
-    Progress { done: u64, total: u64 },
-    Ok { result: serde_json::Value },
-    Error { kind: String, message: String },
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    Ok {
+        result: serde_json::Value,
+    },
+    Error {
+        kind: String,
+        message: String,
+    },
     /// Still working on the request (sent after [`HEARTBEAT`] without other lines).
     Working,
 }

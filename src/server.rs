@@ -16,8 +16,8 @@ use std::time::Duration;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{Gid, Uid, User, getgrouplist};
 
-use crate::clients::{Heartbeat, Replies, Slots};
 pub use crate::clients::MAX_CONNECTIONS;
+use crate::clients::{Heartbeat, Replies, Slots};
 use crate::error::{Error, Result};
 use crate::protocol::{Reply, Request};
 use crate::service::{self, Context};

@@ -413,8 +413,7 @@ impl Ctx<'_> {
 fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
     let ctx = Ctx {
         cli,
-        client: Client::new(&cli.socket)
-            .with_timeout(Some(Duration::from_secs(cli.timeout))),
+        client: Client::new(&cli.socket).with_timeout(Some(Duration::from_secs(cli.timeout))),
     };
     match &cli.command {
         Command::Ping => ping(&ctx, out)?,
