@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{MsgFlags, send};
@@ -232,10 +232,11 @@ fn write_within(mut stream: &UnixStream, bytes: &[u8], timeout: Duration) -> std
 }
 
 /// Sends `working` lines to every connection whose request runs silently, from one thread
-/// for all of them.
+/// for all of them; it sleeps while no request runs.
 #[derive(Default)]
 pub struct Heartbeat {
     watched: Mutex<Vec<Weak<Replies>>>,
+    work: Condvar,
 }
 
 impl Heartbeat {
@@ -249,7 +250,7 @@ impl Heartbeat {
                 while let Some(heartbeat) = weak.upgrade() {
                     heartbeat.beat_all();
                     drop(heartbeat);
-                    std::thread::sleep(HEARTBEAT / 5);
+                    std::thread::sleep(HEARTBEAT / 4);
                 }
             })
             .map_err(|e| Error::io("cannot start the heartbeat thread", "vmard", e))?;
@@ -262,12 +263,18 @@ impl Heartbeat {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(replies));
+        self.work.notify_one();
     }
 
+    /// Beats every live connection; with none, waits (up to a second) for one.
     fn beat_all(&self) {
         let live: Vec<Arc<Replies>> = {
             let mut watched = self.watched.lock().unwrap_or_else(|p| p.into_inner());
             watched.retain(|w| w.strong_count() > 0);
+            if watched.is_empty() {
+                let _ = self.work.wait_timeout(watched, Duration::from_secs(1));
+                return;
+            }
             watched.iter().filter_map(Weak::upgrade).collect()
         };
         for replies in live {

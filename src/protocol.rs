@@ -31,7 +31,7 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// Where vmard listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
 /// Longest silence of vmard while it works on a request: then it sends a `working` line.
-pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest request line vmard reads.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 

@@ -863,7 +863,7 @@ fn a_vmard_that_accepts_but_never_answers_is_given_up_on_with_timeout() {
     assert!(message.contains("did not answer within 2 s"), "{message}");
     // VMAR_TIMEOUT does the same.
     let out = Command::new(vmarctl_bin())
-        .env("VMAR_TIMEOUT", "1")
+        .env("VMAR_TIMEOUT", "2")
         .arg("--socket")
         .arg(&socket)
         .arg("ping")
@@ -871,7 +871,7 @@ fn a_vmard_that_accepts_but_never_answers_is_given_up_on_with_timeout() {
         .unwrap();
     assert_eq!(out.status.code(), Some(6));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("did not answer within 1 s"),
+        String::from_utf8_lossy(&out.stderr).contains("did not answer within 2 s"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -889,8 +889,8 @@ fn a_long_request_that_sends_heartbeats_outlives_the_timeout() {
         r#"{{"type":"ok","result":{{"version":"x","protocol":3,"state_dir":"{}"}}}}"#,
         dir.path().display()
     ));
-    let fake = fake_vmard(&socket, lines, Duration::from_millis(700));
-    let args: Vec<&std::ffi::OsStr> = ["--json", "--timeout", "1", "ping"]
+    let fake = fake_vmard(&socket, lines, Duration::from_millis(1500));
+    let args: Vec<&std::ffi::OsStr> = ["--json", "--timeout", "2", "ping"]
         .iter()
         .map(std::ffi::OsStr::new)
         .collect();

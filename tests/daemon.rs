@@ -899,7 +899,7 @@ fn slow_clients_cannot_take_every_connection_and_are_cut_at_the_request_deadline
     let busy = helper_line(&mut lines);
     assert_eq!(helper_line(&mut lines), "ready");
     // Another client is served while they hold their connections.
-    let out = daemon.ctl(&["--timeout", "30", "ping"]);
+    let out = daemon.ctl(&["ping"]);
     assert!(
         out.status.success(),
         "not served beside slow clients ({busy}): {}",
@@ -959,4 +959,24 @@ fn a_uid_over_its_share_is_answered_busy_while_another_uid_is_served() {
     assert!(daemon.ctl(&["ping"]).status.success());
     let _ = helper.kill();
     let _ = helper.wait();
+}
+
+#[test]
+fn a_request_silent_for_longer_than_the_client_timeout_is_kept_alive_by_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = three_images(dir.path());
+    // The capture waits 8 s after hashing, sending nothing of its own meanwhile.
+    let daemon = Daemon::start_env(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &[],
+        &[("VMAR_FAULTS", "capture.hashed=sleep:8000")],
+    );
+    let out = daemon.ctl(&["--timeout", "3", "capture", s(&images[0])]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

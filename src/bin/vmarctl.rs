@@ -46,11 +46,12 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
-    /// Give up when vmard accepts nothing or sends nothing for SECONDS (0: wait forever).
-    /// vmard sends progress or a heartbeat every few seconds while it works, so long
-    /// captures are not cut short: this only catches a stopped or hung vmard.
+    /// Give up when vmard accepts nothing or sends nothing for SECONDS (0: wait forever;
+    /// else at least 2). vmard sends progress or a heartbeat every second while it works, so
+    /// long captures are not cut short: this only catches a stopped or hung vmard.
     #[arg(long, global = true, env = "VMAR_TIMEOUT", value_name = "SECONDS",
-          default_value_t = vmar::client::DEFAULT_TIMEOUT.as_secs())]
+          default_value_t = vmar::client::DEFAULT_TIMEOUT.as_secs(),
+          value_parser = parse_timeout)]
     timeout: u64,
 
     #[command(subcommand)]
@@ -180,6 +181,15 @@ enum Command {
 enum Names {
     Images,
     Devices,
+}
+
+/// `--timeout`: 0 (none), or at least 2 s, above vmard's heartbeat.
+fn parse_timeout(text: &str) -> std::result::Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(1) => Err("1 s is within vmard's heartbeat; use 0 (no limit) or at least 2".into()),
+        Ok(seconds) => Ok(seconds),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
 }
 
 /// A usage error found after parsing (exit status 2, kind `usage`).
