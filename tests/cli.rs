@@ -923,6 +923,8 @@ fn arguments_that_are_not_utf8_are_usage_errors_not_panics() {
             bad,
         ],
         vec![os("--json"), bad],
+        // Before --json: vmarctl looked for --json in arguments it took as UTF-8 (a panic).
+        vec![os("map"), bad, os("--json")],
     ] {
         let out = vmarctl_within(&socket, &args, Duration::from_secs(60)).unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
