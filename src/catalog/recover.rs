@@ -177,7 +177,10 @@ pub(super) fn finish_interrupted(dir: &Path) -> Result<()> {
     let marker_path = dir.join(MARKER);
     let text = match std::fs::read(&marker_path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            warn_unfinished(dir);
+            return Ok(());
+        }
         Err(e) => return Err(Error::io("cannot read", &marker_path, e)),
     };
     let refuse = |why: String| Error::Catalog {
@@ -288,6 +291,27 @@ fn unique_dir(dir: &Path, prefix: &str) -> Result<String> {
         }
     }
     unreachable!("u32 names run out")
+}
+
+/// Says so when a recovery was killed before its catalog was complete: the state dir is as
+/// it was before it, and its `recovering-*` directory is only scratch.
+fn warn_unfinished(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(STAGED_PREFIX)
+        {
+            tracing::warn!(
+                "{} is left by a `vmard --recover` killed before its catalog was complete: \
+                 nothing was changed; the next `vmard --recover` removes it (or remove it)",
+                entry.path().display()
+            );
+        }
+    }
 }
 
 /// Removes the `recovering-*` directories of recoveries killed before they were complete
