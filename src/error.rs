@@ -146,6 +146,13 @@ pub enum Error {
 
     #[error("vmard is busy: {0}; retry shortly")]
     Busy(String),
+
+    /// vmard accepted no request, or sent nothing (no reply, progress or heartbeat), for the
+    /// client's timeout: it is stopped, hung, or still restoring devices at start.
+    #[error(
+        "vmard at {socket} did not answer within {seconds} s: it may be stopped (SIGSTOP), hung, or still restoring devices at start; see `systemctl status vmard` and `journalctl -u vmard`, or wait longer with --timeout SECONDS (0: no limit)"
+    )]
+    DaemonTimeout { socket: PathBuf, seconds: u64 },
 }
 
 /// `text` cut to at most 80 characters for an error message, so a client sending a huge
@@ -194,6 +201,7 @@ impl Error {
             Error::Injected { .. } => "injected",
             Error::ShuttingDown => "shutting-down",
             Error::Busy(_) => "busy",
+            Error::DaemonTimeout { .. } => "daemon-timeout",
         }
     }
 
@@ -271,7 +279,7 @@ impl ExitClass {
         ),
         (
             ExitClass::Unreachable,
-            "vmard unreachable, or permission denied on its socket",
+            "vmard unreachable or not answering (--timeout), or permission denied on its socket",
         ),
     ];
 
@@ -298,7 +306,7 @@ impl ExitClass {
             | "not-an-image"
             | "empty-image"
             | "unaligned-size" => ExitClass::Refused,
-            "daemon-unavailable" | "permission-denied" => ExitClass::Unreachable,
+            "daemon-unavailable" | "daemon-timeout" | "permission-denied" => ExitClass::Unreachable,
             _ => ExitClass::Failed,
         }
     }

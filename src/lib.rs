@@ -4,13 +4,14 @@
 //! them and finds each block's canonical copy, [`map`] holds the resulting translation map,
 //! [`table`] turns it into a device-mapper table, and [`verify`] proves a map serves exactly
 //! the image's bytes. [`protocol`], [`server`], [`service`] and [`client`] connect `vmarctl` to
-//! `vmard`.
+//! `vmard`; [`clients`] bounds what clients may hold.
 
 pub mod backup;
 pub mod binding;
 pub mod budget;
 pub mod catalog;
 pub mod client;
+pub mod clients;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -2,7 +2,9 @@
 //!
 //! A client connects, writes one [`Request`] as a JSON object on one line, and reads
 //! [`Reply`] lines until the final `ok` or `error` one; then the connection closes. Long
-//! operations (capture, verify) send `progress` lines first. Example:
+//! operations (capture, verify) send `progress` lines first, and any request that runs
+//! [`HEARTBEAT`] without sending anything sends a `working` line, so that a client's timeout
+//! tells a hung vmard from a long request. Clients skip line types they do not know. Example:
 //!
 //! ```text
 //! > {"op":"capture","path":"/images/web.raw","name":null,"recapture":false}
@@ -24,10 +26,13 @@ use crate::table::Target;
 
 /// Version of this protocol, answered by `ping`. 2: `remove` takes `deferred`, `capture` and
 /// `create` take `force_raw`, device states `suspended`, `differs`, `creating`, `removing`.
-/// 3: `ensure`, `create` takes `rebind`.
+/// 3: `ensure`, `create` takes `rebind`; `working` lines while a request runs without other
+/// output.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Where vmard listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
+/// Longest silence of vmard while it works on a request: then it sends a `working` line.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest request line vmard reads.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
@@ -133,9 +138,19 @@ pub struct Progress {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Reply {
-    Progress { done: u64, total: u64 },
-    Ok { result: serde_json::Value },
-    Error { kind: String, message: String },
+    Progress {
+        done: u64,
+        total: u64,
+    },
+    Ok {
+        result: serde_json::Value,
+    },
+    Error {
+        kind: String,
+        message: String,
+    },
+    /// Still working on the request (sent after [`HEARTBEAT`] without other lines).
+    Working,
 }
 
 /// Result of `ping`.

@@ -1,10 +1,10 @@
 //! vmard's socket server: a local Unix socket, one thread per connection (at most
-//! [`MAX_CONNECTIONS`] at once), one request per connection, clients checked with
-//! SO_PEERCRED. [`Server::run`] returns when [`Stopper::stop`] is called (SIGTERM), after
-//! the requests in flight have finished or been cancelled.
+//! [`MAX_CONNECTIONS`] at once, a share of them per uid: [`crate::clients`]), one request
+//! per connection, clients checked with SO_PEERCRED before anything is read.
+//! [`Server::run`] returns when [`Stopper::stop`] is called (SIGTERM), after the requests
+//! in flight have finished or been cancelled.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -16,17 +16,14 @@ use std::time::Duration;
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{Gid, Uid, User, getgrouplist};
 
+pub use crate::clients::MAX_CONNECTIONS;
+use crate::clients::{Heartbeat, Replies, Slots};
 use crate::error::{Error, Result};
-use crate::protocol::{MAX_REQUEST_BYTES, Reply, Request};
+use crate::protocol::{Reply, Request};
 use crate::service::{self, Context};
 
 /// Where vmard keeps its catalog unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmar";
-/// Most connections served at once; more are answered `busy` at once. Keeps vmard's threads
-/// bounded (the unit's TasksMax is above this).
-pub const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop waits for requests in flight before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -72,10 +69,10 @@ fn user_in_group(uid: Uid, group: Gid) -> bool {
         .unwrap_or(false)
 }
 
-/// Connections in flight, and a way to wait for them.
+/// Connections in flight, by uid, and a way to wait for them.
 #[derive(Default)]
 struct InFlight {
-    count: Mutex<usize>,
+    count: Mutex<Slots>,
     done: Condvar,
 }
 
@@ -103,6 +100,7 @@ pub struct Server {
     access: Access,
     in_flight: Arc<InFlight>,
     refused: AtomicUsize,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Server {
@@ -139,6 +137,7 @@ impl Server {
             access,
             in_flight: Arc::new(InFlight::default()),
             refused: AtomicUsize::new(0),
+            heartbeat: Heartbeat::start()?,
         })
     }
 
@@ -183,58 +182,71 @@ impl Server {
         let (count, timeout) = self
             .in_flight
             .done
-            .wait_timeout_while(count, STOP_GRACE, |n| *n > 0)
+            .wait_timeout_while(count, STOP_GRACE, |n| n.total() > 0)
             .unwrap_or_else(|p| p.into_inner());
         if timeout.timed_out() {
-            tracing::warn!(in_flight = *count, "stopping with requests still running");
+            tracing::warn!(
+                in_flight = count.total(),
+                "stopping with requests still running"
+            );
         }
         Ok(())
     }
 
-    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open.
+    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open or
+    /// its uid holds its share.
     fn dispatch(&self, mut stream: UnixStream) {
+        // Who connected is known at accept (SO_PEERCRED), before anything is read.
+        let uid = match getsockopt(&stream, PeerCredentials) {
+            Ok(creds) => creds.uid(),
+            Err(e) => {
+                tracing::warn!("cannot read a client's credentials: {e}");
+                return;
+            }
+        };
+        let privileged = uid == 0 || uid == Uid::effective().as_raw();
         {
-            let mut count = self
+            let mut slots = self
                 .in_flight
                 .count
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if *count >= MAX_CONNECTIONS {
-                drop(count);
-                refuse(&mut stream, &self.refused);
+            if let Err(why) = slots.take(uid, privileged) {
+                drop(slots);
+                refuse(&mut stream, &self.refused, uid, why);
                 return;
             }
-            *count += 1;
         }
         let context = Arc::clone(&self.context);
         let in_flight = Arc::clone(&self.in_flight);
         let access = self.access;
+        let heartbeat = Arc::clone(&self.heartbeat);
         let finished = Arc::clone(&in_flight);
         let spawned = std::thread::Builder::new()
             .name("vmard-conn".into())
             .spawn(move || {
-                serve_connection(&context, access, stream);
-                let mut count = in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
-                *count -= 1;
+                serve_connection(&context, access, &heartbeat, stream);
+                let mut slots = in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
+                slots.give_back(uid, privileged);
                 in_flight.done.notify_all();
             });
         if let Err(e) = spawned {
             // The stream moved into the closure that was not run; the client sees a closed
             // connection. Say why in the log.
             tracing::warn!("cannot start a thread for a client: {e}");
-            let mut count = finished.count.lock().unwrap_or_else(|p| p.into_inner());
-            *count -= 1;
+            let mut slots = finished.count.lock().unwrap_or_else(|p| p.into_inner());
+            slots.give_back(uid, privileged);
             finished.done.notify_all();
         }
     }
 }
 
-fn refuse(stream: &mut UnixStream, refused: &AtomicUsize) {
+fn refuse(stream: &mut UnixStream, refused: &AtomicUsize, uid: u32, why: String) {
     let n = refused.fetch_add(1, Ordering::Relaxed);
     if n.is_power_of_two() {
-        tracing::warn!(refused = n + 1, "too many connections; answering busy");
+        tracing::warn!(refused = n + 1, uid, "{why}; answering busy");
     }
-    let error = Error::Busy(format!("{MAX_CONNECTIONS} requests are in progress"));
+    let error = Error::Busy(why);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let _ = send(
         stream,
@@ -248,33 +260,33 @@ fn refuse(stream: &mut UnixStream, refused: &AtomicUsize) {
 fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     line.push(b'\n');
-    stream.write_all(&line)
+    std::io::Write::write_all(stream, &line)
 }
 
-fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
+fn serve_connection(context: &Context, access: Access, heartbeat: &Heartbeat, stream: UnixStream) {
     let mut captured = false;
-    // The request line is read before the check, so that the client finishes writing and
-    // sees the refusal instead of a broken pipe; it is parsed only once the peer is allowed.
-    let line = read_line(&stream);
+    let replies = match stream.try_clone() {
+        Ok(writer) => Arc::new(Replies::new(writer)),
+        Err(e) => {
+            tracing::warn!("cannot clone a client's socket: {e}");
+            return;
+        }
+    };
+    // The peer is checked before anything is read: a refused client holds nothing.
     let outcome = access.check(&stream).and_then(|()| {
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
-        let request = parse_request(&line?)?;
+        let request = parse_request(&crate::clients::read_request(&stream)?)?;
         captured = matches!(request, Request::Capture { .. });
         tracing::info!(?request, "request");
-        let mut writer = stream
-            .try_clone()
-            .map_err(|e| Error::io("cannot clone", "socket", e))?;
+        heartbeat.watch(&replies);
         // A client that went away does not stop the work: the catalog change still completes.
         let mut progress = |p: crate::protocol::Progress| {
-            let _ = send(
-                &mut writer,
-                &Reply::Progress {
-                    done: p.done,
-                    total: p.total,
-                },
-            );
+            replies.progress(&Reply::Progress {
+                done: p.done,
+                total: p.total,
+            });
         };
         service::handle(context, request, &mut progress)
     });
@@ -288,9 +300,10 @@ fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
             }
         }
     };
-    if let Err(e) = send(&mut stream, &reply) {
+    if let Err(e) = replies.finish(&reply) {
         tracing::debug!("client went away before the reply: {e}");
     }
+    drop(replies);
     drop(stream);
     if captured
         && !crate::shutdown::requested()
@@ -298,25 +311,6 @@ fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
     {
         tracing::warn!("index compaction failed (retried after the next capture): {e}");
     }
-}
-
-fn read_line(stream: &UnixStream) -> Result<String> {
-    // A client that connects and never sends a request must not hold a thread for long.
-    stream
-        .set_read_timeout(Some(REQUEST_TIMEOUT))
-        .map_err(|e| Error::io("cannot set timeout on", "socket", e))?;
-    let mut line = String::new();
-    let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES));
-    reader
-        .read_line(&mut line)
-        .map_err(|e| Error::Protocol(format!("cannot read request: {e}")))?;
-    if !line.ends_with('\n') {
-        return Err(Error::Protocol(format!(
-            "request must be one JSON line of at most {} KiB",
-            MAX_REQUEST_BYTES >> 10
-        )));
-    }
-    Ok(line)
 }
 
 /// Parses one request line.

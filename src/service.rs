@@ -222,14 +222,7 @@ pub fn handle(
             let kernel = ctx.kernel()?;
             let created = {
                 let _changes = ctx.changes();
-                binding::create(
-                    catalog,
-                    kernel.as_ref(),
-                    &name,
-                    &image,
-                    max_targets,
-                    rebind,
-                )
+                binding::create(catalog, kernel.as_ref(), &name, &image, max_targets, rebind)
             };
             // Answered once the guard refuses writes to the images the new device reads.
             crate::guard::sync();

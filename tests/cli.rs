@@ -1179,3 +1179,123 @@ fn the_shipped_hook_runs_vmarctl_and_does_nothing_once_the_package_is_removed() 
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs vmarctl with `args` against `socket`, killing it after `limit`: `None` if it was
+/// still waiting then.
+fn vmarctl_within(
+    socket: &Path,
+    args: &[&std::ffi::OsStr],
+    limit: Duration,
+) -> Option<std::process::Output> {
+    let mut child = Command::new(vmarctl_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+#[test]
+fn a_vmard_that_accepts_but_never_answers_is_given_up_on_with_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    // A socket that accepts (in the kernel's backlog, as a stopped vmard's does) and never
+    // answers.
+    let _listener = UnixListener::bind(&socket).unwrap();
+    let args: Vec<&std::ffi::OsStr> = ["--json", "--timeout", "2", "ping"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .collect();
+    let out = vmarctl_within(&socket, &args, Duration::from_secs(60))
+        .expect("vmarctl --timeout 2 still waited after 60 s");
+    assert_eq!(out.status.code(), Some(6));
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["error"]["kind"], "daemon-timeout", "{value}");
+    let message = value["error"]["message"].as_str().unwrap();
+    assert!(message.contains("did not answer within 2 s"), "{message}");
+    // VMAR_TIMEOUT does the same.
+    let out = Command::new(vmarctl_bin())
+        .env("VMAR_TIMEOUT", "2")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("did not answer within 2 s"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_long_request_that_sends_heartbeats_outlives_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("fake.sock");
+    // vmard working silently on a request but for its heartbeats, longer than the timeout.
+    let mut lines: Vec<String> = (0..4)
+        .map(|_| r#"{"type":"working"}"#.to_string())
+        .collect();
+    lines.push(format!(
+        r#"{{"type":"ok","result":{{"version":"x","protocol":3,"state_dir":"{}"}}}}"#,
+        dir.path().display()
+    ));
+    let fake = fake_vmard(&socket, lines, Duration::from_millis(1500));
+    let args: Vec<&std::ffi::OsStr> = ["--json", "--timeout", "2", "ping"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .collect();
+    let out = vmarctl_within(&socket, &args, Duration::from_secs(60)).unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fake.join().unwrap();
+}
+
+#[test]
+fn arguments_that_are_not_utf8_are_usage_errors_not_panics() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("none.sock");
+    let bad = std::ffi::OsStr::from_bytes(b"/images/web\xff.raw");
+    let os = std::ffi::OsStr::new;
+    for args in [
+        vec![os("--json"), os("capture"), bad],
+        vec![os("--json"), os("map"), bad],
+        vec![os("--json"), os("create"), os("vm1"), bad],
+        vec![
+            os("--json"),
+            os("libvirt-xml"),
+            os("vm1"),
+            os("--overlay"),
+            bad,
+        ],
+        vec![os("--json"), bad],
+        // Before --json: vmarctl looked for --json in arguments it took as UTF-8 (a panic).
+        vec![os("map"), bad, os("--json")],
+    ] {
+        let out = vmarctl_within(&socket, &args, Duration::from_secs(60)).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let value: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: no JSON ({e}): {stderr}"));
+        assert_eq!(value["error"]["kind"], "usage", "{args:?}: {value}");
+    }
+}

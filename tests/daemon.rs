@@ -553,7 +553,7 @@ fn a_lost_or_damaged_catalog_is_refused_and_recovered_from_its_backup() {
     let broken = std::fs::read_dir(&state)
         .unwrap()
         .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains(".broken-"))
+        .filter(|e| e.file_name().to_string_lossy().starts_with("broken-"))
         .count();
     assert!(broken >= 1, "what was left should be kept aside");
 }
@@ -700,4 +700,283 @@ fn the_state_is_private_to_vmard() {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, want, "{} is {mode:o}", path.display());
     }
+}
+
+/// Runs `command`, killing it after `limit`: `None` if it still ran then.
+fn output_within(
+    command: &mut Command,
+    limit: std::time::Duration,
+) -> Option<std::process::Output> {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// Names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn recover_while_a_vmard_serves_the_state_dir_refuses_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = three_images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    assert!(daemon.ctl(&["capture", s(&images[0])]).status.success());
+    let state = dir.path().join("state");
+    let before = listing(&state);
+    let index_before = listing(&state.join("index"));
+    let out = output_within(
+        Command::new(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .args(["--image-root", s(dir.path()), "--state-dir", s(&state)])
+            .args(["--sim", s(&dir.path().join("kernel"))])
+            .args(["--socket", s(&dir.path().join("other.sock")), "--recover"])
+            .env("VMAR_LOG", "error"),
+        std::time::Duration::from_secs(60),
+    )
+    .expect("a second vmard --recover is serving the same state dir");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another vmard"), "{stderr}");
+    assert!(stderr.contains("stop it first"), "{stderr}");
+    assert_eq!(listing(&state), before, "the state dir changed");
+    assert_eq!(listing(&state.join("index")), index_before);
+    // The running vmard goes on, and what it does now is kept.
+    assert!(daemon.ctl(&["capture", s(&images[1])]).status.success());
+    assert!(daemon.ctl(&["create", "vm1", "derived"]).status.success());
+    drop(daemon);
+    let daemon = Daemon::start_sim(dir.path(), "");
+    let (_, list) = daemon.json(&["images"]);
+    assert_eq!(image_names(&list), ["base", "derived"]);
+    let (_, devices) = daemon.json(&["list"]);
+    assert_eq!(devices[0]["name"], "vm1", "{devices}");
+    assert_eq!(devices[0]["state"], "active", "{devices}");
+}
+
+/// Client connections held by another user, for the tests below: run by
+/// `slow_clients_of` as nobody (see `VMAR_SLOW_*`). Opens `VMAR_SLOW_COUNT` connections to
+/// `VMAR_SLOW_SOCKET`, sends one byte on each, then one more every second (a request that
+/// never ends), and reports on stdout: `busy N` (answered busy at once), `ready`, then when
+/// every connection has ended or 40 s passed, `ended N` (closed by vmard with a reply) and
+/// `open N`.
+#[test]
+#[ignore = "run by other tests as another user"]
+fn slow_client_helper() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let Some(socket) = std::env::var_os("VMAR_SLOW_SOCKET") else {
+        return;
+    };
+    let count: usize = std::env::var("VMAR_SLOW_COUNT").unwrap().parse().unwrap();
+    let mut streams: Vec<Option<UnixStream>> = (0..count)
+        .map(|_| {
+            let mut stream = UnixStream::connect(&socket).unwrap();
+            // vmard may have answered busy and closed already.
+            let _ = stream.write_all(b"{");
+            stream.set_nonblocking(true).unwrap();
+            Some(stream)
+        })
+        .collect();
+    // What vmard answered on a connection, once it closed it.
+    let answered = |stream: &mut UnixStream| -> Option<String> {
+        let mut text = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => return Some(String::from_utf8_lossy(&text).into_owned()),
+                Ok(n) => text.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && text.is_empty() => {
+                    return None;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(_) => return Some(String::from_utf8_lossy(&text).into_owned()),
+            }
+        }
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let mut busy = 0;
+    for slot in streams.iter_mut() {
+        if let Some(text) = answered(slot.as_mut().unwrap()) {
+            assert!(text.contains("\"busy\""), "{text}");
+            busy += 1;
+            *slot = None;
+        }
+    }
+    println!("HELPER busy {busy}");
+    println!("HELPER ready");
+    let mut ended = 0;
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(40)
+        && streams.iter().any(Option::is_some)
+    {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        for slot in streams.iter_mut() {
+            let Some(stream) = slot.as_mut() else {
+                continue;
+            };
+            if let Some(text) = answered(stream) {
+                assert!(text.contains("not received within"), "{text}");
+                ended += 1;
+                *slot = None;
+            } else {
+                let _ = stream.write_all(b" ");
+            }
+        }
+    }
+    println!("HELPER ended {ended}");
+    println!(
+        "HELPER open {}",
+        streams.iter().filter(|s| s.is_some()).count()
+    );
+}
+
+/// Starts `slow_client_helper` as uid 65534 with `count` connections to `socket`.
+fn slow_clients_of_nobody(socket: &Path, count: usize) -> std::process::Child {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "slow_client_helper", "--ignored", "--nocapture"])
+        .env("VMAR_SLOW_SOCKET", socket)
+        .env("VMAR_SLOW_COUNT", count.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv runs")
+}
+
+/// The next `HELPER` line of the helper's stdout, without the prefix.
+fn helper_line(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> String {
+    lines
+        .map(Result::unwrap)
+        .find_map(|l| l.strip_prefix("HELPER ").map(str::to_string))
+        .expect("the helper ended early")
+}
+
+/// A vmard whose socket nobody (group nogroup) may use.
+fn daemon_for_nobody(dir: &Path) -> Daemon {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = Daemon::start_args(
+        dir,
+        &dir.join("state"),
+        &dir.join("run/vmard.sock"),
+        &["--socket-group", "nogroup"],
+    );
+    std::fs::set_permissions(dir.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    daemon
+}
+
+#[test]
+fn slow_clients_cannot_take_every_connection_and_are_cut_at_the_request_deadline() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to run clients as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon_for_nobody(dir.path());
+    // 64 clients sending a byte a second: as many as vmard serves at once.
+    let mut helper = slow_clients_of_nobody(&daemon.socket, vmar::server::MAX_CONNECTIONS);
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    let busy = helper_line(&mut lines);
+    assert_eq!(helper_line(&mut lines), "ready");
+    // Another client is served while they hold their connections.
+    let out = daemon.ctl(&["ping"]);
+    assert!(
+        out.status.success(),
+        "not served beside slow clients ({busy}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // And the slow ones are cut once their request is overdue, not held forever: the
+    // helper gives up after 40 s.
+    let ended = helper_line(&mut lines);
+    let open = helper_line(&mut lines);
+    helper.wait().unwrap();
+    assert_eq!(open, "open 0", "{busy}, {ended}");
+    let busy: usize = busy.strip_prefix("busy ").unwrap().parse().unwrap();
+    let ended: usize = ended.strip_prefix("ended ").unwrap().parse().unwrap();
+    assert_eq!(busy + ended, vmar::server::MAX_CONNECTIONS);
+}
+
+#[test]
+fn a_uid_over_its_share_is_answered_busy_while_another_uid_is_served() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to run clients as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon_for_nobody(dir.path());
+    let share = vmar::clients::UID_SHARE;
+    let mut helper = slow_clients_of_nobody(&daemon.socket, share + 1);
+    let mut lines = BufReader::new(helper.stdout.take().unwrap()).lines();
+    assert_eq!(helper_line(&mut lines), "busy 1");
+    assert_eq!(helper_line(&mut lines), "ready");
+    // Nobody's next request is refused, with why.
+    let nobody = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vmarctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--json", "ping"])
+        .output()
+        .unwrap();
+    let value: Value = serde_json::from_slice(&nobody.stdout).unwrap();
+    assert_eq!(value["error"]["kind"], "busy", "{value}");
+    let message = value["error"]["message"].as_str().unwrap();
+    assert!(message.contains("uid 65534"), "{message}");
+    // Another uid (in the socket's group) and root are served meanwhile.
+    let other = Command::new("setpriv")
+        .args(["--reuid=65533", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_vmarctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("ping")
+        .output()
+        .unwrap();
+    assert!(
+        other.status.success(),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert!(daemon.ctl(&["ping"]).status.success());
+    let _ = helper.kill();
+    let _ = helper.wait();
+}
+
+#[test]
+fn a_request_silent_for_longer_than_the_client_timeout_is_kept_alive_by_heartbeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = three_images(dir.path());
+    // The capture waits 8 s after hashing, sending nothing of its own meanwhile.
+    let daemon = Daemon::start_env(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &[],
+        &[("VMAR_FAULTS", "capture.hashed=sleep:8000")],
+    );
+    let out = daemon.ctl(&["--timeout", "3", "capture", s(&images[0])]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -1093,3 +1093,126 @@ fn a_block_device_image_written_in_place_is_refused_or_found() {
     drop(daemon);
     drop(host);
 }
+/// Runs `vmard --recover` on the sim kernel of `dir` with `faults`, waiting at most 60 s;
+/// returns whether it was killed (SIGKILL) by a fault.
+fn recover_killed_at(dir: &Path, faults: &str) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child =
+        std::process::Command::new(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .env("VMAR_FAULTS", faults)
+            .env("VMAR_LOG", "error")
+            .arg("--image-root")
+            .arg(dir)
+            .arg("--sim")
+            .arg(dir.join("kernel"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--socket")
+            .arg(dir.join("run/vmard.sock"))
+            .arg("--recover")
+            .spawn()
+            .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.signal() == Some(9);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+/// Every step of `vmard --recover` at which a kill must keep the records: while the new
+/// catalog is built aside, once it is complete, once the swap is decided, and between each
+/// rename of the swap (old catalog, index and backup moved aside, new ones moved in).
+const RECOVER_STEPS: &[&str] = &[
+    "catalog.commit#2",
+    "recover.staged",
+    "recover.marked",
+    "recover.aside#1",
+    "recover.swap#1",
+    "recover.aside#2",
+    "recover.swap#2",
+    "recover.aside#3",
+    "recover.swap#3",
+    "recover.swapped",
+];
+
+#[test]
+fn a_kill_at_any_step_of_recovery_keeps_the_records_and_the_devices() {
+    for step in RECOVER_STEPS {
+        let dir = tempfile::tempdir().unwrap();
+        let images = family(dir.path());
+        let daemon = Daemon::start_sim(dir.path(), "");
+        capture_all(&daemon, &images);
+        ok(&daemon, &["create", "web", "web"]);
+        ok(&daemon, &["create", "db", "db"]);
+        let names = |images: &Value| -> Vec<String> {
+            images["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["name"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let before = names(&ok(&daemon, &["images"]));
+        drop(daemon);
+        // The catalog is damaged: what --recover is for.
+        let catalog = dir.path().join("state/catalog.redb");
+        std::fs::write(&catalog, vec![0x5a; 4096]).unwrap();
+        assert!(
+            recover_killed_at(dir.path(), &format!("{step}=kill")),
+            "--recover was not killed at {step}"
+        );
+        assert_eq!(
+            sim(dir.path()).state().unwrap().devices.len(),
+            2,
+            "{step}: devices went"
+        );
+        let state = dir.path().join("state");
+        let socket = dir.path().join("run/vmard.sock");
+        let kernel = dir.path().join("kernel");
+        let sim_args = ["--sim", s(&kernel)];
+        // A plain start either finishes the recovery, or refuses and says to run it again.
+        let daemon = match Daemon::try_start_env(dir.path(), &state, &socket, &sim_args, &[]) {
+            Ok(daemon) => daemon,
+            Err(stderr) => {
+                assert!(stderr.contains("--recover"), "{step}: {stderr}");
+                assert_eq!(sim(dir.path()).state().unwrap().devices.len(), 2);
+                let mut args = sim_args.to_vec();
+                args.push("--recover");
+                Daemon::try_start_env(dir.path(), &state, &socket, &args, &[])
+                    .unwrap_or_else(|e| panic!("{step}: recovery again failed: {e}"))
+            }
+        };
+        assert_eq!(names(&ok(&daemon, &["images"])), before, "{step}");
+        assert_eq!(
+            states(&daemon),
+            [
+                ("db".to_string(), "active".to_string()),
+                ("web".to_string(), "active".to_string())
+            ],
+            "{step}"
+        );
+        check_invariants(dir.path(), &daemon);
+        // The old state is kept aside, never deleted.
+        let aside: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("broken-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{step}");
+        assert!(
+            aside[0].path().join("backup/catalog.json").exists(),
+            "{step}"
+        );
+        // And the next change snapshots a backup that holds every record.
+        ok(&daemon, &["remove", "db"]);
+        drop(daemon);
+        let backup = vmar::backup::read(&state).unwrap();
+        assert_eq!(backup.images.len(), before.len(), "{step}");
+        assert_eq!(backup.devices.len(), 1, "{step}");
+    }
+}

@@ -47,6 +47,14 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Give up when vmard accepts nothing or sends nothing for SECONDS (0: wait forever;
+    /// else at least 2). vmard sends progress or a heartbeat every second while it works, so
+    /// long captures are not cut short: this only catches a stopped or hung vmard.
+    #[arg(long, global = true, env = "VMAR_TIMEOUT", value_name = "SECONDS",
+          default_value_t = vmar::client::DEFAULT_TIMEOUT.as_secs(),
+          value_parser = parse_timeout)]
+    timeout: u64,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -217,13 +225,23 @@ enum Names {
     Devices,
 }
 
+/// `--timeout`: 0 (none), or at least 2 s, above vmard's heartbeat.
+fn parse_timeout(text: &str) -> std::result::Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(1) => Err("1 s is within vmard's heartbeat; use 0 (no limit) or at least 2".into()),
+        Ok(seconds) => Ok(seconds),
+        Err(e) => Err(format!("{text:?}: {e}")),
+    }
+}
+
 /// A usage error found after parsing (exit status 2, kind `usage`).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct Usage(pub String);
 
 fn main() -> ExitCode {
-    let json = std::env::args().skip(1).any(|a| a == "--json");
+    // Arguments need not be UTF-8 (paths): compare them as OS strings.
+    let json = std::env::args_os().skip(1).any(|a| a == "--json");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -447,7 +465,7 @@ impl Ctx<'_> {
 fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
     let ctx = Ctx {
         cli,
-        client: Client::new(&cli.socket),
+        client: Client::new(&cli.socket).with_timeout(Some(Duration::from_secs(cli.timeout))),
     };
     match &cli.command {
         Command::Ping => ping(&ctx, out)?,
@@ -567,6 +585,14 @@ fn capture(
             "--name applies to one image; capture the images one by one to name them".into()
         ));
     }
+    // vmard's protocol and records carry paths as text: refuse others before asking.
+    if let Some(path) = images.iter().find(|p| p.to_str().is_none()) {
+        bail!(Usage(format!(
+            "{}: the path is not valid UTF-8, and vmar records image paths as text: rename \
+             the file (or its directory) to a UTF-8 name",
+            path.display()
+        )));
+    }
     let mut outcomes = Vec::new();
     let mut class = ExitClass::Success;
     for path in images {
@@ -596,7 +622,11 @@ fn capture(
                     rebuilt,
                 }
             }
-            Err(e @ (vmar::Error::DaemonUnavailable { .. } | vmar::Error::SocketDenied { .. })) => {
+            Err(
+                e @ (vmar::Error::DaemonUnavailable { .. }
+                | vmar::Error::DaemonTimeout { .. }
+                | vmar::Error::SocketDenied { .. }),
+            ) => {
                 return Err(e.into());
             }
             Err(e) => {
@@ -1030,6 +1060,13 @@ fn libvirt_xml(
     target: &str,
     overlay: Option<&Path>,
 ) -> Result<()> {
+    // libvirt's XML is text: a path that is not UTF-8 would be written altered.
+    if let Some(path) = overlay.filter(|p| p.to_str().is_none()) {
+        bail!(Usage(format!(
+            "--overlay {}: the path is not valid UTF-8, and libvirt's XML holds text: rename it",
+            path.display()
+        )));
+    }
     let overlay = overlay
         .map(std::path::absolute)
         .transpose()

@@ -47,8 +47,12 @@ struct Args {
     no_restore: bool,
 
     /// Rebuild a lost or damaged catalog from its backup (state dir's backup/: catalog.json and journal.jsonl):
-    /// what is left is moved aside, the images are captured again in their original order
-    /// and their devices saved again; then vmard starts as usual.
+    /// refused while another vmard uses the state dir. The images are captured again in
+    /// their original order and their devices saved again into a new catalog built aside
+    /// (recovering-*); once complete, it replaces the old catalog, index and backup, which
+    /// are kept in broken-*. A recovery killed once its catalog was complete is finished by
+    /// the next start; killed before, it left the state dir as it was. Then vmard starts as
+    /// usual.
     #[arg(long)]
     recover: bool,
 

@@ -118,6 +118,8 @@ pub struct Catalog {
     /// Where the backup stands; `None` until the first change after open, which writes a
     /// snapshot.
     backup: Mutex<Option<recover::BackupPosition>>,
+    /// The state directory's lock, held while the catalog is open.
+    _lock: StateLock,
 }
 
 /// Turns any redb error into a catalog error naming the directory.
@@ -134,10 +136,12 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
     }
 }
 
+mod lock;
 mod rebuild;
 mod recover;
 mod store;
 
+pub use lock::{LOCK_FILE, StateLock};
 pub use recover::Recovery;
 use store::{clear, create_private_dir, existing_state};
 
@@ -145,11 +149,15 @@ impl Catalog {
     /// Opens the catalog in `dir`, creating it only in a directory that holds no vmar state
     /// yet. Only one process may hold it. A missing, empty or unreadable catalog next to
     /// index runs or backups is refused with what to do: vmard never starts over silently.
+    /// The state directory is locked first; a recovery that was killed after it had built
+    /// its new catalog is finished (see [`Catalog::recover`]).
     pub fn open(dir: &Path) -> Result<Catalog> {
-        Catalog::open_with(dir, false)
+        let lock = StateLock::take(dir)?;
+        recover::finish_interrupted(dir)?;
+        Catalog::open_with(dir, false, lock)
     }
 
-    fn open_with(dir: &Path, start_over: bool) -> Result<Catalog> {
+    fn open_with(dir: &Path, start_over: bool, lock: StateLock) -> Result<Catalog> {
         let index_dir = dir.join(INDEX_DIR);
         let file = dir.join(CATALOG_FILE);
         let refuse = |what: String| Error::Catalog {
@@ -227,6 +235,7 @@ impl Catalog {
             runs: Mutex::new(Vec::new()),
             spill_records: AtomicUsize::new(crate::spill::DEFAULT_RECORDS),
             backup: Mutex::new(None),
+            _lock: lock,
         };
         let spilled = crate::spill::remove_leftovers(&dir.join(crate::spill::SPILL_DIR))?;
         if spilled > 0 {

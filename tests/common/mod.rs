@@ -174,6 +174,44 @@ impl Daemon {
         daemon
     }
 
+    /// Starts vmard like [`Daemon::start_env`], but a vmard that exits before answering is
+    /// an `Err` with what it wrote on stderr (kept in `state`'s sibling `.stderr` file).
+    pub fn try_start_env(
+        dir: &Path,
+        state: &Path,
+        socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
+        let log = state.with_extension("stderr");
+        let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+            .envs(env.iter().copied())
+            .arg("--image-root")
+            .arg(dir)
+            .args(args)
+            .arg("--state-dir")
+            .arg(state)
+            .arg("--socket")
+            .arg(socket)
+            .env(
+                "VMAR_LOG",
+                std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("vmard starts");
+        let mut daemon = Daemon {
+            child,
+            socket: socket.to_path_buf(),
+            state: state.to_path_buf(),
+        };
+        if daemon.ready() {
+            Ok(daemon)
+        } else {
+            Err(std::fs::read_to_string(&log).unwrap_or_default())
+        }
+    }
+
     /// Waits until vmard answers (true) or exits (false), at most 20 s.
     pub fn ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -201,6 +201,11 @@ fn extra_sections(out: &mut dyn Write, subcommand: &str) -> std::io::Result<()> 
         ".TP\n.B VMAR_SOCKET\n{}",
         roff("vmard's socket, as --socket gives it.")
     )?;
+    writeln!(
+        out,
+        ".TP\n.B VMAR_TIMEOUT\n{}",
+        roff("seconds to wait for vmard to accept or send anything, as --timeout gives it.")
+    )?;
     section(out, "EXAMPLES")?;
     for (_, what, command) in EXAMPLES.iter().filter(|(s, _, _)| *s == subcommand) {
         writeln!(out, "{}:\n.PP\n.nf\n.RS 4", roff(what))?;
