@@ -613,6 +613,7 @@ fn status_of(
         name: name.to_string(),
         image: saved.map(|s| s.image),
         state: state.to_string(),
+        reason: None,
         node: node_path(name).display().to_string(),
         live,
         target_types,

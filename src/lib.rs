@@ -20,6 +20,7 @@ pub mod index;
 pub mod kernel;
 pub mod libvirt;
 pub mod map;
+pub mod metrics;
 pub mod protocol;
 pub mod records;
 pub mod roots;

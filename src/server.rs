@@ -1,7 +1,10 @@
 //! vmard's socket server: a local Unix socket, one thread per connection (at most
 //! [`MAX_CONNECTIONS`] at once), one request per connection, clients checked with
-//! SO_PEERCRED. [`Server::run`] returns when [`Stopper::stop`] is called (SIGTERM), after
-//! the requests in flight have finished or been cancelled.
+//! SO_PEERCRED and logged with their uid and pid. A second, read-only socket (mode 0666, as
+//! libvirt's `libvirt-sock-ro`) serves any local user the requests that only read
+//! ([`Request::is_read_only`]): monitoring needs no access to device changes.
+//! [`Server::run`] returns when [`Stopper::stop`] is called (SIGTERM), after the requests in
+//! flight have finished or been cancelled.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -25,6 +28,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmar";
 /// Most connections served at once; more are answered `busy` at once. Keeps vmard's threads
 /// bounded (the unit's TasksMax is above this).
 pub const MAX_CONNECTIONS: usize = 64;
+/// Most connections of the read-only socket served at once (within [`MAX_CONNECTIONS`]).
+pub const MAX_READ_ONLY_CONNECTIONS: usize = 8;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a stop waits for requests in flight before giving up on them.
@@ -77,12 +82,44 @@ fn user_in_group(uid: Uid, group: Gid) -> bool {
 struct InFlight {
     count: Mutex<usize>,
     done: Condvar,
+    /// Of `count`, connections of the read-only socket: anyone may open those, so they get
+    /// a share of their own and cannot take every slot from root.
+    read_only: AtomicUsize,
+}
+
+impl InFlight {
+    /// Takes a slot for a connection; false when there is none (answer `busy`).
+    fn enter(&self, read_only: bool) -> bool {
+        if read_only && self.read_only.fetch_add(1, Ordering::SeqCst) >= MAX_READ_ONLY_CONNECTIONS {
+            self.read_only.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        if *count >= MAX_CONNECTIONS {
+            if read_only {
+                self.read_only.fetch_sub(1, Ordering::SeqCst);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    /// Gives back the slot of a finished connection.
+    fn leave(&self, read_only: bool) {
+        if read_only {
+            self.read_only.fetch_sub(1, Ordering::SeqCst);
+        }
+        let mut count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        *count -= 1;
+        self.done.notify_all();
+    }
 }
 
 /// Stops a running [`Server`] from another thread (a signal handler thread).
 #[derive(Clone)]
 pub struct Stopper {
-    listener_fd: i32,
+    listener_fds: Vec<i32>,
 }
 
 impl Stopper {
@@ -90,8 +127,10 @@ impl Stopper {
     /// batch), then makes [`Server::run`] return.
     pub fn stop(&self) {
         crate::shutdown::request();
-        // Wakes the accept() of run(); the listener itself is closed when run() returns.
-        let _ = nix::sys::socket::shutdown(self.listener_fd, nix::sys::socket::Shutdown::Both);
+        // Wakes the accept() of run(); the listeners are closed when run() returns.
+        for fd in &self.listener_fds {
+            let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
+        }
     }
 }
 
@@ -99,6 +138,8 @@ impl Stopper {
 pub struct Server {
     listener: UnixListener,
     socket: PathBuf,
+    /// The read-only socket and its path, when there is one.
+    read_only: Option<(UnixListener, PathBuf)>,
     context: Arc<Context>,
     access: Access,
     in_flight: Arc<InFlight>,
@@ -112,19 +153,7 @@ impl Server {
         if let Some(dir) = socket.parent() {
             fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;
         }
-        if socket.exists() {
-            if UnixStream::connect(socket).is_ok() {
-                return Err(Error::io(
-                    "another vmard already listens on",
-                    socket,
-                    std::io::Error::from(std::io::ErrorKind::AddrInUse),
-                ));
-            }
-            fs::remove_file(socket)
-                .map_err(|e| Error::io("cannot remove stale socket", socket, e))?;
-        }
-        let listener =
-            UnixListener::bind(socket).map_err(|e| Error::io("cannot bind", socket, e))?;
+        let listener = listen(socket)?;
         let mode = if access.group.is_some() { 0o660 } else { 0o600 };
         fs::set_permissions(socket, fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io("cannot set mode of", socket, e))?;
@@ -135,6 +164,7 @@ impl Server {
         Ok(Server {
             listener,
             socket: socket.to_path_buf(),
+            read_only: None,
             context: Arc::new(context),
             access,
             in_flight: Arc::new(InFlight::default()),
@@ -146,35 +176,49 @@ impl Server {
         &self.socket
     }
 
+    /// Also listens on `socket` (mode 0666) for read-only requests from anyone.
+    pub fn bind_read_only(&mut self, socket: &Path) -> Result<()> {
+        let listener = listen(socket)?;
+        fs::set_permissions(socket, fs::Permissions::from_mode(0o666))
+            .map_err(|e| Error::io("cannot set mode of", socket, e))?;
+        self.read_only = Some((listener, socket.to_path_buf()));
+        Ok(())
+    }
+
+    /// The read-only socket, if any.
+    pub fn read_only_socket(&self) -> Option<&Path> {
+        self.read_only.as_ref().map(|(_, path)| path.as_path())
+    }
+
     pub fn context(&self) -> &Arc<Context> {
         &self.context
     }
 
     /// A handle that stops [`Server::run`].
     pub fn stopper(&self) -> Stopper {
-        Stopper {
-            listener_fd: self.listener.as_raw_fd(),
-        }
+        let mut listener_fds = vec![self.listener.as_raw_fd()];
+        listener_fds.extend(self.read_only.as_ref().map(|(l, _)| l.as_raw_fd()));
+        Stopper { listener_fds }
     }
 
     /// Serves clients until stopped; then waits for the requests in flight (at most 30 s),
     /// and removes the socket. The catalog closes when the server is dropped.
     pub fn run(&self) -> Result<()> {
-        for stream in self.listener.incoming() {
-            if crate::shutdown::requested() {
-                break;
-            }
-            let stream = match stream {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
+        std::thread::scope(|scope| {
+            if let Some((listener, _)) = &self.read_only {
+                let spawned = std::thread::Builder::new()
+                    .name("vmard-ro-accept".into())
+                    .spawn_scoped(scope, || self.accept(listener, true));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot serve the read-only socket: {e}");
                 }
-            };
-            self.dispatch(stream);
-        }
+            }
+            self.accept(&self.listener, false);
+        });
         let _ = fs::remove_file(&self.socket);
+        if let Some((_, path)) = &self.read_only {
+            let _ = fs::remove_file(path);
+        }
         let count = self
             .in_flight
             .count
@@ -191,20 +235,29 @@ impl Server {
         Ok(())
     }
 
-    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open.
-    fn dispatch(&self, mut stream: UnixStream) {
-        {
-            let mut count = self
-                .in_flight
-                .count
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if *count >= MAX_CONNECTIONS {
-                drop(count);
-                refuse(&mut stream, &self.refused);
-                return;
+    /// Accepts clients of `listener` until stopped.
+    fn accept(&self, listener: &UnixListener, read_only: bool) {
+        for stream in listener.incoming() {
+            if crate::shutdown::requested() {
+                break;
             }
-            *count += 1;
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            self.dispatch(stream, read_only);
+        }
+    }
+
+    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open.
+    fn dispatch(&self, mut stream: UnixStream, read_only: bool) {
+        if !self.in_flight.enter(read_only) {
+            refuse(&mut stream, &self.refused);
+            return;
         }
         let context = Arc::clone(&self.context);
         let in_flight = Arc::clone(&self.in_flight);
@@ -213,18 +266,14 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("vmard-conn".into())
             .spawn(move || {
-                serve_connection(&context, access, stream);
-                let mut count = in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
-                *count -= 1;
-                in_flight.done.notify_all();
+                serve_connection(&context, access, read_only, stream);
+                in_flight.leave(read_only);
             });
         if let Err(e) = spawned {
             // The stream moved into the closure that was not run; the client sees a closed
             // connection. Say why in the log.
             tracing::warn!("cannot start a thread for a client: {e}");
-            let mut count = finished.count.lock().unwrap_or_else(|p| p.into_inner());
-            *count -= 1;
-            finished.done.notify_all();
+            finished.leave(read_only);
         }
     }
 }
@@ -234,7 +283,7 @@ fn refuse(stream: &mut UnixStream, refused: &AtomicUsize) {
     if n.is_power_of_two() {
         tracing::warn!(refused = n + 1, "too many connections; answering busy");
     }
-    let error = Error::Busy(format!("{MAX_CONNECTIONS} requests are in progress"));
+    let error = Error::Busy("too many requests are in progress".into());
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let _ = send(
         stream,
@@ -251,37 +300,55 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     stream.write_all(&line)
 }
 
-fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
+fn serve_connection(context: &Context, access: Access, read_only: bool, mut stream: UnixStream) {
     let mut captured = false;
+    // Who asks, for the log: SO_PEERCRED, taken by the kernel at connect().
+    let (uid, pid) = getsockopt(&stream, PeerCredentials)
+        .map_or((-1, -1), |c| (i64::from(c.uid()), i64::from(c.pid())));
     // The request line is read before the check, so that the client finishes writing and
     // sees the refusal instead of a broken pipe; it is parsed only once the peer is allowed.
     let line = read_line(&stream);
-    let outcome = access.check(&stream).and_then(|()| {
+    // The read-only socket is open to anyone: what it serves is checked per request.
+    let allowed = if read_only {
+        Ok(())
+    } else {
+        access.check(&stream)
+    };
+    let outcome = allowed.and_then(|()| {
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
         let request = parse_request(&line?)?;
         captured = matches!(request, Request::Capture { .. });
-        tracing::info!(?request, "request");
+        tracing::info!(uid, pid, read_only, ?request, "request");
+        if read_only && !request.is_read_only() {
+            return Err(Error::PermissionDenied(
+                "the read-only socket serves only ping, images, map, table, list, status, stats, metrics, dependents and restore-status; use vmard's main socket (root or its socket group) for changes".into(),
+            ));
+        }
         let mut writer = stream
             .try_clone()
             .map_err(|e| Error::io("cannot clone", "socket", e))?;
-        // A client that went away does not stop the work: the catalog change still completes.
+        // A client that went away (Ctrl-C of vmarctl) cancels a capture still hashing; once
+        // the catalog change has begun it completes.
         let mut progress = |p: crate::protocol::Progress| {
-            let _ = send(
+            let sent = send(
                 &mut writer,
                 &Reply::Progress {
                     done: p.done,
                     total: p.total,
                 },
             );
+            if sent.is_err() {
+                crate::shutdown::cancel_current();
+            }
         };
         service::handle(context, request, &mut progress)
     });
     let reply = match outcome {
         Ok(result) => Reply::Ok { result },
         Err(e) => {
-            tracing::warn!(kind = e.kind(), "request failed: {e}");
+            tracing::warn!(uid, pid, kind = e.kind(), "request failed: {e}");
             Reply::Error {
                 kind: e.kind().to_string(),
                 message: e.to_string(),
@@ -298,6 +365,24 @@ fn serve_connection(context: &Context, access: Access, mut stream: UnixStream) {
     {
         tracing::warn!("index compaction failed (retried after the next capture): {e}");
     }
+}
+
+/// Binds `socket`, replacing a stale one but never one another vmard listens on.
+fn listen(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;
+    }
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(Error::io(
+                "another vmard already listens on",
+                socket,
+                std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            ));
+        }
+        fs::remove_file(socket).map_err(|e| Error::io("cannot remove stale socket", socket, e))?;
+    }
+    UnixListener::bind(socket).map_err(|e| Error::io("cannot bind", socket, e))
 }
 
 fn read_line(stream: &UnixStream) -> Result<String> {
