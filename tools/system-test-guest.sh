@@ -26,6 +26,9 @@ check() {
 # Monotonic microseconds of a unit's property (0 when it never happened).
 mono() { systemctl show -P "$2" "$1"; }
 
+# Operations checks (monitoring, watchdog, reload, restore check): ops_boot1, ops_boot2.
+. "$T/ops.sh"
+
 phase=$(cat "$T/phase" 2>/dev/null || echo 1)
 say "boot $phase: $(uname -r), $(systemctl --version | head -n1), up $(cut -d' ' -f1 /proc/uptime) s"
 
@@ -172,7 +175,7 @@ verify_unit() {
     local out
     out=$(systemd-analyze verify vmard.service 2>&1)
     echo "$out"
-    ! grep -v -E "man (vmard|vmarctl)\(1\)" <<<"$out" | grep -q .
+    ! grep -v -E "man (vmard|vmarctl|vmar\.toml)\([158]\)" <<<"$out" | grep -q .
 }
 
 boot1() {
@@ -249,6 +252,7 @@ boot1() {
     check "reload: same process" test "$(systemctl show -P MainPID vmard)" = "$pid"
     check "reload: the new image root is used (capture /srv/images2/reload.raw)" \
         vmarctl capture /srv/images2/reload.raw
+    ops_boot1
 
     # What the next boot compares with.
     table tiny >"$T/tiny.table"
@@ -340,6 +344,7 @@ boot2() {
             test "$ready" -gt 0 -a "$ready" -lt "$start"
     done
     hidden_checks "after reboot"
+    ops_boot2
 
     domain_checks
 
