@@ -320,7 +320,12 @@ fn serve_connection(context: &Context, access: Access, read_only: bool, mut stre
         }
         let request = parse_request(&line?)?;
         captured = matches!(request, Request::Capture { .. });
-        tracing::info!(uid, pid, read_only, ?request, "request");
+        // The watchdog's own pings would fill the journal: those at debug level only.
+        if pid == i64::from(std::process::id()) && request == Request::Ping {
+            tracing::debug!(uid, pid, read_only, ?request, "request");
+        } else {
+            tracing::info!(uid, pid, read_only, ?request, "request");
+        }
         if read_only && !request.is_read_only() {
             return Err(Error::PermissionDenied(
                 "the read-only socket serves only ping, images, map, table, list, status, stats, metrics, dependents and restore-status; use vmard's main socket (root or its socket group) for changes".into(),

@@ -13,8 +13,9 @@ trigger_lists_only_vmar() {
     listed=$(/usr/lib/vmar/vmar-udev-trigger --print)
     echo "with foreign $foreign: $listed"
     losetup -d "$foreign"
-    grep -qx "dm-[0-9]*" <<<"$listed" && grep -q "^loop" <<<"$listed" &&
-        ! grep -qx "${foreign#/dev/}" <<<"$listed"
+    # (Loop devices attached by an earlier vmard show a backing path relative to the data
+    # disk once its mount namespace is gone, so they may not be listed: see table().)
+    grep -qx "dm-[0-9]*" <<<"$listed" && ! grep -qx "${foreign#/dev/}" <<<"$listed"
 }
 
 # Waits up to $2 seconds for command $1 (a string for bash -c) to succeed.
@@ -45,13 +46,13 @@ ops_boot1() {
     # The read-only socket: anyone may look, nobody may change.
     check "ops: the read-only socket is mode 0666" test "$(stat -c %a /run/vmar/vmard.ro.sock)" = 666
     check "ops: nobody lists devices and reads metrics on the read-only socket" \
-        setpriv --reuid=nobody --regid=nogroup --clear-groups \
+        setpriv --reuid=65534 --regid=65534 --clear-groups \
         bash -c 'vmarctl --socket /run/vmar/vmard.ro.sock list && vmarctl --socket /run/vmar/vmard.ro.sock metrics >/dev/null'
     check "ops: nobody cannot remove a device through the read-only socket (exit 6)" \
-        setpriv --reuid=nobody --regid=nogroup --clear-groups \
+        setpriv --reuid=65534 --regid=65534 --clear-groups \
         bash -c 'vmarctl --socket /run/vmar/vmard.ro.sock remove tiny; [ $? = 6 ]'
     check "ops: nobody cannot use the main socket" \
-        setpriv --reuid=nobody --regid=nogroup --clear-groups bash -c '! vmarctl list'
+        setpriv --reuid=65534 --regid=65534 --clear-groups bash -c '! vmarctl list'
     check "ops: the journal names the caller of each request (uid=65534 and its pid)" \
         wait_for "journalctl -u vmard -o cat --no-pager | grep -E 'uid=65534 pid=[0-9]+ read_only=true'" 10
     check "ops: device arguments may be /dev/vmar/NAME and /dev/mapper/vmar-NAME" \
@@ -92,7 +93,7 @@ ops_boot1() {
     # A device whose image lives on a tmpfs cannot be restored after the reboot (boot 2).
     mkdir -p /srv/images2/volatile
     mount -t tmpfs -o size=32M vmar-volatile /srv/images2/volatile
-    head -c 1M "$IMAGES/tiny.raw" >/srv/images2/volatile/doomed.raw
+    head -c 1M /dev/urandom >/srv/images2/volatile/doomed.raw
     check "ops: capture and create doomed (its image on a tmpfs, gone after the reboot)" \
         bash -c 'vmarctl capture /srv/images2/volatile/doomed.raw && vmarctl create doomed doomed'
 }
@@ -102,8 +103,10 @@ ops_boot2() {
     check "ops: after reboot: vmard active, the status line starts with DEGRADED" \
         bash -c 's=$(systemctl show -P StatusText vmard); echo "$s"; systemctl is-active vmard && [[ $s == "DEGRADED: 1 not restored (doomed;"* ]]'
     check "ops: after reboot: vmar-restore-check.service failed" systemctl is-failed vmar-restore-check.service
-    check "ops: after reboot: systemctl is-system-running says degraded" \
-        bash -c '[ "$(systemctl is-system-running)" = degraded ]'
+    # is-system-running says "starting" while this test's own boot job runs; what makes it
+    # say "degraded" afterwards is the manager's count of failed units.
+    check "ops: after reboot: the manager counts the failed unit (is-system-running: degraded)" \
+        bash -c 'systemctl is-system-running; systemctl list-units --failed --no-legend --plain | grep "^vmar-restore-check.service" && [ "$(systemctl show -P NFailedUnits)" -ge 1 ]'
     check "ops: after reboot: vmarctl list says why doomed is missing" \
         bash -c 'vmarctl --json list | jq -e ".devices[] | select(.name == \"doomed\") | .state == \"missing\" and (.reason | test(\"restore\"))"'
     vmarctl metrics >"$T/metrics2.prom" 2>>"$LOG"
@@ -112,6 +115,6 @@ ops_boot2() {
     check "ops: remove doomed, restart vmard: the restore check passes again" \
         bash -c 'vmarctl remove doomed && systemctl restart vmard && systemctl is-active vmar-restore-check.service'
     check "ops: the timer wrote vmar.prom after the reboot" \
-        wait_for 'test -s /var/lib/prometheus/node-exporter/vmar.prom' 90
+        wait_for '[ "$(stat -c %Y /var/lib/prometheus/node-exporter/vmar.prom)" -gt "$(date -d "$(uptime -s)" +%s)" ]' 90
     cp /var/lib/prometheus/node-exporter/vmar.prom "$T/timer2.prom" 2>>"$LOG"
 }

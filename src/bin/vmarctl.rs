@@ -122,7 +122,7 @@ enum Command {
         deferred: bool,
     },
     /// List devices: saved, live, and their state (`removing`: waiting for its last user
-    /// to close it).
+    /// to close it); `-o +reason` says why a device is not active, when vmard knows.
     List {
         #[command(flatten)]
         table: TableArgs,
@@ -877,6 +877,7 @@ const DEVICE_COLUMNS: &[Column] = &[
     col("node", false, true),
     col("dm_name", false, false),
     col("major_minor", false, false),
+    col("reason", false, false),
 ];
 
 fn list(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
@@ -899,6 +900,7 @@ fn list(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
                 live.map_or(Cell::None, |l| {
                     Cell::Text(format!("{}:{}", l.major, l.minor))
                 }),
+                d.reason.clone().map_or(Cell::None, Cell::Text),
             ]
         })
         .collect();
@@ -1354,6 +1356,9 @@ fn print_status(out: &mut dyn Write, doc: &StatusDoc) -> Result<()> {
         d.state.as_str()
     };
     writeln!(out, "state       {state}")?;
+    if let Some(reason) = &d.reason {
+        writeln!(out, "reason      {reason}")?;
+    }
     writeln!(out, "image       {}", d.image.as_deref().unwrap_or("-"))?;
     writeln!(
         out,
