@@ -7,7 +7,10 @@ RULESDIR = $(DESTDIR)/lib/udev/rules.d
 MANDIR = $(DESTDIR)$(PREFIX)/share/man/man1
 MAN5DIR = $(DESTDIR)$(PREFIX)/share/man/man5
 MAN8DIR = $(DESTDIR)$(PREFIX)/share/man/man8
-SOSDIR = $(DESTDIR)$(PREFIX)/lib/python3/dist-packages/sos/report/plugins
+# The sos report plugin: not in sos's own plugin directory, which would make the package
+# depend on Python (lintian: python-package-missing-depends-on-python). README says how to
+# link it there.
+SOSDIR = $(DESTDIR)$(PREFIX)/share/vmar/sos
 LIBDIR = $(DESTDIR)$(PREFIX)/lib/vmar
 RELEASE = target/release
 

@@ -1,6 +1,8 @@
 # sos report plugin for vmar: what a support case about vmar devices needs, gathered read-only
-# (vmarctl's JSON, the configuration, the units' state and vmard's journal). Installed by the
-# vmar package into sos's plugin directory; `sos report -o vmar` runs it alone.
+# (vmarctl's JSON, the configuration, the units' state and vmard's journal). The vmar package
+# installs it as /usr/share/vmar/sos/vmar.py; link it into sos's plugin directory
+# (ln -s /usr/share/vmar/sos/vmar.py /usr/lib/python3/dist-packages/sos/report/plugins/)
+# and `sos report -o vmar` runs it.
 
 from sos.report.plugins import Plugin, IndependentPlugin
 
