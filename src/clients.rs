@@ -157,10 +157,11 @@ impl Replies {
     }
 
     /// Sends a progress line if the client reads (lossy: a client that does not read its
-    /// progress must not hold up the work).
-    pub fn progress(&self, reply: &Reply) {
+    /// progress must not hold up the work). True when the client has gone away (its end is
+    /// closed), which cancels a capture still hashing.
+    pub fn progress(&self, reply: &Reply) -> bool {
         let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
-        self.send_now(&stream, reply);
+        self.send_now(&stream, reply)
     }
 
     /// Sends the final line, within [`REPLY_TIMEOUT`].
@@ -180,16 +181,17 @@ impl Replies {
             return;
         }
         if let Ok(stream) = self.stream.try_lock() {
-            self.send_now(&stream, &Reply::Working);
+            let _gone = self.send_now(&stream, &Reply::Working);
         }
     }
 
     /// Sends `reply` without waiting for a client that does not read. A short line goes into
     /// a Unix socket whole or not at all; if part of one went, the rest is sent within the
     /// reply deadline so that lines stay whole.
-    fn send_now(&self, stream: &UnixStream, reply: &Reply) {
+    /// True when the client has gone away (the line cannot be sent, and never will).
+    fn send_now(&self, stream: &UnixStream, reply: &Reply) -> bool {
         let Ok(line) = encode(reply) else {
-            return;
+            return false;
         };
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
         match send(stream.as_raw_fd(), &line, flags) {
@@ -197,11 +199,15 @@ impl Replies {
             Ok(n) => {
                 if write_within(stream, &line[n..], REPLY_TIMEOUT).is_err() {
                     let _ = stream.shutdown(std::net::Shutdown::Both);
+                    return true;
                 }
             }
-            Err(_) => return,
+            // Full buffer: a client that reads slowly; it may still read the reply.
+            Err(nix::errno::Errno::EAGAIN) => return false,
+            Err(_) => return true,
         }
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        false
     }
 }
 

@@ -24,14 +24,14 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// Default location of the configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/vmar/vmar.toml";
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -55,6 +55,41 @@ pub struct Config {
     /// Blocks sampled per block-device image per check [default: 64].
     pub image_check_samples: Option<usize>,
 }
+
+/// Every key of the file: (key, value type, default, what it does). vmar.toml(5) is made
+/// from it; a test checks that it names exactly the keys [`Config`] reads.
+pub const KEYS: &[(&str, &str, &str, &str)] = &[
+    (
+        "image_roots",
+        "array of absolute paths",
+        "[] (nothing can be captured)",
+        "Directories whose files (and block devices named there) may be captured, at any depth. A path is resolved once and the file opened with openat2(RESOLVE_BENEATH) from its root, so a symlink cannot lead out of it. vmard --image-root adds to them. The package's file names /var/lib/vmar/images. A SIGHUP (systemctl reload) re-reads it.",
+    ),
+    (
+        "socket_group",
+        "group name",
+        "none (socket mode 0600: root only)",
+        "Group whose members may use vmard's socket besides root: the socket becomes mode 0660, owned by that group. Applies at the next start, not on SIGHUP. vmard --socket-group overrides it.",
+    ),
+    (
+        "max_targets",
+        "integer",
+        "100000",
+        "Most device-mapper targets of one device table; a longer map gives up its least useful redirections to fit. Linux refuses tables of more than 1048576 targets. Applies to devices created or refreshed after a SIGHUP. vmard --max-targets overrides it.",
+    ),
+    (
+        "auto_capture",
+        "boolean",
+        "false",
+        "Watch the image roots (inotify, not their subdirectories) and capture a new raw image once it is complete: its name is final and it stayed unchanged and closed for writing auto_capture_settle seconds. Read at start only.",
+    ),
+    (
+        "auto_capture_settle",
+        "seconds (0 to 86400, fractions allowed)",
+        "30",
+        "How long a new file must stay unchanged (size, times, inode) and closed for writing before auto-capture takes it.",
+    ),
+];
 
 /// Default of `auto_capture_settle`: long enough for a copy or download that pauses.
 pub const DEFAULT_AUTO_CAPTURE_SETTLE: f64 = 30.0;
@@ -120,6 +155,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_documented_keys_are_exactly_the_keys_read() {
+        let value = serde_json::to_value(Config::default()).unwrap();
+        let mut read: Vec<&str> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut documented: Vec<&str> = KEYS.iter().map(|k| k.0).collect();
+        read.sort_unstable();
+        documented.sort_unstable();
+        assert_eq!(read, documented);
+    }
 
     #[test]
     fn config_files_parse_strictly() {

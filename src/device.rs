@@ -704,6 +704,7 @@ fn status_of(
         changed_images,
         image: saved.map(|s| s.image),
         state: state.to_string(),
+        reason: None,
         node: node_path(name).display().to_string(),
         live,
         target_types,

@@ -95,8 +95,13 @@ pub enum Error {
         message: String,
     },
 
-    #[error("image {name:?} is served by device {device:?}; remove the device first")]
-    ImageInUse { name: String, device: String },
+    #[error(
+        "image {name:?} is read by device{} {}; remove {} first (`vmarctl dependents {name}` lists what reads it)",
+        if devices.len() == 1 { "" } else { "s" },
+        devices.join(", "),
+        if devices.len() == 1 { "it" } else { "them" }
+    )]
+    ImageInUse { name: String, devices: Vec<String> },
 
     #[error("no vmar device named {name:?} (see `vmarctl list`)")]
     UnknownDevice { name: String },
@@ -143,6 +148,9 @@ pub enum Error {
 
     #[error("vmard is shutting down; the request was cancelled, retry once it is back")]
     ShuttingDown,
+
+    #[error("the capture was cancelled: its client went away (Ctrl-C); nothing was kept")]
+    Cancelled,
 
     #[error("vmard is busy: {0}; retry shortly")]
     Busy(String),
@@ -200,6 +208,7 @@ impl Error {
             Error::HardLinked { .. } => "hard-linked",
             Error::Injected { .. } => "injected",
             Error::ShuttingDown => "shutting-down",
+            Error::Cancelled => "cancelled",
             Error::Busy(_) => "busy",
             Error::DaemonTimeout { .. } => "daemon-timeout",
         }

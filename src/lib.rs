@@ -24,6 +24,7 @@ pub mod index;
 pub mod kernel;
 pub mod libvirt;
 pub mod map;
+pub mod metrics;
 pub mod nova;
 pub mod overlay;
 pub mod protocol;

@@ -9,7 +9,7 @@ use crate::image::validate_name;
 
 /// Stable path of a vmar device, made by vmar's udev rule.
 pub fn device_path(name: &str) -> String {
-    format!("/dev/vmar/{name}")
+    crate::kernel::node_path(name).display().to_string()
 }
 
 fn escape(text: &str) -> String {

@@ -27,10 +27,12 @@ use crate::table::Target;
 /// Version of this protocol, answered by `ping`. 2: `remove` takes `deferred`, `capture` and
 /// `create` take `force_raw`, device states `suspended`, `differs`, `creating`, `removing`.
 /// 3: `ensure`, `create` takes `rebind`; `working` lines while a request runs without other
-/// output.
+/// output; `metrics`, `dependents`, `restore-status`, device `reason`.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Where vmard listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
+/// Where vmard serves read-only requests to anyone (monitoring), unless told otherwise.
+pub const DEFAULT_RO_SOCKET: &str = "/run/vmar/vmard.ro.sock";
 /// Longest silence of vmard while it works on a request: then it sends a `working` line.
 pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest request line vmard reads.
@@ -125,6 +127,88 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Everything a monitoring system scrapes, in the Prometheus text format. Result:
+    /// [`MetricsResult`].
+    Metrics,
+    /// The devices and maps that read image `name`. Result: [`Dependents`].
+    Dependents { name: String },
+    /// What the restore at vmard's start did. Result: [`RestoreStatus`].
+    RestoreStatus,
+}
+
+impl Request {
+    /// Whether the request only reads: the only kind the read-only socket serves. Verify is
+    /// left out (it reads whole images: not a monitoring probe).
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Ping
+                | Request::Images
+                | Request::Map { .. }
+                | Request::Table { .. }
+                | Request::List
+                | Request::Status { .. }
+                | Request::Stats { .. }
+                | Request::Metrics
+                | Request::Dependents { .. }
+                | Request::RestoreStatus
+        )
+    }
+}
+
+/// Result of `metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsResult {
+    /// Prometheus text exposition format (0.0.4), as node_exporter's textfile collector reads.
+    pub text: String,
+}
+
+/// Result of `dependents`: who reads an image.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependents {
+    pub image: String,
+    /// Saved devices that read it: serving it, or serving an image whose map redirects to it.
+    pub devices: Vec<Dependent>,
+    /// Images whose maps redirect blocks to it (they change when it is forgotten or
+    /// re-captured).
+    pub images: Vec<Redirecting>,
+}
+
+/// A device that reads an image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependent {
+    pub name: String,
+    pub node: String,
+    /// The image the device serves (the image itself, or one that redirects to it).
+    pub serves: String,
+}
+
+/// An image whose map reads blocks of another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redirecting {
+    pub name: String,
+    /// Blocks its map redirects to the image.
+    pub blocks: u64,
+}
+
+/// Result of `restore-status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreStatus {
+    /// Whether a restore ran (not with `--no-restore`).
+    pub ran: bool,
+    /// When it finished, seconds since the epoch.
+    pub at: Option<u64>,
+    /// What it did, when it ran through.
+    pub report: Option<RestoreReport>,
+    /// Why it did not run through (e.g. no device-mapper), when it did not.
+    pub error: Option<String>,
+}
+
+impl RestoreStatus {
+    /// Whether every saved device was restored.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.report.as_ref().is_none_or(|r| r.failed.is_empty())
+    }
 }
 
 /// Progress of a long operation, in bytes.
@@ -271,6 +355,11 @@ pub struct DeviceStatus {
     /// Images found changed under it (state `image-changed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changed_images: Vec<String>,
+    /// Why a device is not `active`, when vmard knows (e.g. the restore at start failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Its path, `/dev/vmar/NAME` (the udev rule makes it; `/dev/mapper/vmar-NAME` is
+    /// dmsetup's name of the same device).
     pub node: String,
     pub live: Option<LiveDevice>,
     /// Target counts of the live table by type.

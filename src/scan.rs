@@ -353,7 +353,7 @@ pub fn scan(
 pub type BlockDigest = (u64, Digest);
 
 /// Reads and hashes a whole image, reporting progress (bytes done, of total) and stopping
-/// when vmard shuts down; hands the digests of its non-zero blocks, in block order, to
+/// when vmard shuts down or the request's client went away; hands the digests of its non-zero blocks, in block order, to
 /// `digests` a batch at a time (it keeps or spills them: nothing here grows with the image).
 pub fn hash_image(
     image: &ImageFile,
@@ -368,9 +368,14 @@ pub fn hash_image(
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
+        crate::fault::point("capture.batch")?;
         digests(&batch.digests)?;
         done += batch.read_bytes;
         progress(done, total);
+        // Progress is where a connection finds its client gone.
+        if crate::shutdown::cancelled() {
+            return Err(Error::Cancelled);
+        }
         Ok(())
     })?;
     Ok(stats)

@@ -1,6 +1,9 @@
 //! vmard's socket server: a local Unix socket, one thread per connection (at most
 //! [`MAX_CONNECTIONS`] at once, a share of them per uid: [`crate::clients`]), one request
-//! per connection, clients checked with SO_PEERCRED before anything is read.
+//! per connection, clients checked with SO_PEERCRED before anything is read and logged with
+//! their uid and pid. A second, read-only socket (mode 0666, as libvirt's
+//! `libvirt-sock-ro`) serves any local user the requests that only read
+//! ([`Request::is_read_only`]): monitoring needs no access to device changes.
 //! [`Server::run`] returns when [`Stopper::stop`] is called (SIGTERM), after the requests
 //! in flight have finished or been cancelled.
 
@@ -24,6 +27,8 @@ use crate::service::{self, Context};
 
 /// Where vmard keeps its catalog unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmar";
+/// Most connections of the read-only socket served at once (within [`MAX_CONNECTIONS`]).
+pub const MAX_READ_ONLY_CONNECTIONS: usize = 8;
 /// How long a stop waits for requests in flight before giving up on them.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
@@ -74,12 +79,49 @@ fn user_in_group(uid: Uid, group: Gid) -> bool {
 struct InFlight {
     count: Mutex<Slots>,
     done: Condvar,
+    /// Of `count`, connections of the read-only socket: anyone may open those, so they get
+    /// a share of their own and cannot take every slot from root.
+    read_only: AtomicUsize,
+}
+
+impl InFlight {
+    /// Takes a slot for a connection of `uid`; the reason to answer `busy` when there is
+    /// none (all taken, the uid's share, or the read-only socket's share).
+    fn enter(
+        &self,
+        uid: u32,
+        privileged: bool,
+        read_only: bool,
+    ) -> std::result::Result<(), String> {
+        if read_only && self.read_only.fetch_add(1, Ordering::SeqCst) >= MAX_READ_ONLY_CONNECTIONS {
+            self.read_only.fetch_sub(1, Ordering::SeqCst);
+            return Err(format!(
+                "{MAX_READ_ONLY_CONNECTIONS} requests of the read-only socket are in progress"
+            ));
+        }
+        let mut slots = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let taken = slots.take(uid, privileged);
+        if taken.is_err() && read_only {
+            self.read_only.fetch_sub(1, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// Gives back the slot of a finished connection.
+    fn leave(&self, uid: u32, privileged: bool, read_only: bool) {
+        if read_only {
+            self.read_only.fetch_sub(1, Ordering::SeqCst);
+        }
+        let mut slots = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        slots.give_back(uid, privileged);
+        self.done.notify_all();
+    }
 }
 
 /// Stops a running [`Server`] from another thread (a signal handler thread).
 #[derive(Clone)]
 pub struct Stopper {
-    listener_fd: i32,
+    listener_fds: Vec<i32>,
 }
 
 impl Stopper {
@@ -87,8 +129,10 @@ impl Stopper {
     /// batch), then makes [`Server::run`] return.
     pub fn stop(&self) {
         crate::shutdown::request();
-        // Wakes the accept() of run(); the listener itself is closed when run() returns.
-        let _ = nix::sys::socket::shutdown(self.listener_fd, nix::sys::socket::Shutdown::Both);
+        // Wakes the accept() of run(); the listeners are closed when run() returns.
+        for fd in &self.listener_fds {
+            let _ = nix::sys::socket::shutdown(*fd, nix::sys::socket::Shutdown::Both);
+        }
     }
 }
 
@@ -96,6 +140,8 @@ impl Stopper {
 pub struct Server {
     listener: UnixListener,
     socket: PathBuf,
+    /// The read-only socket and its path, when there is one.
+    read_only: Option<(UnixListener, PathBuf)>,
     context: Arc<Context>,
     access: Access,
     in_flight: Arc<InFlight>,
@@ -107,22 +153,7 @@ impl Server {
     /// Binds `socket` (replacing a stale one) for `context`. The socket is mode 0600, or
     /// 0660 owned by `access.group` when a group is configured.
     pub fn bind(context: Context, socket: &Path, access: Access) -> Result<Server> {
-        if let Some(dir) = socket.parent() {
-            fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;
-        }
-        if socket.exists() {
-            if UnixStream::connect(socket).is_ok() {
-                return Err(Error::io(
-                    "another vmard already listens on",
-                    socket,
-                    std::io::Error::from(std::io::ErrorKind::AddrInUse),
-                ));
-            }
-            fs::remove_file(socket)
-                .map_err(|e| Error::io("cannot remove stale socket", socket, e))?;
-        }
-        let listener =
-            UnixListener::bind(socket).map_err(|e| Error::io("cannot bind", socket, e))?;
+        let listener = listen(socket)?;
         let mode = if access.group.is_some() { 0o660 } else { 0o600 };
         fs::set_permissions(socket, fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io("cannot set mode of", socket, e))?;
@@ -133,6 +164,7 @@ impl Server {
         Ok(Server {
             listener,
             socket: socket.to_path_buf(),
+            read_only: None,
             context: Arc::new(context),
             access,
             in_flight: Arc::new(InFlight::default()),
@@ -145,35 +177,49 @@ impl Server {
         &self.socket
     }
 
+    /// Also listens on `socket` (mode 0666) for read-only requests from anyone.
+    pub fn bind_read_only(&mut self, socket: &Path) -> Result<()> {
+        let listener = listen(socket)?;
+        fs::set_permissions(socket, fs::Permissions::from_mode(0o666))
+            .map_err(|e| Error::io("cannot set mode of", socket, e))?;
+        self.read_only = Some((listener, socket.to_path_buf()));
+        Ok(())
+    }
+
+    /// The read-only socket, if any.
+    pub fn read_only_socket(&self) -> Option<&Path> {
+        self.read_only.as_ref().map(|(_, path)| path.as_path())
+    }
+
     pub fn context(&self) -> &Arc<Context> {
         &self.context
     }
 
     /// A handle that stops [`Server::run`].
     pub fn stopper(&self) -> Stopper {
-        Stopper {
-            listener_fd: self.listener.as_raw_fd(),
-        }
+        let mut listener_fds = vec![self.listener.as_raw_fd()];
+        listener_fds.extend(self.read_only.as_ref().map(|(l, _)| l.as_raw_fd()));
+        Stopper { listener_fds }
     }
 
     /// Serves clients until stopped; then waits for the requests in flight (at most 30 s),
     /// and removes the socket. The catalog closes when the server is dropped.
     pub fn run(&self) -> Result<()> {
-        for stream in self.listener.incoming() {
-            if crate::shutdown::requested() {
-                break;
-            }
-            let stream = match stream {
-                Ok(stream) => stream,
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
+        std::thread::scope(|scope| {
+            if let Some((listener, _)) = &self.read_only {
+                let spawned = std::thread::Builder::new()
+                    .name("vmard-ro-accept".into())
+                    .spawn_scoped(scope, || self.accept(listener, true));
+                if let Err(e) = spawned {
+                    tracing::error!("cannot serve the read-only socket: {e}");
                 }
-            };
-            self.dispatch(stream);
-        }
+            }
+            self.accept(&self.listener, false);
+        });
         let _ = fs::remove_file(&self.socket);
+        if let Some((_, path)) = &self.read_only {
+            let _ = fs::remove_file(path);
+        }
         let count = self
             .in_flight
             .count
@@ -193,9 +239,27 @@ impl Server {
         Ok(())
     }
 
-    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open or
-    /// its uid holds its share.
-    fn dispatch(&self, mut stream: UnixStream) {
+    /// Accepts clients of `listener` until stopped.
+    fn accept(&self, listener: &UnixListener, read_only: bool) {
+        for stream in listener.incoming() {
+            if crate::shutdown::requested() {
+                break;
+            }
+            let stream = match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            self.dispatch(stream, read_only);
+        }
+    }
+
+    /// Serves `stream` on a thread of its own, or answers `busy` when too many are open,
+    /// its uid holds its share, or the read-only socket holds its own.
+    fn dispatch(&self, mut stream: UnixStream, read_only: bool) {
         // Who connected is known at accept (SO_PEERCRED), before anything is read.
         let uid = match getsockopt(&stream, PeerCredentials) {
             Ok(creds) => creds.uid(),
@@ -205,17 +269,9 @@ impl Server {
             }
         };
         let privileged = uid == 0 || uid == Uid::effective().as_raw();
-        {
-            let mut slots = self
-                .in_flight
-                .count
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if let Err(why) = slots.take(uid, privileged) {
-                drop(slots);
-                refuse(&mut stream, &self.refused, uid, why);
-                return;
-            }
+        if let Err(why) = self.in_flight.enter(uid, privileged, read_only) {
+            refuse(&mut stream, &self.refused, uid, why);
+            return;
         }
         let context = Arc::clone(&self.context);
         let in_flight = Arc::clone(&self.in_flight);
@@ -225,18 +281,14 @@ impl Server {
         let spawned = std::thread::Builder::new()
             .name("vmard-conn".into())
             .spawn(move || {
-                serve_connection(&context, access, &heartbeat, stream);
-                let mut slots = in_flight.count.lock().unwrap_or_else(|p| p.into_inner());
-                slots.give_back(uid, privileged);
-                in_flight.done.notify_all();
+                serve_connection(&context, access, read_only, &heartbeat, stream);
+                in_flight.leave(uid, privileged, read_only);
             });
         if let Err(e) = spawned {
             // The stream moved into the closure that was not run; the client sees a closed
             // connection. Say why in the log.
             tracing::warn!("cannot start a thread for a client: {e}");
-            let mut slots = finished.count.lock().unwrap_or_else(|p| p.into_inner());
-            slots.give_back(uid, privileged);
-            finished.done.notify_all();
+            finished.leave(uid, privileged, read_only);
         }
     }
 }
@@ -263,8 +315,17 @@ fn send(stream: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     std::io::Write::write_all(stream, &line)
 }
 
-fn serve_connection(context: &Context, access: Access, heartbeat: &Heartbeat, stream: UnixStream) {
+fn serve_connection(
+    context: &Context,
+    access: Access,
+    read_only: bool,
+    heartbeat: &Heartbeat,
+    stream: UnixStream,
+) {
     let mut captured = false;
+    // Who asks, for the log: SO_PEERCRED, taken by the kernel at connect().
+    let (uid, pid) = getsockopt(&stream, PeerCredentials)
+        .map_or((-1, -1), |c| (i64::from(c.uid()), i64::from(c.pid())));
     let replies = match stream.try_clone() {
         Ok(writer) => Arc::new(Replies::new(writer)),
         Err(e) => {
@@ -272,28 +333,51 @@ fn serve_connection(context: &Context, access: Access, heartbeat: &Heartbeat, st
             return;
         }
     };
-    // The peer is checked before anything is read: a refused client holds nothing.
-    let outcome = access.check(&stream).and_then(|()| {
+    // The peer is checked before anything is read: a refused client holds nothing. The
+    // read-only socket is open to anyone: what it serves is checked per request.
+    let allowed = if read_only {
+        Ok(())
+    } else {
+        access.check(&stream)
+    };
+    let outcome = allowed.and_then(|()| {
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
         let request = parse_request(&crate::clients::read_request(&stream)?)?;
         captured = matches!(request, Request::Capture { .. });
-        tracing::info!(?request, "request");
+        // The watchdog's own pings would fill the journal: those at debug level only.
+        if pid == i64::from(std::process::id()) && request == Request::Ping {
+            tracing::debug!(uid, pid, read_only, ?request, "request");
+        } else {
+            tracing::info!(uid, pid, read_only, ?request, "request");
+        }
+        if read_only && !request.is_read_only() {
+            return Err(Error::PermissionDenied(
+                "the read-only socket serves only ping, images, map, table, list, status, stats, \
+                 metrics, dependents and restore-status; use vmard's main socket (root or its \
+                 socket group) for changes"
+                    .into(),
+            ));
+        }
         heartbeat.watch(&replies);
-        // A client that went away does not stop the work: the catalog change still completes.
+        // A client that went away (Ctrl-C of vmarctl) cancels a capture still hashing; once
+        // the catalog change has begun it completes. A client that only reads slowly does not.
         let mut progress = |p: crate::protocol::Progress| {
-            replies.progress(&Reply::Progress {
+            let gone = replies.progress(&Reply::Progress {
                 done: p.done,
                 total: p.total,
             });
+            if gone {
+                crate::shutdown::cancel_current();
+            }
         };
         service::handle(context, request, &mut progress)
     });
     let reply = match outcome {
         Ok(result) => Reply::Ok { result },
         Err(e) => {
-            tracing::warn!(kind = e.kind(), "request failed: {e}");
+            tracing::warn!(uid, pid, kind = e.kind(), "request failed: {e}");
             Reply::Error {
                 kind: e.kind().to_string(),
                 message: e.to_string(),
@@ -316,4 +400,22 @@ fn serve_connection(context: &Context, access: Access, heartbeat: &Heartbeat, st
 /// Parses one request line.
 pub fn parse_request(line: &str) -> Result<Request> {
     serde_json::from_str(line).map_err(|e| Error::Protocol(format!("bad request: {e}")))
+}
+
+/// Binds `socket`, replacing a stale one but never one another vmard listens on.
+fn listen(socket: &Path) -> Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        fs::create_dir_all(dir).map_err(|e| Error::io("cannot create socket dir", dir, e))?;
+    }
+    if socket.exists() {
+        if UnixStream::connect(socket).is_ok() {
+            return Err(Error::io(
+                "another vmard already listens on",
+                socket,
+                std::io::Error::from(std::io::ErrorKind::AddrInUse),
+            ));
+        }
+        fs::remove_file(socket).map_err(|e| Error::io("cannot remove stale socket", socket, e))?;
+    }
+    UnixListener::bind(socket).map_err(|e| Error::io("cannot bind", socket, e))
 }

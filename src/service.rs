@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 use crate::image::validate_name;
 use crate::kernel::Kernel;
 use crate::protocol::{
-    CaptureResult, ForgetResult, ImageRef, ImagesResult, MapResult, PROTOCOL_VERSION, PingResult,
-    Progress, Request, TableResult,
+    CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageRef, ImagesResult,
+    MapResult, MetricsResult, PROTOCOL_VERSION, PingResult, Progress, Redirecting, Request,
+    TableResult,
 };
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
@@ -46,6 +47,7 @@ pub struct Context {
     kernel: Mutex<Option<Arc<dyn Kernel>>>,
     open_kernel: KernelOpener,
     changes: Mutex<()>,
+    restored: Mutex<crate::protocol::RestoreStatus>,
 }
 
 impl Context {
@@ -56,6 +58,7 @@ impl Context {
             kernel: Mutex::new(None),
             open_kernel,
             changes: Mutex::new(()),
+            restored: Mutex::new(Default::default()),
         }
     }
 
@@ -87,8 +90,20 @@ impl Context {
         self.changes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Brings the kernel in line with the saved devices (see [`device::restore`]).
+    /// Brings the kernel in line with the saved devices (see [`device::restore`]), and keeps
+    /// the outcome for `restore-status`, `metrics` and the reasons `list` gives.
     pub fn restore(&self) -> Result<crate::protocol::RestoreReport> {
+        let outcome = self.restore_devices();
+        *self.restored.lock().unwrap_or_else(|p| p.into_inner()) = crate::protocol::RestoreStatus {
+            ran: true,
+            at: Some(crate::time::now_secs()),
+            report: outcome.as_ref().ok().cloned(),
+            error: outcome.as_ref().err().map(ToString::to_string),
+        };
+        outcome
+    }
+
+    fn restore_devices(&self) -> Result<crate::protocol::RestoreReport> {
         let _changes = self.changes();
         let kernel = match self.kernel() {
             Ok(kernel) => kernel,
@@ -123,6 +138,37 @@ impl Context {
             probe,
             crate::guard::settings(),
         )
+    }
+
+    /// What the restore at start did.
+    pub fn restore_status(&self) -> crate::protocol::RestoreStatus {
+        self.restored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Adds to `status` why it is not active, where vmard knows.
+    fn explain(&self, status: &mut DeviceStatus) {
+        if status.state != "missing" || status.reason.is_some() {
+            return;
+        }
+        let restored = self.restore_status();
+        let failed = restored
+            .report
+            .iter()
+            .flat_map(|r| &r.failed)
+            .find(|(name, _)| *name == status.name);
+        status.reason = Some(match (failed, &restored.error, restored.ran) {
+            (Some((_, why)), _, _) => format!("the restore at vmard's start failed: {why}"),
+            (None, Some(why), _) => format!("devices were not restored at vmard's start: {why}"),
+            (None, None, false) => {
+                "vmard started with --no-restore; restart it to create the device".to_string()
+            }
+            (None, None, true) => "saved, but not in the kernel: removed outside vmar since \
+                 vmard started (dmsetup remove?); restart vmard to create it again"
+                .to_string(),
+        });
     }
 }
 
@@ -264,14 +310,22 @@ pub fn handle(
             let _changes = ctx.changes();
             to_value(device::remove(catalog, kernel.as_ref(), &name, deferred)?)
         }
-        Request::List => to_value(device::list(catalog, ctx.kernel()?.as_ref(), max_targets)?),
-        Request::Status { name, table } => to_value(device::status(
-            catalog,
-            kernel_for(ctx, Some(&name))?.as_ref(),
-            &name,
-            max_targets,
-            table,
-        )?),
+        Request::List => {
+            let mut devices = device::list(catalog, ctx.kernel()?.as_ref(), max_targets)?;
+            devices.iter_mut().for_each(|d| ctx.explain(d));
+            to_value(devices)
+        }
+        Request::Status { name, table } => {
+            let mut status = device::status(
+                catalog,
+                kernel_for(ctx, Some(&name))?.as_ref(),
+                &name,
+                max_targets,
+                table,
+            )?;
+            ctx.explain(&mut status);
+            to_value(status)
+        }
         Request::Refresh { name } => {
             let kernel = kernel_for(ctx, Some(&name))?;
             let refreshed = {
@@ -286,6 +340,106 @@ pub fn handle(
             kernel_for(ctx, name.as_deref())?.as_ref(),
             name.as_deref(),
         )?),
+        Request::Metrics => to_value(MetricsResult {
+            text: crate::metrics::render(&snapshot(ctx)?),
+        }),
+        Request::Dependents { name } => {
+            validate_name(&name)?;
+            to_value(dependents(catalog, &name)?)
+        }
+        Request::RestoreStatus => to_value(ctx.restore_status()),
+    }
+}
+
+/// The devices and maps that read image `name`.
+fn dependents(catalog: &Catalog, name: &str) -> Result<Dependents> {
+    let image = catalog.image(name)?.name;
+    let devices = catalog
+        .devices_reading()?
+        .into_iter()
+        .filter(|(_, _, read)| read.contains(&image))
+        .map(|(device, serves, _)| Dependent {
+            node: crate::kernel::node_path(&device).display().to_string(),
+            name: device,
+            serves,
+        })
+        .collect();
+    let images = catalog
+        .redirecting_to(&image)?
+        .into_iter()
+        .map(|(name, blocks)| Redirecting { name, blocks })
+        .collect();
+    Ok(Dependents {
+        image,
+        devices,
+        images,
+    })
+}
+
+/// What the metrics are made of. Without a kernel (a host that only captures) the device
+/// figures are left out, the rest is still reported.
+fn snapshot(ctx: &Context) -> Result<crate::metrics::Snapshot> {
+    let catalog = &ctx.catalog;
+    let max_targets = ctx.settings().max_targets;
+    let (devices, stats) = match ctx.kernel() {
+        Ok(kernel) => {
+            let mut devices = device::list(catalog, kernel.as_ref(), max_targets)?;
+            devices.iter_mut().for_each(|d| ctx.explain(d));
+            let stats = match device::stats(catalog, kernel.as_ref(), None) {
+                Ok(stats) => Some(stats),
+                Err(e) => {
+                    tracing::warn!("metrics without read statistics: {e}");
+                    None
+                }
+            };
+            (devices, stats)
+        }
+        Err(_) => (Vec::new(), None),
+    };
+    let images = catalog
+        .images()?
+        .into_iter()
+        .map(|record| {
+            let missing = std::fs::symlink_metadata(&record.path).is_err();
+            let changed = !missing
+                && matches!(
+                    crate::image::open_unchanged(&record.name, &record.path, &record.identity),
+                    Err(Error::ImageChanged { .. })
+                );
+            crate::metrics::ImageHealth {
+                shared: record.summary.bytes_shared,
+                name: record.name,
+                size: record.size,
+                missing,
+                changed,
+            }
+        })
+        .collect();
+    Ok(crate::metrics::Snapshot {
+        devices,
+        stats,
+        images,
+        catalog_bytes: [
+            crate::catalog::CATALOG_FILE,
+            crate::catalog::INDEX_DIR,
+            "backup",
+        ]
+        .iter()
+        .map(|entry| tree_bytes(&catalog.dir().join(entry)))
+        .sum(),
+        restore: ctx.restore_status(),
+    })
+}
+
+/// Bytes of file `path`, or of the files in directory `path` and below (images kept in the
+/// state directory are not under the paths asked about).
+fn tree_bytes(path: &Path) -> u64 {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(m) if m.is_dir() => std::fs::read_dir(path).map_or(0, |entries| {
+            entries.flatten().map(|e| tree_bytes(&e.path())).sum()
+        }),
+        _ => 0,
     }
 }
 

@@ -14,3 +14,19 @@ pub fn request() {
 pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
+
+thread_local! {
+    /// Set on a connection's thread when its client went away: its capture stops at the next
+    /// batch, before anything is committed.
+    static CANCELLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Cancels the long operation running on this thread (its client closed the connection).
+pub fn cancel_current() {
+    CANCELLED.with(|c| c.set(true));
+}
+
+/// Whether the operation on this thread was cancelled.
+pub fn cancelled() -> bool {
+    CANCELLED.with(std::cell::Cell::get)
+}

@@ -1299,3 +1299,278 @@ fn arguments_that_are_not_utf8_are_usage_errors_not_panics() {
         assert_eq!(value["error"]["kind"], "usage", "{args:?}: {value}");
     }
 }
+
+// ---- monitoring and operations (issue 19) ----
+
+#[test]
+fn metrics_dependents_and_restore_status_print_their_documented_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths[..2]);
+    assert!(daemon.ctl(&["create", "w", "web"]).status.success());
+    for (command, args) in [
+        ("metrics", &["metrics"][..]),
+        ("dependents", &["dependents", "base"]),
+        ("restore-status", &["restore-status"]),
+        ("list", &["list"]),
+    ] {
+        let (ok, value) = daemon.document(args);
+        assert!(ok, "{args:?}: {value}");
+        assert_shape(command, &value);
+    }
+    // stats --interval --json: one document a line.
+    let out = daemon.ctl(&["--json", "stats", "--interval", "0.05", "--count", "3"]);
+    assert!(out.status.success());
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for line in lines {
+        assert_shape("stats", &serde_json::from_str(line).unwrap());
+    }
+}
+
+#[test]
+fn stats_options_select_one_table_and_interval_reports_what_was_read_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths[..2]);
+    assert!(daemon.ctl(&["create", "w", "web"]).status.success());
+    let text = |args: &[&str]| {
+        let out = daemon.ctl(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Fields of the image files table: that table alone, one line per file.
+    let files = text(&["stats", "--noheadings", "-o", "image_file,cached"]);
+    assert_eq!(files.lines().count(), 2, "{files}");
+    assert!(files.lines().all(|l| l.starts_with('/')), "{files}");
+    // Fields of the devices table: that table alone.
+    let devices = text(&["stats", "--noheadings", "-o", "device,read"]);
+    assert_eq!(devices.lines().count(), 1, "{devices}");
+    assert!(devices.starts_with("w "), "{devices}");
+    // Without -o both tables.
+    let both = text(&["stats"]);
+    assert!(
+        both.contains("DEVICE") && both.contains("IMAGE_FILE"),
+        "{both}"
+    );
+    // Fields of both tables: a usage error that names both.
+    let out = daemon.ctl(&["stats", "-o", "device,image_file"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("image files"));
+    assert_eq!(
+        code(&daemon, &["stats", "--count", "2"]),
+        2,
+        "--count needs --interval"
+    );
+    assert_eq!(
+        code(&daemon, &["stats", "--interval", "0", "--count", "2"]),
+        2
+    );
+
+    // Reads between two reports show in the second one only.
+    let kernel = vmar::kernel::sim::SimKernel::open(&dir.path().join("kernel")).unwrap();
+    let mut child = Command::new(vmarctl_bin())
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["--json", "stats", "w", "--interval", "1.5", "--count", "2"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    kernel.read("w", 0, 64 * 1024).unwrap();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let reports: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 2, "{out}");
+    assert_eq!(reports[0]["devices"][0]["read"]["total"], 0, "{out}");
+    assert_eq!(
+        reports[1]["devices"][0]["read"]["total"],
+        64 * 1024,
+        "{out}"
+    );
+    assert_eq!(reports[1]["read"]["total"], 64 * 1024, "{out}");
+}
+
+#[test]
+fn vmard_and_vmar_toml_man_pages_have_every_option_signal_file_and_key() {
+    let vmard = common::binary("vmard", env!("CARGO_BIN_EXE_vmard"));
+    let page = |arg: &str| {
+        let out = Command::new(&vmard).arg(arg).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let man8 = page("--man");
+    assert!(
+        man8.starts_with(".ie") || man8.contains(".TH vmard 8"),
+        "{man8}"
+    );
+    assert!(man8.contains(".TH vmard 8"), "section 8");
+    for section in [
+        "SIGNALS",
+        "FILES",
+        "ENVIRONMENT",
+        "\"EXIT STATUS\"",
+        "\"SEE ALSO\"",
+    ] {
+        assert!(
+            man8.contains(&format!(".SH {section}"))
+                || man8.contains(&format!(".SH {}", section.trim_matches('"'))),
+            "vmard(8) has no {section}"
+        );
+    }
+    for signal in ["SIGTERM", "SIGHUP", "SIGKILL"] {
+        assert!(
+            man8.contains(signal),
+            "vmard(8) does not say what {signal} does"
+        );
+    }
+    // Every visible option of vmard's --help is on the page.
+    let help = Command::new(&vmard).arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let options: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--"))
+        .map(|w| w.trim_end_matches(','))
+        .collect();
+    assert!(options.len() >= 12, "{help}");
+    for option in options {
+        let roff = option.replace('-', "\\-");
+        assert!(man8.contains(&roff), "vmard(8) lacks {option}");
+    }
+    let man5 = page("--man-config");
+    assert!(man5.contains(".TH vmar.toml 5"));
+    for (key, _, default, _) in vmar::config::KEYS {
+        assert!(
+            man5.contains(&format!(".BR {key} ")),
+            "vmar.toml(5) lacks {key}"
+        );
+        assert!(
+            man5.contains(default),
+            "vmar.toml(5) lacks the default of {key}"
+        );
+    }
+    // groff parses both without warnings, when it is installed.
+    for roff in [&man8, &man5] {
+        let child = Command::new("groff")
+            .args(["-man", "-Tutf8", "-ww", "-z"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let Ok(mut child) = child else { continue };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(roff.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_udev_trigger_names_only_vmars_own_devices() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let sys = dir.path().join("sys/block");
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let config = dir.path().join("vmar.toml");
+    std::fs::write(&config, format!("image_roots = [\"{}\"]\n", s(&images))).unwrap();
+    let device = |name: &str, files: &[(&str, String)]| {
+        for (file, content) in files {
+            let path = sys.join(name).join(file);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, format!("{content}\n")).unwrap();
+        }
+    };
+    device("dm-0", &[("dm/uuid", "VMAR-web".into())]);
+    device("dm-1", &[("dm/uuid", "LVM-abcdef".into())]);
+    device("dm-2", &[("dm/uuid", String::new())]);
+    let image = s(&images.join("web.raw")).to_string();
+    device(
+        "loop0",
+        &[("loop/backing_file", image.clone()), ("ro", "1".into())],
+    );
+    // Writable over an image: someone else's.
+    device("loop1", &[("loop/backing_file", image), ("ro", "0".into())]);
+    // Read-only, outside the image roots.
+    device(
+        "loop2",
+        &[
+            ("loop/backing_file", "/srv/other.iso".into()),
+            ("ro", "1".into()),
+        ],
+    );
+    device("loop3", &[("ro", "1".into())]);
+    device("sda", &[("ro", "0".into())]);
+    let out = Command::new(root.join("packaging/udev/vmar-udev-trigger"))
+        .arg("--print")
+        .env("VMAR_SYSFS", dir.path().join("sys"))
+        .env("VMAR_CONFIG", &config)
+        .env(
+            "VMAR_LOOP_IMAGE",
+            root.join("packaging/udev/vmar-loop-image"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "dm-0\nloop0\n");
+    // postinst uses it, not a trigger of every dm and loop device.
+    let postinst = std::fs::read_to_string(root.join("packaging/deb/postinst")).unwrap();
+    assert!(postinst.contains("/usr/lib/vmar/vmar-udev-trigger"));
+    assert!(!postinst.contains("--sysname-match"), "{postinst}");
+}
+
+#[test]
+fn the_sos_plugin_is_valid_python_and_collects_vmarctl_json() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let plugin = root.join("packaging/sos/vmar.py");
+    let out = Command::new("python3")
+        .args(["-c", "import ast, sys; ast.parse(open(sys.argv[1]).read())"])
+        .arg(&plugin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&plugin).unwrap();
+    for wanted in [
+        "--json list",
+        "--json images",
+        "--json stats",
+        "--json check",
+        "/etc/vmar/vmar.toml",
+        "add_journal(units=['vmard'",
+    ] {
+        assert!(
+            text.contains(wanted),
+            "the sos plugin does not collect {wanted}"
+        );
+    }
+}

@@ -980,3 +980,323 @@ fn a_request_silent_for_longer_than_the_client_timeout_is_kept_alive_by_heartbea
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ---- monitoring and operations (issue 19) ----
+
+/// The `vmarctl metrics` text of `daemon`.
+fn metrics_text(daemon: &Daemon) -> String {
+    let out = daemon.ctl(&["metrics"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `promtool check metrics` on `text`; false when promtool is not installed (and
+/// VMAR_REQUIRE_PROMTOOL is not set, as tools/test sets it).
+fn promtool_accepts(text: &str) -> bool {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if std::env::var_os("VMAR_REQUIRE_PROMTOOL").is_none() => {
+            eprintln!("skipped promtool: {e} (apt-get install prometheus)");
+            return false;
+        }
+        Err(e) => panic!("promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
+
+#[test]
+fn metrics_describe_devices_images_and_restore_and_pass_promtool() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = three_images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    for path in &paths {
+        assert!(daemon.ctl(&["capture", s(path)]).status.success());
+    }
+    assert!(daemon.ctl(&["create", "d1", "derived"]).status.success());
+    let text = metrics_text(&daemon);
+    promtool_accepts(&text);
+    for line in [
+        "vmar_up 1",
+        "vmar_device_state{device=\"d1\",node=\"/dev/vmar/d1\",image=\"derived\",state=\"active\"} 1",
+        "vmar_device_active{device=\"d1\"} 1",
+        "vmar_catalog_images 3",
+        "vmar_image_missing{image=\"other\"} 0",
+        "vmar_image_changed{image=\"base\"} 0",
+        "vmar_restore_success 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    // derived reads most of its blocks from base: shared bytes and redirected mapping.
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(value("vmar_image_shared_bytes{image=\"derived\"}") > 0.0);
+    assert!(value("vmar_device_mapped_bytes{device=\"d1\",class=\"redirected\"}") > 0.0);
+    assert!(value("vmar_catalog_bytes") > 0.0);
+    // A missing image file and a changed one are told apart.
+    std::fs::remove_file(&paths[2]).unwrap();
+    std::fs::write(&paths[0], vec![7u8; 4096]).unwrap();
+    let text = metrics_text(&daemon);
+    assert!(
+        text.contains("\nvmar_image_missing{image=\"other\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nvmar_image_changed{image=\"base\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nvmar_image_missing{image=\"base\"} 0\n"),
+        "{text}"
+    );
+
+    // --output: written atomically, nothing else left in the directory.
+    let textfile = dir.path().join("textfile");
+    std::fs::create_dir(&textfile).unwrap();
+    let prom = textfile.join("vmar.prom");
+    assert!(
+        daemon
+            .ctl(&["metrics", "--output", s(&prom)])
+            .status
+            .success()
+    );
+    let written = std::fs::read_to_string(&prom).unwrap();
+    assert!(written.contains("\nvmar_catalog_images 3\n"), "{written}");
+    assert_eq!(std::fs::read_dir(&textfile).unwrap().count(), 1);
+    let mode = std::fs::metadata(&prom).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "node_exporter must be able to read it");
+    // vmard gone: the file says so, vmarctl exits 6.
+    let socket = daemon.socket.clone();
+    drop(daemon);
+    let out = vmarctl(&socket, &["metrics", "--output", s(&prom)]);
+    assert_eq!(out.status.code(), Some(6));
+    let down = std::fs::read_to_string(&prom).unwrap();
+    assert!(down.lines().any(|l| l == "vmar_up 0"), "{down}");
+    promtool_accepts(&down);
+}
+
+#[test]
+fn the_read_only_socket_serves_reads_to_anyone_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = three_images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    assert!(daemon.ctl(&["capture", s(&paths[0])]).status.success());
+    assert!(daemon.ctl(&["create", "b", "base"]).status.success());
+    let ro = dir.path().join("run/vmard.ro.sock");
+    let mode = std::fs::metadata(&ro).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o666);
+    for args in [
+        &["ping"][..],
+        &["images"],
+        &["map", "base"],
+        &["table", "base"],
+        &["list"],
+        &["status", "b"],
+        &["stats"],
+        &["metrics"],
+        &["dependents", "base"],
+        &["restore-status"],
+    ] {
+        let out = vmarctl(&ro, args);
+        assert!(
+            out.status.success(),
+            "{args:?} on the read-only socket: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for args in [
+        &["remove", "b"][..],
+        &["create", "c", "base"],
+        &["refresh", "b"],
+        &["forget", "base"],
+        &["capture", s(&paths[1])],
+        &["verify", "base"],
+    ] {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = vmarctl(&ro, &all);
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(6), "{args:?}: {value}");
+        // capture answers one entry per image.
+        let error = match value.get("images") {
+            Some(images) => &images[0]["error"],
+            None => &value["error"],
+        };
+        assert_eq!(error["kind"], "permission-denied", "{args:?}: {value}");
+    }
+    assert!(
+        daemon.ctl(&["status", "b"]).status.success(),
+        "b is still there"
+    );
+
+    // Any user: nobody reads through it, but not through the main socket.
+    if nix::unistd::Uid::effective().is_root() {
+        for d in [dir.path(), &dir.path().join("run")] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let as_nobody = |socket: &Path| {
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(env!("CARGO_BIN_EXE_vmarctl"))
+                .arg("--socket")
+                .arg(socket)
+                .arg("list")
+                .output()
+                .expect("setpriv runs")
+        };
+        assert!(as_nobody(&ro).status.success());
+        assert!(!as_nobody(&daemon.socket).status.success());
+    }
+    assert!(daemon.terminate().success());
+    assert!(!ro.exists(), "the read-only socket is removed at stop");
+    // --no-ro-socket: none.
+    let other = tempfile::tempdir().unwrap();
+    let _daemon = Daemon::start_args(
+        other.path(),
+        &other.path().join("state"),
+        &other.path().join("run/vmard.sock"),
+        &["--no-ro-socket"],
+    );
+    assert!(!other.path().join("run/vmard.ro.sock").exists());
+}
+
+#[test]
+fn requests_are_logged_with_the_callers_uid_and_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("vmard.log");
+    let socket = dir.path().join("run/vmard.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmard"))
+        .args(["--image-root", s(dir.path()), "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .env("VMAR_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !vmarctl(&socket, &["ping"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "vmard did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = vmarctl(&socket, &["map", "nosuch"]);
+    assert!(!out.status.success());
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let uid = nix::unistd::Uid::effective();
+    let request = text
+        .lines()
+        .find(|l| l.contains("Map {"))
+        .unwrap_or_else(|| panic!("no request line:\n{text}"));
+    assert!(
+        request.contains(&format!("uid={uid} pid=")),
+        "no caller in {request:?}"
+    );
+    let failed = text
+        .lines()
+        .find(|l| l.contains("request failed"))
+        .unwrap_or_else(|| panic!("no failure line:\n{text}"));
+    assert!(failed.contains(&format!("uid={uid}")), "{failed}");
+}
+
+#[test]
+fn check_config_says_whether_vmard_would_load_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vmar.toml");
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_vmard"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--check-config")
+            .output()
+            .unwrap()
+    };
+    std::fs::write(
+        &config,
+        format!("image_roots = [\"{}\"]\nmax_targets = 500\n", s(dir.path())),
+    )
+    .unwrap();
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("max_targets 500"));
+    for bad in [
+        "image_roots = [".to_string(),
+        "image_root = []\n".to_string(),
+        "image_roots = [\"/nonexistent/vmar-root\"]\n".to_string(),
+        "auto_capture_settle = -3\n".to_string(),
+        "socket_group = \"no-such-group-vmar\"\n".to_string(),
+    ] {
+        std::fs::write(&config, &bad).unwrap();
+        let out = check();
+        assert_eq!(out.status.code(), Some(1), "{bad:?} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("bad configuration"),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn ctrl_c_of_a_capture_cancels_it_in_vmard() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = three_images(dir.path());
+    // Holds the capture in its first batch long enough to interrupt the client.
+    let daemon = Daemon::start_sim(dir.path(), "capture.batch=sleep:1500");
+    let child = Command::new(env!("CARGO_BIN_EXE_vmarctl"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(["capture", s(&paths[0])])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("vmard cancels the capture"), "{stderr}");
+    // Once the held batch is done vmard finds the client gone and keeps nothing.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (ok, images) = daemon.document(&["images"]);
+    assert!(ok);
+    assert_eq!(images["images"], serde_json::json!([]), "{images}");
+    let (ok, captured) = daemon.json(&["capture", s(&paths[0])]);
+    assert!(ok, "{captured}");
+    assert_eq!(captured[0]["result"]["status"], "captured");
+}

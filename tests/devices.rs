@@ -1216,3 +1216,229 @@ fn a_kill_at_any_step_of_recovery_keeps_the_records_and_the_devices() {
         assert_eq!(backup.devices.len(), 1, "{step}");
     }
 }
+
+// ---- monitoring and operations (issue 19) ----
+
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+struct Notify {
+    socket: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl Notify {
+    fn bind(dir: &Path) -> Notify {
+        let path = dir.join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        Notify { socket, path }
+    }
+
+    /// The next message, or None after the read timeout.
+    fn next(&self) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        let n = self.socket.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+#[test]
+fn a_device_that_cannot_be_restored_is_reported_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images);
+    ok(&daemon, &["create", "base", "base"]);
+    ok(&daemon, &["create", "web", "web"]);
+    assert!(daemon.ctl(&["restore-status"]).status.success());
+    drop(daemon);
+    // A reboot (the devices are gone) while web's image changed.
+    use vmar::kernel::Kernel;
+    let kernel = sim(dir.path());
+    kernel.dm_remove("base", false).unwrap();
+    kernel.dm_remove("web", false).unwrap();
+    std::fs::write(&images[1], vec![9u8; 64 * 4096]).unwrap();
+    let notify = Notify::bind(dir.path());
+    let daemon = Daemon::start_env(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &["--sim", s(&dir.path().join("kernel"))],
+        &[("NOTIFY_SOCKET", s(&notify.path))],
+    );
+    // systemd's status line leads with the failure.
+    let ready = notify.next().expect("vmard notifies systemd");
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(
+        ready.contains("STATUS=DEGRADED: 1 not restored (web;"),
+        "{ready}"
+    );
+    // restore-status: exit 3, the device and why.
+    let out = daemon.ctl(&["restore-status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("web (/dev/vmar/web): "),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (_, status) = daemon.document(&["restore-status"]);
+    assert_eq!(status["report"]["failed"][0][0], "web", "{status}");
+    assert_eq!(status["report"]["created"], serde_json::json!(["base"]));
+    // list and status say why web is missing.
+    let web = ok(&daemon, &["status", "web"]);
+    assert_eq!(web["state"], "missing");
+    let reason = web["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("restore at vmard's start failed") && reason.contains("web"),
+        "{reason}"
+    );
+    let list = ok(&daemon, &["list"]);
+    let base = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "base");
+    assert!(base.unwrap().get("reason").is_none(), "{list}");
+    // metrics.
+    let out = daemon.ctl(&["metrics"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "vmar_restore_success 0",
+        "vmar_restore_devices{outcome=\"failed\"} 1",
+        "vmar_restore_devices{outcome=\"created\"} 1",
+        "vmar_device_state{device=\"web\",node=\"/dev/vmar/web\",image=\"web\",state=\"missing\"} 1",
+        "vmar_image_changed{image=\"web\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+    // Removed outside vmar while vmard runs: a reason too.
+    kernel.dm_remove("base", false).unwrap();
+    let base = ok(&daemon, &["status", "base"]);
+    assert!(
+        base["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("removed outside vmar")),
+        "{base}"
+    );
+}
+
+#[test]
+fn the_watchdog_is_pinged_while_vmard_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = Notify::bind(dir.path());
+    // WATCHDOG_PID must be vmard's own: the shell execs it, keeping its pid.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "WATCHDOG_PID=$$ exec \"$0\" \"$@\""])
+        .arg(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
+        .args(["--image-root", s(dir.path()), "--sim"])
+        .arg(dir.path().join("kernel"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(dir.path().join("run/vmard.sock"))
+        .env("NOTIFY_SOCKET", &notify.path)
+        .env("WATCHDOG_USEC", "200000")
+        .env("VMAR_LOG", "error")
+        .spawn()
+        .unwrap();
+    let mut messages = Vec::new();
+    let mut pings = 0;
+    while pings < 3 {
+        let Some(message) = notify.next() else { break };
+        pings += usize::from(message.lines().any(|l| l == "WATCHDOG=1"));
+        messages.push(message);
+    }
+    // Stopped (SIGSTOP), it neither answers nor pings; systemd would restart it.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    notify
+        .socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(600)))
+        .unwrap();
+    while notify.next().is_some() {}
+    let silent = notify.next();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(pings, 3, "no watchdog pings: {messages:?}");
+    assert!(messages[0].contains("READY=1"), "{messages:?}");
+    assert_eq!(silent, None, "pings while stopped");
+}
+
+#[test]
+fn every_reader_of_an_image_is_named_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images);
+    // web and db redirect into base; b0 serves base itself.
+    ok(&daemon, &["create", "web", "web"]);
+    ok(&daemon, &["create", "db", "db"]);
+    ok(&daemon, &["create", "b0", "base"]);
+    let (ok_, out) = daemon.json(&["forget", "base"]);
+    assert!(!ok_);
+    assert_eq!(out["error"]["kind"], "image-in-use");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("devices b0, db, web"),
+        "every blocker at once: {message}"
+    );
+    let dependents = ok(&daemon, &["dependents", "base"]);
+    let names = |key: &str| -> Vec<String> {
+        dependents[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("devices"), ["b0", "db", "web"]);
+    assert_eq!(names("images"), ["web", "db"]);
+    assert_eq!(dependents["devices"][1]["serves"], "db");
+    assert_eq!(dependents["devices"][1]["node"], "/dev/vmar/db");
+    assert!(dependents["images"][0]["blocks"].as_u64().unwrap() > 0);
+    // web's own image is read only by web; nothing redirects to it.
+    let web = ok(&daemon, &["dependents", "web"]);
+    assert_eq!(web["devices"].as_array().unwrap().len(), 1);
+    assert_eq!(web["images"], serde_json::json!([]));
+    assert_eq!(err(&daemon, &["dependents", "nosuch"]), "unknown-image");
+    // The text form lists the same.
+    let out = daemon.ctl(&["dependents", "base"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.starts_with("device  b0")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("image   db")), "{text}");
+}
+
+#[test]
+fn devices_are_named_by_one_path_and_taken_by_any_of_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images);
+    let created = ok(&daemon, &["create", "/dev/vmar/web", "web"]);
+    assert_eq!(created["device"]["name"], "web");
+    assert_eq!(created["device"]["node"], "/dev/vmar/web");
+    for arg in ["web", "/dev/vmar/web", "/dev/mapper/vmar-web"] {
+        let status = ok(&daemon, &["status", arg]);
+        assert_eq!(status["name"], "web", "{arg}");
+        assert_eq!(status["node"], "/dev/vmar/web");
+        ok(&daemon, &["stats", arg]);
+        ok(&daemon, &["refresh", arg]);
+    }
+    assert_eq!(ok(&daemon, &["list"])[0]["node"], "/dev/vmar/web");
+    let out = daemon.ctl(&["status", "/dev/mapper/vmar-web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("device      web (/dev/vmar/web)\n"),
+        "{text}"
+    );
+    let out = daemon.ctl(&["libvirt-xml", "/dev/mapper/vmar-web"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<source dev='/dev/vmar/web'/>"));
+    // Not a vmar device's path: refused as a name.
+    assert_eq!(
+        err(&daemon, &["status", "/dev/mapper/other"]),
+        "invalid-name"
+    );
+    ok(&daemon, &["remove", "/dev/mapper/vmar-web"]);
+    assert_eq!(ok(&daemon, &["list"]), serde_json::json!([]));
+}

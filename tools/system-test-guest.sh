@@ -28,6 +28,8 @@ mono() { systemctl show -P "$2" "$1"; }
 
 # libvirt hook, pool and Nova checks (tools/system-test-platform.sh).
 . "$T/platform.sh"
+# Operations checks (monitoring, watchdog, reload, restore check): ops_boot1, ops_boot2.
+. "$T/ops.sh"
 
 phase=$(cat "$T/phase" 2>/dev/null || echo 1)
 say "boot $phase: $(uname -r), $(systemctl --version | head -n1), up $(cut -d' ' -f1 /proc/uptime) s"
@@ -175,7 +177,7 @@ verify_unit() {
     local out
     out=$(systemd-analyze verify vmard.service 2>&1)
     echo "$out"
-    ! grep -v -E "man (vmard|vmarctl)\(1\)" <<<"$out" | grep -q .
+    ! grep -v -E "man (vmard|vmarctl|vmar\.toml)\([158]\)" <<<"$out" | grep -q .
 }
 
 # Issue 18.1: a write to a served image from a shell is refused by the kernel (vmard answers
@@ -268,6 +270,7 @@ boot1() {
     check "reload: same process" test "$(systemctl show -P MainPID vmard)" = "$pid"
     check "reload: the new image root is used (capture /srv/images2/reload.raw)" \
         vmarctl capture /srv/images2/reload.raw
+    ops_boot1
 
     guarded_writes
     nova_checks
@@ -362,6 +365,7 @@ boot2() {
             test "$ready" -gt 0 -a "$ready" -lt "$start"
     done
     hidden_checks "after reboot"
+    ops_boot2
 
     domain_checks
     hook_checks

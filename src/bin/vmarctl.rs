@@ -105,8 +105,9 @@ enum Command {
     Verify { name: String },
     /// Remove an image from the catalog (maps of later images are rebuilt).
     Forget { name: String },
-    /// Create read-only device /dev/mapper/vmar-NAME serving a captured image.
+    /// Create read-only device /dev/vmar/NAME serving a captured image.
     Create {
+        #[arg(value_parser = device_arg)]
         name: String,
         /// A captured image's name, or the path of an image file.
         image: String,
@@ -146,6 +147,8 @@ enum Command {
     /// Remove a device; its loop devices go when no device uses them. An open device is
     /// refused unless --deferred.
     Remove {
+        /// NAME, /dev/vmar/NAME or /dev/mapper/vmar-NAME.
+        #[arg(value_parser = device_arg)]
         name: String,
         /// Remove an open device when its last user closes it, as `dmsetup remove
         /// --deferred`; until then `list` shows it as `removing`. (`--force` is an old name
@@ -154,30 +157,66 @@ enum Command {
         deferred: bool,
     },
     /// List devices: saved, live, and their state (`removing`: waiting for its last user
-    /// to close it).
+    /// to close it); `-o +reason` says why a device is not active, when vmard knows.
     List {
         #[command(flatten)]
         table: TableArgs,
     },
     /// Show one device: image, state, targets, loop devices, budget cost.
     Status {
+        /// NAME, /dev/vmar/NAME or /dev/mapper/vmar-NAME.
+        #[arg(value_parser = device_arg)]
         name: String,
         /// Also print the live table as the kernel has it.
         #[arg(long)]
         table: bool,
     },
     /// Load the current map of a device's image into the live device, atomically.
-    Refresh { name: String },
+    Refresh {
+        /// NAME, /dev/vmar/NAME or /dev/mapper/vmar-NAME.
+        #[arg(value_parser = device_arg)]
+        name: String,
+    },
     /// Show what devices read, by redirected, own and zero extents; their target counts;
     /// and how much the page cache of the image files is shared.
+    ///
+    /// Two tables: devices, then the image files they read (fields image_file, size, cached,
+    /// loop). `-o` prints the one table its fields belong to.
     Stats {
-        /// One device (default: all live devices).
+        /// One device (default: all live devices): NAME, /dev/vmar/NAME or
+        /// /dev/mapper/vmar-NAME.
+        #[arg(value_parser = device_arg)]
         name: Option<String>,
+        /// Report again every SECONDS, each time what was read during the interval (the
+        /// first report: since the devices were created), as `iostat` does.
+        #[arg(long, value_name = "SECONDS")]
+        interval: Option<f64>,
+        /// With --interval: stop after N reports (default: until interrupted).
+        #[arg(long, value_name = "N", requires = "interval")]
+        count: Option<u64>,
         #[command(flatten)]
         table: TableArgs,
     },
+    /// Print metrics for Prometheus (text exposition format): device states, reads by class,
+    /// cached and shared bytes, sharing factor, image health, catalog size, last restore.
+    /// Works on the read-only socket.
+    Metrics {
+        /// Write them to FILE atomically (a temporary file renamed over it), as
+        /// node_exporter's textfile collector needs; when vmard does not answer, FILE gets
+        /// `vmar_up 0` and vmarctl exits 6.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List what reads an image: the devices serving it or an image that redirects to it,
+    /// and the images whose maps redirect to it. Forget and capture --recapture refuse while
+    /// a device reads it.
+    Dependents { image: String },
+    /// Say what the restore at vmard's start did; exit 3 when a saved device was not
+    /// restored (vmar-restore-check.service runs it).
+    RestoreStatus,
     /// Print a libvirt <disk> element for a device.
     LibvirtXml {
+        #[arg(value_parser = device_arg)]
         name: String,
         /// Guest disk name.
         #[arg(long, default_value = "vda")]
@@ -232,6 +271,11 @@ fn parse_timeout(text: &str) -> std::result::Result<u64, String> {
         Ok(seconds) => Ok(seconds),
         Err(e) => Err(format!("{text:?}: {e}")),
     }
+}
+
+/// A device argument: `NAME`, `/dev/vmar/NAME` or `/dev/mapper/vmar-NAME`.
+fn device_arg(argument: &str) -> Result<String, String> {
+    Ok(vmar::kernel::device_name(argument).to_string())
 }
 
 /// A usage error found after parsing (exit status 2, kind `usage`).
@@ -512,7 +556,15 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
         Command::List { table } => list(&ctx, out, table)?,
         Command::Status { name, table } => status(&ctx, out, name, *table)?,
         Command::Refresh { name } => refresh(&ctx, out, name)?,
-        Command::Stats { name, table } => stats(&ctx, out, name.as_deref(), table)?,
+        Command::Stats {
+            name,
+            table,
+            interval,
+            count,
+        } => stats(&ctx, out, name.as_deref(), table, *interval, *count)?,
+        Command::Metrics { output } => metrics(&ctx, out, output.as_deref())?,
+        Command::Dependents { image } => dependents(&ctx, out, image)?,
+        Command::RestoreStatus => return restore_status(&ctx, out),
         Command::LibvirtXml {
             name,
             target,
@@ -544,6 +596,30 @@ fn ping(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         pong.state_dir.display()
     )?;
     Ok(())
+}
+
+/// Ctrl-C during a capture: say what becomes of it, then end as interrupted (130). Closing
+/// the connection is what cancels it in vmard, at its next batch of blocks.
+fn on_interrupt_of_capture() {
+    extern "C" fn interrupted(_: nix::libc::c_int) {
+        const MESSAGE: &[u8] = b"\nvmarctl: interrupted: vmard cancels the capture at its next batch and keeps nothing of it (one already being saved to the catalog completes: see `vmarctl images`)\n";
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; MESSAGE is static.
+        unsafe {
+            nix::libc::write(2, MESSAGE.as_ptr().cast(), MESSAGE.len());
+            nix::libc::_exit(130);
+        }
+    }
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(interrupted),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only calls async-signal-safe functions.
+    if let Err(e) =
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGINT, &action) }
+    {
+        let _ = writeln!(std::io::stderr(), "vmarctl: cannot handle Ctrl-C: {e}");
+    }
 }
 
 /// Per-image outcome of `capture`, for `--json`.
@@ -593,6 +669,7 @@ fn capture(
             path.display()
         )));
     }
+    on_interrupt_of_capture();
     let mut outcomes = Vec::new();
     let mut class = ExitClass::Success;
     for path in images {
@@ -846,6 +923,9 @@ fn create(
     force_raw: bool,
     rebind: bool,
 ) -> Result<()> {
+    if capture {
+        on_interrupt_of_capture();
+    }
     let request = Request::Create {
         name: name.to_string(),
         image: image_reference(image)?,
@@ -979,6 +1059,7 @@ const DEVICE_COLUMNS: &[Column] = &[
     col("node", false, true),
     col("dm_name", false, false),
     col("major_minor", false, false),
+    col("reason", false, false),
 ];
 
 fn list(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
@@ -1001,6 +1082,7 @@ fn list(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
                 live.map_or(Cell::None, |l| {
                     Cell::Text(format!("{}:{}", l.major, l.minor))
                 }),
+                d.reason.clone().map_or(Cell::None, Cell::Text),
             ]
         })
         .collect();
@@ -1042,15 +1124,243 @@ fn status(ctx: &Ctx, out: &mut dyn Write, name: &str, table: bool) -> Result<()>
     show(ctx.cli, out, &doc, print_status)
 }
 
-fn stats(ctx: &Ctx, out: &mut dyn Write, name: Option<&str>, args: &TableArgs) -> Result<()> {
+fn stats(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    name: Option<&str>,
+    args: &TableArgs,
+    interval: Option<f64>,
+    count: Option<u64>,
+) -> Result<()> {
     let request = Request::Stats {
         name: name.map(str::to_string),
     };
-    let report: StatsReport = ctx.call(&request)?;
-    if ctx.cli.json {
-        return print_json(out, &report);
+    let tables = stats_tables(args)?;
+    let Some(interval) = interval else {
+        let report: StatsReport = ctx.call(&request)?;
+        if ctx.cli.json {
+            return print_json(out, &report);
+        }
+        return print_stats(out, &report, args, tables);
+    };
+    let pause = Duration::try_from_secs_f64(interval)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            Usage(format!(
+                "--interval {interval}: give a positive number of seconds"
+            ))
+        })?;
+    let mut previous: Option<StatsReport> = None;
+    let mut printed = 0;
+    loop {
+        let report: StatsReport = ctx.call(&request)?;
+        let shown = match &previous {
+            Some(before) => stats_delta(before, &report),
+            None => report.clone(),
+        };
+        if ctx.cli.json {
+            // One document a line (JSON Lines), so that a reader can follow the stream.
+            writeln!(out, "{}", serde_json::to_string(&document(&shown)?)?)?;
+        } else {
+            if printed > 0 {
+                writeln!(out)?;
+            }
+            print_stats(out, &shown, args, tables)?;
+        }
+        out.flush()?;
+        printed += 1;
+        if count.is_some_and(|n| printed >= n) {
+            return Ok(());
+        }
+        previous = Some(report);
+        std::thread::sleep(pause);
     }
-    print_stats(out, &report, args)
+}
+
+/// `after` with the bytes read since `before`: per device (matched by name; a device new
+/// since then shows all it read) and in the sums.
+fn stats_delta(before: &StatsReport, after: &StatsReport) -> StatsReport {
+    let minus = |a: &vmar::stats::ReadBytes, b: Option<&vmar::stats::ReadBytes>| {
+        let Some(b) = b else { return *a };
+        vmar::stats::ReadBytes {
+            total: a.total.saturating_sub(b.total),
+            by_class: vmar::stats::ClassBytes {
+                own: a.by_class.own.saturating_sub(b.by_class.own),
+                redirected: a.by_class.redirected.saturating_sub(b.by_class.redirected),
+                zero: a.by_class.zero.saturating_sub(b.by_class.zero),
+                error: a.by_class.error.saturating_sub(b.by_class.error),
+                other: a.by_class.other.saturating_sub(b.by_class.other),
+            },
+            estimated: a.estimated.saturating_sub(b.estimated),
+        }
+    };
+    let mut delta = after.clone();
+    delta.read = vmar::stats::ReadBytes::default();
+    for device in &mut delta.devices {
+        let old = before.devices.iter().find(|d| d.name == device.name);
+        device.read = minus(&device.read, old.map(|d| &d.read));
+        delta.read.accumulate(&device.read);
+    }
+    delta
+}
+
+/// Which of stats' two tables to print: both without -o, else the one whose fields -o
+/// names (fields of both: a usage error, since one output must be one table).
+fn stats_tables(args: &TableArgs) -> Result<(bool, bool)> {
+    let fields: Vec<&str> = args
+        .fields
+        .iter()
+        .map(|f| f.trim_start_matches('+'))
+        .filter(|f| !f.is_empty())
+        .collect();
+    if fields.is_empty() {
+        return Ok((true, true));
+    }
+    let of = |columns: &[Column]| fields.iter().all(|f| columns.iter().any(|c| c.field == *f));
+    match (of(STATS_COLUMNS), of(CACHE_COLUMNS)) {
+        (true, _) => Ok((true, false)),
+        (false, true) => Ok((false, true)),
+        (false, false) => {
+            let known = |columns: &[Column]| {
+                columns
+                    .iter()
+                    .map(|c| c.field)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            bail!(Usage(format!(
+                "-o {}: fields of one table, either devices ({}) or image files ({})",
+                args.fields.join(","),
+                known(STATS_COLUMNS),
+                known(CACHE_COLUMNS)
+            )))
+        }
+    }
+}
+
+fn metrics(ctx: &Ctx, out: &mut dyn Write, output: Option<&Path>) -> Result<()> {
+    let result = ctx.call::<vmar::protocol::MetricsResult>(&Request::Metrics);
+    let Some(path) = output else {
+        let result = result?;
+        if ctx.cli.json {
+            return print_json(out, &result);
+        }
+        out.write_all(result.text.as_bytes())?;
+        return Ok(());
+    };
+    let (text, failure) = match result {
+        Ok(result) => (result.text, None),
+        Err(e) => (vmar::metrics::unreachable(), Some(e)),
+    };
+    write_atomically(path, text.as_bytes())?;
+    if let Some(e) = failure {
+        return Err(e.context(format!("{} says vmar_up 0", path.display())));
+    }
+    Ok(())
+}
+
+/// Writes `path` through a temporary file in its directory renamed over it: a reader sees
+/// the old file or the new one, never half of one. The temporary name does not end in
+/// `.prom`, so node_exporter never reads it.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new()
+        .prefix(".vmar-metrics-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", file.path().display()))?;
+    std::fs::set_permissions(
+        file.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
+    file.persist(path)
+        .with_context(|| format!("cannot rename into {}", path.display()))?;
+    Ok(())
+}
+
+const DEPENDENT_COLUMNS: &[Column] = &[
+    col("kind", false, true),
+    col("name", false, true),
+    col("node", false, true),
+    col("serves", false, true),
+    col("blocks", true, true),
+];
+
+fn dependents(ctx: &Ctx, out: &mut dyn Write, image: &str) -> Result<()> {
+    let found: vmar::protocol::Dependents = ctx.call(&Request::Dependents {
+        name: image.to_string(),
+    })?;
+    if ctx.cli.json {
+        return print_json(out, &found);
+    }
+    let mut rows: Vec<Vec<Cell>> = found
+        .devices
+        .iter()
+        .map(|d| {
+            vec![
+                Cell::Text("device".into()),
+                Cell::Text(d.name.clone()),
+                Cell::Text(d.node.clone()),
+                Cell::Text(d.serves.clone()),
+                Cell::None,
+            ]
+        })
+        .collect();
+    rows.extend(found.images.iter().map(|i| {
+        vec![
+            Cell::Text("image".into()),
+            Cell::Text(i.name.clone()),
+            Cell::None,
+            Cell::None,
+            Cell::Count(i.blocks),
+        ]
+    }));
+    Table {
+        columns: DEPENDENT_COLUMNS,
+        rows,
+    }
+    .print(&TableArgs::default(), out)
+}
+
+fn restore_status(ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
+    let status: vmar::protocol::RestoreStatus = ctx.call(&Request::RestoreStatus)?;
+    show(ctx.cli, out, &status, |out, s| {
+        match (&s.report, &s.error) {
+            _ if !s.ran => writeln!(out, "vmard did not restore devices (--no-restore)")?,
+            (_, Some(e)) => writeln!(out, "devices were not restored: {e}")?,
+            (Some(r), None) => {
+                writeln!(
+                    out,
+                    "restored at start: {} created, {} unchanged, {} repaired, {} failed",
+                    r.created.len(),
+                    r.unchanged.len(),
+                    r.repaired.len(),
+                    r.failed.len()
+                )?;
+                for (name, why) in &r.failed {
+                    writeln!(
+                        out,
+                        "  {name} ({}): {why}",
+                        vmar::kernel::node_path(name).display()
+                    )?;
+                }
+            }
+            (None, None) => writeln!(out, "devices were not restored")?,
+        }
+        Ok(())
+    })?;
+    Ok(if status.ok() {
+        ExitClass::Success
+    } else {
+        ExitClass::CheckFailed
+    })
 }
 
 fn libvirt_xml(
@@ -1278,6 +1588,9 @@ fn print_status(out: &mut dyn Write, doc: &StatusDoc) -> Result<()> {
             d.changed_images.join(", ")
         )?;
     }
+    if let Some(reason) = &d.reason {
+        writeln!(out, "reason      {reason}")?;
+    }
     writeln!(out, "image       {}", d.image.as_deref().unwrap_or("-"))?;
     writeln!(
         out,
@@ -1344,7 +1657,12 @@ const CACHE_COLUMNS: &[Column] = &[
     col("loop", false, true),
 ];
 
-fn print_stats(out: &mut dyn Write, report: &StatsReport, args: &TableArgs) -> Result<()> {
+fn print_stats(
+    out: &mut dyn Write,
+    report: &StatsReport,
+    args: &TableArgs,
+    (devices, files): (bool, bool),
+) -> Result<()> {
     let share = |part: u64, whole: u64| {
         if whole == 0 {
             Cell::None
@@ -1386,14 +1704,19 @@ fn print_stats(out: &mut dyn Write, report: &StatsReport, args: &TableArgs) -> R
         };
         rows.push(row("total", &total));
     }
-    Table {
-        columns: STATS_COLUMNS,
-        rows,
+    if devices {
+        Table {
+            columns: STATS_COLUMNS,
+            rows,
+        }
+        .print(args, out)?;
     }
-    .print(args, out)?;
-    if !args.noheadings {
+    if devices && files && !args.noheadings {
         writeln!(out, "(targets: own/redirected/zero)")?;
         writeln!(out)?;
+    }
+    if !files {
+        return Ok(());
     }
     let rows = report
         .images
@@ -1407,17 +1730,21 @@ fn print_stats(out: &mut dyn Write, report: &StatsReport, args: &TableArgs) -> R
             ]
         })
         .collect();
-    // -o names device columns; the image files table keeps its own.
-    let files = TableArgs {
-        fields: Vec::new(),
+    // Without -o both tables print their default columns.
+    let file_args = TableArgs {
+        fields: if devices {
+            Vec::new()
+        } else {
+            args.fields.clone()
+        },
         ..args.clone()
     };
     Table {
         columns: CACHE_COLUMNS,
         rows,
     }
-    .print(&files, out)?;
-    if !args.noheadings {
+    .print(&file_args, out)?;
+    if devices && !args.noheadings {
         match report.sharing_factor {
             Some(f) => writeln!(
                 out,

@@ -1,5 +1,8 @@
 //! vmard: the vmar daemon. Owns the catalog and answers vmarctl over a local socket.
 
+#[path = "vmard/man.rs"]
+mod man;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -9,7 +12,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Group;
 use vmar::catalog::Catalog;
 use vmar::kernel::{Checked, Kernel, real::RealKernel, sim::SimKernel};
-use vmar::protocol::DEFAULT_SOCKET;
+use vmar::protocol::{DEFAULT_RO_SOCKET, DEFAULT_SOCKET};
 use vmar::server::{Access, DEFAULT_STATE_DIR, Server};
 use vmar::service::{Context, KernelOpener, Settings};
 
@@ -24,6 +27,22 @@ struct Args {
     /// Unix socket to listen on.
     #[arg(long, env = "VMAR_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
+
+    /// Read-only socket (mode 0666): serves anyone the requests that only read (ping,
+    /// images, map, table, list, status, stats, metrics, dependents, restore-status), for
+    /// monitoring [default: vmard.ro.sock beside --socket].
+    #[arg(long, env = "VMAR_RO_SOCKET", value_name = "PATH")]
+    ro_socket: Option<PathBuf>,
+
+    /// No read-only socket.
+    #[arg(long, conflicts_with = "ro_socket")]
+    no_ro_socket: bool,
+
+    /// Check the configuration file and the options, print what they give, and exit: 0 when
+    /// vmard would start with them (or a SIGHUP would load them), 1 when not. The unit's
+    /// ExecReload runs it first, so that `systemctl reload` fails on a bad file.
+    #[arg(long)]
+    check_config: bool,
 
     /// Configuration file (image_roots, socket_group, max_targets, auto_capture,
     /// on_image_change, refuse_image_writes, image_check_interval, image_check_samples);
@@ -61,9 +80,13 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     sim: Option<PathBuf>,
 
-    /// Print this manual page (roff) and exit; `make install` uses it.
+    /// Print this manual page (roff, section 8) and exit; `make install` uses it.
     #[arg(long, hide = true)]
     man: bool,
+
+    /// Print vmar.toml(5), the configuration file's manual page (roff), and exit.
+    #[arg(long, hide = true)]
+    man_config: bool,
 
     /// Group whose members may use the socket besides root (socket mode 0660).
     #[arg(long, env = "VMAR_SOCKET_GROUP")]
@@ -86,9 +109,18 @@ fn main() -> Result<()> {
     }
     let args = Args::parse();
     if args.man {
-        let command = <Args as clap::CommandFactory>::command();
-        clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+        man::vmard(
+            <Args as clap::CommandFactory>::command(),
+            &mut std::io::stdout(),
+        )?;
         return Ok(());
+    }
+    if args.man_config {
+        man::vmar_toml(&mut std::io::stdout())?;
+        return Ok(());
+    }
+    if args.check_config {
+        return check_config(&args);
     }
     // Signals are taken by one thread with sigwait: block them before any thread starts.
     let mut signals = SigSet::empty();
@@ -122,8 +154,13 @@ fn main() -> Result<()> {
         None => Box::new(|| Ok(Arc::new(Checked(RealKernel::open()?)) as Arc<dyn Kernel>)),
     };
     let context = Context::new(catalog, settings, opener);
-    let server =
+    let mut server =
         Server::bind(context, &args.socket, Access { group }).context("cannot start vmard")?;
+    if let Some(ro) = ro_socket(&args) {
+        server
+            .bind_read_only(&ro)
+            .context("cannot start vmard's read-only socket")?;
+    }
     // Restore saved devices before reporting ready, so that units ordered after vmard (VMs)
     // find their devices. A device that cannot be served is reported and skipped. Clients
     // that connect meanwhile wait in the socket's backlog.
@@ -139,8 +176,10 @@ fn main() -> Result<()> {
             sd_notify::NotifyState::Status(&status),
         ],
     );
+    start_watchdog(server.socket().to_path_buf());
     tracing::info!(
         socket = %server.socket().display(),
+        ro_socket = ?server.read_only_socket(),
         state_dir = %args.state_dir.display(),
         %status,
         "vmard ready"
@@ -215,6 +254,92 @@ fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
     Ok((Settings { max_targets, roots }, group))
 }
 
+/// The read-only socket: as given, none, or `vmard.ro.sock` beside the main socket (so that
+/// a vmard started with another --socket, as the tests do, does not take the system's).
+fn ro_socket(args: &Args) -> Option<PathBuf> {
+    if args.no_ro_socket {
+        return None;
+    }
+    if let Some(path) = &args.ro_socket {
+        return Some(path.clone());
+    }
+    if args.socket.as_os_str() == DEFAULT_SOCKET {
+        return Some(PathBuf::from(DEFAULT_RO_SOCKET));
+    }
+    let name = args.socket.file_name()?.to_string_lossy().into_owned();
+    let ro = match name.strip_suffix(".sock") {
+        Some(stem) => format!("{stem}.ro.sock"),
+        None => format!("{name}.ro"),
+    };
+    Some(args.socket.with_file_name(ro))
+}
+
+/// `--check-config`: loads what a start or a SIGHUP would, says what it gives or why not.
+fn check_config(args: &Args) -> Result<()> {
+    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
+    let checked = load_settings(args).and_then(|(settings, group)| {
+        let config = vmar::config::Config::load(&args.config, explicit)?;
+        config.auto_capture_settle(&args.config)?;
+        Ok((settings, group, config))
+    });
+    match checked {
+        Ok((settings, group, config)) => {
+            println!(
+                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}",
+                args.config.display(),
+                settings.roots.roots(),
+                settings.max_targets,
+                group.map_or("none".to_string(), |g| g.to_string()),
+                config.auto_capture
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!(
+                "vmard: {}: bad configuration, vmard would not load it: {e:#}",
+                args.config.display()
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+/// With `WatchdogSec=` (WATCHDOG_USEC), pings systemd's watchdog at half the interval, each
+/// time only after vmard answered a ping on its own socket: what is proven alive is the
+/// server loop clients depend on, not merely a thread. A hung accept loop stops the pings
+/// and systemd restarts vmard (devices are left as they are).
+fn start_watchdog(socket: PathBuf) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let interval = std::time::Duration::from_micros(usec / 2);
+    let spawned = std::thread::Builder::new()
+        .name("vmard-watchdog".into())
+        .spawn(move || {
+            let client = vmar::client::Client::new(socket);
+            loop {
+                std::thread::sleep(interval);
+                if vmar::shutdown::requested() {
+                    return;
+                }
+                match client.call_raw(&vmar::protocol::Request::Ping, &mut |_| {}) {
+                    // `busy` comes from the accept loop too: it is alive.
+                    Ok(_) => {}
+                    Err(vmar::Error::Remote { kind, .. }) if kind == "busy" => {}
+                    Err(e) => {
+                        tracing::error!("watchdog: vmard does not answer its own ping: {e}");
+                        continue;
+                    }
+                }
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the watchdog thread: {e}");
+    }
+}
+
 /// Starts watching the image roots when `auto_capture` is on (read at start only).
 fn start_auto_capture(args: &Args, socket: &std::path::Path) -> Result<()> {
     let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
@@ -263,6 +388,17 @@ fn restore(context: &Context) -> String {
             for (name, error) in &report.failed {
                 tracing::error!(device = %name, "cannot restore: {error}");
             }
+            let failed = if report.failed.is_empty() {
+                String::new()
+            } else {
+                let names: Vec<&str> = report.failed.iter().map(|(n, _)| n.as_str()).collect();
+                // First in the status line: `systemctl status` cuts long lines.
+                format!(
+                    "DEGRADED: {} not restored ({}; `vmarctl list` says why); ",
+                    names.len(),
+                    names.join(", ")
+                )
+            };
             tracing::info!(
                 created = ?report.created,
                 unchanged = ?report.unchanged,
@@ -277,7 +413,7 @@ fn restore(context: &Context) -> String {
                 "devices restored"
             );
             format!(
-                "{} devices created, {} unchanged, {} image-changed, {} repaired, {} failed, {} leftovers removed",
+                "{failed}{} devices created, {} unchanged, {} image-changed, {} repaired, {} failed, {} leftovers removed",
                 report.created.len(),
                 report.unchanged.len(),
                 report.image_changed.len(),
@@ -288,7 +424,7 @@ fn restore(context: &Context) -> String {
         }
         Err(e) => {
             tracing::error!("devices not restored: {e}");
-            format!("devices not restored: {e}")
+            format!("DEGRADED: devices not restored: {e}")
         }
     }
 }

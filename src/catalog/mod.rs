@@ -469,10 +469,10 @@ impl Catalog {
                     });
                 }
                 // A new map under a live device would serve other bytes than its table.
-                if let Some(device) = self.images_in_use()?.remove(&record.name) {
+                if let Some(devices) = self.images_in_use()?.remove(&record.name) {
                     return Err(Error::ImageInUse {
                         name: record.name,
-                        device,
+                        devices,
                     });
                 }
                 Decision::Capture(record.id, record.name, CaptureStatus::Recaptured)
@@ -854,24 +854,59 @@ impl Catalog {
     }
 
     /// Images that saved devices read: their own image and every image its map redirects
-    /// to, each with one device that reads it. Such images must not change under them.
-    pub fn images_in_use(&self) -> Result<BTreeMap<String, String>> {
-        let mut used = BTreeMap::new();
+    /// to, each with every device that reads it (by name, sorted). Such images must not
+    /// change under them.
+    pub fn images_in_use(&self) -> Result<BTreeMap<String, Vec<String>>> {
+        let mut used: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (device, _, read) in self.devices_reading()? {
+            for image in read {
+                used.entry(image).or_default().push(device.clone());
+            }
+        }
+        for devices in used.values_mut() {
+            devices.sort();
+            devices.dedup();
+        }
+        Ok(used)
+    }
+
+    /// Every saved device with the image it serves and the images it reads (that image and
+    /// those its map redirects to).
+    pub fn devices_reading(&self) -> Result<Vec<(String, String, Vec<String>)>> {
+        let mut out = Vec::new();
         for device in self.devices()? {
             let (record, map) = match self.map(&device.image) {
                 Ok(found) => found,
                 Err(Error::UnknownImage { .. }) => continue,
                 Err(e) => return Err(e),
             };
-            used.entry(record.name)
-                .or_insert_with(|| device.name.clone());
+            let mut read = vec![record.name.clone()];
             for id in map.referenced_images() {
-                let other = self.image_by_id(id)?;
-                used.entry(other.name)
-                    .or_insert_with(|| device.name.clone());
+                read.push(self.image_by_id(id)?.name);
             }
+            out.push((device.name, record.name, read));
         }
-        Ok(used)
+        Ok(out)
+    }
+
+    /// Images whose maps redirect blocks to image `name`, with how many, in capture order.
+    pub fn redirecting_to(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let target = self.image(name)?.id;
+        let dir = &self.dir;
+        let txn = self.read_txn()?;
+        let refs = txn.open_table(REFS).ctx(dir)?;
+        let mut ids = Vec::new();
+        for entry in refs.range((target, 0)..=(target, u32::MAX)).ctx(dir)? {
+            let (key, blocks) = entry.ctx(dir)?;
+            ids.push((key.value().1, blocks.value()));
+        }
+        drop(refs);
+        drop(txn);
+        ids.sort();
+        ids.into_iter()
+            .filter(|(id, _)| *id != target)
+            .map(|(id, blocks)| Ok((self.image_by_id(id)?.name, blocks)))
+            .collect()
     }
 
     fn meta(&self, key: &str) -> Result<u64> {

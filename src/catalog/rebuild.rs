@@ -102,10 +102,10 @@ impl Catalog {
     /// contents go into one small new index run; the forgotten image's old entries stay in
     /// their runs, skipped by lookups ([`DEAD`]) until a merge drops them.
     pub fn forget(&self, name: &str) -> Result<(ImageRecord, Vec<String>)> {
-        if let Some(device) = self.images_in_use()?.remove(name) {
+        if let Some(devices) = self.images_in_use()?.remove(name) {
             return Err(Error::ImageInUse {
                 name: name.to_string(),
-                device,
+                devices,
             });
         }
         let mut runs = self.lock()?;

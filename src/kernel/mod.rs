@@ -35,9 +35,24 @@ pub const NAME_PREFIX: &str = "vmar-";
 /// Prefix of vmar's dm UUIDs, which udev rules and the boot-time cleanup match.
 pub const UUID_PREFIX: &str = "VMAR-";
 
-/// Path of the device node of `vmar-NAME`.
+/// The one path vmar prints for device `name`: `/dev/vmar/NAME`, made by vmar's udev rule
+/// (what libvirt XML and qcow2 overlays name; `/dev/mapper/vmar-NAME` is the same device).
 pub fn node_path(name: &str) -> PathBuf {
-    Path::new("/dev/mapper").join(format!("{NAME_PREFIX}{name}"))
+    Path::new("/dev/vmar").join(name)
+}
+
+/// The device name in a device argument: `NAME`, `/dev/vmar/NAME` or
+/// `/dev/mapper/vmar-NAME` (what `ls /dev/vmar` and `dmsetup ls` show). Other paths are
+/// returned as they are, for the name check to refuse.
+pub fn device_name(argument: &str) -> &str {
+    argument
+        .strip_prefix("/dev/vmar/")
+        .or_else(|| {
+            argument
+                .strip_prefix("/dev/mapper/")
+                .and_then(|n| n.strip_prefix(NAME_PREFIX))
+        })
+        .unwrap_or(argument)
 }
 
 /// A vmar device as the kernel has it.
@@ -294,6 +309,17 @@ mod tests {
             ctime_ns: None,
             block_id: None,
         }
+    }
+
+    #[test]
+    fn device_arguments_may_be_paths_of_the_device() {
+        assert_eq!(device_name("web"), "web");
+        assert_eq!(device_name("/dev/vmar/web"), "web");
+        assert_eq!(device_name("/dev/mapper/vmar-web"), "web");
+        // Not a vmar device: left for the name check to refuse.
+        assert_eq!(device_name("/dev/mapper/other"), "/dev/mapper/other");
+        assert_eq!(device_name("/dev/sda"), "/dev/sda");
+        assert_eq!(node_path("web"), Path::new("/dev/vmar/web"));
     }
 
     #[test]

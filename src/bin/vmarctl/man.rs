@@ -121,6 +121,36 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "vmarctl --json stats",
     ),
     (
+        "stats",
+        "What device web1 reads, every 5 seconds, 12 times",
+        "vmarctl stats /dev/vmar/web1 --interval 5 --count 12",
+    ),
+    (
+        "stats",
+        "Page cache of each image file, for a script (one table)",
+        "vmarctl stats --noheadings -o image_file,cached --units b",
+    ),
+    (
+        "metrics",
+        "What Prometheus scrapes, as any user, through the read-only socket",
+        "vmarctl --socket /run/vmar/vmard.ro.sock metrics",
+    ),
+    (
+        "metrics",
+        "node_exporter's textfile collector (vmar-metrics.timer does this every minute)",
+        "vmarctl metrics --output /var/lib/prometheus/node-exporter/vmar.prom",
+    ),
+    (
+        "dependents",
+        "Everything that keeps image base from being forgotten",
+        "vmarctl dependents base",
+    ),
+    (
+        "restore-status",
+        "Which devices the restore at vmard's start could not restore, and why",
+        "vmarctl restore-status || journalctl -u vmard -b",
+    ),
+    (
         "libvirt-xml",
         "A disk element for a VM, over an overlay",
         "vmarctl libvirt-xml web1 --overlay /var/lib/libvirt/images/vm1.qcow2",
@@ -178,7 +208,11 @@ fn extra_sections(out: &mut dyn Write, subcommand: &str) -> std::io::Result<()> 
     for (path, text) in [
         (
             vmar::protocol::DEFAULT_SOCKET,
-            "vmard's socket (mode 0660, group socket_group of vmar.toml).",
+            "vmard's socket (mode 0600, or 0660 with socket_group of vmar.toml).",
+        ),
+        (
+            vmar::protocol::DEFAULT_RO_SOCKET,
+            "vmard's read-only socket (mode 0666): ping, images, map, table, list, status, stats, metrics, dependents and restore-status for any user.",
         ),
         (
             vmar::config::DEFAULT_CONFIG,
@@ -189,8 +223,8 @@ fn extra_sections(out: &mut dyn Write, subcommand: &str) -> std::io::Result<()> 
             "vmard's state: the catalog and its backup.",
         ),
         (
-            "/dev/mapper/vmar-NAME, /dev/vmar/NAME",
-            "device NAME, read-only.",
+            "/dev/vmar/NAME",
+            "device NAME, read-only (also /dev/mapper/vmar-NAME); device arguments take either path or NAME.",
         ),
     ] {
         writeln!(out, ".TP\n.I {}\n{}", roff(path), roff(text))?;
@@ -215,7 +249,11 @@ fn extra_sections(out: &mut dyn Write, subcommand: &str) -> std::io::Result<()> 
         writeln!(out, ".RE\n.fi\n.PP")?;
     }
     section(out, "SEE ALSO")?;
-    writeln!(out, "{}", roff("vmarctl(1), vmard(1), dmsetup(8), lvs(8)"))?;
+    writeln!(
+        out,
+        "{}",
+        roff("vmarctl(1), vmard(8), vmar.toml(5), dmsetup(8), lvs(8)")
+    )?;
     Ok(())
 }
 

@@ -30,6 +30,18 @@ pub struct TableArgs {
     pub separator: Option<String>,
 }
 
+impl Default for TableArgs {
+    /// What a command without listing options prints: headings, default columns, human units.
+    fn default() -> TableArgs {
+        TableArgs {
+            noheadings: false,
+            fields: Vec::new(),
+            units: Units::Human,
+            separator: None,
+        }
+    }
+}
+
 /// How sizes are printed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Units {
