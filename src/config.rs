@@ -11,6 +11,12 @@
 //! # they stayed unchanged and closed for writing this many seconds.
 //! auto_capture = true
 //! auto_capture_settle = 30
+//! # Digest sidecars on shared storage (off by default; see `crate::sidecar`): "read" imports
+//! # valid ones, "write" also writes one for each image it hashes.
+//! sidecars = "write"
+//! sidecar_dir = "/srv/images/.vmar"        # default: beside each image, hidden
+//! sidecar_key = "/etc/vmar/fleet.key"      # keyed MAC; without it, only own files are trusted
+//! sidecar_sample = 0.001                   # fraction of blocks read to check an import
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -35,6 +41,14 @@ pub struct Config {
     /// Seconds a new image must stay unchanged and closed for writing before auto-capture
     /// takes it [default: 30].
     pub auto_capture_settle: Option<f64>,
+    /// Digest sidecars: off (default), read or write ([`crate::sidecar::Mode`]).
+    pub sidecars: Option<crate::sidecar::Mode>,
+    /// Directory on the share holding the sidecars [default: beside each image].
+    pub sidecar_dir: Option<PathBuf>,
+    /// Fleet key file: sidecars are sealed and checked with a keyed MAC.
+    pub sidecar_key: Option<PathBuf>,
+    /// Fraction of an imported image's blocks read to check its sidecar [default: 0.001].
+    pub sidecar_sample: Option<f64>,
 }
 
 /// Default of `auto_capture_settle`: long enough for a copy or download that pauses.

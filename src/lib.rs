@@ -27,6 +27,7 @@ pub mod scan;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod sidecar;
 pub mod spill;
 pub mod stats;
 pub mod table;
