@@ -14,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod error;
 pub mod fault;
+pub mod fleet;
 pub mod hash;
 pub mod image;
 pub mod index;

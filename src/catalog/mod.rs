@@ -542,8 +542,7 @@ impl Catalog {
         }
         let started = std::time::Instant::now();
         let mut spill = self.spill()?;
-        let (scan, hashed, writer, mut sidecar) =
-            self.digests_of(image, &mut spill, progress)?;
+        let (scan, hashed, writer, mut sidecar) = self.digests_of(image, &mut spill, progress)?;
         let hashed_at = started.elapsed();
         fault::point("capture.hashed")?;
         let now = image.current_identity()?;
@@ -664,12 +663,18 @@ impl Catalog {
                 ..SidecarReport::default()
             };
             let mut collector = spill.digests(image.size)?;
-            progress(Progress { done: 0, total: image.size });
+            progress(Progress {
+                done: 0,
+                total: image.size,
+            });
             match sidecars.import(image, &mut |records| collector.extend(records)) {
                 Ok(imported) => {
                     let hashed = collector.finish()?;
                     if hashed.fingerprint == imported.fingerprint {
-                        progress(Progress { done: image.size, total: image.size });
+                        progress(Progress {
+                            done: image.size,
+                            total: image.size,
+                        });
                         r.imported = true;
                         r.sampled_blocks = imported.sampled_blocks;
                         tracing::info!(
@@ -695,16 +700,14 @@ impl Catalog {
             report = Some(r);
         }
         let mut writer = match (&sidecars, report.as_mut()) {
-            (Some(sidecars), Some(report)) if sidecars.writes() => {
-                match sidecars.writer(image) {
-                    Ok(writer) => Some(writer),
-                    Err(e) => {
-                        tracing::warn!(image = %image.path.display(), "sidecar not written: {e}");
-                        report.write_error = Some(e);
-                        None
-                    }
+            (Some(sidecars), Some(report)) if sidecars.writes() => match sidecars.writer(image) {
+                Ok(writer) => Some(writer),
+                Err(e) => {
+                    tracing::warn!(image = %image.path.display(), "sidecar not written: {e}");
+                    report.write_error = Some(e);
+                    None
                 }
-            }
+            },
             _ => None,
         };
         let mut collector = spill.digests(image.size)?;

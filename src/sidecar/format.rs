@@ -224,7 +224,9 @@ impl<R: Read> Decoder<R> {
         let mut bytes = [0u8; HEADER_LEN];
         input.read_exact(&mut bytes).map_err(io_error)?;
         if &bytes[..8] != MAGIC {
-            return Err(DecodeError::Corrupt("not a vmar sidecar (bad magic)".into()));
+            return Err(DecodeError::Corrupt(
+                "not a vmar sidecar (bad magic)".into(),
+            ));
         }
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or([0; 4]));
         let version = u32_at(8);
@@ -327,9 +329,7 @@ impl<R: Read> Decoder<R> {
             return Ok(false);
         }
         if count > SEGMENT_BLOCKS || count > self.blocks - start {
-            return Err(DecodeError::Corrupt(
-                "a segment runs past the image".into(),
-            ));
+            return Err(DecodeError::Corrupt("a segment runs past the image".into()));
         }
         for block in start..start + count {
             let mut digest = [0u8; 32];
@@ -423,7 +423,9 @@ mod tests {
         encoder.finish().unwrap()
     }
 
-    fn decode(bytes: &[u8], seal: &Seal) -> Result<(Header, Vec<(u64, Digest)>, String), DecodeError> {
+    type Decoded = (Header, Vec<(u64, Digest)>, String);
+
+    fn decode(bytes: &[u8], seal: &Seal) -> Result<Decoded, DecodeError> {
         let mut decoder = Decoder::new(bytes, seal)?;
         let mut all = Vec::new();
         let mut segment = Vec::new();
@@ -453,7 +455,10 @@ mod tests {
         }
         // An image of zero blocks only, and an image with no zero block.
         let small = header(10);
-        for records in [Vec::new(), (0..10).map(|b| (b, [b as u8 + 1; 32])).collect()] {
+        for records in [
+            Vec::new(),
+            (0..10u8).map(|b| (u64::from(b), [b + 1; 32])).collect(),
+        ] {
             let (bytes, _) = encode(&small, &records, &Seal::Checksum);
             assert_eq!(decode(&bytes, &Seal::Checksum).unwrap().1, records);
         }
@@ -488,7 +493,10 @@ mod tests {
             Err(DecodeError::Untrusted(_))
         ));
         let (plain, _) = encode(&header, &records, &Seal::Checksum);
-        assert!(matches!(decode(&plain, &key), Err(DecodeError::Untrusted(_))));
+        assert!(matches!(
+            decode(&plain, &key),
+            Err(DecodeError::Untrusted(_))
+        ));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile};
-use crate::scan::{Digest, ScanStats, hash_block, is_zero};
+use crate::scan::{BlockDigest, Digest, ScanStats, hash_block, is_zero};
 use crate::units::usize_of;
 use format::{DecodeError, Decoder, Encoder, Header, Seal};
 
@@ -155,7 +155,8 @@ impl Sidecars {
                             .into(),
                     ));
                 }
-                let material = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+                let material =
+                    std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
                 if material.len() < 16 {
                     return Err(config_error(
                         path,
@@ -209,7 +210,7 @@ impl Sidecars {
     pub fn import(
         &self,
         image: &ImageFile,
-        consume: &mut dyn FnMut(&[(u64, Digest)]) -> Result<()>,
+        consume: &mut dyn FnMut(&[BlockDigest]) -> Result<()>,
     ) -> std::result::Result<Imported, Refusal> {
         let path = self
             .path_for(&image.path)
@@ -257,7 +258,10 @@ impl Sidecars {
         if !stale.is_empty() {
             return Err(refuse(
                 "stale",
-                format!("the image changed since it was written ({})", stale.join(", ")),
+                format!(
+                    "the image changed since it was written ({})",
+                    stale.join(", ")
+                ),
             ));
         }
         let blocks = header.blocks();
@@ -284,10 +288,9 @@ impl Sidecars {
             let start = block * BLOCK_SIZE;
             let len = usize_of((image.size - start).min(BLOCK_SIZE));
             let data = &mut buf[..len];
-            image
-                .file
-                .read_exact_at(data, start)
-                .map_err(|e| refuse("io", format!("cannot read block {block} of the image: {e}")))?;
+            image.file.read_exact_at(data, start).map_err(|e| {
+                refuse("io", format!("cannot read block {block} of the image: {e}"))
+            })?;
             bytes_read += len as u64;
             let agrees = match expected {
                 None => is_zero(data),
@@ -433,14 +436,17 @@ impl SidecarWriter {
         }
         let encoder = self.encoder.take().ok_or("nothing written")?;
         let tmp = self.tmp.clone();
-        let failed = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", tmp.display());
+        let failed =
+            |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", tmp.display());
         let (out, written) = encoder.finish().map_err(|e| failed("write", e))?;
         if written != fingerprint {
             return Err(format!(
                 "the sidecar's fingerprint {written} is not the capture's {fingerprint} (this is a bug)"
             ));
         }
-        let file = out.into_inner().map_err(|e| failed("write", e.into_error()))?;
+        let file = out
+            .into_inner()
+            .map_err(|e| failed("write", e.into_error()))?;
         file.sync_all().map_err(|e| failed("sync", e))?;
         drop(file);
         std::fs::rename(&self.tmp, &self.path).map_err(|e| failed("rename", e))?;
@@ -498,7 +504,10 @@ mod tests {
             .unwrap()
     }
 
-    fn import(sidecars: &Sidecars, image: &ImageFile) -> std::result::Result<Vec<(u64, Digest)>, Refusal> {
+    fn import(
+        sidecars: &Sidecars,
+        image: &ImageFile,
+    ) -> std::result::Result<Vec<(u64, Digest)>, Refusal> {
         let mut all = Vec::new();
         sidecars.import(image, &mut |r| {
             all.extend_from_slice(r);
@@ -511,7 +520,9 @@ mod tests {
     fn a_written_sidecar_imports_the_same_digests_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let image = image(dir.path(), &[0, 1, 2, 0, 0, 3, 1]);
-        let sidecars = Sidecars::new(Mode::Write, None, None, 1.0).unwrap().unwrap();
+        let sidecars = Sidecars::new(Mode::Write, None, None, 1.0)
+            .unwrap()
+            .unwrap();
         let path = write(&sidecars, &image);
         assert_eq!(path, dir.path().join(".img.raw.vmar-digests"));
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
@@ -523,7 +534,9 @@ mod tests {
     fn a_lying_sidecar_is_caught_by_the_sample() {
         let dir = tempfile::tempdir().unwrap();
         let image = image(dir.path(), &[1, 2, 0, 4]);
-        let sidecars = Sidecars::new(Mode::Write, None, None, 1.0).unwrap().unwrap();
+        let sidecars = Sidecars::new(Mode::Write, None, None, 1.0)
+            .unwrap()
+            .unwrap();
         // Digests of other content, sealed correctly and bound to this image's identity.
         let mut lies = digests_of(&image);
         lies[1].1 = [7; 32];
@@ -550,7 +563,9 @@ mod tests {
     fn stale_untrusted_and_missing_sidecars_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let image = image(dir.path(), &[1, 2, 3]);
-        let sidecars = Sidecars::new(Mode::Write, None, None, 0.0).unwrap().unwrap();
+        let sidecars = Sidecars::new(Mode::Write, None, None, 0.0)
+            .unwrap()
+            .unwrap();
         assert_eq!(import(&sidecars, &image).unwrap_err().kind, "absent");
         let path = write(&sidecars, &image);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
@@ -561,16 +576,24 @@ mod tests {
         let key = dir.path().join("fleet.key");
         std::fs::write(&key, [9u8; 32]).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let keyed = Sidecars::new(Mode::Write, None, Some(&key), 0.0).unwrap().unwrap();
+        let keyed = Sidecars::new(Mode::Write, None, Some(&key), 0.0)
+            .unwrap()
+            .unwrap();
         assert_eq!(import(&keyed, &image).unwrap_err().kind, "untrusted");
         write(&keyed, &image);
         assert!(import(&keyed, &image).is_ok());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(import(&keyed, &image).is_ok(), "keyed: ownership does not matter");
+        assert!(
+            import(&keyed, &image).is_ok(),
+            "keyed: ownership does not matter"
+        );
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(Sidecars::new(Mode::Write, None, Some(&key), 0.0).is_err());
         // The image written after: stale (times), even when the mtime is put back.
-        let f = std::fs::OpenOptions::new().write(true).open(&image.path).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image.path)
+            .unwrap();
         let mtime = std::fs::metadata(&image.path).unwrap().modified().unwrap();
         f.write_all_at(&[5u8; 10], 0).unwrap();
         f.set_modified(mtime).unwrap();
