@@ -815,3 +815,26 @@ fn auto_capture_skips_truncated_files_and_says_why() {
 fn s_(path: &Path) -> String {
     s(path).to_string()
 }
+
+#[test]
+fn sidecar_and_fleet_documents_match_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vmar.toml");
+    std::fs::write(&config, "sidecars = \"write\"\n").unwrap();
+    let daemon = Daemon::start_args(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &["--config", s(&config), "--sim", s(&dir.path().join("kernel"))],
+    );
+    write_image(&dir.path().join("a.raw"), &[Block::Shared(1), Block::Zero], 0);
+    let manifest = dir.path().join("fleet.manifest");
+    std::fs::write(&manifest, "a.raw\n").unwrap();
+    let (ok, doc) = daemon.document(&["capture", "--manifest", s(&manifest), "--host", "h1"]);
+    assert!(ok, "{doc}");
+    assert_shape("capture", &doc);
+    assert_eq!(doc["images"][0]["result"]["sidecar"]["written"], true, "{doc}");
+    let (ok, doc) = daemon.document(&["fleet-status", s(&manifest)]);
+    assert!(ok, "{doc}");
+    assert_shape("fleet-status", &doc);
+}
