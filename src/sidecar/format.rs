@@ -23,6 +23,7 @@ use std::io::{Read, Write};
 use crate::image::BLOCK_SIZE;
 use crate::records::Fingerprint;
 use crate::scan::Digest;
+use crate::units::usize_of;
 
 pub const MAGIC: &[u8; 8] = b"VMARDIGS";
 pub const VERSION: u32 = 1;
@@ -216,6 +217,8 @@ pub struct Decoder<R: Read> {
     nonzero: u64,
     fingerprint: Fingerprint,
     done: bool,
+    /// A segment's digests as read.
+    buf: Vec<u8>,
 }
 
 impl<R: Read> Decoder<R> {
@@ -274,6 +277,7 @@ impl<R: Read> Decoder<R> {
             nonzero: 0,
             fingerprint: Fingerprint::new(size),
             done: false,
+            buf: Vec::new(),
         })
     }
 
@@ -331,12 +335,16 @@ impl<R: Read> Decoder<R> {
         if count > SEGMENT_BLOCKS || count > self.blocks - start {
             return Err(DecodeError::Corrupt("a segment runs past the image".into()));
         }
-        for block in start..start + count {
-            let mut digest = [0u8; 32];
-            self.take(&mut digest)?;
+        // One read and one hash update per segment, not per digest.
+        let mut bytes = std::mem::take(&mut self.buf);
+        bytes.resize(usize_of(count) * 32, 0);
+        self.take(&mut bytes)?;
+        for (block, digest) in (start..).zip(bytes.chunks_exact(32)) {
+            let digest: Digest = digest.try_into().unwrap_or([0; 32]);
             self.fingerprint.push(block, &digest);
             out.push((block, digest));
         }
+        self.buf = bytes;
         self.nonzero += count;
         self.next = start + count;
         Ok(true)
@@ -526,6 +534,7 @@ mod tests {
                 nonzero: 0,
                 fingerprint: Fingerprint::new(0),
                 done: false,
+                buf: Vec::new(),
             };
             assert_eq!(decoder.varint().unwrap(), value);
         }
