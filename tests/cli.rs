@@ -825,15 +825,27 @@ fn sidecar_and_fleet_documents_match_the_schema() {
         dir.path(),
         &dir.path().join("state"),
         &dir.path().join("run/vmard.sock"),
-        &["--config", s(&config), "--sim", s(&dir.path().join("kernel"))],
+        &[
+            "--config",
+            s(&config),
+            "--sim",
+            s(&dir.path().join("kernel")),
+        ],
     );
-    write_image(&dir.path().join("a.raw"), &[Block::Shared(1), Block::Zero], 0);
+    write_image(
+        &dir.path().join("a.raw"),
+        &[Block::Shared(1), Block::Zero],
+        0,
+    );
     let manifest = dir.path().join("fleet.manifest");
     std::fs::write(&manifest, "a.raw\n").unwrap();
     let (ok, doc) = daemon.document(&["capture", "--manifest", s(&manifest), "--host", "h1"]);
     assert!(ok, "{doc}");
     assert_shape("capture", &doc);
-    assert_eq!(doc["images"][0]["result"]["sidecar"]["written"], true, "{doc}");
+    assert_eq!(
+        doc["images"][0]["result"]["sidecar"]["written"], true,
+        "{doc}"
+    );
     let (ok, doc) = daemon.document(&["fleet-status", s(&manifest)]);
     assert!(ok, "{doc}");
     assert_shape("fleet-status", &doc);
