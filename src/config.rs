@@ -20,6 +20,12 @@
 //! # block-device image per check.
 //! image_check_interval = 10
 //! image_check_samples = 64
+//! # Digest sidecars on shared storage (off by default; see `crate::sidecar`): "read" imports
+//! # valid ones, "write" also writes one for each image it hashes.
+//! sidecars = "write"
+//! sidecar_dir = "/srv/images/.vmar"        # default: beside each image, hidden
+//! sidecar_key = "/etc/vmar/fleet.key"      # keyed MAC; without it, only own files are trusted
+//! sidecar_sample = 0.001                   # fraction of blocks read to check an import
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -54,6 +60,14 @@ pub struct Config {
     pub image_check_interval: Option<f64>,
     /// Blocks sampled per block-device image per check [default: 64].
     pub image_check_samples: Option<usize>,
+    /// Digest sidecars: off (default), read or write ([`crate::sidecar::Mode`]).
+    pub sidecars: Option<crate::sidecar::Mode>,
+    /// Directory on the share holding the sidecars [default: beside each image].
+    pub sidecar_dir: Option<PathBuf>,
+    /// Fleet key file: sidecars are sealed and checked with a keyed MAC.
+    pub sidecar_key: Option<PathBuf>,
+    /// Fraction of an imported image's blocks read to check its sidecar [default: 0.001].
+    pub sidecar_sample: Option<f64>,
 }
 
 /// Every key of the file: (key, value type, default, what it does). vmar.toml(5) is made
@@ -88,6 +102,54 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "seconds (0 to 86400, fractions allowed)",
         "30",
         "How long a new file must stay unchanged (size, times, inode) and closed for writing before auto-capture takes it.",
+    ),
+    (
+        "on_image_change",
+        "\"fail-closed\" or \"report\"",
+        "\"fail-closed\"",
+        "What to do with a device whose image (its own, or one its map redirects into) changed after capture: fail-closed swaps its table, while open, for one whose extents of that image are dm error targets (the VM reads EIO there, the rest as before); report keeps serving what the image holds now. Either way the device shows state image-changed and vmard logs it at ERROR.",
+    ),
+    (
+        "refuse_image_writes",
+        "boolean",
+        "true",
+        "Make the kernel refuse opens for writing of images live devices read (fanotify permission events answered by vmard); refusals are logged with the process and the devices. Read at start.",
+    ),
+    (
+        "image_check_interval",
+        "seconds",
+        "10",
+        "Seconds between checks of the images live devices read (writes fanotify reports are checked at once). The window in which a write nobody reports can be served.",
+    ),
+    (
+        "image_check_samples",
+        "integer",
+        "64",
+        "Blocks sampled from each block-device image per periodic check and compared with the catalog's digests.",
+    ),
+    (
+        "sidecars",
+        "\"off\", \"read\" or \"write\"",
+        "\"off\"",
+        "Digest sidecars on shared storage: read imports a valid sidecar instead of hashing the image (reading only a sample of its blocks); write also writes one for each image it hashes.",
+    ),
+    (
+        "sidecar_dir",
+        "absolute path",
+        "beside each image, hidden",
+        "Directory on the share that holds the sidecars, by image file name.",
+    ),
+    (
+        "sidecar_key",
+        "absolute path",
+        "none (only sidecars owned by vmard's user and not writable by others are trusted)",
+        "Fleet key file: sidecars are sealed and checked with a keyed BLAKE3 MAC, so only hosts holding the key write sidecars others accept.",
+    ),
+    (
+        "sidecar_sample",
+        "fraction (0 to 1)",
+        "0.001",
+        "Fraction of an imported image's blocks read and hashed to check its sidecar (at least one block).",
     ),
 ];
 

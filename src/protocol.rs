@@ -255,6 +255,9 @@ pub struct CaptureResult {
     /// Other images whose maps a re-capture changed (they read from the old version).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub changed: Vec<String>,
+    /// What was done with the image's digest sidecar (when `sidecars` is on in vmar.toml).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<crate::sidecar::SidecarReport>,
 }
 
 /// Result of `forget`: the record forgotten and the images whose maps changed.

@@ -58,7 +58,12 @@ impl Fingerprint {
     }
 
     pub fn finish(&self) -> String {
-        format!("blake3:{}", self.0.finalize().to_hex())
+        format!("blake3:{}", self.finish_bytes().to_hex())
+    }
+
+    /// The fingerprint as a hash, for binary formats ([`crate::sidecar`]).
+    pub fn finish_bytes(&self) -> blake3::Hash {
+        self.0.finalize()
     }
 }
 

@@ -208,6 +208,7 @@ pub fn handle(
                 image: captured.record,
                 seconds: started.elapsed().as_secs_f64(),
                 changed: captured.changed,
+                sidecar: captured.sidecar,
             })
         }
         Request::Images => to_value(ImagesResult {

@@ -1574,3 +1574,38 @@ fn the_sos_plugin_is_valid_python_and_collects_vmarctl_json() {
         );
     }
 }
+
+#[test]
+fn sidecar_and_fleet_documents_match_the_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("vmar.toml");
+    std::fs::write(&config, "sidecars = \"write\"\n").unwrap();
+    let daemon = Daemon::start_args(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &[
+            "--config",
+            s(&config),
+            "--sim",
+            s(&dir.path().join("kernel")),
+        ],
+    );
+    write_image(
+        &dir.path().join("a.raw"),
+        &[Block::Shared(1), Block::Zero],
+        0,
+    );
+    let manifest = dir.path().join("fleet.manifest");
+    std::fs::write(&manifest, "a.raw\n").unwrap();
+    let (ok, doc) = daemon.document(&["capture", "--manifest", s(&manifest), "--host", "h1"]);
+    assert!(ok, "{doc}");
+    assert_shape("capture", &doc);
+    assert_eq!(
+        doc["images"][0]["result"]["sidecar"]["written"], true,
+        "{doc}"
+    );
+    let (ok, doc) = daemon.document(&["fleet-status", s(&manifest)]);
+    assert!(ok, "{doc}");
+    assert_shape("fleet-status", &doc);
+}

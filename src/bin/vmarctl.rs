@@ -66,8 +66,16 @@ enum Command {
     /// Hash raw images into the catalog (read-only; a captured, unchanged image is skipped).
     Capture {
         /// Raw images: regular files or block devices.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "manifest", conflicts_with = "manifest")]
         images: Vec<PathBuf>,
+        /// Capture the images a fleet manifest lists (`PATH [NAME]` a line, paths relative
+        /// to the manifest), in its order, then write this host's report of their content
+        /// and map fingerprints to MANIFEST.hosts/HOST (see `fleet-status`).
+        #[arg(long, value_name = "MANIFEST", conflicts_with = "name")]
+        manifest: Option<PathBuf>,
+        /// With --manifest: the name this host reports under [default: the host name].
+        #[arg(long, requires = "manifest")]
+        host: Option<String>,
         /// Name of the image (only with one image; default: file name without extension).
         #[arg(long)]
         name: Option<String>,
@@ -101,6 +109,9 @@ enum Command {
         #[arg(long = "device", value_name = "IMAGE=DEVICE")]
         devices: Vec<String>,
     },
+    /// Compare the reports hosts wrote with `capture --manifest MANIFEST`: which images have
+    /// another content or map on some host (exit status 3 when any differ or are missing).
+    FleetStatus { manifest: PathBuf },
     /// Read an image through its map and prove it equals the image.
     Verify { name: String },
     /// Remove an image from the catalog (maps of later images are rebuilt).
@@ -518,7 +529,35 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
             name,
             recapture,
             force_raw,
-        } => return capture(&ctx, out, images, name.as_deref(), *recapture, *force_raw),
+            manifest: Some(manifest),
+            host,
+        } => {
+            let _ = (images, name);
+            return capture_manifest(&ctx, out, manifest, host.as_deref(), *recapture, *force_raw);
+        }
+        Command::Capture {
+            images,
+            name,
+            recapture,
+            force_raw,
+            manifest: None,
+            host: _,
+        } => {
+            if name.is_some() && images.len() > 1 {
+                bail!(Usage(
+                    "--name applies to one image; capture the images one by one to name them"
+                        .into()
+                ));
+            }
+            let items: Vec<(PathBuf, Option<String>)> =
+                images.iter().map(|p| (p.clone(), name.clone())).collect();
+            let (class, outcomes) = capture(&ctx, out, &items, *recapture, *force_raw)?;
+            if ctx.cli.json {
+                print_json(out, &serde_json::json!({ "images": outcomes }))?;
+            }
+            return Ok(class);
+        }
+        Command::FleetStatus { manifest } => return fleet_status(&ctx, out, manifest),
         Command::Images { table } => images(&ctx, out, table)?,
         Command::Map { name, extents } => map(&ctx, out, name, *extents)?,
         Command::Table { name, devices } => table(&ctx, out, name, devices)?,
@@ -651,18 +690,12 @@ enum CaptureEither {
 fn capture(
     ctx: &Ctx,
     out: &mut dyn Write,
-    images: &[PathBuf],
-    name: Option<&str>,
+    images: &[(PathBuf, Option<String>)],
     recapture: bool,
     force_raw: bool,
-) -> Result<ExitClass> {
-    if name.is_some() && images.len() > 1 {
-        bail!(Usage(
-            "--name applies to one image; capture the images one by one to name them".into()
-        ));
-    }
+) -> Result<(ExitClass, Vec<CaptureOutcome>)> {
     // vmard's protocol and records carry paths as text: refuse others before asking.
-    if let Some(path) = images.iter().find(|p| p.to_str().is_none()) {
+    if let Some((path, _)) = images.iter().find(|(p, _)| p.to_str().is_none()) {
         bail!(Usage(format!(
             "{}: the path is not valid UTF-8, and vmar records image paths as text: rename \
              the file (or its directory) to a UTF-8 name",
@@ -672,12 +705,12 @@ fn capture(
     on_interrupt_of_capture();
     let mut outcomes = Vec::new();
     let mut class = ExitClass::Success;
-    for path in images {
+    for (path, name) in images {
         let absolute = std::path::absolute(path)
             .with_context(|| format!("cannot resolve {}", path.display()))?;
         let request = Request::Capture {
             path: absolute,
-            name: name.map(str::to_string),
+            name: name.clone(),
             recapture,
             force_raw,
         };
@@ -726,10 +759,155 @@ fn capture(
             outcome,
         });
     }
+    Ok((class, outcomes))
+}
+
+/// `capture --manifest`: the manifest's images in its order, then this host's report.
+fn capture_manifest(
+    ctx: &Ctx,
+    out: &mut dyn Write,
+    manifest: &Path,
+    host: Option<&str>,
+    recapture: bool,
+    force_raw: bool,
+) -> Result<ExitClass> {
+    let text = std::fs::read_to_string(manifest)
+        .with_context(|| format!("cannot read {}", manifest.display()))?;
+    let base = std::path::absolute(manifest)?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let entries = vmar::fleet::parse_manifest(&text, &base)
+        .map_err(|e| Usage(format!("{}: {e}", manifest.display())))?;
+    let host = match host {
+        Some(host) => host.to_string(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("cannot read the host name (give --host)")?
+            .trim()
+            .to_string(),
+    };
+    if host.is_empty() || host.contains('/') || host.starts_with('.') {
+        bail!(Usage(format!("--host {host:?}: give a plain name")));
+    }
+    let items: Vec<(PathBuf, Option<String>)> =
+        entries.into_iter().map(|e| (e.path, e.name)).collect();
+    let (class, outcomes) = capture(ctx, out, &items, recapture, force_raw)?;
+    let names: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| match &o.outcome {
+            CaptureEither::Result { result, .. } => Some(result.image.name.clone()),
+            CaptureEither::Error { .. } => None,
+        })
+        .collect();
+    let lines = fleet_lines(ctx, &names)?;
+    let dir = PathBuf::from(format!("{}.hosts", manifest.display()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let report = dir.join(&host);
+    let tmp = dir.join(format!(".{host}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, vmar::fleet::format_report(&lines))
+        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &report))
+        .with_context(|| format!("cannot write {}", report.display()))?;
     if ctx.cli.json {
-        print_json(out, &serde_json::json!({ "images": outcomes }))?;
+        print_json(
+            out,
+            &serde_json::json!({ "images": outcomes, "report": report, "host": host }),
+        )?;
+    } else {
+        writeln!(out, "report of host {host}: {}", report.display())?;
     }
     Ok(class)
+}
+
+/// This host's `name fingerprint map-fingerprint` of each of `names`.
+fn fleet_lines(ctx: &Ctx, names: &[String]) -> Result<Vec<vmar::fleet::Line>> {
+    let images = ctx.images()?.images;
+    let by_id: BTreeMap<u32, Option<String>> = images
+        .iter()
+        .map(|i| (i.id, i.fingerprint.clone()))
+        .collect();
+    let mut lines = Vec::new();
+    for name in names {
+        let map: MapResult = ctx.call(&Request::Map {
+            name: name.clone(),
+            extents: true,
+        })?;
+        let record = images
+            .iter()
+            .find(|i| &i.name == name)
+            .with_context(|| format!("image {name} vanished from the catalog"))?;
+        let extents = map.extents.unwrap_or_default();
+        let blocks = map.size.div_ceil(vmar::image::BLOCK_SIZE);
+        lines.push(vmar::fleet::Line {
+            name: name.clone(),
+            fingerprint: record.fingerprint.clone().unwrap_or_else(|| "-".into()),
+            map: vmar::fleet::map_fingerprint(blocks, &extents, &|id| {
+                by_id.get(&id).cloned().flatten()
+            }),
+        });
+    }
+    Ok(lines)
+}
+
+/// `fleet-status`: the hosts' reports beside a manifest, compared.
+fn fleet_status(ctx: &Ctx, out: &mut dyn Write, manifest: &Path) -> Result<ExitClass> {
+    let dir = PathBuf::from(format!("{}.hosts", manifest.display()));
+    let mut reports = BTreeMap::new();
+    let entries =
+        std::fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let host = entry.file_name().to_string_lossy().into_owned();
+        if host.starts_with('.') {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path())
+            .with_context(|| format!("cannot read {}", entry.path().display()))?;
+        let lines = vmar::fleet::parse_report(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", entry.path().display()))?;
+        reports.insert(host, lines);
+    }
+    let status = vmar::fleet::compare(&reports);
+    let differ = status.iter().filter(|s| !s.same).count();
+    if ctx.cli.json {
+        print_json(
+            out,
+            &serde_json::json!({ "hosts": reports.keys().collect::<Vec<_>>(), "images": status, "differ": differ }),
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{} hosts: {}",
+            reports.len(),
+            reports.keys().cloned().collect::<Vec<_>>().join(", ")
+        )?;
+        for image in &status {
+            if image.same {
+                writeln!(out, "same     {}", image.name)?;
+                continue;
+            }
+            let hosts: Vec<String> = image
+                .hosts
+                .iter()
+                .map(|(host, v)| match v {
+                    None => format!("{host}=missing"),
+                    Some((f, m)) => format!("{host}={}/{}", short(f), short(m)),
+                })
+                .collect();
+            writeln!(out, "DIFFERS  {}: {}", image.name, hosts.join(" "))?;
+        }
+    }
+    Ok(if differ > 0 || reports.is_empty() {
+        ExitClass::CheckFailed
+    } else {
+        ExitClass::Success
+    })
+}
+
+/// The first hex digits of a `blake3:HEX` fingerprint (content/map), enough to tell apart.
+fn short(fingerprint: &str) -> &str {
+    let hex = fingerprint.strip_prefix("blake3:").unwrap_or(fingerprint);
+    hex.get(..12).unwrap_or(hex)
 }
 
 const IMAGE_COLUMNS: &[Column] = &[
@@ -1543,6 +1721,25 @@ fn print_capture(out: &mut dyn Write, result: &CaptureResult, rebuilt: &[String]
     )?;
     if !rebuilt.is_empty() {
         writeln!(out, "rebuilt the maps of {}", rebuilt.join(", "))?;
+    }
+    if let Some(sidecar) = &result.sidecar {
+        let path = sidecar.path.display();
+        if sidecar.imported {
+            writeln!(
+                out,
+                "digests imported from sidecar {path} ({} blocks checked)",
+                sidecar.sampled_blocks
+            )?;
+        }
+        if let Some(why) = &sidecar.refused {
+            writeln!(out, "sidecar {path} refused ({why}); the image was hashed")?;
+        }
+        if sidecar.written {
+            writeln!(out, "sidecar written: {path}")?;
+        }
+        if let Some(why) = &sidecar.write_error {
+            writeln!(out, "sidecar not written: {why}")?;
+        }
     }
     Ok(())
 }

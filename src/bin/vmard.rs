@@ -130,6 +130,7 @@ fn main() -> Result<()> {
     signals.thread_block().context("cannot block signals")?;
 
     let (settings, group) = load_settings(&args)?;
+    let sidecars = load_sidecars(&args)?;
     let catalog = if args.recover {
         let (catalog, recovery) =
             Catalog::recover(&args.state_dir).context("cannot recover the catalog")?;
@@ -146,6 +147,7 @@ fn main() -> Result<()> {
     } else {
         Catalog::open(&args.state_dir).context("cannot open the catalog")?
     };
+    catalog.set_sidecars(sidecars);
     let opener: KernelOpener = match args.sim.clone() {
         Some(dir) => {
             let sim = SimKernel::open(&dir)?;
@@ -219,6 +221,18 @@ fn main() -> Result<()> {
     drop(server);
     tracing::info!("vmard stopped; catalog closed, devices left running");
     Ok(())
+}
+
+/// Digest sidecar use from the configuration file (`sidecars`, `sidecar_*`).
+fn load_sidecars(args: &Args) -> Result<Option<vmar::sidecar::Sidecars>> {
+    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
+    let config = vmar::config::Config::load(&args.config, explicit)?;
+    let sidecars = vmar::sidecar::Sidecars::from_config(&config)
+        .with_context(|| format!("bad sidecar settings in {}", args.config.display()))?;
+    if let Some(s) = &sidecars {
+        tracing::info!(mode = ?s.mode(), "digest sidecars on");
+    }
+    Ok(sidecars)
 }
 
 /// Settings and socket group from the configuration file and the options.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
@@ -31,6 +31,7 @@ use crate::records::{
     decode_digests, decode_extents, encode_digests, encode_extents, seal, unseal,
 };
 use crate::scan::hash_image;
+use crate::sidecar::{SidecarReport, SidecarWriter, Sidecars};
 use crate::spill::{BlockDigests, DigestCollector, Hashed, SortedRedirects, Spill};
 use crate::time::now_secs;
 
@@ -84,6 +85,8 @@ pub struct Captured {
     pub status: CaptureStatus,
     /// Other images whose maps changed (a re-capture: they read from the old version).
     pub changed: Vec<String>,
+    /// What was done with the image's digest sidecar, when sidecars are on.
+    pub sidecar: Option<SidecarReport>,
 }
 
 impl Captured {
@@ -92,6 +95,7 @@ impl Captured {
             record,
             status: CaptureStatus::Unchanged,
             changed: Vec::new(),
+            sidecar: None,
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Catalog {
     backup: Mutex<Option<recover::BackupPosition>>,
     /// The state directory's lock, held while the catalog is open.
     _lock: StateLock,
+    /// Digest sidecars on shared storage ([`crate::sidecar`]); `None` when off.
+    sidecars: RwLock<Option<Arc<Sidecars>>>,
 }
 
 /// Turns any redb error into a catalog error naming the directory.
@@ -236,6 +242,7 @@ impl Catalog {
             spill_records: AtomicUsize::new(crate::spill::DEFAULT_RECORDS),
             backup: Mutex::new(None),
             _lock: lock,
+            sidecars: RwLock::new(None),
         };
         let spilled = crate::spill::remove_leftovers(&dir.join(crate::spill::SPILL_DIR))?;
         if spilled > 0 {
@@ -263,6 +270,17 @@ impl Catalog {
     /// tests and benchmarks; the default keeps about 60 MiB.
     pub fn set_spill_records(&self, records: usize) {
         self.spill_records.store(records.max(2), Ordering::Relaxed);
+    }
+
+    /// Uses digest sidecars for the captures that follow (`None`: off).
+    pub fn set_sidecars(&self, sidecars: Option<Sidecars>) {
+        if let Ok(mut slot) = self.sidecars.write() {
+            *slot = sidecars.map(Arc::new);
+        }
+    }
+
+    fn sidecars(&self) -> Option<Arc<Sidecars>> {
+        self.sidecars.read().ok().and_then(|s| s.clone())
     }
 
     fn spill(&self) -> Result<Spill> {
@@ -536,13 +554,7 @@ impl Catalog {
         }
         let started = std::time::Instant::now();
         let mut spill = self.spill()?;
-        let mut collector = spill.digests(image.size)?;
-        let scan = hash_image(
-            image,
-            &mut |done, total| progress(Progress { done, total }),
-            &mut |records| collector.extend(records),
-        )?;
-        let hashed = collector.finish()?;
+        let (scan, hashed, writer, mut sidecar) = self.digests_of(image, &mut spill, progress)?;
         let hashed_at = started.elapsed();
         fault::point("capture.hashed")?;
         let now = image.current_identity()?;
@@ -551,6 +563,15 @@ impl Catalog {
                 path: image.path.clone(),
                 what: image.identity.describe_change(&now),
             });
+        }
+        if let (Some(writer), Some(report)) = (writer, sidecar.as_mut()) {
+            match writer.commit(&hashed.fingerprint) {
+                Ok(_) => report.written = true,
+                Err(e) => {
+                    tracing::warn!(image = %image.path.display(), "sidecar not written: {e}");
+                    report.write_error = Some(e);
+                }
+            }
         }
         // Changes are serialised: what is checked here stays true until this one commits.
         let mut runs = self.lock()?;
@@ -627,7 +648,92 @@ impl Catalog {
             record,
             status,
             changed,
+            sidecar,
         })
+    }
+
+    /// The digests of `image`: imported from its sidecar when one is valid, else hashed
+    /// (with a new sidecar being written alongside when this host writes them). Both paths
+    /// feed the same collector, so the catalog entry is the same either way.
+    #[allow(clippy::type_complexity)]
+    fn digests_of(
+        &self,
+        image: &ImageFile,
+        spill: &mut Spill,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(
+        crate::scan::ScanStats,
+        Hashed,
+        Option<SidecarWriter>,
+        Option<SidecarReport>,
+    )> {
+        let sidecars = self.sidecars().filter(|_| !image.is_block_device);
+        let mut report = None;
+        if let Some(sidecars) = &sidecars {
+            let mut r = SidecarReport {
+                path: sidecars.path_for(&image.path).unwrap_or_default(),
+                ..SidecarReport::default()
+            };
+            let mut collector = spill.digests(image.size)?;
+            progress(Progress {
+                done: 0,
+                total: image.size,
+            });
+            match sidecars.import(image, &mut |records| collector.extend(records)) {
+                Ok(imported) => {
+                    let hashed = collector.finish()?;
+                    if hashed.fingerprint == imported.fingerprint {
+                        progress(Progress {
+                            done: image.size,
+                            total: image.size,
+                        });
+                        r.imported = true;
+                        r.sampled_blocks = imported.sampled_blocks;
+                        tracing::info!(
+                            image = %image.path.display(),
+                            sidecar = %r.path.display(),
+                            sampled = imported.sampled_blocks,
+                            "digests imported from the sidecar"
+                        );
+                        return Ok((imported.scan, hashed, None, Some(r)));
+                    }
+                    r.refused = Some("corrupt: fingerprint differs (this is a bug)".into());
+                }
+                Err(refusal) if refusal.kind == "absent" => {}
+                Err(refusal) => {
+                    tracing::warn!(
+                        image = %image.path.display(),
+                        sidecar = %r.path.display(),
+                        "sidecar refused, hashing the image: {refusal}"
+                    );
+                    r.refused = Some(refusal.to_string());
+                }
+            }
+            report = Some(r);
+        }
+        let mut writer = match (&sidecars, report.as_mut()) {
+            (Some(sidecars), Some(report)) if sidecars.writes() => match sidecars.writer(image) {
+                Ok(writer) => Some(writer),
+                Err(e) => {
+                    tracing::warn!(image = %image.path.display(), "sidecar not written: {e}");
+                    report.write_error = Some(e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut collector = spill.digests(image.size)?;
+        let scan = hash_image(
+            image,
+            &mut |done, total| progress(Progress { done, total }),
+            &mut |records| {
+                if let Some(writer) = writer.as_mut() {
+                    writer.push(records);
+                }
+                collector.extend(records)
+            },
+        )?;
+        Ok((scan, collector.finish()?, writer, report))
     }
 
     /// Resolves a hashed image against the index and stages it in `txn`: its digests, map,

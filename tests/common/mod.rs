@@ -362,3 +362,20 @@ pub fn alias_node(of: &Path, at: &Path) {
     )
     .unwrap_or_else(|e| panic!("mknod {}: {e}", at.display()));
 }
+
+impl Daemon {
+    /// vmard's process id (for /proc/PID/io).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Bytes vmard has read through read(2)/pread(2) so far (`rchar` of /proc/PID/io): a
+    /// capture that reads an image adds at least its data.
+    pub fn rchar(&self) -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
+        io.lines()
+            .find_map(|l| l.strip_prefix("rchar: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+}

@@ -41,6 +41,16 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "vmarctl capture --recapture /var/lib/vmar/images/base.raw",
     ),
     (
+        "capture",
+        "Capture a fleet's images in the manifest's order and report this host's maps",
+        "vmarctl capture --manifest /srv/images/fleet.manifest",
+    ),
+    (
+        "fleet-status",
+        "Which hosts serve another content or map than the others (exit status 3 if any)",
+        "vmarctl fleet-status /srv/images/fleet.manifest",
+    ),
+    (
         "images",
         "Names and fingerprints, tab-separated, sizes in bytes",
         "vmarctl images --noheadings --separator \"$(printf '\\t')\" -o name,size,fingerprint --units b",
