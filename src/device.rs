@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
 use crate::error::{Error, Result};
-use crate::image::{ImageIdentity, open_unchanged, validate_name};
+use crate::image::{ImageIdentity, validate_name};
 use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
 use crate::map::{BlockMap, ImageId};
 use crate::protocol::{
@@ -53,7 +53,8 @@ pub fn plan(catalog: &Catalog, kernel: &dyn Kernel, image: &str, max_targets: u6
     let mut loops = BTreeMap::new();
     let attached = kernel.loops()?;
     for (id, other) in catalog.sources_of(&record, &map)? {
-        let file = open_unchanged(&other.name, &other.path, &other.identity)?;
+        // The captured file, or vmar's hold on it once its name is gone.
+        let file = crate::holds::open_captured(catalog, &other)?;
         let mut hold = None;
         // An existing one may go away between the scan and the open (autoclear).
         if let Some(info) = existing_loop(&attached, &file.path, &file.identity) {

@@ -15,6 +15,7 @@ pub mod device;
 pub mod error;
 pub mod fault;
 pub mod hash;
+pub mod holds;
 pub mod image;
 pub mod index;
 pub mod kernel;

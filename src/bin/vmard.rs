@@ -112,6 +112,8 @@ fn main() -> Result<()> {
     let opener: KernelOpener = match args.sim.clone() {
         Some(dir) => {
             let sim = SimKernel::open(&dir)?;
+            // The simulated loop devices find deleted images through vmar's holds.
+            sim.add_link_dir(&args.state_dir.join(vmar::holds::HOLDS_DIR))?;
             Box::new(move || Ok(Arc::new(Checked(sim.clone())) as Arc<dyn Kernel>))
         }
         None => Box::new(|| Ok(Arc::new(Checked(RealKernel::open()?)) as Arc<dyn Kernel>)),
@@ -142,6 +144,7 @@ fn main() -> Result<()> {
     );
 
     start_auto_capture(&args, server.socket())?;
+    vmar::service::hold_older_images(Arc::clone(server.context()));
 
     let stopper = server.stopper();
     let context = Arc::clone(server.context());
@@ -217,7 +220,8 @@ fn start_auto_capture(args: &Args, socket: &std::path::Path) -> Result<()> {
     let settle = config.auto_capture_settle(&args.config)?;
     let mut roots = config.image_roots.clone();
     roots.extend(args.image_roots.iter().cloned());
-    vmar::watch::start(roots, socket.to_path_buf(), settle).context("cannot start auto-capture")
+    vmar::watch::start(roots, socket.to_path_buf(), args.state_dir.clone(), settle)
+        .context("cannot start auto-capture")
 }
 
 /// SIGHUP: re-reads the configuration; a bad one is reported and the old one kept.

@@ -131,6 +131,7 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
     }
 }
 
+mod held;
 mod rebuild;
 mod recover;
 mod store;
