@@ -155,7 +155,8 @@ impl Holds {
                 return Ok(Held::Yes(true));
             }
             Err(nix::errno::Errno::EXDEV) => format!(
-                "the state directory {} is on another file system than the image",
+                "{} is on another file system than the image (or, under systemd's \
+                 ProtectSystem=, another mount of it)",
                 self.dir.display()
             ),
             Err(nix::errno::Errno::ENOENT) => "deleted before vmar could hold it".to_string(),
@@ -515,4 +516,97 @@ pub fn hold_older_images<G>(catalog: &Catalog, serialise: impl Fn() -> G) -> Res
         }
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn write(path: &Path) {
+        let bytes: Vec<u8> = (0..8 * 4096u32).map(|i| (i / 4096 + 1) as u8).collect();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn images_captured_before_holds_are_held_once_proven_and_outlive_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let state = dir.path().join("state");
+        let catalog = Catalog::open(&state).unwrap();
+        // Captured as a vmar without holds did: no link.
+        let image = ImageFile::open(&path).unwrap();
+        let (dev, ino) = (image.identity.dev, image.identity.ino);
+        catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+        let holds = Holds::of(&state);
+        assert!(!holds.holds(dev, ino));
+        let before = catalog.image("img").unwrap().identity;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(hold_older_images(&catalog, || ()).unwrap(), 1);
+        assert!(holds.holds(dev, ino));
+        // The link moved the ctime; the identity recorded is the one after it, proven.
+        let after = catalog.image("img").unwrap().identity;
+        assert_ne!(before.ctime_ns, after.ctime_ns);
+        assert!(open_captured(&catalog, &catalog.image("img").unwrap()).is_ok());
+        // Its name goes: served from the hold, once proven again.
+        std::fs::remove_file(&path).unwrap();
+        let held = open_captured(&catalog, &catalog.image("img").unwrap()).unwrap();
+        assert_eq!(held.path, holds.path(dev, ino));
+        assert_eq!(
+            catalog.content_fingerprint(&held).unwrap(),
+            catalog.image("img").unwrap().fingerprint.unwrap()
+        );
+        // Nothing reads it and no map redirects into it: released.
+        assert_eq!(release_unneeded(&catalog).unwrap(), ["img"]);
+        assert!(!holds.holds(dev, ino));
+        assert!(open_captured(&catalog, &catalog.image("img").unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_held_file_written_and_then_unnamed_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let state = dir.path().join("state");
+        let catalog = Catalog::open(&state).unwrap();
+        let mut image = ImageFile::open(&path).unwrap();
+        let pending = prepare_capture(&catalog, &mut image, false).unwrap();
+        catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+        finish_capture(&catalog, pending, &image);
+        assert!(Holds::of(&state).holds(image.identity.dev, image.identity.ino));
+        // Same size, mtime put back, then the name goes: only the content can tell.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_at(&[0xee; 4096], 4096).unwrap();
+        file.set_modified(mtime).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = open_captured(&catalog, &catalog.image("img").unwrap()).unwrap_err();
+        assert!(err.to_string().contains("not the captured one"), "{err}");
+        // And the record keeps its old identity: nothing was re-established.
+        assert_eq!(catalog.image("img").unwrap().identity, image.identity);
+    }
+
+    #[test]
+    fn what_cannot_be_held_is_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let image = ImageFile::open(&path).unwrap();
+        // A holds directory on another file system: /dev/shm (tmpfs) when the test's
+        // directory is not on it.
+        let shm = Path::new("/dev/shm");
+        let other = std::fs::metadata(shm)
+            .is_ok_and(|m| m.dev() != std::fs::metadata(dir.path()).unwrap().dev());
+        if other {
+            let state = tempfile::tempdir_in(shm).unwrap();
+            match Holds::of(state.path()).hold(&image).unwrap() {
+                Held::No(why) => assert!(why.contains("another file system"), "{why}"),
+                Held::Yes(_) => panic!("held across file systems"),
+            }
+        }
+        let state = dir.path().join("state");
+        assert_eq!(Holds::of(&state).hold(&image).unwrap(), Held::Yes(true));
+        assert_eq!(Holds::of(&state).hold(&image).unwrap(), Held::Yes(false));
+    }
 }

@@ -815,3 +815,64 @@ fn auto_capture_skips_truncated_files_and_says_why() {
 fn s_(path: &Path) -> String {
     s(path).to_string()
 }
+
+#[test]
+fn auto_capture_does_not_take_a_forgotten_image_back_until_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, root) = auto_daemon(dir.path());
+    let path = root.join("old.raw");
+    write_image(&path, &(0..4).map(Block::Unique).collect::<Vec<_>>(), 0);
+    wait_for(&daemon, "capture of old", |r| captured_names(r) == ["old"]);
+    let (ok, _) = daemon.document(&["forget", "old"]);
+    assert!(ok);
+    // The file is still in the root at the next start: it stays forgotten.
+    drop(daemon);
+    let (daemon, _) = auto_daemon(dir.path());
+    let report = wait_for(&daemon, "skip of the forgotten image", |r| {
+        r["auto_capture"]["skipped"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|e| e["path"] == s_(&path) && e["kind"] == "forgotten")
+        })
+    });
+    assert!(captured_names(&report).is_empty(), "{report:#}");
+    // Changed since: a new image to take.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&common::block_bytes(&Block::Unique(9)))
+        .unwrap();
+    drop(file);
+    let report = wait_for(&daemon, "capture of the changed file", |r| {
+        captured_names(r) == ["old"]
+    });
+    assert_eq!(report["images"][0]["size"], 5 * BLOCK);
+}
+
+#[test]
+fn a_recapture_clears_auto_captures_stale_changed_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, root) = auto_daemon(dir.path());
+    let cut = root.join("cut.raw");
+    write_image(&cut, &(0..8).map(Block::Unique).collect::<Vec<_>>(), 0);
+    wait_for(&daemon, "capture of cut", |r| captured_names(r) == ["cut"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(4 * BLOCK as u64)
+        .unwrap();
+    let skipped_cut = |r: &Value| {
+        r["auto_capture"]["skipped"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|e| e["path"] == s_(&cut)))
+    };
+    wait_for(&daemon, "the image-changed skip", skipped_cut);
+    let (ok, out) = daemon.document(&["capture", "--recapture", s(&cut)]);
+    assert!(ok, "{out}");
+    let report = auto_report(&daemon);
+    assert!(!skipped_cut(&report), "stale skip left: {report:#}");
+    let out = daemon.ctl(&["images"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("cut.raw"), "{stderr}");
+}
