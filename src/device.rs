@@ -695,7 +695,7 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
             let known = captured
                 .iter()
                 .find(|i| l.backs(&i.path, &i.identity))
-                .map(|i| i.path.clone());
+                .map(|i| crate::holds::current_path(catalog, i));
             let Some(path) = known.or_else(|| l.backing.clone()) else {
                 continue;
             };

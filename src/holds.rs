@@ -232,6 +232,21 @@ fn names(path: &Path, identity: &ImageIdentity) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.dev() == identity.dev && m.ino() == identity.ino)
 }
 
+/// A path that reads image `record`'s captured file now: its own while it names that file,
+/// else vmar's hold on it (for page-cache figures; serving goes through [`open_captured`]).
+pub fn current_path(catalog: &Catalog, record: &ImageRecord) -> PathBuf {
+    let id = &record.identity;
+    if id.is_block_device() || names(&record.path, id) {
+        return record.path.clone();
+    }
+    let holds = Holds::of(catalog.dir());
+    if holds.holds(id.dev, id.ino) {
+        holds.path(id.dev, id.ino)
+    } else {
+        record.path.clone()
+    }
+}
+
 /// Makes the hold of an image about to be captured, before its identity is taken (the link
 /// changes its ctime): `image.identity` is taken again after it. Nothing is held for an image
 /// captured already with this identity (a no-op capture), nor for one the capture would
@@ -454,27 +469,35 @@ pub fn release_unneeded(catalog: &Catalog) -> Result<Vec<String>> {
         if is_pending((dev, ino)) {
             continue;
         }
-        let record = images.iter().find(|r| {
-            !r.identity.is_block_device() && r.identity.dev == dev && r.identity.ino == ino
-        });
-        let label = match record {
-            None => format!("{dev:x}-{ino:x} (no image)"),
-            Some(record) => {
-                if names(&record.path, &record.identity) {
-                    continue;
-                }
-                if kept.is_none() {
-                    kept = Some(kept_by(catalog)?);
-                }
-                let needed = kept
-                    .as_ref()
-                    .and_then(|k| k.get(&record.name))
-                    .is_some_and(|k| !k.devices.is_empty() || !k.images.is_empty());
-                if needed {
-                    continue;
-                }
-                record.name.clone()
+        // Every image of that inode (a file captured again under another name shares it).
+        let records: Vec<&ImageRecord> = images
+            .iter()
+            .filter(|r| {
+                !r.identity.is_block_device() && r.identity.dev == dev && r.identity.ino == ino
+            })
+            .collect();
+        let label = if records.is_empty() {
+            format!("{dev:x}-{ino:x} (no image)")
+        } else {
+            if records.iter().any(|r| names(&r.path, &r.identity)) {
+                continue;
             }
+            if kept.is_none() {
+                kept = Some(kept_by(catalog)?);
+            }
+            let needed = records.iter().any(|r| {
+                kept.as_ref()
+                    .and_then(|k| k.get(&r.name))
+                    .is_some_and(|k| !k.devices.is_empty() || !k.images.is_empty())
+            });
+            if needed {
+                continue;
+            }
+            records
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         if holds.release(dev, ino)? {
             tracing::info!(image = %label, "hold released: its file is gone and nothing reads it");

@@ -849,6 +849,16 @@ fn a_deleted_image_is_held_restored_after_a_reboot_and_released_when_unneeded() 
     );
     assert_eq!(kernel.read_device("base").unwrap(), bytes[0]);
     assert_eq!(kernel.read_device("web").unwrap(), bytes[1]);
+    // Page-cache figures of a deleted image come from its hold.
+    let stats = ok(&daemon, &["stats", "base"]);
+    assert!(
+        stats["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["path"].as_str().unwrap().contains("/state/holds/")),
+        "{stats}"
+    );
     // A new device of a deleted image is served from the hold too.
     ok(&daemon, &["create", "web2", "web"]);
     assert_eq!(kernel.read_device("web2").unwrap(), bytes[1]);
