@@ -261,10 +261,10 @@ pub fn prepare_capture(
         return Ok(None);
     }
     let key = (image.identity.dev, image.identity.ino);
-    if let Some(record) = catalog.image_at(&image.path)? {
-        if record.identity == image.identity || !recapture {
-            return Ok(None);
-        }
+    if let Some(record) = catalog.image_at(&image.path)?
+        && (record.identity == image.identity || !recapture)
+    {
+        return Ok(None);
     }
     // An older image being held and proven right now: its identity is moving.
     let Some(pending) = Pending::new(key) else {
@@ -547,7 +547,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     fn write(path: &Path) {
-        let bytes: Vec<u8> = (0..8 * 4096u32).map(|i| (i / 4096 + 1) as u8).collect();
+        let bytes: Vec<u8> = (1..=8u8).flat_map(|b| [b; 4096]).collect();
         std::fs::write(path, bytes).unwrap();
     }
 
