@@ -251,6 +251,13 @@ fn block_device_images_get_one_loop_device_each_whatever_node_names_them() {
     let daemon = Daemon::start_sim(dir.path(), "");
     for (node, name) in nodes.iter().zip(["base", "web"]) {
         ok(&daemon, &["capture", s(node), "--name", name]);
+        // A block device cannot be held (deleting a node frees nothing), and images says so.
+        let file = file_of(&daemon, name);
+        assert!(file["hold"].is_null(), "{file}");
+        assert!(
+            file["not_held"].as_str().unwrap().contains("block device"),
+            "{file}"
+        );
     }
     for (name, image) in [("base", "base"), ("web", "web"), ("web2", "web")] {
         let out = ok(&daemon, &["create", name, image]);
