@@ -729,8 +729,10 @@ fn auto_capture_waits_for_a_slow_writer_to_finish() {
         file.write_all(block).unwrap();
     }
     drop(file);
+    // The watcher records the capture once vmard has answered it, a moment after the
+    // catalog shows it: wait for both.
     let report = wait_for(&daemon, "capture of slow", |r| {
-        captured_names(r) == ["slow"]
+        captured_names(r) == ["slow"] && r["auto_capture"]["captured"][0]["path"] == s_(&path)
     });
     assert_eq!(report["images"][0]["size"], 6 * BLOCK);
     assert_eq!(report["auto_capture"]["captured"][0]["path"], s(&path));
