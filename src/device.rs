@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
 use crate::error::{Error, Result};
-use crate::image::{ImageIdentity, open_unchanged, validate_name};
+use crate::image::{ImageIdentity, validate_name};
 use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
 use crate::map::{BlockMap, ImageId};
 use crate::protocol::{
@@ -72,7 +72,8 @@ fn plan_with(
             changed.push(other.name);
             continue;
         }
-        let file = match open_unchanged(&other.name, &other.path, &other.identity)
+        // The captured file, or vmar's hold on it once its name is gone.
+        let file = match crate::holds::open_captured(catalog, &other)
             .and_then(|file| crate::guard::check_block_image(catalog, &other).map(|()| file))
         {
             Ok(file) => file,
@@ -786,7 +787,7 @@ pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Resu
             let known = captured
                 .iter()
                 .find(|i| l.backs(&i.path, &i.identity))
-                .map(|i| i.path.clone());
+                .map(|i| crate::holds::current_path(catalog, i));
             let Some(path) = known.or_else(|| l.backing.clone()) else {
                 continue;
             };

@@ -354,15 +354,23 @@ impl ImageFile {
     /// Refuses a regular file with more than one hard link: a link planted inside an image
     /// root could otherwise expose a file from outside it.
     pub fn check_single_link(&self) -> Result<()> {
+        self.check_links(|_, _| false)
+    }
+
+    /// [`ImageFile::check_single_link`], also allowing exactly one more link when `ours`
+    /// says it is vmar's own hold on the file (device, inode; see [`crate::holds`]). Links
+    /// made by anyone else are still refused.
+    pub fn check_links(&self, ours: impl Fn(u64, u64) -> bool) -> Result<()> {
         if self.is_block_device {
             return Ok(());
         }
-        let links = self
+        let meta = self
             .file
             .metadata()
-            .map_err(|e| Error::io("cannot stat", &self.path, e))?
-            .nlink();
-        if links > 1 {
+            .map_err(|e| Error::io("cannot stat", &self.path, e))?;
+        let links = meta.nlink();
+        let held = links == 2 && ours(meta.dev(), meta.ino());
+        if links > 1 && !held {
             return Err(Error::HardLinked {
                 path: self.path.clone(),
                 links,

@@ -19,6 +19,7 @@ pub mod fault;
 pub mod fleet;
 pub mod guard;
 pub mod hash;
+pub mod holds;
 pub mod hook;
 pub mod image;
 pub mod index;

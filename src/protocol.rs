@@ -271,7 +271,7 @@ pub struct ForgetResult {
 /// Result of `images`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImagesResult {
-    pub images: Vec<ImageRecord>,
+    pub images: Vec<ImageEntry>,
     /// What auto-capture did, when it is on (`auto_capture` in vmar.toml).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_capture: Option<AutoCaptureReport>,
@@ -505,4 +505,67 @@ pub struct VerifyReport {
     /// Wall time of the verification, in microseconds.
     #[serde(default)]
     pub micros: u64,
+}
+
+/// One image of `images`: its record's fields and `file`, where its file stands. (Written
+/// out by hand: serde's `flatten` cannot carry the record's 128-bit times.)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageEntry {
+    pub record: ImageRecord,
+    /// Absent from vmards that did not report it.
+    pub file: Option<ImageFileState>,
+}
+
+impl Serialize for ImageEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut value = serde_json::to_value(&self.record).map_err(S::Error::custom)?;
+        if let (Some(object), Some(file)) = (value.as_object_mut(), &self.file) {
+            object.insert(
+                "file".into(),
+                serde_json::to_value(file).map_err(S::Error::custom)?,
+            );
+        }
+        value.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ImageEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut value = serde_json::Value::deserialize(d)?;
+        let file = match value.as_object_mut().and_then(|o| o.remove("file")) {
+            Some(file) => Some(serde_json::from_value(file).map_err(D::Error::custom)?),
+            None => None,
+        };
+        let record = serde_json::from_value(value).map_err(D::Error::custom)?;
+        Ok(ImageEntry { record, file })
+    }
+}
+
+impl std::ops::Deref for ImageEntry {
+    type Target = ImageRecord;
+    fn deref(&self) -> &ImageRecord {
+        &self.record
+    }
+}
+
+/// Where a captured image's file stands, and what keeps it (see [`crate::holds`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFileState {
+    /// `present`: its path names the captured file; `gone`: deleted, renamed, or the path
+    /// names another file now.
+    pub state: String,
+    /// vmar's hold on the captured file (a hard link in the state directory), if any.
+    pub hold: Option<PathBuf>,
+    /// Why there is no hold.
+    pub not_held: Option<String>,
+    pub kept_by: KeptBy,
+}
+
+/// What needs an image: saved devices that read it, images whose maps redirect into it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptBy {
+    pub devices: Vec<String>,
+    pub images: Vec<String>,
 }

@@ -38,6 +38,11 @@ impl ImageRoots {
 
     /// Opens the image at `path` read-only if it lies inside a root.
     pub fn open(&self, path: &Path) -> Result<ImageFile> {
+        self.open_held(path, None)
+    }
+
+    /// [`ImageRoots::open`], allowing the one extra link that is vmar's own hold in `holds`.
+    pub fn open_held(&self, path: &Path, holds: Option<&crate::holds::Holds>) -> Result<ImageFile> {
         let canonical = path
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", path, e))?;
@@ -68,7 +73,7 @@ impl ImageRoots {
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         let image = ImageFile::from_file(canonical, file)?;
-        image.check_single_link()?;
+        image.check_links(|dev, ino| holds.is_some_and(|h| h.holds(dev, ino)))?;
         Ok(image)
     }
 
@@ -145,5 +150,35 @@ mod tests {
         );
         assert!(roots.contains_lexically(&root.join("a/../b.raw")));
         assert!(!roots.contains_lexically(&root.join("../secret.raw")));
+    }
+
+    #[test]
+    fn vmars_own_hold_is_the_only_extra_link_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        std::fs::create_dir_all(&root).unwrap();
+        let image = root.join("base.raw");
+        std::fs::write(&image, [3u8; 4096]).unwrap();
+        let holds = crate::holds::Holds::of(&dir.path().join("state"));
+        let roots = ImageRoots::new(std::slice::from_ref(&root)).unwrap();
+        let opened = roots.open_held(&image, Some(&holds)).unwrap();
+        assert_eq!(holds.hold(&opened).unwrap(), crate::holds::Held::Yes(true));
+        // Held by vmar: still capturable, by vmar; a plain open (no holds known) refuses.
+        assert!(roots.open_held(&image, Some(&holds)).is_ok());
+        assert_eq!(roots.open(&image).unwrap_err().kind(), "hard-linked");
+        // Anyone else's link on top of vmar's hold is refused.
+        std::fs::hard_link(&image, dir.path().join("theirs")).unwrap();
+        assert_eq!(
+            roots.open_held(&image, Some(&holds)).unwrap_err().kind(),
+            "hard-linked"
+        );
+        // And a file linked by someone else is not vmar's however the hold directory looks.
+        let other = root.join("other.raw");
+        std::fs::write(&other, [4u8; 4096]).unwrap();
+        std::fs::hard_link(&other, dir.path().join("elsewhere")).unwrap();
+        assert_eq!(
+            roots.open_held(&other, Some(&holds)).unwrap_err().kind(),
+            "hard-linked"
+        );
     }
 }

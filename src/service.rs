@@ -18,9 +18,9 @@ use crate::error::{Error, Result};
 use crate::image::validate_name;
 use crate::kernel::Kernel;
 use crate::protocol::{
-    CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageRef, ImagesResult,
-    MapResult, MetricsResult, PROTOCOL_VERSION, PingResult, Progress, Redirecting, Request,
-    TableResult,
+    CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageEntry, ImageRef,
+    ImagesResult, MapResult, MetricsResult, PROTOCOL_VERSION, PingResult, Progress, Redirecting,
+    Request, TableResult,
 };
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
@@ -113,9 +113,10 @@ impl Context {
             }
             Err(e) => return Err(e),
         };
-        let report = device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets);
+        let report = device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets)?;
         crate::guard::poke();
-        report
+        release_holds(&self.catalog);
+        Ok(report)
     }
 
     /// Checks the images that live devices read and applies the policy to the devices of
@@ -172,6 +173,25 @@ impl Context {
     }
 }
 
+/// Holds, in the background, the images captured before vmar held its images (see
+/// [`crate::holds::hold_older_images`]): each is hashed once, which a start must not wait for.
+pub fn hold_older_images(ctx: Arc<Context>) {
+    let spawned = std::thread::Builder::new()
+        .name("vmard-holds".into())
+        .spawn(
+            move || match crate::holds::hold_older_images(&ctx.catalog, || ctx.changes()) {
+                Ok(0) => {}
+                Ok(held) => {
+                    tracing::info!(held, "images captured before holds existed are held now")
+                }
+                Err(e) => tracing::warn!("older images not held: {e}"),
+            },
+        );
+    if let Err(e) = spawned {
+        tracing::warn!("older images not held: {e}");
+    }
+}
+
 fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
     serde_json::to_value(result).map_err(|e| Error::Protocol(format!("cannot encode reply: {e}")))
 }
@@ -198,11 +218,14 @@ pub fn handle(
             force_raw,
         } => {
             let started = Instant::now();
-            let image = open_image(&settings, &path, force_raw)?;
+            let mut image = open_image(catalog, &settings, &path, force_raw)?;
             // Re-capture rewrites maps that devices may use: checked and done under the lock.
             let _changes = recapture.then(|| ctx.changes());
-            let captured =
-                catalog.capture_changing(&image, name.as_deref(), recapture, progress)?;
+            let pending = crate::holds::prepare_capture(catalog, &mut image, recapture)?;
+            let captured = catalog.capture_changing(&image, name.as_deref(), recapture, progress);
+            crate::holds::finish_capture(catalog, pending, &image);
+            let captured = captured?;
+            crate::watch::captured(catalog.dir(), &captured.record);
             to_value(CaptureResult {
                 status: captured.status,
                 image: captured.record,
@@ -211,10 +234,21 @@ pub fn handle(
                 sidecar: captured.sidecar,
             })
         }
-        Request::Images => to_value(ImagesResult {
-            images: catalog.images()?,
-            auto_capture: crate::watch::report(),
-        }),
+        Request::Images => {
+            let images = catalog.images()?;
+            let files = crate::holds::file_states(catalog, &images)?;
+            to_value(ImagesResult {
+                images: images
+                    .into_iter()
+                    .zip(files)
+                    .map(|(record, file)| ImageEntry {
+                        record,
+                        file: Some(file),
+                    })
+                    .collect(),
+                auto_capture: crate::watch::report(),
+            })
+        }
         Request::Map { name, extents } => {
             validate_name(&name)?;
             let (record, map) = catalog.map(&name)?;
@@ -250,6 +284,8 @@ pub fn handle(
                 device::prune(catalog, kernel.as_ref())?;
             }
             let (image, changed) = catalog.forget(&name)?;
+            release_holds(catalog);
+            crate::watch::forgotten(catalog.dir(), &image);
             to_value(ForgetResult { image, changed })
         }
         Request::Create {
@@ -261,8 +297,7 @@ pub fn handle(
         } => {
             validate_name(&name)?;
             let image = if capture && image.starts_with('/') {
-                let file = open_image(&settings, Path::new(&image), force_raw)?;
-                catalog.capture(&file, None, false, progress)?.0.name
+                capture_held(catalog, &settings, Path::new(&image), force_raw, progress)?
             } else {
                 device::image_name(catalog, &settings.roots, &image)?
             };
@@ -284,10 +319,13 @@ pub fn handle(
         } => {
             validate_name(&name)?;
             let image = match image {
-                Some(image) if capture && image.starts_with('/') => {
-                    let file = open_image(&settings, Path::new(&image), force_raw)?;
-                    Some(catalog.capture(&file, None, false, progress)?.0.name)
-                }
+                Some(image) if capture && image.starts_with('/') => Some(capture_held(
+                    catalog,
+                    &settings,
+                    Path::new(&image),
+                    force_raw,
+                    progress,
+                )?),
                 Some(image) => Some(device::image_name(catalog, &settings.roots, &image)?),
                 None => None,
             };
@@ -309,7 +347,9 @@ pub fn handle(
         Request::Remove { name, deferred } => {
             let kernel = kernel_for(ctx, Some(&name))?;
             let _changes = ctx.changes();
-            to_value(device::remove(catalog, kernel.as_ref(), &name, deferred)?)
+            let removed = device::remove(catalog, kernel.as_ref(), &name, deferred)?;
+            release_holds(catalog);
+            to_value(removed)
         }
         Request::List => {
             let mut devices = device::list(catalog, ctx.kernel()?.as_ref(), max_targets)?;
@@ -453,8 +493,36 @@ fn kernel_for(ctx: &Context, name: Option<&str>) -> Result<Arc<dyn Kernel>> {
     ctx.kernel()
 }
 
-/// Opens an image to capture: absolute, inside the image roots, raw unless forced.
+/// Releases the holds nothing needs any more (see [`crate::holds::release_unneeded`]); a
+/// failure is logged: the change that asked for it is done.
+fn release_holds(catalog: &Catalog) {
+    if let Err(e) = crate::holds::release_unneeded(catalog) {
+        tracing::warn!("holds not released: {e}");
+    }
+}
+
+/// Opens an image to capture: absolute, inside the image roots (vmar's own hold is the one
+/// extra link allowed), raw unless forced.
+/// Captures the image at `path` for a device (`create --capture`, `ensure --capture`), with
+/// vmar's hold made before its identity is taken; returns its name.
+fn capture_held(
+    catalog: &Catalog,
+    settings: &Settings,
+    path: &Path,
+    force_raw: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<String> {
+    let mut file = open_image(catalog, settings, path, force_raw)?;
+    let pending = crate::holds::prepare_capture(catalog, &mut file, false)?;
+    let captured = catalog.capture(&file, None, false, progress);
+    crate::holds::finish_capture(catalog, pending, &file);
+    let record = captured?.0;
+    crate::watch::captured(catalog.dir(), &record);
+    Ok(record.name)
+}
+
 fn open_image(
+    catalog: &Catalog,
     settings: &Settings,
     path: &Path,
     force_raw: bool,
@@ -465,7 +533,8 @@ fn open_image(
             crate::error::shorten(&path.display().to_string())
         )));
     }
-    let image = settings.roots.open(path)?;
+    let holds = crate::holds::Holds::of(catalog.dir());
+    let image = settings.roots.open_held(path, Some(&holds))?;
     if !force_raw {
         image.check_raw()?;
     }

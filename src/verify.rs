@@ -20,7 +20,7 @@ use rayon::prelude::*;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::image::{BLOCK_SIZE, ImageFile, open_unchanged};
+use crate::image::{BLOCK_SIZE, ImageFile};
 use crate::map::{ImageId, Source};
 use crate::protocol::Progress;
 use crate::scan::{data_ranges, is_zero};
@@ -155,7 +155,7 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let started = Instant::now();
     let (record, map) = catalog.map(name)?;
-    let image = open_unchanged(&record.name, &record.path, &record.identity)?;
+    let image = crate::holds::open_captured(catalog, &record)?;
     let data = data_ranges(&image.file, record.size, &image.path)?;
     // Every image the map reads from: itself (redirects within the image) and the others.
     let mut others = BTreeMap::new();
@@ -163,7 +163,7 @@ pub fn verify(
         if id == record.id {
             continue;
         }
-        let file = open_unchanged(&other.name, &other.path, &other.identity)?;
+        let file = crate::holds::open_captured(catalog, &other)?;
         others.insert(id, (other.name, Reader::open(file)));
     }
     let sources = Sources {

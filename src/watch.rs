@@ -79,6 +79,92 @@ struct Stamp {
     ino: u64,
 }
 
+/// Forgotten images (`vmarctl forget`) whose files auto-capture leaves alone while they stay
+/// as they were, in the state directory so that it holds across restarts.
+pub const FORGOTTEN_FILE: &str = "auto-capture-forgotten.json";
+
+/// A forgotten file as it was when it was forgotten.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Forgotten {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+fn forgotten_list(state_dir: &Path) -> Vec<Forgotten> {
+    std::fs::read(state_dir.join(FORGOTTEN_FILE))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default()
+}
+
+fn save_forgotten(state_dir: &Path, list: &[Forgotten]) -> Result<()> {
+    let path = state_dir.join(FORGOTTEN_FILE);
+    let tmp = state_dir.join(format!("{FORGOTTEN_FILE}.tmp"));
+    let bytes = serde_json::to_vec(list)
+        .map_err(|e| Error::Protocol(format!("cannot encode {FORGOTTEN_FILE}: {e}")))?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(state_dir)?.sync_all()
+    };
+    write().map_err(|e| Error::io("cannot write", &path, e))
+}
+
+fn forgotten_entry(path: &Path) -> Option<Forgotten> {
+    let meta = std::fs::metadata(path).ok()?;
+    meta.file_type().is_file().then(|| Forgotten {
+        path: path.to_path_buf(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+    })
+}
+
+/// Image `record` was forgotten: auto-capture will not take its file back unless the file
+/// changes (kept in the state directory, so a restart does not undo the forget). Call after
+/// vmar's hold is released (which changes the file's ctime).
+pub fn forgotten(state_dir: &Path, record: &crate::records::ImageRecord) {
+    let Some(entry) = forgotten_entry(&record.path) else {
+        return;
+    };
+    let mut list = forgotten_list(state_dir);
+    list.retain(|f| f.path != record.path);
+    list.push(entry);
+    if let Err(e) = save_forgotten(state_dir, &list) {
+        tracing::warn!("auto-capture may take {} back: {e}", record.path.display());
+    }
+}
+
+/// Image `record` was captured (by anyone): what auto-capture skipped of its path before is
+/// stale, and a forget of it no longer applies.
+pub fn captured(state_dir: &Path, record: &crate::records::ImageRecord) {
+    with_report(|r| r.skipped.retain(|s| s.path != record.path));
+    let mut list = forgotten_list(state_dir);
+    let before = list.len();
+    list.retain(|f| f.path != record.path);
+    if list.len() != before
+        && let Err(e) = save_forgotten(state_dir, &list)
+    {
+        tracing::warn!("{e}");
+    }
+}
+
+/// Whether `path` was forgotten and is unchanged since.
+fn forgotten_unchanged(state_dir: &Path, path: &Path) -> bool {
+    let list = forgotten_list(state_dir);
+    list.iter()
+        .any(|f| f.path == path && forgotten_entry(path).as_ref() == Some(f))
+}
+
 fn stamp(path: &Path) -> std::io::Result<Option<Stamp>> {
     let meta = std::fs::metadata(path)?;
     if !meta.file_type().is_file() {
@@ -139,6 +225,8 @@ struct Waiting {
 /// The watcher's state, apart from inotify so that it can be driven in tests.
 struct Watcher {
     client: Client,
+    /// vmard's state directory: where forgotten images are remembered.
+    state_dir: PathBuf,
     settle: Duration,
     waiting: BTreeMap<PathBuf, Waiting>,
     /// Last reason each path was skipped for, so a file is reported once per reason.
@@ -193,7 +281,13 @@ impl Watcher {
     }
 
     fn skip(&mut self, path: &Path, kind: &str, reason: String) {
-        if self.skipped.get(path) == Some(&reason) {
+        // Reported already, unless a capture cleared it from the report since.
+        let reported = REPORT
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|r| r.skipped.iter().any(|s| s.path == path)))
+            .unwrap_or(true);
+        if self.skipped.get(path) == Some(&reason) && reported {
             return;
         }
         tracing::info!(path = %path.display(), "auto-capture skipped it: {reason}");
@@ -246,6 +340,16 @@ impl Watcher {
     }
 
     fn capture(&mut self, path: &Path) {
+        if forgotten_unchanged(&self.state_dir, path) {
+            self.waiting.remove(path);
+            self.skip(
+                path,
+                "forgotten",
+                "forgotten (vmarctl forget) and unchanged since; `vmarctl capture` takes it back"
+                    .into(),
+            );
+            return;
+        }
         let request = Request::Capture {
             path: path.to_path_buf(),
             name: None,
@@ -303,7 +407,12 @@ impl Watcher {
 /// Starts watching `roots` (not their subdirectories) and capturing through vmard's
 /// `socket`; files already in the roots are considered too (they may have arrived while
 /// vmard was down; captured, unchanged ones cost nothing). Runs until shutdown.
-pub fn start(roots: Vec<PathBuf>, socket: PathBuf, settle: Duration) -> Result<()> {
+pub fn start(
+    roots: Vec<PathBuf>,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    settle: Duration,
+) -> Result<()> {
     let mut inotify =
         Inotify::init().map_err(|e| Error::io("cannot start inotify for", "auto-capture", e))?;
     let mask = WatchMask::CLOSE_WRITE
@@ -330,6 +439,7 @@ pub fn start(roots: Vec<PathBuf>, socket: PathBuf, settle: Duration) -> Result<(
     }
     let mut watcher = Watcher {
         client: Client::new(socket),
+        state_dir,
         settle,
         waiting: BTreeMap::new(),
         skipped: HashMap::new(),

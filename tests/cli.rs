@@ -729,8 +729,10 @@ fn auto_capture_waits_for_a_slow_writer_to_finish() {
         file.write_all(block).unwrap();
     }
     drop(file);
+    // The watcher records the capture once vmard has answered it, a moment after the
+    // catalog shows it: wait for both.
     let report = wait_for(&daemon, "capture of slow", |r| {
-        captured_names(r) == ["slow"]
+        captured_names(r) == ["slow"] && r["auto_capture"]["captured"][0]["path"] == s_(&path)
     });
     assert_eq!(report["images"][0]["size"], 6 * BLOCK);
     assert_eq!(report["auto_capture"]["captured"][0]["path"], s(&path));
@@ -1608,4 +1610,65 @@ fn sidecar_and_fleet_documents_match_the_schema() {
     let (ok, doc) = daemon.document(&["fleet-status", s(&manifest)]);
     assert!(ok, "{doc}");
     assert_shape("fleet-status", &doc);
+}
+
+#[test]
+fn auto_capture_does_not_take_a_forgotten_image_back_until_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, root) = auto_daemon(dir.path());
+    let path = root.join("old.raw");
+    write_image(&path, &(0..4).map(Block::Unique).collect::<Vec<_>>(), 0);
+    wait_for(&daemon, "capture of old", |r| captured_names(r) == ["old"]);
+    let (ok, _) = daemon.document(&["forget", "old"]);
+    assert!(ok);
+    // The file is still in the root at the next start: it stays forgotten.
+    drop(daemon);
+    let (daemon, _) = auto_daemon(dir.path());
+    let report = wait_for(&daemon, "skip of the forgotten image", |r| {
+        r["auto_capture"]["skipped"].as_array().is_some_and(|s| {
+            s.iter()
+                .any(|e| e["path"] == s_(&path) && e["kind"] == "forgotten")
+        })
+    });
+    assert!(captured_names(&report).is_empty(), "{report:#}");
+    // Changed since: a new image to take.
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap();
+    file.write_all(&common::block_bytes(&Block::Unique(9)))
+        .unwrap();
+    drop(file);
+    let report = wait_for(&daemon, "capture of the changed file", |r| {
+        captured_names(r) == ["old"]
+    });
+    assert_eq!(report["images"][0]["size"], 5 * BLOCK);
+}
+
+#[test]
+fn a_recapture_clears_auto_captures_stale_changed_skip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (daemon, root) = auto_daemon(dir.path());
+    let cut = root.join("cut.raw");
+    write_image(&cut, &(0..8).map(Block::Unique).collect::<Vec<_>>(), 0);
+    wait_for(&daemon, "capture of cut", |r| captured_names(r) == ["cut"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&cut)
+        .unwrap()
+        .set_len(4 * BLOCK as u64)
+        .unwrap();
+    let skipped_cut = |r: &Value| {
+        r["auto_capture"]["skipped"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|e| e["path"] == s_(&cut)))
+    };
+    wait_for(&daemon, "the image-changed skip", skipped_cut);
+    let (ok, out) = daemon.document(&["capture", "--recapture", s(&cut)]);
+    assert!(ok, "{out}");
+    let report = auto_report(&daemon);
+    assert!(!skipped_cut(&report), "stale skip left: {report:#}");
+    let out = daemon.ctl(&["images"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("cut.raw"), "{stderr}");
 }

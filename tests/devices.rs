@@ -251,6 +251,13 @@ fn block_device_images_get_one_loop_device_each_whatever_node_names_them() {
     let daemon = Daemon::start_sim(dir.path(), "");
     for (node, name) in nodes.iter().zip(["base", "web"]) {
         ok(&daemon, &["capture", s(node), "--name", name]);
+        // A block device cannot be held (deleting a node frees nothing), and images says so.
+        let file = file_of(&daemon, name);
+        assert!(file["hold"].is_null(), "{file}");
+        assert!(
+            file["not_held"].as_str().unwrap().contains("block device"),
+            "{file}"
+        );
     }
     for (name, image) in [("base", "base"), ("web", "web"), ("web2", "web")] {
         let out = ok(&daemon, &["create", name, image]);
@@ -1441,4 +1448,173 @@ fn devices_are_named_by_one_path_and_taken_by_any_of_theirs() {
     );
     ok(&daemon, &["remove", "/dev/mapper/vmar-web"]);
     assert_eq!(ok(&daemon, &["list"]), serde_json::json!([]));
+}
+
+/// The file of image `name` as `images` reports it.
+fn file_of(daemon: &Daemon, name: &str) -> Value {
+    let images = ok(daemon, &["images"]);
+    images["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no image {name}: {images}"))["file"]
+        .clone()
+}
+
+/// Links to the inode of `ino` in vmar's holds under `dir`.
+fn links_to(dir: &Path, ino: u64) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    for sub in ["state/holds"] {
+        for entry in std::fs::read_dir(dir.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if entry.metadata().is_ok_and(|m| m.ino() == ino) {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// A reboot as the kernel sees it: every device and loop device gone.
+fn reboot(dir: &Path) {
+    use vmar::kernel::Kernel;
+    let kernel = sim(dir);
+    for name in kernel.dm_list().unwrap() {
+        kernel.dm_remove(&name, false).unwrap();
+    }
+    assert!(kernel.state().unwrap().loops.is_empty());
+}
+
+#[test]
+fn a_deleted_image_is_held_restored_after_a_reboot_and_released_when_unneeded() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images);
+    let bytes: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let inodes: Vec<u64> = images
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().ino())
+        .collect();
+    // Every captured file is held by vmar: one more link, in the state directory.
+    for (name, path) in ["base", "web", "db"].iter().zip(&images) {
+        let file = file_of(&daemon, name);
+        assert_eq!(file["state"], "present", "{file}");
+        let hold = PathBuf::from(file["hold"].as_str().unwrap());
+        assert_eq!(
+            std::fs::metadata(&hold).unwrap().ino(),
+            std::fs::metadata(path).unwrap().ino()
+        );
+        assert_eq!(std::fs::metadata(path).unwrap().nlink(), 2);
+    }
+    // A captured, held image captures again as unchanged (the hold is not a foreign link).
+    let again = ok(&daemon, &["capture", s(&images[0])]);
+    assert_eq!(again[0]["result"]["status"], "unchanged", "{again}");
+    ok(&daemon, &["create", "base", "base"]);
+    ok(&daemon, &["create", "web", "web"]);
+    // Nova's image cache manager deletes the _base files the instances no longer name.
+    std::fs::remove_file(&images[0]).unwrap();
+    std::fs::remove_file(&images[1]).unwrap();
+    let kernel = sim(dir.path());
+    assert_eq!(kernel.read_device("base").unwrap(), bytes[0]);
+    assert_eq!(kernel.read_device("web").unwrap(), bytes[1]);
+    let base = file_of(&daemon, "base");
+    assert_eq!(base["state"], "gone", "{base}");
+    assert!(base["hold"].is_string(), "{base}");
+    assert_eq!(
+        base["kept_by"]["devices"],
+        serde_json::json!(["base", "web"])
+    );
+    assert_eq!(base["kept_by"]["images"], serde_json::json!(["web", "db"]));
+    let table = String::from_utf8(daemon.ctl(&["images"]).stdout).unwrap();
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("base.raw") && l.contains("gone (held)")),
+        "{table}"
+    );
+    // A reboot: the kernel forgets every device; vmard restores them from its holds.
+    drop(daemon);
+    reboot(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    let mut got = states(&daemon);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("base".to_string(), "active".to_string()),
+            ("web".to_string(), "active".to_string())
+        ]
+    );
+    assert_eq!(kernel.read_device("base").unwrap(), bytes[0]);
+    assert_eq!(kernel.read_device("web").unwrap(), bytes[1]);
+    // Page-cache figures of a deleted image come from its hold.
+    let stats = ok(&daemon, &["stats", "base"]);
+    assert!(
+        stats["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["path"].as_str().unwrap().contains("/state/holds/")),
+        "{stats}"
+    );
+    // A new device of a deleted image is served from the hold too.
+    ok(&daemon, &["create", "web2", "web"]);
+    assert_eq!(kernel.read_device("web2").unwrap(), bytes[1]);
+    ok(&daemon, &["remove", "web2"]);
+    // The last reader of web goes: nothing needs web's content (no map redirects into it),
+    // so its hold goes and, with the loop device gone, its last link: the space is freed.
+    ok(&daemon, &["remove", "web"]);
+    let web = file_of(&daemon, "web");
+    assert_eq!(web["state"], "gone");
+    assert!(web["hold"].is_null(), "{web}");
+    assert!(links_to(dir.path(), inodes[1]).is_empty());
+    // base is still read by its device and by maps (web's and db's redirect into it).
+    ok(&daemon, &["remove", "base"]);
+    let base = file_of(&daemon, "base");
+    assert!(base["hold"].is_string(), "{base}");
+    assert_eq!(base["kept_by"]["devices"], serde_json::json!([]));
+    assert!(!links_to(dir.path(), inodes[0]).is_empty());
+    // Forgetting the deleted image releases its hold: nothing can need it any more.
+    ok(&daemon, &["forget", "base"]);
+    assert!(links_to(dir.path(), inodes[0]).is_empty());
+    // A present image forgotten is its own file again, single-linked.
+    ok(&daemon, &["forget", "db"]);
+    assert_eq!(std::fs::metadata(&images[2]).unwrap().nlink(), 1);
+    assert!(links_to(dir.path(), inodes[2]).is_empty());
+}
+
+#[test]
+fn a_write_before_the_name_went_is_caught_by_hashing_the_held_file() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images[..1]);
+    ok(&daemon, &["create", "base", "base"]);
+    // A writer that opened the file before its name went writes and restores the mtime:
+    // unlinking changes the ctime anyway, so only the content can tell.
+    let mtime = std::fs::metadata(&images[0]).unwrap().modified().unwrap();
+    let writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&images[0])
+        .unwrap();
+    writer.write_at(&[0x5a; 4096], 8 * 4096).unwrap();
+    writer.set_modified(mtime).unwrap();
+    std::fs::remove_file(&images[0]).unwrap();
+    drop(writer);
+    drop(daemon);
+    reboot(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    assert_eq!(
+        states(&daemon),
+        [("base".to_string(), "missing".to_string())]
+    );
+    assert_eq!(err(&daemon, &["create", "again", "base"]), "image-changed");
 }

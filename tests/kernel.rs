@@ -1419,3 +1419,91 @@ fn real_block_device_images_written_in_place_are_refused_or_found() {
         let _ = device.detach();
     }
 }
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_deleted_images_are_held_and_restored_after_reboot() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("vmard.sock");
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture(&daemon, &images[..2]);
+    let want: Vec<Vec<u8>> = images[..2]
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
+    create(&daemon, "base", "base");
+    create(&daemon, "web", "web");
+    let reads_from = |daemon: &Daemon, name: &str| {
+        let (ok, status) = daemon.json(&["status", name]);
+        assert!(ok, "{status}");
+        status["reads_from"].clone()
+    };
+    // Nova's image cache manager deletes the _base files once the disks back onto the
+    // devices.
+    std::fs::remove_file(&images[0]).unwrap();
+    std::fs::remove_file(&images[1]).unwrap();
+    // A new device of a deleted image: the loop devices attached before are found by device
+    // and inode (their backing_file now ends in "(deleted)") and reused.
+    create(&daemon, "web2", "web");
+    assert_eq!(reads_from(&daemon, "web2"), reads_from(&daemon, "web"));
+    assert_eq!(read_all(&node("web2")), want[1]);
+    assert!(daemon.json(&["remove", "web2"]).0);
+    let (ok, listed) = daemon.json(&["images"]);
+    assert!(ok, "{listed}");
+    let base = &listed["images"][0]["file"];
+    assert_eq!(base["state"], "gone", "{listed}");
+    assert!(base["hold"].is_string(), "{listed}");
+    assert_eq!(
+        base["kept_by"]["devices"],
+        serde_json::json!(["base", "web"])
+    );
+    let state = daemon.stop();
+
+    // A reboot: no device survives, and with them the loop devices and the kernel's last
+    // references to the deleted files, but for vmar's holds.
+    let out = std::process::Command::new("dmsetup")
+        .args(["remove_all", "--force"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let ours = |files: &[String]| {
+        files
+            .iter()
+            .filter(|f| f.starts_with(s(dir.path())))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    eventually("the loop devices to go", || {
+        ours(&loop_backing_files()).is_empty()
+    });
+    let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    assert_eq!(
+        device_states(&daemon),
+        vec![
+            ("base".to_string(), "active".to_string()),
+            ("web".to_string(), "active".to_string()),
+        ],
+    );
+    assert_eq!(read_all(&node("base")), want[0], "base after the reboot");
+    assert_eq!(read_all(&node("web")), want[1], "web after the reboot");
+    let backing = ours(&loop_backing_files());
+    assert!(
+        !backing.is_empty() && backing.iter().all(|f| f.contains("/holds/")),
+        "{backing:?}"
+    );
+    // Nothing reads them any more, and forgotten nothing can: the holds go.
+    for name in ["base", "web"] {
+        assert!(daemon.json(&["remove", name]).0, "remove {name}");
+    }
+    for name in ["web", "base"] {
+        assert!(daemon.json(&["forget", name]).0, "forget {name}");
+    }
+    let left: Vec<_> = std::fs::read_dir(state.join("holds"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -196,6 +196,57 @@ guarded_writes() {
     check "tiny is still active" bash -c "vmarctl --json status tiny | grep '\"state\": *\"active\"'"
 }
 
+# OpenStack Nova's pattern: a _base image captured, instance qcow2 overlays backed by
+# /dev/vmar/HASH instead of the _base file, then Nova's image cache manager deletes the
+# _base file (no instance disk names it any more). vmar's hold keeps its content: the
+# instance disks read the image's bytes before and after the reboot.
+NOVA_HASH=0123456789abcdef0123456789abcdef01234567
+nova_base=$IMAGES/_base/$NOVA_HASH
+nova_disk_sum() { qemu-img convert -f qcow2 -O raw "$T/instances/$1.qcow2" "$T/instances/$1.raw" && sha256sum <"$T/instances/$1.raw" | cut -d' ' -f1; rm -f "$T/instances/$1.raw"; }
+nova_disks_read_the_image() {
+    local vm
+    for vm in vm1 vm2; do
+        [ "$(nova_disk_sum "$vm")" = "$(cat "$T/nova.sha256")" ] || return 1
+    done
+}
+nova_shown_gone_and_held() {
+    vmarctl images >>"$LOG" 2>&1
+    vmarctl --json images | jq -e --arg n "$NOVA_HASH" \
+        '.images[] | select(.name == $n) | .file.state == "gone" and .file.hold != null
+         and (.file.kept_by.devices | index($n)) != null' >/dev/null &&
+        vmarctl images -o name,file | grep -q "^$NOVA_HASH  *gone (held)"
+}
+nova_boot1() {
+    mkdir -p "$IMAGES/_base" "$T/instances"
+    # Own blocks (random) and blocks shared with tiny: both must outlive the file.
+    { head -c $((4 * 1024 * 1024)) /dev/urandom; cat "$IMAGES/tiny.raw"; } >"$nova_base.part"
+    mv "$nova_base.part" "$nova_base"
+    sha256sum <"$nova_base" | cut -d' ' -f1 >"$T/nova.sha256"
+    check "nova: capture _base/$NOVA_HASH" vmarctl capture "$nova_base"
+    check "nova: create /dev/vmar/$NOVA_HASH" vmarctl create "$NOVA_HASH" "$NOVA_HASH"
+    local vm
+    for vm in vm1 vm2; do
+        check "nova: qemu-img create instance $vm's overlay backed by /dev/vmar/$NOVA_HASH" \
+            qemu-img create -f qcow2 -b "/dev/vmar/$NOVA_HASH" -F raw "$T/instances/$vm.qcow2"
+    done
+    check "nova: the instance disks read the image's bytes" nova_disks_read_the_image
+    check "nova: the image cache manager deletes _base/$NOVA_HASH" rm "$nova_base"
+    check "nova: after the deletion the instance disks still read the image's bytes" \
+        nova_disks_read_the_image
+    check "nova: vmarctl images shows _base/$NOVA_HASH gone, held, kept by its device" \
+        nova_shown_gone_and_held
+}
+nova_boot2() {
+    check "nova after reboot: /dev/vmar/$NOVA_HASH restored (from vmar's hold)" \
+        test "$(vmarctl --json status "$NOVA_HASH" | jq -r .state)" = active
+    check "nova after reboot: its loop device reads vmar's hold in /var/lib/vmar/holds" \
+        bash -c 'grep -l "^/var/lib/vmar/holds/" /sys/block/loop*/loop/backing_file'
+    check "nova after reboot: the instance disks read the image's bytes (deleted before the reboot)" \
+        nova_disks_read_the_image
+    check "nova after reboot: vmarctl images shows it gone, held, kept by its device" \
+        nova_shown_gone_and_held
+}
+
 boot1() {
     check "PID 1 is systemd" test "$(cat /proc/1/comm)" = systemd
     check "images with LVM and labelled file systems (made on loop devices, then detached)" \
@@ -274,6 +325,8 @@ boot1() {
 
     guarded_writes
     nova_checks
+
+    nova_boot1
 
     # What the next boot compares with.
     table tiny >"$T/tiny.table"
@@ -366,6 +419,7 @@ boot2() {
     done
     hidden_checks "after reboot"
     ops_boot2
+    nova_boot2
 
     domain_checks
     hook_checks

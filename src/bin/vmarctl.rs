@@ -88,8 +88,9 @@ enum Command {
         #[arg(long)]
         force_raw: bool,
     },
-    /// List captured images in capture order, with their content fingerprints, and what
-    /// auto-capture did.
+    /// List captured images in capture order, with their content fingerprints, whether each
+    /// file is present or gone (deleted; served from vmar's hold on it) and what keeps it
+    /// (devices that read it, images whose maps redirect into it), and what auto-capture did.
     Images {
         #[command(flatten)]
         table: TableArgs,
@@ -919,9 +920,41 @@ const IMAGE_COLUMNS: &[Column] = &[
     col("redirected", true, true),
     col("extents", true, true),
     col("path", false, true),
+    col("file", false, true),
+    col("kept_by", false, true),
     col("fingerprint", false, false),
     col("captured_at", true, false),
 ];
+
+/// The `file` cell of `images`: `present`, or `gone` and whether vmar holds it.
+fn file_cell(file: Option<&vmar::protocol::ImageFileState>) -> Cell {
+    match file {
+        None => Cell::None,
+        Some(f) if f.state == "present" => Cell::Text(f.state.clone()),
+        Some(f) if f.hold.is_some() => Cell::Text(format!("{} (held)", f.state)),
+        Some(f) => Cell::Text(format!("{} (not held)", f.state)),
+    }
+}
+
+/// The `kept_by` cell of `images`: the devices that read it and the images whose maps
+/// redirect into it, e.g. `vm1,vm2 +images:web`.
+fn kept_by_cell(file: Option<&vmar::protocol::ImageFileState>) -> Cell {
+    let Some(kept) = file.map(|f| &f.kept_by) else {
+        return Cell::None;
+    };
+    let mut parts = Vec::new();
+    if !kept.devices.is_empty() {
+        parts.push(kept.devices.join(","));
+    }
+    if !kept.images.is_empty() {
+        parts.push(format!("+images:{}", kept.images.join(",")));
+    }
+    if parts.is_empty() {
+        Cell::None
+    } else {
+        Cell::Text(parts.join(" "))
+    }
+}
 
 fn images(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
     let list = ctx.images()?;
@@ -942,6 +975,8 @@ fn images(ctx: &Ctx, out: &mut dyn Write, args: &TableArgs) -> Result<()> {
                 Cell::Count(s.redirected_blocks),
                 Cell::Count(s.extents),
                 Cell::Text(image.path.display().to_string()),
+                file_cell(image.file.as_ref()),
+                kept_by_cell(image.file.as_ref()),
                 image.fingerprint.clone().map_or(Cell::None, Cell::Text),
                 Cell::Count(image.captured_at),
             ]
@@ -1292,7 +1327,7 @@ fn status(ctx: &Ctx, out: &mut dyn Write, name: &str, table: bool) -> Result<()>
             .images
             .into_iter()
             .find(|i| &i.name == image)
-            .and_then(|i| i.fingerprint),
+            .and_then(|i| i.record.fingerprint),
         None => None,
     };
     let doc = StatusDoc {
@@ -1670,7 +1705,7 @@ fn complete(ctx: &Ctx, out: &mut dyn Write, what: Names) {
     let names: Vec<String> = match what {
         Names::Images => ctx
             .images()
-            .map(|l| l.images.into_iter().map(|i| i.name).collect())
+            .map(|l| l.images.into_iter().map(|i| i.record.name).collect())
             .unwrap_or_default(),
         Names::Devices => ctx
             .call::<Vec<DeviceStatus>>(&Request::List)

@@ -151,6 +151,8 @@ fn main() -> Result<()> {
     let opener: KernelOpener = match args.sim.clone() {
         Some(dir) => {
             let sim = SimKernel::open(&dir)?;
+            // The simulated loop devices find deleted images through vmar's holds.
+            sim.add_link_dir(&args.state_dir.join(vmar::holds::HOLDS_DIR))?;
             Box::new(move || Ok(Arc::new(Checked(sim.clone())) as Arc<dyn Kernel>))
         }
         None => Box::new(|| Ok(Arc::new(Checked(RealKernel::open()?)) as Arc<dyn Kernel>)),
@@ -189,6 +191,7 @@ fn main() -> Result<()> {
 
     start_auto_capture(&args, server.socket())?;
     start_guard(&args, server.context())?;
+    vmar::service::hold_older_images(Arc::clone(server.context()));
 
     let stopper = server.stopper();
     let context = Arc::clone(server.context());
@@ -364,7 +367,8 @@ fn start_auto_capture(args: &Args, socket: &std::path::Path) -> Result<()> {
     let settle = config.auto_capture_settle(&args.config)?;
     let mut roots = config.image_roots.clone();
     roots.extend(args.image_roots.iter().cloned());
-    vmar::watch::start(roots, socket.to_path_buf(), settle).context("cannot start auto-capture")
+    vmar::watch::start(roots, socket.to_path_buf(), args.state_dir.clone(), settle)
+        .context("cannot start auto-capture")
 }
 
 /// Starts the image guard: images that live devices read are checked now, then on every

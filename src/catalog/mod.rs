@@ -142,6 +142,7 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
     }
 }
 
+mod held;
 mod lock;
 mod rebuild;
 mod recover;

@@ -79,6 +79,12 @@ pub struct SimLoop {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimState {
     pub next_minor: u32,
+    /// Directories that may hold other links of backing files (vmard registers its holds
+    /// directory). The real loop driver keeps reading the inode it was given after its name
+    /// is deleted; the simulation, which opens backing files by name, finds such an inode
+    /// through another of its links here.
+    #[serde(default)]
+    pub link_dirs: Vec<PathBuf>,
     pub devices: BTreeMap<String, SimDevice>,
     pub loops: BTreeMap<u32, SimLoop>,
 }
@@ -219,6 +225,34 @@ fn backing_ids(file: &File, path: &Path) -> Result<BackingIds> {
     Ok((Some((meta.dev(), meta.ino())), rdev))
 }
 
+/// Opens the backing file of loop device `l`: by its name, or, when that name is gone or
+/// names another file now, through another link of the same inode in `link_dirs` (see
+/// [`SimState::link_dirs`]).
+fn open_backing(l: &SimLoop, link_dirs: &[PathBuf]) -> std::io::Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let same = |f: &File| {
+        l.file_id.is_none()
+            || l.rdev.is_some()
+            || f.metadata()
+                .is_ok_and(|m| Some((m.dev(), m.ino())) == l.file_id)
+    };
+    if let Ok(file) = File::open(&l.backing)
+        && same(&file)
+    {
+        return Ok(file);
+    }
+    for dir in link_dirs {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Ok(file) = File::open(entry.path())
+                && same(&file)
+            {
+                return Ok(file);
+            }
+        }
+    }
+    Err(std::io::Error::from(std::io::ErrorKind::NotFound))
+}
+
 /// Removes `name` from `state` once it is closed, if its removal was deferred.
 fn finish_deferred(state: &mut SimState, name: &str) {
     if state
@@ -307,6 +341,17 @@ impl SimKernel {
         Ok(out)
     }
 
+    /// Registers `dir` as a place where other links of backing files may be found (see
+    /// [`SimState::link_dirs`]).
+    pub fn add_link_dir(&self, dir: &Path) -> Result<()> {
+        self.change(|s| {
+            if !s.link_dirs.iter().any(|d| d == dir) {
+                s.link_dirs.push(dir.to_path_buf());
+            }
+            Ok(())
+        })
+    }
+
     /// Opens device `name` as a VM would (raises its open count).
     pub fn open_device(&self, name: &str) -> Result<()> {
         self.change(|s| {
@@ -360,13 +405,13 @@ impl SimKernel {
                     offset: from,
                 } = &t.kind
                 {
-                    let backing = s
+                    let l = s
                         .loops
                         .get(minor)
-                        .map(|l| l.backing.clone())
                         .ok_or_else(|| sim_error("read", &dm_name, nix::errno::Errno::EIO))?;
-                    let file =
-                        File::open(&backing).map_err(|e| Error::io("cannot open", &backing, e))?;
+                    let backing = l.backing.clone();
+                    let file = open_backing(l, &s.link_dirs)
+                        .map_err(|e| Error::io("cannot open", &backing, e))?;
                     let at = from.bytes() + (lo - t.start.bytes());
                     let buf = &mut out[usize_of(lo - offset)..usize_of(hi - offset)];
                     let n = file

@@ -1,0 +1,635 @@
+//! vmar's own hold on captured image files, so that an image deleted while devices read it
+//! keeps its content until nothing needs it. OpenStack Nova's image cache manager deletes a
+//! `_base` file once no instance disk backs onto that file, which is the case as soon as the
+//! disks back onto `/dev/vmar/NAME`: without a hold, the open loop device keeps serving the
+//! deleted inode until the next boot, and then the device cannot be restored.
+//!
+//! A hold is a hard link `$STATE_DIR/holds/DEV-INO` (device and inode in hex) made by vmard
+//! from the open file (`linkat` of `/proc/self/fd/N`, so it is the inode that was opened,
+//! whatever happens to its name meanwhile). It needs the state directory on the image's file
+//! system; block devices are not held (deleting a node does not free a device).
+//!
+//! Identity: a link changes the inode's ctime, which is part of the identity that catches
+//! writes hidden behind a restored mtime. So a capture makes the hold *before* the identity
+//! is taken. Deleting or renaming the original name changes the ctime again; that is never
+//! taken for granted: the held file is hashed again, and only if its content fingerprint is
+//! the captured one is its identity recorded anew ([`open_captured`]). A write cannot pass:
+//! any write changes the content (found by the hash) or happens after the new identity was
+//! taken (found by ctime). Images captured before holds existed get theirs at the next start
+//! ([`hold_older_images`]), proven the same way.
+//!
+//! A hold goes when nothing needs it ([`release_unneeded`]): its image is forgotten, or its
+//! file is gone and no saved device reads it and no other image's map redirects into it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::catalog::{Catalog, ImageRecord};
+use crate::error::{Error, Result};
+use crate::image::{ImageFile, ImageIdentity, open_unchanged};
+use crate::protocol::{ImageFileState, KeptBy};
+
+/// Directory of the holds inside the state directory.
+pub const HOLDS_DIR: &str = "holds";
+
+/// Why a block device image has no hold.
+pub const BLOCK_DEVICE: &str = "a block device: vmar cannot hold it (deleting its node does not free the device; removing the volume does)";
+
+/// Holds being made or proven right now (captures, older images): not orphans.
+static PENDING: Mutex<BTreeSet<(u64, u64)>> = Mutex::new(BTreeSet::new());
+/// Why an image (dev, ino) could not be held, for `images`.
+static NOT_HELD: Mutex<BTreeMap<(u64, u64), String>> = Mutex::new(BTreeMap::new());
+
+/// The holds of one state directory.
+#[derive(Clone, Debug)]
+pub struct Holds {
+    dir: PathBuf,
+}
+
+/// A hold in the making: not released as an orphan until dropped.
+#[derive(Debug)]
+pub struct Pending {
+    key: (u64, u64),
+}
+
+impl Pending {
+    fn new(key: (u64, u64)) -> Option<Pending> {
+        let mut pending = PENDING.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(key).then_some(Pending { key })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        PENDING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+fn is_pending(key: (u64, u64)) -> bool {
+    PENDING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&key)
+}
+
+fn note_not_held(key: (u64, u64), why: String) {
+    NOT_HELD
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, why);
+}
+
+/// What [`Holds::hold`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Held {
+    /// Held now (true: the link was made by this call).
+    Yes(bool),
+    /// Not held, and why.
+    No(String),
+}
+
+impl Holds {
+    pub fn of(state_dir: &Path) -> Holds {
+        Holds {
+            dir: state_dir.join(HOLDS_DIR),
+        }
+    }
+
+    /// The hold's name of the file with device `dev` and inode `ino`.
+    pub fn path(&self, dev: u64, ino: u64) -> PathBuf {
+        self.dir.join(format!("{dev:x}-{ino:x}"))
+    }
+
+    fn path_of(&self, identity: &ImageIdentity) -> PathBuf {
+        self.path(identity.dev, identity.ino)
+    }
+
+    /// Whether vmar holds the file with device `dev` and inode `ino`.
+    pub fn holds(&self, dev: u64, ino: u64) -> bool {
+        std::fs::symlink_metadata(self.path(dev, ino))
+            .is_ok_and(|m| m.is_file() && m.dev() == dev && m.ino() == ino)
+    }
+
+    /// Holds the open image `image` (a hard link from its descriptor), unless it is held
+    /// already. What cannot be held is said, not failed: the image is still served.
+    pub fn hold(&self, image: &ImageFile) -> Result<Held> {
+        let id = &image.identity;
+        if image.is_block_device {
+            return Ok(Held::No(BLOCK_DEVICE.to_string()));
+        }
+        if self.holds(id.dev, id.ino) {
+            return Ok(Held::Yes(false));
+        }
+        std::fs::create_dir_all(&self.dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| Error::io("cannot create", &self.dir, e))?;
+        let path = self.path_of(id);
+        let from = format!("/proc/self/fd/{}", image.file.as_raw_fd());
+        let link = || {
+            nix::unistd::linkat(
+                None,
+                Path::new(&from),
+                None,
+                path.as_path(),
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        };
+        let mut made = link();
+        if made == Err(nix::errno::Errno::EEXIST) {
+            // A name left of an inode that no longer exists (a file system made anew).
+            let _ = std::fs::remove_file(&path);
+            made = link();
+        }
+        let why = match made {
+            Ok(()) => {
+                sync_dir(&self.dir)?;
+                return Ok(Held::Yes(true));
+            }
+            Err(nix::errno::Errno::EXDEV) => format!(
+                "{} is on another file system than the image (or, under systemd's \
+                 ProtectSystem=, another mount of it)",
+                self.dir.display()
+            ),
+            Err(nix::errno::Errno::ENOENT) => "deleted before vmar could hold it".to_string(),
+            Err(e) => format!("cannot link it into {}: {e}", self.dir.display()),
+        };
+        tracing::warn!(image = %image.path.display(), "not held: {why}");
+        note_not_held((id.dev, id.ino), why.clone());
+        Ok(Held::No(why))
+    }
+
+    /// Removes the hold of (dev, ino); true if there was one.
+    pub fn release(&self, dev: u64, ino: u64) -> Result<bool> {
+        let path = self.path(dev, ino);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                sync_dir(&self.dir)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("cannot release hold", &path, e)),
+        }
+    }
+
+    /// Every hold: (dev, ino) from its name.
+    pub fn list(&self) -> Result<Vec<(u64, u64)>> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("cannot read", &self.dir, e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("cannot read", &self.dir, e))?;
+            let name = entry.file_name();
+            let parsed = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(d, i)| {
+                    Some((
+                        u64::from_str_radix(d, 16).ok()?,
+                        u64::from_str_radix(i, 16).ok()?,
+                    ))
+                });
+            if let Some(key) = parsed {
+                out.push(key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The held file of `identity`, opened read-only, if vmar holds that inode.
+    pub fn open(&self, identity: &ImageIdentity) -> Result<Option<ImageFile>> {
+        let path = self.path_of(identity);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("cannot open", &path, e)),
+        };
+        let image = ImageFile::from_file(path, file)?;
+        let same = image.identity.dev == identity.dev && image.identity.ino == identity.ino;
+        Ok(same.then_some(image))
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("cannot sync", dir, e))
+}
+
+/// Whether `path` still names the file `identity` identifies (whatever its times).
+fn names(path: &Path, identity: &ImageIdentity) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.dev() == identity.dev && m.ino() == identity.ino)
+}
+
+/// A path that reads image `record`'s captured file now: its own while it names that file,
+/// else vmar's hold on it (for page-cache figures; serving goes through [`open_captured`]).
+pub fn current_path(catalog: &Catalog, record: &ImageRecord) -> PathBuf {
+    let id = &record.identity;
+    if id.is_block_device() || names(&record.path, id) {
+        return record.path.clone();
+    }
+    let holds = Holds::of(catalog.dir());
+    if holds.holds(id.dev, id.ino) {
+        holds.path(id.dev, id.ino)
+    } else {
+        record.path.clone()
+    }
+}
+
+/// Makes the hold of an image about to be captured, before its identity is taken (the link
+/// changes its ctime): `image.identity` is taken again after it. Nothing is held for an image
+/// captured already with this identity (a no-op capture), nor for one the capture would
+/// refuse as changed. The returned guard keeps the hold from being released as an orphan
+/// until the capture is done.
+pub fn prepare_capture(
+    catalog: &Catalog,
+    image: &mut ImageFile,
+    recapture: bool,
+) -> Result<Option<Pending>> {
+    if image.is_block_device {
+        return Ok(None);
+    }
+    let key = (image.identity.dev, image.identity.ino);
+    if let Some(record) = catalog.image_at(&image.path)?
+        && (record.identity == image.identity || !recapture)
+    {
+        return Ok(None);
+    }
+    // An older image being held and proven right now: its identity is moving.
+    let Some(pending) = Pending::new(key) else {
+        return Err(Error::Busy(format!(
+            "{} is being held by vmar right now; retry",
+            image.path.display()
+        )));
+    };
+    if let Held::Yes(true) = Holds::of(catalog.dir()).hold(image)? {
+        image.identity = image.current_identity()?;
+        image.size = image.identity.size;
+    }
+    Ok(Some(pending))
+}
+
+/// After a capture: a hold made for it that no image record took is released.
+pub fn finish_capture(catalog: &Catalog, pending: Option<Pending>, image: &ImageFile) {
+    let Some(pending) = pending else {
+        return;
+    };
+    let id = &image.identity;
+    let taken = catalog.images().map(|all| {
+        all.iter()
+            .any(|r| r.identity.dev == id.dev && r.identity.ino == id.ino)
+    });
+    drop(pending);
+    if let Ok(false) = taken
+        && let Err(e) = Holds::of(catalog.dir()).release(id.dev, id.ino)
+    {
+        tracing::warn!("{e}");
+    }
+}
+
+/// Opens captured image `record` for serving: its file if it is still the captured version;
+/// else, if its name is gone (deleted, renamed, or naming another file now) and vmar holds
+/// the captured inode, the held file. A held file whose ctime moved (the name's unlink) is
+/// hashed again first and served only if its content is the captured one; its identity is
+/// then recorded anew. Call with device changes serialised.
+pub fn open_captured(catalog: &Catalog, record: &ImageRecord) -> Result<ImageFile> {
+    let error = match open_unchanged(&record.name, &record.path, &record.identity) {
+        Ok(file) => return Ok(file),
+        Err(e @ Error::ImageChanged { .. }) => e,
+        Err(e) => return Err(e),
+    };
+    // A file changed in place is changed, whatever vmar holds.
+    if record.identity.is_block_device() || names(&record.path, &record.identity) {
+        return Err(error);
+    }
+    let Some(held) = Holds::of(catalog.dir()).open(&record.identity)? else {
+        return Err(error);
+    };
+    if held.identity == record.identity {
+        return Ok(held);
+    }
+    let id = &record.identity;
+    let only_ctime = held.identity.size == id.size && held.identity.mtime_ns == id.mtime_ns;
+    if !only_ctime {
+        return Err(Error::ImageChanged {
+            name: record.name.clone(),
+            path: record.path.clone(),
+            what: format!(
+                "its held copy changed: {}",
+                record.identity.describe_change(&held.identity)
+            ),
+        });
+    }
+    prove(catalog, record, held)
+}
+
+/// Hashes `held` again and records its identity as `record`'s if the content is the
+/// captured one.
+fn prove(catalog: &Catalog, record: &ImageRecord, held: ImageFile) -> Result<ImageFile> {
+    let started = std::time::Instant::now();
+    let fingerprint = catalog.content_fingerprint(&held)?;
+    let now = held.current_identity()?;
+    let changed = |what: String| Error::ImageChanged {
+        name: record.name.clone(),
+        path: record.path.clone(),
+        what,
+    };
+    if now != held.identity {
+        return Err(changed(format!(
+            "its held copy changed while it was checked: {}",
+            held.identity.describe_change(&now)
+        )));
+    }
+    let want = catalog.captured_fingerprint(record)?;
+    if fingerprint != want {
+        return Err(changed(
+            "its held copy's content is not the captured one (written before its name went)"
+                .to_string(),
+        ));
+    }
+    catalog.set_identity(record.id, held.identity)?;
+    tracing::info!(
+        image = %record.name,
+        took = ?started.elapsed(),
+        "content of the held file proven; its identity recorded anew"
+    );
+    Ok(held)
+}
+
+/// What keeps each image: saved devices that read it (its own or through their maps'
+/// redirects) and images whose maps redirect into it, by image name.
+pub fn kept_by(catalog: &Catalog) -> Result<BTreeMap<String, KeptBy>> {
+    let mut kept: BTreeMap<String, KeptBy> = BTreeMap::new();
+    let images = catalog.images()?;
+    let name_of: BTreeMap<u32, String> = images.iter().map(|i| (i.id, i.name.clone())).collect();
+    for device in catalog.devices()? {
+        let (record, map) = match catalog.map(&device.image) {
+            Ok(found) => found,
+            Err(Error::UnknownImage { .. }) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut read = vec![record.name];
+        read.extend(
+            map.referenced_images()
+                .into_iter()
+                .filter_map(|id| name_of.get(&id).cloned()),
+        );
+        for image in read {
+            let entry = kept.entry(image).or_default();
+            if !entry.devices.contains(&device.name) {
+                entry.devices.push(device.name.clone());
+            }
+        }
+    }
+    for image in &images {
+        let redirecting = catalog.images_redirecting_to(image.id)?;
+        if !redirecting.is_empty() {
+            kept.entry(image.name.clone()).or_default().images = redirecting
+                .into_iter()
+                .filter_map(|id| name_of.get(&id).cloned())
+                .collect();
+        }
+    }
+    Ok(kept)
+}
+
+/// Where each image's file stands, in the order of `images`.
+pub fn file_states(catalog: &Catalog, images: &[ImageRecord]) -> Result<Vec<ImageFileState>> {
+    let holds = Holds::of(catalog.dir());
+    let mut kept = kept_by(catalog)?;
+    let holds_dev = std::fs::metadata(catalog.dir()).ok().map(|m| m.dev());
+    Ok(images
+        .iter()
+        .map(|record| {
+            let id = &record.identity;
+            let present = match id.block_device() {
+                Some(_) => {
+                    use std::os::unix::fs::FileTypeExt;
+                    std::fs::metadata(&record.path)
+                        .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == id.dev)
+                }
+                None => names(&record.path, id),
+            };
+            let held = !id.is_block_device() && holds.holds(id.dev, id.ino);
+            let not_held = if held {
+                None
+            } else if id.is_block_device() {
+                Some(BLOCK_DEVICE.to_string())
+            } else if let Some(why) = NOT_HELD
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(id.dev, id.ino))
+            {
+                Some(why.clone())
+            } else if holds_dev.is_some_and(|d| d != id.dev) {
+                Some(format!(
+                    "the state directory {} is on another file system than the image",
+                    catalog.dir().display()
+                ))
+            } else if present {
+                Some("not held yet (held at the next start)".to_string())
+            } else {
+                Some("released: nothing needed it".to_string())
+            };
+            ImageFileState {
+                state: if present { "present" } else { "gone" }.to_string(),
+                hold: held.then(|| holds.path(id.dev, id.ino)),
+                not_held,
+                kept_by: kept.remove(&record.name).unwrap_or_default(),
+            }
+        })
+        .collect())
+}
+
+/// Releases every hold nothing needs: of no image in the catalog (forgotten, or left by an
+/// interrupted capture), or of an image whose file is gone that no saved device reads and
+/// no map redirects into. Returns the image names (or hold names) released. Call with device
+/// changes serialised.
+pub fn release_unneeded(catalog: &Catalog) -> Result<Vec<String>> {
+    let holds = Holds::of(catalog.dir());
+    let held = holds.list()?;
+    if held.is_empty() {
+        return Ok(Vec::new());
+    }
+    let images = catalog.images()?;
+    let mut kept = None;
+    let mut released = Vec::new();
+    for (dev, ino) in held {
+        if is_pending((dev, ino)) {
+            continue;
+        }
+        // Every image of that inode (a file captured again under another name shares it).
+        let records: Vec<&ImageRecord> = images
+            .iter()
+            .filter(|r| {
+                !r.identity.is_block_device() && r.identity.dev == dev && r.identity.ino == ino
+            })
+            .collect();
+        let label = if records.is_empty() {
+            format!("{dev:x}-{ino:x} (no image)")
+        } else {
+            if records.iter().any(|r| names(&r.path, &r.identity)) {
+                continue;
+            }
+            if kept.is_none() {
+                kept = Some(kept_by(catalog)?);
+            }
+            let needed = records.iter().any(|r| {
+                kept.as_ref()
+                    .and_then(|k| k.get(&r.name))
+                    .is_some_and(|k| !k.devices.is_empty() || !k.images.is_empty())
+            });
+            if needed {
+                continue;
+            }
+            records
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if holds.release(dev, ino)? {
+            tracing::info!(image = %label, "hold released: its file is gone and nothing reads it");
+            released.push(label);
+        }
+    }
+    Ok(released)
+}
+
+/// Holds the images captured before holds existed (older catalogs), each proven by hashing
+/// it again after the link (see the module doc). Takes `serialise` (the device-change lock)
+/// per image. Returns how many were held.
+pub fn hold_older_images<G>(catalog: &Catalog, serialise: impl Fn() -> G) -> Result<usize> {
+    let holds = Holds::of(catalog.dir());
+    let mut count = 0;
+    for record in catalog.images()? {
+        let id = record.identity;
+        if id.is_block_device() || holds.holds(id.dev, id.ino) || crate::shutdown::requested() {
+            continue;
+        }
+        let _changes = serialise();
+        // Only the captured version, as it is now under its name.
+        let Ok(file) = open_unchanged(&record.name, &record.path, &id) else {
+            continue;
+        };
+        let Some(_pending) = Pending::new((id.dev, id.ino)) else {
+            continue;
+        };
+        if holds.hold(&file)? != Held::Yes(true) {
+            continue;
+        }
+        let held = ImageFile::from_file(file.path.clone(), file.file)?;
+        match prove(catalog, &record, held) {
+            Ok(_) => count += 1,
+            Err(e) => {
+                tracing::error!(image = %record.name, "not held: {e}");
+                holds.release(id.dev, id.ino)?;
+            }
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn write(path: &Path) {
+        let bytes: Vec<u8> = (1..=8u8).flat_map(|b| [b; 4096]).collect();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn images_captured_before_holds_are_held_once_proven_and_outlive_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let state = dir.path().join("state");
+        let catalog = Catalog::open(&state).unwrap();
+        // Captured as a vmar without holds did: no link.
+        let image = ImageFile::open(&path).unwrap();
+        let (dev, ino) = (image.identity.dev, image.identity.ino);
+        catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+        let holds = Holds::of(&state);
+        assert!(!holds.holds(dev, ino));
+        let before = catalog.image("img").unwrap().identity;
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(hold_older_images(&catalog, || ()).unwrap(), 1);
+        assert!(holds.holds(dev, ino));
+        // The link moved the ctime; the identity recorded is the one after it, proven.
+        let after = catalog.image("img").unwrap().identity;
+        assert_ne!(before.ctime_ns, after.ctime_ns);
+        assert!(open_captured(&catalog, &catalog.image("img").unwrap()).is_ok());
+        // Its name goes: served from the hold, once proven again.
+        std::fs::remove_file(&path).unwrap();
+        let held = open_captured(&catalog, &catalog.image("img").unwrap()).unwrap();
+        assert_eq!(held.path, holds.path(dev, ino));
+        assert_eq!(
+            catalog.content_fingerprint(&held).unwrap(),
+            catalog.image("img").unwrap().fingerprint.unwrap()
+        );
+        // Nothing reads it and no map redirects into it: released.
+        assert_eq!(release_unneeded(&catalog).unwrap(), ["img"]);
+        assert!(!holds.holds(dev, ino));
+        assert!(open_captured(&catalog, &catalog.image("img").unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_held_file_written_and_then_unnamed_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let state = dir.path().join("state");
+        let catalog = Catalog::open(&state).unwrap();
+        let mut image = ImageFile::open(&path).unwrap();
+        let pending = prepare_capture(&catalog, &mut image, false).unwrap();
+        catalog.capture(&image, None, false, &mut |_| {}).unwrap();
+        finish_capture(&catalog, pending, &image);
+        assert!(Holds::of(&state).holds(image.identity.dev, image.identity.ino));
+        // Same size, mtime put back, then the name goes: only the content can tell.
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_at(&[0xee; 4096], 4096).unwrap();
+        file.set_modified(mtime).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = open_captured(&catalog, &catalog.image("img").unwrap()).unwrap_err();
+        assert!(err.to_string().contains("not the captured one"), "{err}");
+        // And the record keeps its old identity: nothing was re-established.
+        assert_eq!(catalog.image("img").unwrap().identity, image.identity);
+    }
+
+    #[test]
+    fn what_cannot_be_held_is_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let image = ImageFile::open(&path).unwrap();
+        // A holds directory on another file system: /dev/shm (tmpfs) when the test's
+        // directory is not on it.
+        let shm = Path::new("/dev/shm");
+        let other = std::fs::metadata(shm)
+            .is_ok_and(|m| m.dev() != std::fs::metadata(dir.path()).unwrap().dev());
+        if other {
+            let state = tempfile::tempdir_in(shm).unwrap();
+            match Holds::of(state.path()).hold(&image).unwrap() {
+                Held::No(why) => assert!(why.contains("another file system"), "{why}"),
+                Held::Yes(_) => panic!("held across file systems"),
+            }
+        }
+        let state = dir.path().join("state");
+        assert_eq!(Holds::of(&state).hold(&image).unwrap(), Held::Yes(true));
+        assert_eq!(Holds::of(&state).hold(&image).unwrap(), Held::Yes(false));
+    }
+}
