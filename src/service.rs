@@ -346,9 +346,14 @@ pub fn handle(
         }
         Request::Remove { name, deferred } => {
             let kernel = kernel_for(ctx, Some(&name))?;
-            let _changes = ctx.changes();
-            let removed = device::remove(catalog, kernel.as_ref(), &name, deferred)?;
-            release_holds(catalog);
+            let removed = {
+                let _changes = ctx.changes();
+                let removed = device::remove(catalog, kernel.as_ref(), &name, deferred)?;
+                release_holds(catalog);
+                removed
+            };
+            // Answered once the guard no longer refuses writes to images nothing reads now.
+            crate::guard::sync();
             to_value(removed)
         }
         Request::List => {
