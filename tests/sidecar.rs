@@ -46,6 +46,13 @@ fn images(share: &Path) -> Vec<PathBuf> {
     paths
 }
 
+/// The share, on another file system than the hosts' state dirs (tmpfs), as an NFS export
+/// is: no host's hold on a captured file (a hard link in its own state dir) lands on it, so
+/// every host sees the images single-linked, as on a real share.
+fn share() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm").unwrap()
+}
+
 /// A host: its own state, socket and config, the share as image root.
 fn host(root: &Path, share: &Path, name: &str, config: &str) -> Daemon {
     let dir = root.join(name);
@@ -87,8 +94,8 @@ fn data_bytes(paths: &[PathBuf]) -> u64 {
 #[test]
 fn a_second_host_imports_without_reading_the_images_and_builds_the_same_maps() {
     let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
+    let share_dir = share();
+    let share = share_dir.path().to_path_buf();
     let paths = images(&share);
     let a = host(dir.path(), &share, "a", "sidecars = \"write\"\n");
     let b = host(
@@ -161,8 +168,8 @@ fn recapture_after(b: &Daemon, path: &Path, name: &str) -> Value {
 #[test]
 fn tampered_truncated_stale_and_untrusted_sidecars_are_refused_and_rewritten() {
     let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
+    let share_dir = share();
+    let share = share_dir.path().to_path_buf();
     let paths = images(&share);
     let path = &paths[1];
     let sidecar = share.join(".web.raw.vmar-digests");
@@ -257,8 +264,8 @@ fn tampered_truncated_stale_and_untrusted_sidecars_are_refused_and_rewritten() {
 #[test]
 fn two_hosts_capturing_one_image_at_once_leave_one_valid_sidecar() {
     let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
+    let share_dir = share();
+    let share = share_dir.path().to_path_buf();
     let path = share.join("big.raw");
     let blocks: Vec<Block> = (0..4096u64).map(Block::Unique).collect();
     write_image(&path, &blocks, 0);
@@ -300,8 +307,8 @@ fn two_hosts_capturing_one_image_at_once_leave_one_valid_sidecar() {
 #[test]
 fn a_fleet_manifest_captures_in_order_and_reports_hosts_that_differ() {
     let dir = tempfile::tempdir().unwrap();
-    let share = dir.path().join("share");
-    std::fs::create_dir(&share).unwrap();
+    let share_dir = share();
+    let share = share_dir.path().to_path_buf();
     images(&share);
     let manifest = share.join("fleet.manifest");
     std::fs::write(
