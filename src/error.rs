@@ -105,6 +105,11 @@ pub enum Error {
     DeviceExists { name: String },
 
     #[error(
+        "device {name:?} belongs to another vmar state dir or tool (dm UUID {uuid:?}); this vmard changes only devices of its own state dir: change it with the vmard that made it, or pick another name"
+    )]
+    ForeignDevice { name: String, uuid: String },
+
+    #[error(
         "device {name:?} is open ({open_count} users); close it (stop the VM) and retry, or use --deferred to remove it when the last user closes it"
     )]
     DeviceBusy { name: String, open_count: i32 },
@@ -166,6 +171,7 @@ impl Error {
             Error::UnknownDevice { .. } => "unknown-device",
             Error::ImageInUse { .. } => "image-in-use",
             Error::DeviceExists { .. } => "device-exists",
+            Error::ForeignDevice { .. } => "foreign-device",
             Error::DeviceBusy { .. } => "device-busy",
             Error::ImageFormat { .. } => "image-format",
             Error::HardLinked { .. } => "hard-linked",
@@ -265,6 +271,7 @@ impl ExitClass {
             | "changed-during-capture"
             | "image-in-use"
             | "device-exists"
+            | "foreign-device"
             | "device-busy"
             | "image-format"
             | "hard-linked"

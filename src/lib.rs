@@ -9,6 +9,7 @@
 pub mod backup;
 pub mod budget;
 pub mod catalog;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod device;
@@ -17,6 +18,7 @@ pub mod fault;
 pub mod hash;
 pub mod image;
 pub mod index;
+pub mod instance;
 pub mod kernel;
 pub mod libvirt;
 pub mod map;

@@ -17,6 +17,7 @@ use crate::catalog::Catalog;
 use crate::device;
 use crate::error::{Error, Result};
 use crate::image::validate_name;
+use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{
     CaptureResult, ForgetResult, ImageRef, ImagesResult, MapResult, PROTOCOL_VERSION, PingResult,
@@ -42,17 +43,28 @@ pub type KernelOpener = Box<dyn Fn() -> Result<Arc<dyn Kernel>> + Send + Sync>;
 /// What the service needs besides the request.
 pub struct Context {
     pub catalog: Catalog,
+    /// The state dir's instance id, in the UUID of every device it makes.
+    pub instance: InstanceId,
     settings: RwLock<Settings>,
+    /// Saved devices the last restore or retry could not serve, with the reason.
+    waiting: Mutex<BTreeMap<String, String>>,
     kernel: Mutex<Option<Arc<dyn Kernel>>>,
     open_kernel: KernelOpener,
     changes: Mutex<()>,
 }
 
 impl Context {
-    pub fn new(catalog: Catalog, settings: Settings, open_kernel: KernelOpener) -> Context {
+    pub fn new(
+        catalog: Catalog,
+        instance: InstanceId,
+        settings: Settings,
+        open_kernel: KernelOpener,
+    ) -> Context {
         Context {
             catalog,
+            instance,
             settings: RwLock::new(settings),
+            waiting: Mutex::new(BTreeMap::new()),
             kernel: Mutex::new(None),
             open_kernel,
             changes: Mutex::new(()),
@@ -98,7 +110,56 @@ impl Context {
             }
             Err(e) => return Err(e),
         };
-        device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets)
+        let report = device::restore(
+            &self.catalog,
+            kernel.as_ref(),
+            &self.instance,
+            self.settings().max_targets,
+        )?;
+        self.set_waiting(&report);
+        Ok(report)
+    }
+
+    /// Tries again the saved devices the last restore could not serve (their image root was
+    /// missing, or a file in it), and only those: a device restored meanwhile, or changed by
+    /// an administrator since, is left as it is.
+    pub fn retry(&self) -> Result<crate::protocol::RestoreReport> {
+        let _changes = self.changes();
+        let names: Vec<String> = self.waiting().into_keys().collect();
+        if names.is_empty() {
+            return Ok(crate::protocol::RestoreReport::default());
+        }
+        let kernel = self.kernel()?;
+        let report = device::retry(
+            &self.catalog,
+            kernel.as_ref(),
+            &self.instance,
+            &names,
+            self.settings().max_targets,
+        )?;
+        self.set_waiting(&report);
+        Ok(report)
+    }
+
+    /// Saved devices not restored yet, with the reason (a record removed since is not).
+    pub fn waiting(&self) -> BTreeMap<String, String> {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        waiting.retain(|name, _| matches!(self.catalog.device(name), Ok(Some(_))));
+        waiting
+    }
+
+    fn set_waiting(&self, report: &crate::protocol::RestoreReport) {
+        let failed = report
+            .failed
+            .iter()
+            .filter(|(name, _)| !name.starts_with('('))
+            .cloned()
+            .collect();
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = failed;
     }
 }
 
@@ -120,7 +181,18 @@ pub fn handle(
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
             state_dir: catalog.dir().to_path_buf(),
+            instance: Some(ctx.instance.to_string()),
+            roots: settings.roots.health(),
+            waiting: ctx.waiting(),
         }),
+        Request::Check => to_value(crate::check::check(
+            catalog,
+            ctx.kernel().ok().as_deref(),
+            &ctx.instance,
+            &settings.roots,
+            max_targets,
+            &ctx.waiting(),
+        )?),
         Request::Capture {
             path,
             name,
@@ -199,6 +271,7 @@ pub fn handle(
             to_value(device::create(
                 catalog,
                 kernel.as_ref(),
+                &ctx.instance,
                 &name,
                 &image,
                 max_targets,
@@ -207,12 +280,24 @@ pub fn handle(
         Request::Remove { name, deferred } => {
             let kernel = kernel_for(ctx, Some(&name))?;
             let _changes = ctx.changes();
-            to_value(device::remove(catalog, kernel.as_ref(), &name, deferred)?)
+            to_value(device::remove(
+                catalog,
+                kernel.as_ref(),
+                &ctx.instance,
+                &name,
+                deferred,
+            )?)
         }
-        Request::List => to_value(device::list(catalog, ctx.kernel()?.as_ref(), max_targets)?),
+        Request::List => to_value(device::list(
+            catalog,
+            ctx.kernel()?.as_ref(),
+            &ctx.instance,
+            max_targets,
+        )?),
         Request::Status { name, table } => to_value(device::status(
             catalog,
             kernel_for(ctx, Some(&name))?.as_ref(),
+            &ctx.instance,
             &name,
             max_targets,
             table,
@@ -223,6 +308,7 @@ pub fn handle(
             to_value(device::refresh(
                 catalog,
                 kernel.as_ref(),
+                &ctx.instance,
                 &name,
                 max_targets,
             )?)

@@ -21,9 +21,7 @@ use devicemapper::{DM, DevId, DmError, DmFlags, DmNameBuf, DmOptions, DmUdevFlag
 use memmap2::MmapOptions;
 
 use super::dmstats::{parse_stats_list, parse_stats_print};
-use super::{
-    AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
-};
+use super::{AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency};
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
 use crate::table::Target;
@@ -72,12 +70,9 @@ fn options(flags: DmFlags) -> DmOptions {
     )
 }
 
-fn ids(name: &str) -> Result<(DmNameBuf, DmUuidBuf)> {
+fn dm_name(name: &str) -> Result<DmNameBuf> {
     let dm_name = format!("{NAME_PREFIX}{name}");
-    let uuid = format!("{UUID_PREFIX}{name}");
-    let dm_name = DmNameBuf::new(dm_name.clone()).map_err(|e| dm_error("name", &*dm_name, e))?;
-    let uuid = DmUuidBuf::new(uuid.clone()).map_err(|e| dm_error("uuid", &uuid, e))?;
-    Ok((dm_name, uuid))
+    DmNameBuf::new(dm_name.clone()).map_err(|e| dm_error("name", &*dm_name, e))
 }
 
 impl RealKernel {
@@ -106,7 +101,7 @@ impl RealKernel {
         name: &str,
         f: impl FnOnce(&DM, &DevId<'_>, &DmNameBuf) -> Result<T>,
     ) -> Result<T> {
-        let (dm_name, _) = ids(name)?;
+        let dm_name = dm_name(name)?;
         let dm = self.dm.lock().unwrap_or_else(|p| p.into_inner());
         f(&dm, &DevId::Name(&dm_name), &dm_name)
     }
@@ -122,8 +117,9 @@ impl RealKernel {
 }
 
 impl Kernel for RealKernel {
-    fn dm_create(&self, name: &str) -> Result<()> {
-        let (dm_name, uuid) = ids(name)?;
+    fn dm_create(&self, name: &str, uuid: &str) -> Result<()> {
+        let dm_name = dm_name(name)?;
+        let uuid = DmUuidBuf::new(uuid.to_string()).map_err(|e| dm_error("uuid", uuid, e))?;
         let dm = self.dm.lock().unwrap_or_else(|p| p.into_inner());
         match dm.device_create(&dm_name, Some(&uuid), options(DmFlags::DM_READONLY)) {
             Ok(_) => Ok(()),
