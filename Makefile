@@ -22,6 +22,8 @@ install: build
 	install -Dm755 packaging/udev/vmar-loop-image $(LIBDIR)/vmar-loop-image
 	# Keep an existing configuration.
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
+	# The image root vmar.toml names (vmard starts without it, but nothing could be captured).
+	install -d -m755 $(DESTDIR)/var/lib/vmar/images
 	install -d $(MANDIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	$(RELEASE)/vmarctl man --dir $(MANDIR) >/dev/null
