@@ -23,6 +23,7 @@ install: build
 	# Keep an existing configuration.
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
 	# The image root vmar.toml names (vmard starts without it, but nothing could be captured).
+	# /var/lib/vmar itself gets mode 0700 from the unit (StateDirectoryMode=).
 	install -d -m755 $(DESTDIR)/var/lib/vmar/images
 	install -d $(MANDIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
