@@ -1254,3 +1254,71 @@ fn real_block_device_images_share_the_page_cache() {
     drop(theirs);
     drop(lower);
 }
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_a_kill_while_waiting_for_udev_leaves_no_cookie_after_the_restart() {
+    let _clean = require_dm();
+    let udev = |what: &str| {
+        let status = std::process::Command::new("udevadm")
+            .args(["control", what])
+            .status()
+            .unwrap();
+        assert!(status.success(), "udevadm control {what}");
+    };
+    struct Resume;
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("udevadm")
+                .args(["control", "--start-exec-queue"])
+                .status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let state = dir.path().join("state");
+    let socket = dir.path().join("run/vmard.sock");
+    let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    capture(&daemon, &images[..2]);
+    create(&daemon, "base", "base");
+    create(&daemon, "web", "web");
+    // udev holds its events (a slow or busy udev): vmard's removal of web waits for it, and
+    // vmard is killed there, as systemd or the OOM killer would.
+    udev("--stop-exec-queue");
+    let _resume = Resume;
+    let remover = {
+        let socket = socket.clone();
+        std::thread::spawn(move || common::vmarctl(&socket, &["remove", "web"]))
+    };
+    let waiting = |cookies: &[String]| cookies.iter().any(|c| !c.contains("zcnt=0"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !waiting(&dm_cookies()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vmard never waited for udev: {:?}",
+            dm_cookies()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    daemon.stop();
+    let _ = remover.join();
+    let left = dm_cookies();
+    assert_eq!(left.len(), 1, "the killed vmard's cookie: {left:?}");
+    assert!(left[0].contains("zcnt=0"), "{left:?}");
+    // The restart needs no udev (web's removal reached the kernel; base is unchanged) and
+    // releases the cookie nobody will wait for, although udev has not completed it.
+    let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    assert!(
+        dm_cookies().is_empty(),
+        "cookies left after the restart: {:?} (before: {left:?})",
+        dm_cookies()
+    );
+    udev("--start-exec-queue");
+    let _ = std::process::Command::new("udevadm").arg("settle").status();
+    assert_eq!(
+        device_states(&daemon),
+        [("base".to_string(), "active".to_string())]
+    );
+    assert!(daemon.json(&["remove", "base"]).0);
+    assert!(dm_cookies().is_empty(), "cookies left: {:?}", dm_cookies());
+}
