@@ -275,7 +275,7 @@ fn start_retries(context: Arc<Context>, interval: u64) -> Result<()> {
                     }
                     continue;
                 }
-                if changed || ticks % 10 == 0 {
+                if changed || ticks.is_multiple_of(10) {
                     retry(
                         &context,
                         if changed {
