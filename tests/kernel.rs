@@ -742,8 +742,10 @@ fn real_kill_at_every_device_step_is_repaired_at_restart() {
         let daemon = Daemon::start_with(dir.path(), &state, &socket);
         capture(&daemon, &images[..2]);
         create(&daemon, "base", "base");
-        // A clean stop stamps the index runs: killed, the next start would stamp them, a
-        // catalog commit that catalog.commit#1 would hit before the operation under test.
+        // A clean stop stamps the index runs once they are settled (a few seconds old):
+        // otherwise the next start stamps them, a catalog commit that catalog.commit#1 would
+        // hit before the operation under test.
+        std::thread::sleep(std::time::Duration::from_secs(3));
         assert!(daemon.terminate().success());
         // A reader holds base open across the crash, as a VM would.
         let reader = File::open(node("base")).unwrap();
