@@ -530,6 +530,7 @@ fn real_restore_after_reboot() {
         vec![
             ("base".to_string(), "active".to_string()),
             ("db".to_string(), "missing".to_string()),
+            ("older".to_string(), "unmanaged".to_string()),
             ("web".to_string(), "active".to_string()),
         ],
     );
