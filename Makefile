@@ -38,6 +38,9 @@ install: build
 	install -Dm644 packaging/sos/vmar.py $(SOSDIR)/vmar.py
 	# Keep an existing configuration.
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
+	# The image root vmar.toml names (vmard starts without it, but nothing could be captured).
+	# /var/lib/vmar itself gets mode 0700 from the unit (StateDirectoryMode=).
+	install -d -m755 $(DESTDIR)/var/lib/vmar/images
 	install -d $(MANDIR) $(MAN5DIR) $(MAN8DIR) $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
 		$(DESTDIR)$(PREFIX)/share/zsh/vendor-completions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	$(RELEASE)/vmarctl man --dir $(MANDIR) >/dev/null

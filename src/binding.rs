@@ -12,6 +12,7 @@ use crate::catalog::{Catalog, DeviceState, ImageRecord, NameBinding};
 use crate::device;
 use crate::error::{Error, Result};
 use crate::image::validate_name;
+use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{DeviceChange, EnsureResult};
 use crate::time::now_secs;
@@ -102,6 +103,7 @@ pub fn default_image(catalog: &Catalog, name: &str) -> Result<String> {
 pub fn create(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     image: &str,
     max_targets: u64,
@@ -112,7 +114,7 @@ pub fn create(
     if !rebind {
         check(binding(catalog, name)?.as_ref(), &record)?;
     }
-    let change = device::create(catalog, kernel, name, &record.name, max_targets)?;
+    let change = device::create(catalog, kernel, instance, name, &record.name, max_targets)?;
     bind(catalog, name, &record)?;
     Ok(change)
 }
@@ -123,6 +125,7 @@ pub fn create(
 pub fn ensure(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     image: Option<&str>,
     max_targets: u64,
@@ -148,7 +151,7 @@ pub fn ensure(
                 let served = catalog.image(&saved.image)?;
                 check(Some(&binding_of(name, &served)), &wanted)?;
                 bind(catalog, name, &served)?;
-                let status = device::status(catalog, kernel, name, max_targets, false)?;
+                let status = device::status(catalog, kernel, instance, name, max_targets, false)?;
                 return Ok(result(false, status));
             }
             (DeviceState::ImageChanged, Some(_)) => {
@@ -182,7 +185,15 @@ pub fn ensure(
             }
         }
     }
-    let change = create(catalog, kernel, name, &wanted.name, max_targets, rebind)?;
+    let change = create(
+        catalog,
+        kernel,
+        instance,
+        name,
+        &wanted.name,
+        max_targets,
+        rebind,
+    )?;
     Ok(result(true, change.device))
 }
 

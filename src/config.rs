@@ -53,15 +53,15 @@ pub struct Config {
     /// What to do with devices whose image changed (see [`crate::guard`]) [default:
     /// fail-closed].
     #[serde(default)]
-    pub on_image_change: crate::guard::Policy,
+    pub on_image_change: crate::policy::Policy,
     /// Refuse opens for writing of served images [default: true].
     pub refuse_image_writes: Option<bool>,
     /// Seconds between image checks [default: 10].
     pub image_check_interval: Option<f64>,
     /// Blocks sampled per block-device image per check [default: 64].
     pub image_check_samples: Option<usize>,
-    /// Digest sidecars: off (default), read or write ([`crate::sidecar::Mode`]).
-    pub sidecars: Option<crate::sidecar::Mode>,
+    /// Digest sidecars: off (default), read or write ([`SidecarMode`]).
+    pub sidecars: Option<SidecarMode>,
     /// Directory on the share holding the sidecars [default: beside each image].
     pub sidecar_dir: Option<PathBuf>,
     /// Fleet key file: sidecars are sealed and checked with a keyed MAC.
@@ -153,6 +153,20 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// What a host does with sidecars (`sidecars` in vmar.toml).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SidecarMode {
+    /// Neither reads nor writes them (the default: trusting another host's digests is a
+    /// decision for the operator).
+    #[default]
+    Off,
+    /// Imports valid sidecars; hashes (and writes nothing) otherwise.
+    Read,
+    /// Imports valid sidecars; hashes and writes one when none is valid.
+    Write,
+}
+
 /// Default of `auto_capture_settle`: long enough for a copy or download that pauses.
 pub const DEFAULT_AUTO_CAPTURE_SETTLE: f64 = 30.0;
 
@@ -176,10 +190,10 @@ impl Config {
 
 impl Config {
     /// The image guard's settings; rejects an interval outside 0.1 s .. 1 day.
-    pub fn guard(&self, path: &Path) -> Result<crate::guard::Settings> {
+    pub fn guard(&self, path: &Path) -> Result<crate::policy::Settings> {
         let seconds = self
             .image_check_interval
-            .unwrap_or(crate::guard::DEFAULT_INTERVAL);
+            .unwrap_or(crate::policy::DEFAULT_INTERVAL);
         let interval = std::time::Duration::try_from_secs_f64(seconds)
             .ok()
             .filter(|d| d.as_secs_f64() >= 0.1 && d.as_secs() <= 86_400)
@@ -189,12 +203,12 @@ impl Config {
                     "image_check_interval = {seconds}: give seconds between 0.1 and 86400"
                 ),
             })?;
-        Ok(crate::guard::Settings {
+        Ok(crate::policy::Settings {
             policy: self.on_image_change,
             interval,
             samples: self
                 .image_check_samples
-                .unwrap_or(crate::guard::DEFAULT_SAMPLES),
+                .unwrap_or(crate::policy::DEFAULT_SAMPLES),
         })
     }
 
@@ -264,7 +278,7 @@ mod tests {
         assert!(config.auto_capture_settle(&path).is_err());
         assert_eq!(
             config.guard(&path).unwrap(),
-            crate::guard::Settings::default()
+            crate::policy::Settings::default()
         );
         std::fs::write(
             &path,
@@ -273,7 +287,7 @@ mod tests {
         .unwrap();
         let config = Config::load(&path, false).unwrap();
         let guard = config.guard(&path).unwrap();
-        assert_eq!(guard.policy, crate::guard::Policy::Report);
+        assert_eq!(guard.policy, crate::policy::Policy::Report);
         assert_eq!(guard.interval, std::time::Duration::from_millis(500));
         assert_eq!(guard.samples, 8);
         assert_eq!(config.refuse_image_writes, Some(false));

@@ -17,7 +17,8 @@ use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
 use crate::error::{Error, Result};
 use crate::image::{ImageIdentity, validate_name};
-use crate::kernel::{Kernel, LoopHold, LoopInfo, node_path};
+use crate::instance::InstanceId;
+use crate::kernel::{Kernel, LiveDevice, LoopHold, LoopInfo, Maker, device_uuid, node_path};
 use crate::map::{BlockMap, ImageId};
 use crate::protocol::{
     DeviceChange, DeviceStats, DeviceStatus, ImageCache, Removed, RestoreReport, StatsReport,
@@ -74,7 +75,7 @@ fn plan_with(
         }
         // The captured file, or vmar's hold on it once its name is gone.
         let file = match crate::holds::open_captured(catalog, &other)
-            .and_then(|file| crate::guard::check_block_image(catalog, &other).map(|()| file))
+            .and_then(|file| crate::sample::check_block_image(catalog, &other).map(|()| file))
         {
             Ok(file) => file,
             Err(Error::ImageChanged { .. }) if tolerate.is_some() && other.path.exists() => {
@@ -155,10 +156,29 @@ fn change(plan: &Plan, device: DeviceStatus, started: std::time::Instant) -> Dev
     }
 }
 
+/// Whether this state dir's vmard may change live device `live`: one it made, or one an
+/// older vmar made (`VMAR-NAME`) that its catalog records. Another state dir's device, or
+/// one vmar did not make, is refused whatever its name.
+fn claim(live: &LiveDevice, instance: &InstanceId, recorded: bool) -> Result<()> {
+    match live.maker() {
+        Maker::Instance(id) if id == *instance => Ok(()),
+        Maker::OldVmar if recorded => Ok(()),
+        _ => Err(Error::ForeignDevice {
+            name: live.name.clone(),
+            uuid: live.uuid.clone().unwrap_or_default(),
+        }),
+    }
+}
+
 /// Creates `name` with `targets`, resumes it and gives it a dm-stats region. On failure the
 /// device is removed again.
-fn activate(kernel: &dyn Kernel, name: &str, targets: &[Target]) -> Result<()> {
-    kernel.dm_create(name)?;
+fn activate(
+    kernel: &dyn Kernel,
+    instance: &InstanceId,
+    name: &str,
+    targets: &[Target],
+) -> Result<()> {
+    kernel.dm_create(name, &device_uuid(instance, name))?;
     let done = kernel
         .dm_load(name, targets)
         .and_then(|()| kernel.dm_resume(name));
@@ -224,6 +244,7 @@ pub(crate) fn swap(kernel: &dyn Kernel, name: &str, targets: &[Target]) -> Resul
 pub fn create(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     image: &str,
     max_targets: u64,
@@ -250,7 +271,7 @@ pub fn create(
         changed: Vec::new(),
     };
     catalog.save_device(&record)?;
-    if let Err(e) = activate(kernel, name, &plan.targets) {
+    if let Err(e) = activate(kernel, instance, name, &plan.targets) {
         if let Err(undo) = catalog.forget_device(name) {
             tracing::error!("{name}: cannot drop the record of a failed create: {undo}");
         }
@@ -258,15 +279,22 @@ pub fn create(
     }
     record.state = DeviceState::Active;
     catalog.save_device(&record)?;
-    let status = status_of(catalog, kernel, name, max_targets, Some(&plan))?;
+    let status = status_of(catalog, kernel, instance, name, max_targets, Some(&plan))?;
     Ok(change(&plan, status, started))
 }
 
 /// Brings the kernel in line with the saved devices, as at boot: finishes or undoes what a
 /// crash interrupted, creates missing devices, resumes suspended ones, swaps in the current
-/// map where the live table differs, removes unsaved `VMAR-` leftovers nobody has open and
-/// loop devices a crash left without autoclear. One failing device does not stop the rest.
-pub fn restore(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Result<RestoreReport> {
+/// map where the live table differs, removes unsaved leftovers of this state dir nobody has
+/// open and loop devices a crash left without autoclear. Devices of other state dirs (another
+/// instance id in the UUID), and unsaved ones of vmar before instance ids, are left alone.
+/// One failing device does not stop the rest.
+pub fn restore(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    instance: &InstanceId,
+    max_targets: u64,
+) -> Result<RestoreReport> {
     let mut report = RestoreReport::default();
     match kernel.release_stale_udev_cookies() {
         Ok(released) => report.released = released,
@@ -280,7 +308,8 @@ pub fn restore(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Resu
         let Some(live) = kernel.dm_info(&name)? else {
             continue;
         };
-        if live.is_ours() && live.open_count == 0 {
+        let ours = matches!(live.maker(), Maker::Instance(id) if id == *instance);
+        if ours && live.open_count == 0 {
             match kernel.dm_remove(&name, false) {
                 Ok(()) => report.cleaned.push(name),
                 Err(e) => report.failed.push((name, e.to_string())),
@@ -289,22 +318,49 @@ pub fn restore(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Resu
     }
     for record in saved {
         let name = record.name.clone();
-        match restore_one(catalog, kernel, &record, max_targets) {
-            Ok(Restored::Created) => report.created.push(name),
-            Ok(Restored::Unchanged) => report.unchanged.push(name),
-            Ok(Restored::ImageChanged) => report.image_changed.push(name),
-            Ok(Restored::Repaired) => report.repaired.push(name),
-            Ok(Restored::RolledBack) => report.rolled_back.push(name),
-            Ok(Restored::Removed) => report.removed.push(name),
-            Ok(Restored::Pending) => {}
-            Err(e) => report.failed.push((name, e.to_string())),
-        }
+        let outcome = restore_one(catalog, kernel, instance, &record, max_targets);
+        tally(&mut report, name, outcome);
     }
     match detach_leaked_loops(catalog, kernel) {
         Ok(detached) => report.detached = detached,
         Err(e) => report.failed.push(("(loop devices)".into(), e.to_string())),
     }
     Ok(report)
+}
+
+/// Restores again only the saved devices named in `names` (those a restore could not serve):
+/// what [`restore`] does for each, without touching any other device.
+pub fn retry(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    instance: &InstanceId,
+    names: &[String],
+    max_targets: u64,
+) -> Result<RestoreReport> {
+    let mut report = RestoreReport::default();
+    for record in catalog.devices()? {
+        if !names.contains(&record.name) {
+            continue;
+        }
+        let name = record.name.clone();
+        let outcome = restore_one(catalog, kernel, instance, &record, max_targets);
+        tally(&mut report, name, outcome);
+    }
+    Ok(report)
+}
+
+/// Adds the outcome of restoring device `name` to `report`.
+fn tally(report: &mut RestoreReport, name: String, outcome: Result<Restored>) {
+    match outcome {
+        Ok(Restored::Created) => report.created.push(name),
+        Ok(Restored::Unchanged) => report.unchanged.push(name),
+        Ok(Restored::ImageChanged) => report.image_changed.push(name),
+        Ok(Restored::Repaired) => report.repaired.push(name),
+        Ok(Restored::RolledBack) => report.rolled_back.push(name),
+        Ok(Restored::Removed) => report.removed.push(name),
+        Ok(Restored::Pending) => {}
+        Err(e) => report.failed.push((name, e.to_string())),
+    }
 }
 
 enum Restored {
@@ -322,11 +378,24 @@ enum Restored {
 fn restore_one(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     record: &DeviceRecord,
     max_targets: u64,
 ) -> Result<Restored> {
     let name = record.name.as_str();
-    let live = kernel.dm_info(name)?;
+    let mut live = kernel.dm_info(name)?;
+    // A device of this name that is not ours is never touched: an unfinished create or
+    // removal of ours is simply dropped (it never reached the kernel, or reached it before
+    // the other one took the name), an active record reported.
+    if let Some(other) = live.as_ref().filter(|l| claim(l, instance, true).is_err()) {
+        if record.state == DeviceState::Active {
+            return Err(Error::ForeignDevice {
+                name: name.to_string(),
+                uuid: other.uuid.clone().unwrap_or_default(),
+            });
+        }
+        live = None;
+    }
     match record.state {
         DeviceState::Creating => match live {
             Some(live) if live.open_count > 0 => {
@@ -334,7 +403,7 @@ fn restore_one(
                 let mut done = record.clone();
                 done.state = DeviceState::Active;
                 catalog.save_device(&done)?;
-                restore_one(catalog, kernel, &done, max_targets)
+                restore_one(catalog, kernel, instance, &done, max_targets)
             }
             live => {
                 if live.is_some() {
@@ -356,7 +425,7 @@ fn restore_one(
                             let mut back = record.clone();
                             back.state = DeviceState::Active;
                             catalog.save_device(&back)?;
-                            return restore_one(catalog, kernel, &back, max_targets);
+                            return restore_one(catalog, kernel, instance, &back, max_targets);
                         }
                         kernel.dm_remove(name, true)?;
                     } else {
@@ -371,9 +440,9 @@ fn restore_one(
             Ok(Restored::Removed)
         }
         DeviceState::Active | DeviceState::ImageChanged => {
-            let policy = crate::guard::settings().policy;
+            let policy = crate::policy::settings().policy;
             let tolerate =
-                (policy == crate::guard::Policy::FailClosed).then_some(&record.changed[..]);
+                (policy == crate::policy::Policy::FailClosed).then_some(&record.changed[..]);
             let (plan, changed) =
                 match plan_with(catalog, kernel, &record.image, max_targets, tolerate) {
                     Ok(planned) => planned,
@@ -402,7 +471,7 @@ fn restore_one(
                 }
             };
             let Some(live) = live else {
-                activate(kernel, name, &plan.targets)?;
+                activate(kernel, instance, name, &plan.targets)?;
                 return Ok(done(Restored::Created));
             };
             let table = kernel.dm_table(name)?;
@@ -437,9 +506,9 @@ fn mark_changed(catalog: &Catalog, record: &DeviceRecord, images: &[String]) -> 
                 device = %record.name,
                 %image,
                 "image changed since capture under a saved device: {}",
-                match crate::guard::settings().policy {
-                    crate::guard::Policy::FailClosed => "its extents are served as EIO",
-                    crate::guard::Policy::Report => "the device is not restored over it",
+                match crate::policy::settings().policy {
+                    crate::policy::Policy::FailClosed => "its extents are served as EIO",
+                    crate::policy::Policy::Report => "the device is not restored over it",
                 }
             );
             marked.changed.push(image.clone());
@@ -494,6 +563,7 @@ fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<Str
 pub fn refresh(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     max_targets: u64,
 ) -> Result<DeviceChange> {
@@ -505,11 +575,12 @@ pub fn refresh(
         .ok_or_else(|| Error::UnknownDevice {
             name: name.to_string(),
         })?;
-    if kernel.dm_info(name)?.is_none() {
+    let Some(live) = kernel.dm_info(name)? else {
         return Err(Error::UnknownDevice {
             name: name.to_string(),
         });
-    }
+    };
+    claim(&live, instance, true)?;
     // An image-changed device is served again only when every image it reads is as captured.
     let plan = plan(catalog, kernel, &record.image, max_targets)?;
     swap(kernel, name, &plan.targets)?;
@@ -520,7 +591,7 @@ pub fn refresh(
         catalog.save_device(&active)?;
     }
     ensure_stats(kernel, name, &plan.targets);
-    let status = status_of(catalog, kernel, name, max_targets, Some(&plan))?;
+    let status = status_of(catalog, kernel, instance, name, max_targets, Some(&plan))?;
     Ok(change(&plan, status, started))
 }
 
@@ -529,16 +600,29 @@ pub fn refresh(
 pub fn remove(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     deferred: bool,
 ) -> Result<Removed> {
     validate_name(name)?;
-    let live = kernel.dm_info(name)?;
+    let mut live = kernel.dm_info(name)?;
     let record = catalog.device(name)?;
     if live.is_none() && record.is_none() {
         return Err(Error::UnknownDevice {
             name: name.to_string(),
         });
+    }
+    // Another state dir's device is its vmard's to remove: only this one's record of the
+    // name goes. An unsaved one of an older vmar may be removed by anyone (cleaning up after
+    // an upgrade).
+    if let Some(l) = &live
+        && !matches!(l.maker(), Maker::OldVmar)
+        && let Err(e) = claim(l, instance, true)
+    {
+        if record.is_none() {
+            return Err(e);
+        }
+        live = None;
     }
     let open = live.as_ref().map_or(0, |l| l.open_count);
     if open > 0 && !deferred {
@@ -569,7 +653,7 @@ pub fn remove(
             }
         }
     }
-    let gone = kernel.dm_info(name)?.is_none();
+    let gone = live.is_none() || kernel.dm_info(name)?.is_none();
     if gone {
         catalog.forget_device(name)?;
     }
@@ -592,14 +676,19 @@ pub fn prune(catalog: &Catalog, kernel: &dyn Kernel) -> Result<()> {
 }
 
 /// Saved and live devices, by name.
-pub fn list(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Result<Vec<DeviceStatus>> {
+pub fn list(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    instance: &InstanceId,
+    max_targets: u64,
+) -> Result<Vec<DeviceStatus>> {
     let mut names: Vec<String> = catalog.devices()?.into_iter().map(|d| d.name).collect();
     names.extend(kernel.dm_list()?);
     names.sort();
     names.dedup();
     let mut out = Vec::new();
     for name in names {
-        let status = status_of(catalog, kernel, &name, max_targets, None)?;
+        let status = status_of(catalog, kernel, instance, &name, max_targets, None)?;
         if status.state != "gone" {
             out.push(status);
         }
@@ -611,12 +700,13 @@ pub fn list(catalog: &Catalog, kernel: &dyn Kernel, max_targets: u64) -> Result<
 pub fn status(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     max_targets: u64,
     table: bool,
 ) -> Result<DeviceStatus> {
     validate_name(name)?;
-    let mut status = status_of(catalog, kernel, name, max_targets, None)?;
+    let mut status = status_of(catalog, kernel, instance, name, max_targets, None)?;
     if status.state == "gone" || (status.image.is_none() && status.live.is_none()) {
         return Err(Error::UnknownDevice {
             name: name.to_string(),
@@ -628,9 +718,10 @@ pub fn status(
     Ok(status)
 }
 
-fn status_of(
+pub(crate) fn status_of(
     catalog: &Catalog,
     kernel: &dyn Kernel,
+    instance: &InstanceId,
     name: &str,
     max_targets: u64,
     planned: Option<&Plan>,
@@ -644,6 +735,8 @@ fn status_of(
     let state = match (&saved, &live) {
         (None, Some(l)) if l.deferred_remove => "removing",
         (None, Some(_)) => "unmanaged",
+        // Saved here, but the live device of that name is another state dir's (or not vmar's).
+        (Some(_), Some(l)) if claim(l, instance, true).is_err() => "foreign",
         (None, None) => "gone",
         (Some(r), _) if r.state == DeviceState::Creating => "creating",
         (Some(_), Some(l)) if l.deferred_remove => "removing",

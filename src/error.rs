@@ -129,6 +129,11 @@ pub enum Error {
     QemuImg { path: PathBuf, message: String },
 
     #[error(
+        "device {name:?} belongs to another vmar state dir or tool (dm UUID {uuid:?}); this vmard changes only devices of its own state dir: change it with the vmard that made it, or pick another name"
+    )]
+    ForeignDevice { name: String, uuid: String },
+
+    #[error(
         "device {name:?} is open ({open_count} users); close it (stop the VM) and retry, or use --deferred to remove it when the last user closes it"
     )]
     DeviceBusy { name: String, open_count: i32 },
@@ -203,6 +208,7 @@ impl Error {
             Error::NameBound { .. } => "name-bound",
             Error::OverlayMismatch { .. } => "overlay-mismatch",
             Error::QemuImg { .. } => "qemu-img",
+            Error::ForeignDevice { .. } => "foreign-device",
             Error::DeviceBusy { .. } => "device-busy",
             Error::ImageFormat { .. } => "image-format",
             Error::HardLinked { .. } => "hard-linked",
@@ -307,6 +313,7 @@ impl ExitClass {
             | "device-exists"
             | "name-bound"
             | "overlay-mismatch"
+            | "foreign-device"
             | "device-busy"
             | "image-format"
             | "hard-linked"

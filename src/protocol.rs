@@ -27,7 +27,9 @@ use crate::table::Target;
 /// Version of this protocol, answered by `ping`. 2: `remove` takes `deferred`, `capture` and
 /// `create` take `force_raw`, device states `suspended`, `differs`, `creating`, `removing`.
 /// 3: `ensure`, `create` takes `rebind`; `working` lines while a request runs without other
-/// output; `metrics`, `dependents`, `restore-status`, device `reason`.
+/// output; `metrics`, `dependents`, `restore-status`, device `reason`; `check`; `ping`
+/// answers the instance id, the image roots and the devices waiting for their images; device
+/// state `foreign`.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Where vmard listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
@@ -127,6 +129,9 @@ pub enum Request {
         #[serde(default)]
         name: Option<String>,
     },
+    /// Whether every saved device is active and correct and every image root can be used.
+    /// Result: [`CheckReport`].
+    Check,
     /// Everything a monitoring system scrapes, in the Prometheus text format. Result:
     /// [`MetricsResult`].
     Metrics,
@@ -152,6 +157,7 @@ impl Request {
                 | Request::Metrics
                 | Request::Dependents { .. }
                 | Request::RestoreStatus
+                | Request::Check
         )
     }
 }
@@ -243,6 +249,70 @@ pub struct PingResult {
     pub version: String,
     pub protocol: u32,
     pub state_dir: PathBuf,
+    /// The state dir's instance id (in the dm UUID of its devices); `None` from vmard before
+    /// protocol 3.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// Each configured image root and whether it can be used.
+    #[serde(default)]
+    pub roots: Vec<RootHealth>,
+    /// Saved devices not restored yet (their image root or file is missing), with the
+    /// reason; tried again when a root appears, every few seconds, and on SIGHUP.
+    #[serde(default)]
+    pub waiting: BTreeMap<String, String>,
+}
+
+/// One configured image root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootHealth {
+    pub path: PathBuf,
+    /// Why it cannot be used (missing, unreadable); `None` when it can.
+    pub error: Option<String>,
+}
+
+/// How bad a problem `check` found is; also its Nagios exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Ok = 0,
+    Warning = 1,
+    Critical = 2,
+    /// vmard could not be asked (vmarctl's own verdict).
+    Unknown = 3,
+}
+
+impl Severity {
+    pub fn label(self) -> &'static str {
+        match self {
+            Severity::Ok => "OK",
+            Severity::Warning => "WARNING",
+            Severity::Critical => "CRITICAL",
+            Severity::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+/// One thing `check` found wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub severity: Severity,
+    /// What it is about: `device NAME` or `image root PATH`.
+    pub subject: String,
+    pub message: String,
+}
+
+/// Result of `check`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// The worst severity of the problems (`ok` with none).
+    pub status: Severity,
+    pub problems: Vec<Problem>,
+    /// Saved devices checked, and of them active and correct.
+    pub devices: u64,
+    pub devices_ok: u64,
+    /// Configured image roots, and of them usable.
+    pub roots: u64,
+    pub roots_ok: u64,
 }
 
 /// Result of `capture`.

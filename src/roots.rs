@@ -3,37 +3,108 @@
 //! (a key, another tenant's disk) to a VM. A path is resolved once, and the file is then
 //! opened with `openat2(RESOLVE_BENEATH)` relative to its root, so a symlink or `..` swapped
 //! in between cannot lead the open out of the root.
+//!
+//! vmard starts with the roots that are there ([`ImageRoots::resolve`]): a missing or
+//! unreadable one (an NFS share not mounted yet) is reported and looked at again, and the
+//! devices whose images are on the others are restored meanwhile.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
 
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
+pub use crate::protocol::RootHealth;
 
-/// The configured image roots, canonical.
+/// The configured image roots: those reachable, canonical, and those not.
 #[derive(Clone, Debug, Default)]
 pub struct ImageRoots {
     roots: Vec<PathBuf>,
+    /// As configured, in order.
+    configured: Vec<PathBuf>,
+    /// Configured roots that cannot be used now, with the reason.
+    missing: Vec<(PathBuf, String)>,
+    /// Device and inode of each reachable root: a file system mounted on it later changes
+    /// them.
+    stamps: Vec<(u64, u64)>,
 }
 
 impl ImageRoots {
     /// Roots from configuration; each must exist.
     pub fn new(roots: &[PathBuf]) -> Result<ImageRoots> {
-        let roots = roots
-            .iter()
-            .map(|r| {
-                r.canonicalize()
-                    .map_err(|e| Error::io("cannot resolve image root", r, e))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ImageRoots { roots })
+        let resolved = ImageRoots::resolve(roots);
+        match resolved.missing.first() {
+            Some((root, why)) => Err(Error::io(
+                "cannot use image root",
+                root,
+                std::io::Error::other(why.clone()),
+            )),
+            None => Ok(resolved),
+        }
+    }
+
+    /// Roots from configuration, whatever is there: those that cannot be resolved or read
+    /// now are kept in [`ImageRoots::missing`] and allow nothing.
+    pub fn resolve(configured: &[PathBuf]) -> ImageRoots {
+        let mut resolved = ImageRoots {
+            configured: configured.to_vec(),
+            ..ImageRoots::default()
+        };
+        for root in configured {
+            let usable = root.canonicalize().and_then(|canonical| {
+                // Listing it proves it is a directory vmard can read (an unreadable one
+                // would fail every capture and restore under it).
+                std::fs::read_dir(&canonical)?;
+                let meta = std::fs::metadata(&canonical)?;
+                Ok((canonical, (meta.dev(), meta.ino())))
+            });
+            match usable {
+                Ok((canonical, stamp)) => {
+                    resolved.roots.push(canonical);
+                    resolved.stamps.push(stamp);
+                }
+                Err(e) => resolved.missing.push((root.clone(), e.to_string())),
+            }
+        }
+        resolved
     }
 
     pub fn roots(&self) -> &[PathBuf] {
         &self.roots
+    }
+
+    /// The roots as configured.
+    pub fn configured(&self) -> &[PathBuf] {
+        &self.configured
+    }
+
+    /// Configured roots that cannot be used, with the reason.
+    pub fn missing(&self) -> &[(PathBuf, String)] {
+        &self.missing
+    }
+
+    /// Whether `other` (the same configuration resolved again) differs: a root appeared or
+    /// went, or a file system was mounted on one.
+    pub fn changed(&self, other: &ImageRoots) -> bool {
+        self.roots != other.roots || self.stamps != other.stamps || self.missing != other.missing
+    }
+
+    /// Each configured root and whether it can be used, for `ping` and `check`.
+    pub fn health(&self) -> Vec<RootHealth> {
+        self.configured
+            .iter()
+            .map(|root| RootHealth {
+                path: root.clone(),
+                error: self
+                    .missing
+                    .iter()
+                    .find(|(r, _)| r == root)
+                    .map(|(_, why)| why.clone()),
+            })
+            .collect()
     }
 
     /// Opens the image at `path` read-only if it lies inside a root.
@@ -128,6 +199,21 @@ mod tests {
             "outside-image-roots"
         );
         assert!(ImageRoots::new(&[dir.path().join("missing")]).is_err());
+        // Resolved leniently, a missing root is kept aside and the others work.
+        let missing = dir.path().join("missing");
+        let some = ImageRoots::resolve(&[missing.clone(), root.clone()]);
+        assert_eq!(some.roots(), [root.canonicalize().unwrap()]);
+        assert_eq!(some.missing().len(), 1);
+        assert!(some.open(&root.join("sub/a.raw")).is_ok());
+        let health = some.health();
+        assert_eq!(health[0].path, missing);
+        assert!(health[0].error.as_deref().unwrap().contains("No such file"));
+        assert_eq!(health[1].error, None);
+        assert!(!some.changed(&ImageRoots::resolve(&[missing.clone(), root.clone()])));
+        std::fs::create_dir(&missing).unwrap();
+        let again = ImageRoots::resolve(&[missing.clone(), root.clone()]);
+        assert!(some.changed(&again));
+        assert!(again.missing().is_empty());
     }
 
     #[test]

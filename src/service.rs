@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::image::validate_name;
+use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{
     CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageEntry, ImageRef,
@@ -43,7 +44,11 @@ pub type KernelOpener = Box<dyn Fn() -> Result<Arc<dyn Kernel>> + Send + Sync>;
 /// What the service needs besides the request.
 pub struct Context {
     pub catalog: Catalog,
+    /// The state dir's instance id, in the UUID of every device it makes.
+    pub instance: InstanceId,
     settings: RwLock<Settings>,
+    /// Saved devices the last restore or retry could not serve, with the reason.
+    waiting: Mutex<BTreeMap<String, String>>,
     kernel: Mutex<Option<Arc<dyn Kernel>>>,
     open_kernel: KernelOpener,
     changes: Mutex<()>,
@@ -51,10 +56,17 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(catalog: Catalog, settings: Settings, open_kernel: KernelOpener) -> Context {
+    pub fn new(
+        catalog: Catalog,
+        instance: InstanceId,
+        settings: Settings,
+        open_kernel: KernelOpener,
+    ) -> Context {
         Context {
             catalog,
+            instance,
             settings: RwLock::new(settings),
+            waiting: Mutex::new(BTreeMap::new()),
             kernel: Mutex::new(None),
             open_kernel,
             changes: Mutex::new(()),
@@ -113,10 +125,58 @@ impl Context {
             }
             Err(e) => return Err(e),
         };
-        let report = device::restore(&self.catalog, kernel.as_ref(), self.settings().max_targets)?;
+        let report = device::restore(
+            &self.catalog,
+            kernel.as_ref(),
+            &self.instance,
+            self.settings().max_targets,
+        )?;
+        self.set_waiting(&report);
         crate::guard::poke();
         release_holds(&self.catalog);
         Ok(report)
+    }
+
+    /// Tries again the saved devices the last restore could not serve (their image root was
+    /// missing, or a file in it), and only those: a device restored meanwhile, or changed by
+    /// an administrator since, is left as it is.
+    pub fn retry(&self) -> Result<crate::protocol::RestoreReport> {
+        let _changes = self.changes();
+        let names: Vec<String> = self.waiting().into_keys().collect();
+        if names.is_empty() {
+            return Ok(crate::protocol::RestoreReport::default());
+        }
+        let kernel = self.kernel()?;
+        let report = device::retry(
+            &self.catalog,
+            kernel.as_ref(),
+            &self.instance,
+            &names,
+            self.settings().max_targets,
+        )?;
+        self.set_waiting(&report);
+        Ok(report)
+    }
+
+    /// Saved devices not restored yet, with the reason (a record removed since is not).
+    pub fn waiting(&self) -> BTreeMap<String, String> {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        waiting.retain(|name, _| matches!(self.catalog.device(name), Ok(Some(_))));
+        waiting
+    }
+
+    fn set_waiting(&self, report: &crate::protocol::RestoreReport) {
+        let failed = report
+            .failed
+            .iter()
+            .filter(|(name, _)| !name.starts_with('('))
+            .cloned()
+            .collect();
+        *self.waiting.lock().unwrap_or_else(|p| p.into_inner()) = failed;
     }
 
     /// Checks the images that live devices read and applies the policy to the devices of
@@ -210,7 +270,18 @@ pub fn handle(
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
             state_dir: catalog.dir().to_path_buf(),
+            instance: Some(ctx.instance.to_string()),
+            roots: settings.roots.health(),
+            waiting: ctx.waiting(),
         }),
+        Request::Check => to_value(crate::check::check(
+            catalog,
+            ctx.kernel().ok().as_deref(),
+            &ctx.instance,
+            &settings.roots,
+            max_targets,
+            &ctx.waiting(),
+        )?),
         Request::Capture {
             path,
             name,
@@ -304,7 +375,15 @@ pub fn handle(
             let kernel = ctx.kernel()?;
             let created = {
                 let _changes = ctx.changes();
-                binding::create(catalog, kernel.as_ref(), &name, &image, max_targets, rebind)
+                binding::create(
+                    catalog,
+                    kernel.as_ref(),
+                    &ctx.instance,
+                    &name,
+                    &image,
+                    max_targets,
+                    rebind,
+                )
             };
             // Answered once the guard refuses writes to the images the new device reads.
             crate::guard::sync();
@@ -335,6 +414,7 @@ pub fn handle(
                 binding::ensure(
                     catalog,
                     kernel.as_ref(),
+                    &ctx.instance,
                     &name,
                     image.as_deref(),
                     max_targets,
@@ -348,7 +428,8 @@ pub fn handle(
             let kernel = kernel_for(ctx, Some(&name))?;
             let removed = {
                 let _changes = ctx.changes();
-                let removed = device::remove(catalog, kernel.as_ref(), &name, deferred)?;
+                let removed =
+                    device::remove(catalog, kernel.as_ref(), &ctx.instance, &name, deferred)?;
                 release_holds(catalog);
                 removed
             };
@@ -357,7 +438,8 @@ pub fn handle(
             to_value(removed)
         }
         Request::List => {
-            let mut devices = device::list(catalog, ctx.kernel()?.as_ref(), max_targets)?;
+            let mut devices =
+                device::list(catalog, ctx.kernel()?.as_ref(), &ctx.instance, max_targets)?;
             devices.iter_mut().for_each(|d| ctx.explain(d));
             to_value(devices)
         }
@@ -365,6 +447,7 @@ pub fn handle(
             let mut status = device::status(
                 catalog,
                 kernel_for(ctx, Some(&name))?.as_ref(),
+                &ctx.instance,
                 &name,
                 max_targets,
                 table,
@@ -376,7 +459,7 @@ pub fn handle(
             let kernel = kernel_for(ctx, Some(&name))?;
             let refreshed = {
                 let _changes = ctx.changes();
-                device::refresh(catalog, kernel.as_ref(), &name, max_targets)
+                device::refresh(catalog, kernel.as_ref(), &ctx.instance, &name, max_targets)
             };
             crate::guard::sync();
             to_value(refreshed?)
@@ -429,7 +512,7 @@ fn snapshot(ctx: &Context) -> Result<crate::metrics::Snapshot> {
     let max_targets = ctx.settings().max_targets;
     let (devices, stats) = match ctx.kernel() {
         Ok(kernel) => {
-            let mut devices = device::list(catalog, kernel.as_ref(), max_targets)?;
+            let mut devices = device::list(catalog, kernel.as_ref(), &ctx.instance, max_targets)?;
             devices.iter_mut().for_each(|d| ctx.explain(d));
             let stats = match device::stats(catalog, kernel.as_ref(), None) {
                 Ok(stats) => Some(stats),

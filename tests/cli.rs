@@ -191,6 +191,7 @@ fn every_command_prints_its_documented_json() {
     );
     assert_shape("stats", &doc(&["stats"]));
     assert_shape("libvirt-xml", &doc(&["libvirt-xml", "w1"]));
+    assert_shape("check", &doc(&["check"]));
     assert_shape("remove", &doc(&["remove", "w1"]));
     let forgotten = doc(&["forget", "base"]);
     assert_shape("forget", &forgotten);

@@ -1302,3 +1302,42 @@ fn ctrl_c_of_a_capture_cancels_it_in_vmard() {
     assert!(ok, "{captured}");
     assert_eq!(captured[0]["result"]["status"], "captured");
 }
+
+#[test]
+fn a_read_only_state_dir_is_named_as_such() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to bind-mount the state dir read-only");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let state = daemon.stop();
+    let mount = |args: &[&str]| {
+        let status = Command::new("mount").args(args).status().unwrap();
+        assert!(status.success(), "mount {args:?}");
+    };
+    mount(&["--bind", s(&state), s(&state)]);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.clone());
+    mount(&["-o", "remount,bind,ro", s(&state)]);
+    let out = Command::new(env!("CARGO_BIN_EXE_vmard"))
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--socket")
+        .arg(dir.path().join("ro.sock"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // On main: "catalog.redb cannot be read (I/O error: Read-only file system) ... rebuild it
+    // with `vmard --recover`".
+    assert!(stderr.contains("the state dir is read-only"), "{stderr}");
+    assert!(stderr.contains("read-only file system"), "{stderr}");
+    assert!(stderr.contains("do not run --recover"), "{stderr}");
+}

@@ -40,6 +40,12 @@ fn family(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
+/// The dm UUID vmard of state dir `dir/state` gives device `name`.
+fn own_uuid(dir: &Path, name: &str) -> String {
+    let id = std::fs::read_to_string(dir.join("state/instance-id")).unwrap();
+    format!("VMAR-{}-{name}", id.trim())
+}
+
 fn sim(dir: &Path) -> SimKernel {
     SimKernel::open(&dir.join("kernel")).unwrap()
 }
@@ -412,7 +418,9 @@ fn restore_repairs_every_kind_of_leftover() {
     kernel.dm_remove("db", false).unwrap();
     // A leftover device the catalog does not know, and a loop device without autoclear
     // over a captured image (a crash between LOOP_SET_FD and LOOP_SET_STATUS64).
-    kernel.dm_create("stray").unwrap();
+    kernel
+        .dm_create("stray", &own_uuid(dir.path(), "stray"))
+        .unwrap();
     let leaked = kernel.plant_loop(&images[2], false).unwrap();
     // A writable loop device someone else made over a captured image is not vmar's leftover.
     let theirs = kernel.plant_loop_as(&images[2], false, false).unwrap();
@@ -720,7 +728,9 @@ fn a_kill_during_restore_is_repaired_by_the_next_restore() {
         other.truncate(1);
         kernel.dm_load("db", &other).unwrap();
         kernel.dm_resume("db").unwrap();
-        kernel.dm_create("stray").unwrap();
+        kernel
+            .dm_create("stray", &own_uuid(dir.path(), "stray"))
+            .unwrap();
         let mut faulty = Daemon::launch_sim(dir.path(), &format!("{step}=kill"));
         assert!(!faulty.ready(), "restore never reached {step}");
         drop(faulty);
@@ -1630,4 +1640,336 @@ fn a_write_before_the_name_went_is_caught_by_hashing_the_held_file() {
         "{found:?}"
     );
     assert_eq!(err(&daemon, &["create", "again", "base"]), "image-changed");
+}
+
+/// A vmard on the simulated kernel of `dir/kernel` with its own state dir and socket:
+/// several of them share one kernel, as vmards of different state dirs share a host.
+fn start_on_shared_kernel(dir: &Path, tag: &str, args: &[&str]) -> Daemon {
+    let kernel = dir.join("kernel");
+    let mut all = vec!["--sim", s(&kernel)];
+    all.extend_from_slice(args);
+    Daemon::start_env(
+        dir,
+        &dir.join(format!("state-{tag}")),
+        &dir.join(format!("run/{tag}.sock")),
+        &all,
+        &[],
+    )
+}
+
+#[test]
+fn devices_belong_to_the_state_dir_that_made_them() {
+    use vmar::kernel::Kernel;
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let a = start_on_shared_kernel(dir.path(), "a", &[]);
+    let b = start_on_shared_kernel(dir.path(), "b", &[]);
+    capture_all(&a, &images);
+    capture_all(&b, &images);
+    ok(&a, &["create", "a1", "base"]);
+    ok(&a, &["create", "shared-name", "web"]);
+    ok(&b, &["create", "b1", "web"]);
+    // B sees A's devices but may not change them.
+    assert_eq!(err(&b, &["remove", "a1"]), "foreign-device");
+    drop(a);
+    drop(b);
+    let kernel = sim(dir.path());
+    let id = |tag: &str| {
+        std::fs::read_to_string(dir.path().join(format!("state-{tag}/instance-id")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_ne!(id("a"), id("b"));
+    let uuid = |name: &str| kernel.state().unwrap().devices[name].uuid.clone();
+    assert_eq!(uuid("a1"), format!("VMAR-{}-a1", id("a")));
+    assert_eq!(uuid("b1"), format!("VMAR-{}-b1", id("b")));
+    // While A is down its device shared-name goes (a reboot), and B takes the name.
+    kernel.dm_remove("shared-name", false).unwrap();
+    let b = start_on_shared_kernel(dir.path(), "b", &[]);
+    ok(&b, &["create", "shared-name", "db"]);
+    drop(b);
+    let theirs = kernel.dm_table("shared-name").unwrap();
+    // A device an older vmar made (VMAR-NAME) that A records is adopted: a1 is replaced by
+    // one with the old UUID and the same table. One that nobody records is left alone.
+    let table = kernel.dm_table("a1").unwrap();
+    kernel.dm_remove("a1", false).unwrap();
+    kernel.dm_create("a1", "VMAR-a1").unwrap();
+    kernel.dm_load("a1", &table).unwrap();
+    kernel.dm_resume("a1").unwrap();
+    kernel.dm_create("old", "VMAR-old").unwrap();
+    kernel.dm_load("old", &table).unwrap();
+    kernel.dm_resume("old").unwrap();
+
+    // A starts: on main it removed B's idle b1 and the old one, and swapped its own table
+    // into B's shared-name.
+    let a = start_on_shared_kernel(dir.path(), "a", &[]);
+    let live = kernel.state().unwrap().devices;
+    assert!(live.contains_key("b1"), "A's restore removed B's device");
+    assert!(
+        live.contains_key("old"),
+        "A's restore removed an unrecorded old device"
+    );
+    assert_eq!(
+        kernel.dm_table("shared-name").unwrap(),
+        theirs,
+        "A's restore changed B's device"
+    );
+    assert_eq!(uuid("shared-name"), format!("VMAR-{}-shared-name", id("b")));
+    assert_eq!(uuid("a1"), "VMAR-a1", "the adopted device was recreated");
+    let mut got = states(&a);
+    got.sort();
+    let want = [
+        ("a1", "active"),
+        ("b1", "unmanaged"),
+        ("old", "unmanaged"),
+        ("shared-name", "foreign"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(n, st)| (n.to_string(), st.to_string())),
+        "A's list"
+    );
+    // A reports its lost name, cannot touch B's devices, and can drop its own record.
+    let check = a.ctl(&["check"]);
+    assert_eq!(check.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        text.contains("CRITICAL: device shared-name: state foreign"),
+        "{text}"
+    );
+    assert_eq!(err(&a, &["remove", "b1"]), "foreign-device");
+    assert_eq!(err(&a, &["refresh", "shared-name"]), "foreign-device");
+    ok(&a, &["remove", "shared-name"]);
+    assert_eq!(kernel.dm_table("shared-name").unwrap(), theirs);
+    // An unrecorded device of an older vmar can be removed by hand (cleaning up).
+    ok(&a, &["remove", "old"]);
+    assert_eq!(a.ctl(&["check"]).status.code(), Some(0));
+    // A stray of A's own (a record lost) is still cleaned up at A's start.
+    drop(a);
+    kernel
+        .dm_create("stray", &format!("VMAR-{}-stray", id("a")))
+        .unwrap();
+    let _a = start_on_shared_kernel(dir.path(), "a", &[]);
+    let live = kernel.state().unwrap().devices;
+    assert!(!live.contains_key("stray"), "A's own leftover stayed");
+    assert!(live.contains_key("b1") && live.contains_key("shared-name"));
+}
+
+#[test]
+fn a_missing_image_root_stops_only_the_devices_on_it() {
+    use vmar::kernel::Kernel;
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join("local");
+    let remote = dir.path().join("remote");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::create_dir_all(&remote).unwrap();
+    let ours = family(&local);
+    write_image(&remote.join("far.raw"), &vec![Block::Unique(77); 8], 0);
+    let kernel_dir = dir.path().join("kernel");
+    let start = |args: &[&str]| {
+        let mut all = vec!["--sim", s(&kernel_dir), "--image-root", s(&remote)];
+        all.extend_from_slice(args);
+        Daemon::start_env(
+            &local,
+            &dir.path().join("state"),
+            &dir.path().join("run/vmard.sock"),
+            &all,
+            &[],
+        )
+    };
+    let daemon = start(&[]);
+    capture_all(&daemon, &ours);
+    ok(&daemon, &["capture", s(&remote.join("far.raw"))]);
+    ok(&daemon, &["create", "near", "web"]);
+    ok(&daemon, &["create", "far", "far"]);
+    assert_eq!(daemon.ctl(&["check"]).status.code(), Some(0));
+    drop(daemon);
+    // A reboot, and the remote root is not mounted yet.
+    let kernel = sim(dir.path());
+    kernel.dm_remove("near", false).unwrap();
+    kernel.dm_remove("far", false).unwrap();
+    let away = dir.path().join("remote.unmounted");
+    std::fs::rename(&remote, &away).unwrap();
+
+    // vmard starts (on main it exited: "cannot resolve image root"), restores what it can
+    // and says what it cannot.
+    let daemon = start(&["--retry-interval", "1"]);
+    let mut got = states(&daemon);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("far".to_string(), "missing".to_string()),
+            ("near".to_string(), "active".to_string())
+        ]
+    );
+    let (_, ping) = daemon.document(&["ping"]);
+    let roots = ping["vmard"]["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 2, "{ping}");
+    assert!(roots[1]["error"].is_string(), "{ping}");
+    assert!(roots[0]["error"].is_null(), "{ping}");
+    assert!(ping["vmard"]["waiting"]["far"].is_string(), "{ping}");
+    let check = daemon.ctl(&["check"]);
+    assert_eq!(check.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&check.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("VMAR CRITICAL - 1 of 2 devices"),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("CRITICAL: device far: not served")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("WARNING: image root {}", remote.display()))),
+        "{text}"
+    );
+    assert_eq!(lines.len(), 3, "one line per problem: {text}");
+    let (_, json) = daemon.document(&["check"]);
+    assert_eq!(json["status"], "critical");
+    assert_eq!(json["problems"].as_array().unwrap().len(), 2);
+
+    // The root is mounted: the waiting device comes back by itself.
+    std::fs::rename(&away, &remote).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while states(&daemon).iter().any(|(_, st)| st != "active") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "far not restored after its root appeared: {:?}",
+            states(&daemon)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(daemon.ctl(&["check"]).status.code(), Some(0));
+    check_invariants_at(&kernel, &daemon);
+    drop(daemon);
+
+    // Without waiting for the next look (a long interval), SIGHUP tries again at once.
+    kernel.dm_remove("far", false).unwrap();
+    std::fs::rename(&remote, &away).unwrap();
+    let daemon = start(&["--retry-interval", "3600"]);
+    assert!(states(&daemon).contains(&("far".to_string(), "missing".to_string())));
+    std::fs::rename(&away, &remote).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while states(&daemon).iter().any(|(_, st)| st != "active") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "far not restored at SIGHUP: {:?}",
+            states(&daemon)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn check_reports_every_device_not_served_as_it_should_be() {
+    use vmar::kernel::Kernel;
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &images);
+    let code = |daemon: &Daemon| daemon.ctl(&["check"]).status.code();
+    // Nothing saved: OK.
+    assert_eq!(code(&daemon), Some(0));
+    for name in ["base", "web", "db"] {
+        ok(&daemon, &["create", name, name]);
+    }
+    let out = daemon.ctl(&["check"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap(),
+        "VMAR OK - 3 of 3 devices active and correct, 1 of 1 image roots usable | devices=3 devices_ok=3 roots=1 roots_ok=1"
+    );
+    let kernel = sim(dir.path());
+    // Suspended.
+    kernel.dm_suspend("web").unwrap();
+    let out = daemon.ctl(&["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CRITICAL: device web: suspended"));
+    kernel.dm_resume("web").unwrap();
+    assert_eq!(code(&daemon), Some(0));
+    // A live table that is not the image's.
+    let mut other = kernel.dm_table("db").unwrap();
+    other.truncate(1);
+    kernel.dm_load("db", &other).unwrap();
+    kernel.dm_suspend("db").unwrap();
+    kernel.dm_resume("db").unwrap();
+    let out = daemon.ctl(&["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CRITICAL: device db: its live table"));
+    ok(&daemon, &["refresh", "db"]);
+    assert_eq!(code(&daemon), Some(0));
+    // A removal waiting for the last user: a warning; done, nothing.
+    kernel.open_device("web").unwrap();
+    ok(&daemon, &["remove", "web", "--deferred"]);
+    let out = daemon.ctl(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("WARNING: device web: being removed"));
+    kernel.close_device("web").unwrap();
+    assert_eq!(code(&daemon), Some(0));
+    // Gone from the kernel.
+    kernel.dm_remove("base", false).unwrap();
+    let out = daemon.ctl(&["check"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CRITICAL: device base: not served"));
+    ok(&daemon, &["remove", "base"]);
+    assert_eq!(code(&daemon), Some(0));
+    // An image changed under its live device (a write that kept the size).
+    let mtime = std::fs::metadata(&images[2]).unwrap().modified().unwrap();
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&images[2])
+        .unwrap();
+    file.set_modified(mtime + std::time::Duration::from_secs(5))
+        .unwrap();
+    drop(file);
+    let (_, report) = daemon.document(&["check"]);
+    assert_eq!(report["status"], "critical", "{report}");
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert_eq!(problems[0]["subject"], "device db", "{report}");
+    assert!(
+        problems[0]["message"].as_str().unwrap().contains("changed"),
+        "{report}"
+    );
+    // vmard not there: UNKNOWN, and the error document with --json.
+    drop(daemon);
+    let out = common::vmarctl(&dir.path().join("run/vmard.sock"), &["check"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("VMAR UNKNOWN - cannot ask vmard"));
+    let out = common::vmarctl(&dir.path().join("run/vmard.sock"), &["--json", "check"]);
+    assert_eq!(out.status.code(), Some(3));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["kind"], "daemon-unavailable", "{doc}");
+}
+
+/// [`check_invariants`] for images outside `dir`'s usual layout.
+fn check_invariants_at(kernel: &SimKernel, daemon: &Daemon) {
+    let state = kernel.state().unwrap();
+    for (name, device) in &state.devices {
+        assert!(!device.suspended, "device {name} left suspended");
+        let status = ok(daemon, &["status", name]);
+        let image = status["image"].as_str().unwrap();
+        let images = ok(daemon, &["images"]);
+        let path = images["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == image)
+            .unwrap()["path"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            kernel.read_device(name).unwrap() == std::fs::read(path).unwrap(),
+            "device {name} does not serve image {image}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Guest side of tools/system-test, run by systemd (vmar-system-test.service) after
 # multi-user.target on each boot of a Debian 12 guest; /var/lib/vmar is a persistent disk
-# holding this script, the package and the images. Boot 1 installs the package and checks
+# holding this script, the package and the images (staged outside the default image root,
+# which the package must create, and moved in after the install). Boot 1 installs the package and checks
 # the service, the devices and what the host sees of their content, then reboots; boot 2
 # checks that systemd restored the devices before libvirt, starts a libvirt domain on a vmar
 # device, removes the package and powers off. Results go to the serial console as
@@ -9,6 +10,8 @@
 set -u
 T=/var/lib/vmar/system-test
 IMAGES=/var/lib/vmar/images
+# Where tools/system-test puts the images: the package creates $IMAGES, they go there after.
+STAGED=/var/lib/vmar/staged-images
 LOG=$T/log
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 exec 2>&1
@@ -94,24 +97,24 @@ hidden_checks() {
 # loop devices, then deactivated and detached, so the host has no trace of them before vmar.
 make_hidden_images() {
     local dev
-    truncate -s 64M "$IMAGES/lvmpart.raw"
-    printf 'label: dos\n,40M,8e\n,,83\n' | sfdisk -q "$IMAGES/lvmpart.raw"
-    dev=$(losetup --show -f -P "$IMAGES/lvmpart.raw")
+    truncate -s 64M "$STAGED/lvmpart.raw"
+    printf 'label: dos\n,40M,8e\n,,83\n' | sfdisk -q "$STAGED/lvmpart.raw"
+    dev=$(losetup --show -f -P "$STAGED/lvmpart.raw")
     udevadm settle
     pvcreate -q "${dev}p1" && vgcreate -q guestvg "${dev}p1" &&
         lvcreate -q -y -L 16M -n data guestvg && udevadm settle &&
         mkfs.ext4 -q -L guestdata /dev/guestvg/data && mkfs.ext4 -q -L guestboot "${dev}p2" &&
         vgchange -q -an guestvg || return 1
     losetup -d "$dev"
-    truncate -s 32M "$IMAGES/lvmwhole.raw"
-    dev=$(losetup --show -f "$IMAGES/lvmwhole.raw")
+    truncate -s 32M "$STAGED/lvmwhole.raw"
+    dev=$(losetup --show -f "$STAGED/lvmwhole.raw")
     udevadm settle
     pvcreate -q "$dev" && vgcreate -q wholevg "$dev" && lvcreate -q -y -L 8M -n data wholevg &&
         udevadm settle && mkfs.ext4 -q -L wholedata /dev/wholevg/data &&
         vgchange -q -an wholevg || return 1
     losetup -d "$dev"
-    truncate -s 16M "$IMAGES/fswhole.raw"
-    mkfs.ext4 -q -L wholefs "$IMAGES/fswhole.raw" || return 1
+    truncate -s 16M "$STAGED/fswhole.raw"
+    mkfs.ext4 -q -L wholefs "$STAGED/fswhole.raw" || return 1
     udevadm settle
     pvscan --cache >/dev/null 2>&1
     # Before vmar: the host sees none of it.
@@ -247,15 +250,58 @@ nova_boot2() {
         nova_shown_gone_and_held
 }
 
+# A fresh install: the package makes the default image root (vmar.toml names it), and vmard
+# started at once, without restarting; then the staged images move in.
+fresh_install_checks() {
+    check "fresh install: the package made $IMAGES" test -d "$IMAGES"
+    check "fresh install: vmard active without a restart" \
+        bash -c 'systemctl is-active vmard && n=$(systemctl show -P NRestarts vmard) && echo "NRestarts=$n" && [ "$n" = 0 ]'
+    check "fresh install: vmarctl check is OK (exit 0)" vmarctl check
+    check "move the staged images into $IMAGES" bash -c "mv $STAGED/* $IMAGES/ && rmdir $STAGED"
+}
+
+# Boot 2 starts with the image root /srv/images2 missing (an NFS share not mounted yet): its
+# device "far" must wait while the others are restored, and come back when it appears.
+missing_root_prepare() {
+    check "create far from /srv/images2/reload.raw" vmarctl create far reload
+    check "vmarctl check is OK before the reboot" vmarctl check
+    mv /srv/images2 /srv/images2.away
+}
+
+missing_root_checks() {
+    local out code
+    check "missing root: tiny restored although /srv/images2 is missing" \
+        same_table tiny "$(cat "$T/tiny.table")"
+    check "missing root: far waits (state missing)" \
+        bash -c '[ "$(vmarctl --json list | jq -r ".devices[] | select(.name == \"far\") | .state")" = missing ]'
+    check "missing root: vmarctl ping names the root" \
+        bash -c 'vmarctl ping | tee /dev/stderr | grep -q "image root /srv/images2 cannot be used"'
+    check "missing root: the unit's status text says so" \
+        bash -c 'systemctl show -P StatusText vmard | tee /dev/stderr | grep -q "1 image roots missing"'
+    out=$(vmarctl check)
+    code=$?
+    echo "$out" >>"$LOG"
+    check "missing root: vmarctl check exits 2 (CRITICAL), got $code" test "$code" = 2
+    check "missing root: vmarctl check names device far and the root" \
+        bash -c 'grep -q "^CRITICAL: device far: " <<<"$1" && grep -q "^WARNING: image root /srv/images2: " <<<"$1"' _ "$out"
+    mv /srv/images2.away /srv/images2
+    check "missing root: far restored once the root appears" \
+        bash -c 'for _ in $(seq 60); do [ "$(vmarctl --json list | jq -r ".devices[] | select(.name == \"far\") | .state")" = active ] && exit 0; sleep 1; done; exit 1'
+    check "missing root: /dev/vmar/far reads back equal to reload.raw" cmp /dev/vmar/far /srv/images2/reload.raw
+    check "missing root: vmarctl check is OK again" vmarctl check
+}
+
 boot1() {
     check "PID 1 is systemd" test "$(cat /proc/1/comm)" = systemd
     check "images with LVM and labelled file systems (made on loop devices, then detached)" \
         make_hidden_images
     mkdir -p /etc/lvm/devices
     : >/etc/lvm/devices/system.devices
+    check "fresh install: no $IMAGES before dpkg -i" test ! -e "$IMAGES"
     check "dpkg -i vmar.deb" dpkg -i "$T/vmar.deb"
     check "the package enabled and started vmard" \
         bash -c 'systemctl is-enabled vmard && systemctl is-active vmard'
+    fresh_install_checks
     check "systemctl enable --now vmard" systemctl enable --now vmard
     check "dpkg -L lists the binaries, the unit and the udev rule" \
         bash -c 'dpkg -L vmar | grep -x -e /usr/bin/vmard -e /usr/bin/vmarctl -e /lib/systemd/system/vmard.service -e /lib/udev/rules.d/61-vmar.rules | wc -l | grep -x 4'
@@ -327,6 +373,8 @@ boot1() {
     nova_checks
 
     nova_boot1
+
+    missing_root_prepare
 
     # What the next boot compares with.
     table tiny >"$T/tiny.table"
@@ -420,6 +468,7 @@ boot2() {
     hidden_checks "after reboot"
     ops_boot2
     nova_boot2
+    missing_root_checks
 
     domain_checks
     hook_checks

@@ -19,9 +19,9 @@ use serde_json::Value;
 use vmar::client::Client;
 use vmar::error::ExitClass;
 use vmar::protocol::{
-    CaptureResult, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus, EnsureResult,
-    ForgetResult, ImagesResult, MapResult, PingResult, Progress, Removed, Request, StatsReport,
-    TableResult,
+    CaptureResult, CheckReport, DEFAULT_SOCKET, DeviceChange, DeviceStats, DeviceStatus,
+    EnsureResult, ForgetResult, ImagesResult, MapResult, PingResult, Progress, Removed, Request,
+    Severity, StatsReport, TableResult,
 };
 use vmar::records::{CaptureStatus, ImageRecord};
 use vmar::verify::VerifyReport;
@@ -226,6 +226,13 @@ enum Command {
     /// Say what the restore at vmard's start did; exit 3 when a saved device was not
     /// restored (vmar-restore-check.service runs it).
     RestoreStatus,
+    /// Monitoring check (Nagios plugin): whether every saved device is active and correct
+    /// (live, resumed, the table its image's map gives, images unchanged since capture) and
+    /// every image root can be used. Prints a summary line, then one line per problem; exits
+    /// 0 OK, 1 WARNING (a change in progress, a missing image root), 2 CRITICAL (a device not
+    /// served as it should be), 3 UNKNOWN (vmard cannot be asked) instead of the classes of
+    /// EXIT STATUS.
+    Check,
     /// Print a libvirt <disk> element for a device.
     LibvirtXml {
         #[arg(value_parser = device_arg)]
@@ -313,6 +320,9 @@ fn main() -> ExitCode {
             return ExitCode::from(ExitClass::Usage.code());
         }
     };
+    if let Command::Check = cli.command {
+        return check(&cli);
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let result = run(&cli, &mut out).and_then(|class| {
@@ -617,8 +627,63 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
             out,
         )?,
         Command::Complete { what } => complete(&ctx, out, *what),
+        // Handled in main: its exit statuses are Nagios', not the classes.
+        Command::Check => unreachable!("check is run by main"),
     }
     Ok(ExitClass::Success)
+}
+
+/// `vmarctl check`: Nagios' exit status, 3 (UNKNOWN) when vmard cannot be asked.
+fn check(cli: &Cli) -> ExitCode {
+    let client = Client::new(&cli.socket);
+    let mut out = std::io::stdout().lock();
+    let report = match client.call::<CheckReport>(&Request::Check, &mut |_| {}) {
+        Ok(report) => report,
+        Err(e) => {
+            if cli.json {
+                print_error_json(&kind_of(&e), &e.to_string());
+            } else {
+                let _ = writeln!(out, "VMAR UNKNOWN - cannot ask vmard: {e}");
+            }
+            return ExitCode::from(Severity::Unknown as u8);
+        }
+    };
+    let printed = if cli.json {
+        print_json(&mut out, &report)
+    } else {
+        print_check(&mut out, &report)
+    };
+    if printed.is_err() {
+        return ExitCode::from(Severity::Unknown as u8);
+    }
+    ExitCode::from(report.status as u8)
+}
+
+/// The summary line (with performance data), then one line per problem.
+fn print_check(out: &mut dyn Write, report: &CheckReport) -> Result<()> {
+    writeln!(
+        out,
+        "VMAR {} - {} of {} devices active and correct, {} of {} image roots usable | devices={} devices_ok={} roots={} roots_ok={}",
+        report.status.label(),
+        report.devices_ok,
+        report.devices,
+        report.roots_ok,
+        report.roots,
+        report.devices,
+        report.devices_ok,
+        report.roots,
+        report.roots_ok
+    )?;
+    for problem in &report.problems {
+        writeln!(
+            out,
+            "{}: {}: {}",
+            problem.severity.label(),
+            problem.subject,
+            problem.message
+        )?;
+    }
+    Ok(())
 }
 
 fn ping(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
@@ -635,6 +700,18 @@ fn ping(ctx: &Ctx, out: &mut dyn Write) -> Result<()> {
         ctx.cli.socket.display(),
         pong.state_dir.display()
     )?;
+    for root in &pong.roots {
+        if let Some(why) = &root.error {
+            writeln!(
+                out,
+                "image root {} cannot be used: {why}",
+                root.path.display()
+            )?;
+        }
+    }
+    for (device, why) in &pong.waiting {
+        writeln!(out, "device {device} waits for its images: {why}")?;
+    }
     Ok(())
 }
 
@@ -655,9 +732,9 @@ fn on_interrupt_of_capture() {
         nix::sys::signal::SigSet::empty(),
     );
     // SAFETY: the handler only calls async-signal-safe functions.
-    if let Err(e) =
-        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGINT, &action) }
-    {
+    let installed =
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGINT, &action) };
+    if let Err(e) = installed {
         let _ = writeln!(std::io::stderr(), "vmarctl: cannot handle Ctrl-C: {e}");
     }
 }

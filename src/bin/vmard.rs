@@ -65,6 +65,12 @@ struct Args {
     #[arg(long)]
     no_restore: bool,
 
+    /// Seconds between looks at the image roots: a root that appears (or a file system
+    /// mounted on one) makes vmard restore the saved devices it could not serve; those still
+    /// waiting are tried again at ten times this interval, and at SIGHUP.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    retry_interval: u64,
+
     /// Rebuild a lost or damaged catalog from its backup (state dir's backup/: catalog.json and journal.jsonl):
     /// refused while another vmard uses the state dir. The images are captured again in
     /// their original order and their devices saved again into a new catalog built aside
@@ -148,6 +154,8 @@ fn main() -> Result<()> {
         Catalog::open(&args.state_dir).context("cannot open the catalog")?
     };
     catalog.set_sidecars(sidecars);
+    let instance = vmar::instance::InstanceId::load_or_create(&args.state_dir)
+        .context("cannot read the state dir's instance id")?;
     let opener: KernelOpener = match args.sim.clone() {
         Some(dir) => {
             let sim = SimKernel::open(&dir)?;
@@ -157,7 +165,7 @@ fn main() -> Result<()> {
         }
         None => Box::new(|| Ok(Arc::new(Checked(RealKernel::open()?)) as Arc<dyn Kernel>)),
     };
-    let context = Context::new(catalog, settings, opener);
+    let context = Context::new(catalog, instance, settings, opener);
     let mut server =
         Server::bind(context, &args.socket, Access { group }).context("cannot start vmard")?;
     if let Some(ro) = ro_socket(&args) {
@@ -173,6 +181,7 @@ fn main() -> Result<()> {
     } else {
         restore(server.context())
     };
+    let status = with_health(server.context(), status);
     let _ = sd_notify::notify(
         false,
         &[
@@ -189,9 +198,12 @@ fn main() -> Result<()> {
         "vmard ready"
     );
 
-    start_auto_capture(&args, server.socket())?;
+    start_auto_capture(&args, server.socket(), server.context())?;
     start_guard(&args, server.context())?;
     vmar::service::hold_older_images(Arc::clone(server.context()));
+    if !args.no_restore {
+        start_retries(Arc::clone(server.context()), args.retry_interval)?;
+    }
 
     let stopper = server.stopper();
     let context = Arc::clone(server.context());
@@ -200,7 +212,12 @@ fn main() -> Result<()> {
         .spawn(move || {
             loop {
                 match signals.wait() {
-                    Ok(Signal::SIGHUP) => reload(&args, &context),
+                    Ok(Signal::SIGHUP) => {
+                        reload(&args, &context);
+                        if !args.no_restore {
+                            retry(&context, "configuration reloaded");
+                        }
+                    }
                     Ok(signal) => {
                         tracing::info!(%signal, "stopping: finishing requests in flight");
                         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -249,8 +266,16 @@ fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
         .unwrap_or(vmar::device::DEFAULT_MAX_TARGETS);
     let mut roots = config.image_roots.clone();
     roots.extend(args.image_roots.iter().cloned());
-    let roots = vmar::roots::ImageRoots::new(&roots).context("bad image root")?;
-    if roots.roots().is_empty() {
+    // A missing root stops nothing: the devices on the others are restored, and this one is
+    // looked at again (see start_retries).
+    let roots = vmar::roots::ImageRoots::resolve(&roots);
+    for (root, why) in roots.missing() {
+        tracing::error!(
+            root = %root.display(),
+            "image root cannot be used: {why}; devices with images there are restored when it appears"
+        );
+    }
+    if roots.configured().is_empty() {
         tracing::warn!(
             "no image roots configured: nothing can be captured (set image_roots in {})",
             args.config.display()
@@ -357,16 +382,16 @@ fn start_watchdog(socket: PathBuf) {
     }
 }
 
-/// Starts watching the image roots when `auto_capture` is on (read at start only).
-fn start_auto_capture(args: &Args, socket: &std::path::Path) -> Result<()> {
+/// Starts watching the image roots when `auto_capture` is on (read at start only; a root
+/// missing at start is not watched until the next start).
+fn start_auto_capture(args: &Args, socket: &std::path::Path, context: &Context) -> Result<()> {
     let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
     let config = vmar::config::Config::load(&args.config, explicit)?;
     if !config.auto_capture {
         return Ok(());
     }
     let settle = config.auto_capture_settle(&args.config)?;
-    let mut roots = config.image_roots.clone();
-    roots.extend(args.image_roots.iter().cloned());
+    let roots = context.settings().roots.roots().to_vec();
     vmar::watch::start(roots, socket.to_path_buf(), args.state_dir.clone(), settle)
         .context("cannot start auto-capture")
 }
@@ -382,6 +407,108 @@ fn start_guard(args: &Args, context: &Arc<Context>) -> Result<()> {
         context.check_images(probe)
     })
     .context("cannot start the image guard")
+}
+
+/// Looks at the image roots every `interval` seconds: when one appears, goes or gets a file
+/// system mounted on it, the roots are taken again and the devices still waiting for their
+/// images are tried; they are also tried every ten intervals in any case.
+fn start_retries(context: Arc<Context>, interval: u64) -> Result<()> {
+    let interval = std::time::Duration::from_secs(interval.max(1));
+    std::thread::Builder::new()
+        .name("vmard-retry".into())
+        .spawn(move || {
+            let mut ticks = 0u64;
+            while !vmar::shutdown::requested() {
+                std::thread::sleep(interval);
+                ticks += 1;
+                let mut settings = context.settings();
+                let now = vmar::roots::ImageRoots::resolve(settings.roots.configured());
+                let changed = settings.roots.changed(&now);
+                if changed {
+                    tracing::info!(
+                        usable = ?now.roots(),
+                        missing = ?now.missing().iter().map(|(r, _)| r).collect::<Vec<_>>(),
+                        "image roots changed"
+                    );
+                    settings.roots = now;
+                    context.set_settings(settings);
+                }
+                if context.waiting().is_empty() {
+                    if changed {
+                        notify_status(&with_health(&context, "image roots changed".into()));
+                    }
+                    continue;
+                }
+                if changed || ticks.is_multiple_of(10) {
+                    retry(
+                        &context,
+                        if changed {
+                            "image roots changed"
+                        } else {
+                            "periodic"
+                        },
+                    );
+                }
+            }
+        })
+        .context("cannot start the retry thread")?;
+    Ok(())
+}
+
+/// Tries the devices not restored yet again; logs what changed and updates the unit status.
+fn retry(context: &Context, why: &str) {
+    let before = context.waiting();
+    if before.is_empty() {
+        notify_status(&with_health(
+            context,
+            format!("{why}; all devices restored"),
+        ));
+        return;
+    }
+    match context.retry() {
+        Ok(report) => {
+            let done: Vec<_> = report
+                .created
+                .iter()
+                .chain(&report.repaired)
+                .chain(&report.unchanged)
+                .collect();
+            if !done.is_empty() {
+                tracing::info!(devices = ?done, "{why}: waiting devices restored");
+            }
+            for (name, error) in &report.failed {
+                // Logged again only when the reason changes.
+                if before.get(name) != Some(error) {
+                    tracing::error!(device = %name, "still cannot restore: {error}");
+                }
+            }
+            notify_status(&with_health(
+                context,
+                format!("{why}: {} devices restored", done.len()),
+            ));
+        }
+        Err(e) => tracing::error!("{why}: devices not restored: {e}"),
+    }
+}
+
+/// `status` with what is still wrong: missing roots and devices waiting for their images.
+fn with_health(context: &Context, status: String) -> String {
+    let missing = context.settings().roots.missing().len();
+    let waiting = context.waiting().len();
+    let mut status = status;
+    if missing > 0 {
+        status.push_str(&format!("; {missing} image roots missing"));
+    }
+    if waiting > 0 {
+        status.push_str(&format!(
+            "; {waiting} devices waiting for their images (vmarctl check)"
+        ));
+    }
+    status
+}
+
+fn notify_status(status: &str) {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(status)]);
 }
 
 /// SIGHUP: re-reads the configuration; a bad one is reported and the old one kept.

@@ -196,6 +196,7 @@ impl Catalog {
         }
         create_private_dir(dir)?;
         create_private_dir(&index_dir)?;
+        store::check_writable(dir, &file)?;
         let exists = file.exists();
         // redb panics on some truncated files instead of returning an error.
         let opened = std::panic::catch_unwind(|| {

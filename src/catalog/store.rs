@@ -513,6 +513,34 @@ pub(super) fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("cannot create state dir", dir, e))
 }
 
+/// Refuses a state dir (or catalog file) vmard cannot write with that reason: redb would
+/// fail to open it with an I/O error that looks like a damaged catalog.
+pub(super) fn check_writable(dir: &Path, file: &Path) -> Result<()> {
+    use nix::unistd::{AccessFlags, access};
+    for path in [dir, file] {
+        let denied = match access(path, AccessFlags::W_OK) {
+            Err(nix::errno::Errno::ENOENT) | Ok(()) => continue,
+            Err(errno) => errno,
+        };
+        let what = if denied == nix::errno::Errno::EROFS {
+            "is on a read-only file system: remount it read-write (or, under systemd, check \
+             ReadWritePaths= of vmard.service)"
+        } else {
+            "is not writable by vmard: run vmard as its owner (root), or fix its permissions"
+        };
+        return Err(Error::Catalog {
+            dir: dir.to_path_buf(),
+            message: format!(
+                "the state dir is read-only: {} {what} ({}); vmard writes its catalog there. \
+                 Nothing is wrong with the catalog: do not run --recover",
+                path.display(),
+                denied.desc()
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,12 +18,11 @@
 //! (as dm-verity does) and the rest still reads; `report` leaves the table as it is.
 
 pub mod perm;
-pub mod sample;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -34,19 +33,9 @@ use crate::image::{DeviceNumber, ImageIdentity};
 use crate::kernel::Kernel;
 use crate::table::{self, BlockDev};
 
+pub use crate::policy::{DEFAULT_INTERVAL, DEFAULT_SAMPLES, Policy, Settings, settings};
+use crate::sample::{self, PLAN_SAMPLES};
 pub use perm::{FileKey, Guarded};
-
-/// What vmar does with a device whose image changed under it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Policy {
-    /// Reads of the changed image's extents fail (EIO); the rest is served.
-    #[default]
-    FailClosed,
-    /// The table stays: the device serves what the image holds now. Never silent: the
-    /// device is `image-changed` and logged at ERROR.
-    Report,
-}
 
 impl Policy {
     fn action(self) -> &'static str {
@@ -59,49 +48,15 @@ impl Policy {
     }
 }
 
-/// Default seconds between checks.
-pub const DEFAULT_INTERVAL: f64 = 10.0;
-/// Default blocks sampled per block-device image per periodic check.
-pub const DEFAULT_SAMPLES: usize = 64;
-/// Blocks sampled from a block-device image before vmar serves it (create, refresh,
-/// restore), and the pool the periodic checks go round.
-pub const PLAN_SAMPLES: usize = 1024;
-
-/// The guard's settings (from vmar.toml; SIGHUP re-reads them).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Settings {
-    pub policy: Policy,
-    pub interval: Duration,
-    pub samples: usize,
-}
-
-impl Default for Settings {
-    fn default() -> Settings {
-        Settings {
-            policy: Policy::FailClosed,
-            interval: Duration::from_secs_f64(DEFAULT_INTERVAL),
-            samples: DEFAULT_SAMPLES,
-        }
-    }
-}
-
-static SETTINGS: RwLock<Option<Settings>> = RwLock::new(None);
 /// Wakes the checker; a request may carry a sender to be told when a check that began after
 /// it has finished.
 static WAKE: Mutex<Option<mpsc::Sender<Option<mpsc::Sender<()>>>>> = Mutex::new(None);
 /// Longest a device change waits for the guard to mark its images.
 const SYNC_WAIT: Duration = Duration::from_secs(10);
 
-/// The guard's settings now.
-pub fn settings() -> Settings {
-    SETTINGS.read().ok().and_then(|s| *s).unwrap_or_default()
-}
-
 /// Replaces the guard's settings (start, SIGHUP) and checks at once.
 pub fn set_settings(settings: Settings) {
-    if let Ok(mut s) = SETTINGS.write() {
-        *s = Some(settings);
-    }
+    crate::policy::store(settings);
     poke();
 }
 
@@ -244,24 +199,6 @@ impl Probe {
                 matches!(g.key, FileKey::Block { rdev } if crate::image::device_number(rdev) == Some(*device))
             })
         });
-    }
-}
-
-/// Checks a block-device image before vmar serves it: its sampled blocks must match the
-/// catalog (identity cannot tell, see [`sample`]). Fails with `image-changed`.
-pub fn check_block_image(catalog: &Catalog, image: &ImageRecord) -> Result<()> {
-    if !image.identity.is_block_device() {
-        return Ok(());
-    }
-    let file = sample::open_direct(&image.path)?;
-    let mut pool = sample::load(catalog, image, PLAN_SAMPLES)?;
-    match pool.check(&file, &image.path, image.size, 0)? {
-        None => Ok(()),
-        Some(what) => Err(Error::ImageChanged {
-            name: image.name.clone(),
-            path: image.path.clone(),
-            what,
-        }),
     }
 }
 

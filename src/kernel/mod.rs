@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::fault;
 use crate::image::{ImageFile, ImageIdentity};
+use crate::instance::InstanceId;
 use crate::table::{BlockDev, Target};
 use crate::units::Sectors;
 
@@ -32,8 +33,28 @@ pub use dmstats::{AreaReads, Region};
 
 /// Prefix of vmar's dm device names; the rest is the device name.
 pub const NAME_PREFIX: &str = "vmar-";
-/// Prefix of vmar's dm UUIDs, which udev rules and the boot-time cleanup match.
+/// Prefix of vmar's dm UUIDs, which udev rules match. The UUID is `VMAR-INSTANCE-NAME`:
+/// the instance id of the state dir that made the device (see [`crate::instance`]), so that
+/// a vmard touches only its own devices. vmar before instance ids wrote `VMAR-NAME`.
 pub const UUID_PREFIX: &str = "VMAR-";
+
+/// The dm UUID of device `name` made by state dir `instance`: at most 5 + 16 + 1 + 64 = 86
+/// of the kernel's 128 bytes.
+pub fn device_uuid(instance: &InstanceId, name: &str) -> String {
+    format!("{UUID_PREFIX}{instance}-{name}")
+}
+
+/// Who made a live `vmar-` device, as its UUID says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Maker {
+    /// A vmard of the state dir with this instance id.
+    Instance(InstanceId),
+    /// A vmard from before instance ids (`VMAR-NAME`): adopted by the state dir that records
+    /// the device, left alone by the others.
+    OldVmar,
+    /// Not vmar (another UUID, or none): never touched by restore.
+    Other,
+}
 
 /// The one path vmar prints for device `name`: `/dev/vmar/NAME`, made by vmar's udev rule
 /// (what libvirt XML and qcow2 overlays name; `/dev/mapper/vmar-NAME` is the same device).
@@ -82,11 +103,24 @@ pub struct LiveDevice {
 }
 
 impl LiveDevice {
-    /// True when the UUID says vmar made it.
-    pub fn is_ours(&self) -> bool {
-        self.uuid
+    /// Who made it, from its UUID.
+    pub fn maker(&self) -> Maker {
+        let Some(rest) = self
+            .uuid
             .as_deref()
-            .is_some_and(|u| u.starts_with(UUID_PREFIX))
+            .and_then(|u| u.strip_prefix(UUID_PREFIX))
+        else {
+            return Maker::Other;
+        };
+        if rest == self.name {
+            return Maker::OldVmar;
+        }
+        match rest.split_once('-') {
+            Some((id, name)) if name == self.name => {
+                InstanceId::parse(id).map_or(Maker::Other, Maker::Instance)
+            }
+            _ => Maker::Other,
+        }
     }
 }
 
@@ -185,10 +219,11 @@ impl std::fmt::Debug for LoopHold {
 }
 
 /// Everything vmar asks of the kernel. Device names are vmar names (`web`); the kernel
-/// side calls the device `vmar-web` with UUID `VMAR-web`.
+/// side calls the device `vmar-web` (UUID: see [`device_uuid`]).
 pub trait Kernel: Send + Sync {
-    /// Creates read-only device `name` without a table. Fails with `device-exists`.
-    fn dm_create(&self, name: &str) -> Result<()>;
+    /// Creates read-only device `name` with `uuid` and without a table. Fails with
+    /// `device-exists`.
+    fn dm_create(&self, name: &str, uuid: &str) -> Result<()>;
     /// Loads `table` into the inactive slot of `name`.
     fn dm_load(&self, name: &str, table: &[Target]) -> Result<()>;
     /// Suspends `name`: I/O waits until it is resumed.
@@ -231,9 +266,9 @@ pub trait Kernel: Send + Sync {
 pub struct Checked<K>(pub K);
 
 impl<K: Kernel> Kernel for Checked<K> {
-    fn dm_create(&self, name: &str) -> Result<()> {
+    fn dm_create(&self, name: &str, uuid: &str) -> Result<()> {
         fault::point("dm.create")?;
-        self.0.dm_create(name)
+        self.0.dm_create(name, uuid)
     }
     fn dm_load(&self, name: &str, table: &[Target]) -> Result<()> {
         fault::point("dm.load")?;

@@ -20,9 +20,7 @@ use std::sync::Mutex;
 use devicemapper::{DM, DevId, DmError, DmFlags, DmNameBuf, DmOptions, DmUdevFlags, DmUuidBuf};
 
 use super::dmstats::{parse_stats_list, parse_stats_print};
-use super::{
-    AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
-};
+use super::{AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency};
 use crate::error::{Error, Result};
 use crate::image::ImageFile;
 use crate::sys::{LoopInfo64, LoopStatus, loop_status, residency};
@@ -72,12 +70,9 @@ fn options(flags: DmFlags) -> DmOptions {
     )
 }
 
-fn ids(name: &str) -> Result<(DmNameBuf, DmUuidBuf)> {
+fn dm_name(name: &str) -> Result<DmNameBuf> {
     let dm_name = format!("{NAME_PREFIX}{name}");
-    let uuid = format!("{UUID_PREFIX}{name}");
-    let dm_name = DmNameBuf::new(dm_name.clone()).map_err(|e| dm_error("name", &*dm_name, e))?;
-    let uuid = DmUuidBuf::new(uuid.clone()).map_err(|e| dm_error("uuid", &uuid, e))?;
-    Ok((dm_name, uuid))
+    DmNameBuf::new(dm_name.clone()).map_err(|e| dm_error("name", &*dm_name, e))
 }
 
 impl RealKernel {
@@ -106,7 +101,7 @@ impl RealKernel {
         name: &str,
         f: impl FnOnce(&DM, &DevId<'_>, &DmNameBuf) -> Result<T>,
     ) -> Result<T> {
-        let (dm_name, _) = ids(name)?;
+        let dm_name = dm_name(name)?;
         let dm = self.dm.lock().unwrap_or_else(|p| p.into_inner());
         f(&dm, &DevId::Name(&dm_name), &dm_name)
     }
@@ -122,8 +117,9 @@ impl RealKernel {
 }
 
 impl Kernel for RealKernel {
-    fn dm_create(&self, name: &str) -> Result<()> {
-        let (dm_name, uuid) = ids(name)?;
+    fn dm_create(&self, name: &str, uuid: &str) -> Result<()> {
+        let dm_name = dm_name(name)?;
+        let uuid = DmUuidBuf::new(uuid.to_string()).map_err(|e| dm_error("uuid", uuid, e))?;
         let dm = self.dm.lock().unwrap_or_else(|p| p.into_inner());
         match dm.device_create(&dm_name, Some(&uuid), options(DmFlags::DM_READONLY)) {
             Ok(_) => Ok(()),
@@ -472,10 +468,73 @@ const DM_COOKIE_MAGIC: u32 = 0x0D4D;
 /// A cookie udev has not completed for this long belongs to a process that died waiting.
 const STALE_COOKIE_SECS: i64 = 300;
 
-/// Removes device-mapper udev cookies (SysV semaphores) that nobody will complete: those
-/// already at zero (their waiter died before destroying them) and those older than five
-/// minutes, as `dmsetup udevcomplete_all` does. A killed vmard otherwise leaks one per
-/// interrupted change.
+/// What `semctl` tells of one dm udev cookie (a SysV semaphore of one member).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Cookie {
+    /// 0 once udev completed it and its waiter took its own count off.
+    value: i32,
+    /// Processes blocked waiting for it to reach 0 (`GETZCNT`).
+    waiters: i32,
+    /// The process of the last operation on it (`GETPID`): its maker, or udev's `dmsetup
+    /// udevcomplete`, or the waiter taking its count off.
+    last_pid: i32,
+    /// Seconds since it was made.
+    age: i64,
+}
+
+/// Whether nobody will complete `cookie` or wait for it. The devicemapper crate makes a
+/// cookie with value 2 (its own count and udev's), runs the ioctl, takes its count off and
+/// waits for udev to take the other; then removes it. A process killed anywhere in that
+/// leaves it behind: at 0 if udev completed and it had taken its count off, else at 1 or 2
+/// for good (udev takes off only one). Those are orphans: no process waits for it and the
+/// process that last touched it is gone. A live maker looks the same only between udev's
+/// completion and its own next step, so [`release_stale_cookies`] releases an orphan only if
+/// it is still one, unchanged, a second later. As `dmsetup udevcomplete_all` does, a cookie
+/// older than five minutes is released in any case.
+fn judge(cookie: &Cookie, alive: impl Fn(i32) -> bool) -> Verdict {
+    if cookie.value == 0 || cookie.age > STALE_COOKIE_SECS {
+        Verdict::Stale
+    } else if cookie.waiters == 0 && cookie.last_pid > 0 && !alive(cookie.last_pid) {
+        Verdict::Orphan
+    } else {
+        Verdict::Live
+    }
+}
+
+/// What [`judge`] says of a cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    Stale,
+    /// Stale if it stays so a moment.
+    Orphan,
+    Live,
+}
+
+/// The state of semaphore `semid`, or `None` when it is gone.
+fn read_cookie(semid: i32, age: i64) -> Option<Cookie> {
+    // SAFETY: GETVAL, GETZCNT and GETPID take no pointers.
+    let cookie = unsafe {
+        Cookie {
+            value: nix::libc::semctl(semid, 0, nix::libc::GETVAL),
+            waiters: nix::libc::semctl(semid, 0, nix::libc::GETZCNT),
+            last_pid: nix::libc::semctl(semid, 0, nix::libc::GETPID),
+            age,
+        }
+    };
+    (cookie.value >= 0 && cookie.waiters >= 0).then_some(cookie)
+}
+
+/// Whether process `pid` exists (a zombie counts: it cannot touch a semaphore, but is gone
+/// in a moment anyway).
+fn process_alive(pid: i32) -> bool {
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(nix::errno::Errno::EPERM) => true,
+        Err(_) => false,
+    }
+}
+
+/// Removes device-mapper udev cookies (SysV semaphores) that nobody will complete or wait
+/// for (see [`cookie_is_stale`]). A killed vmard otherwise leaks one per interrupted change.
 fn release_stale_cookies() -> Result<Vec<String>> {
     let Ok(text) = fs::read_to_string("/proc/sysvipc/sem") else {
         return Ok(Vec::new());
@@ -484,7 +543,7 @@ fn release_stale_cookies() -> Result<Vec<String>> {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let mut released = Vec::new();
+    let (mut stale, mut orphans) = (Vec::new(), Vec::new());
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         // key semid perms nsems uid gid cuid cgid otime ctime
@@ -498,16 +557,74 @@ fn release_stale_cookies() -> Result<Vec<String>> {
         if (key >> 16) & 0xffff != i64::from(DM_COOKIE_MAGIC) {
             continue;
         }
-        // SAFETY: GETVAL and IPC_RMID on a semaphore id read from /proc take no pointers.
-        let value = unsafe { nix::libc::semctl(semid, 0, nix::libc::GETVAL) };
-        if value == 0 || now - ctime > STALE_COOKIE_SECS {
-            // SAFETY: as above.
-            if unsafe { nix::libc::semctl(semid, 0, nix::libc::IPC_RMID) } == 0 {
-                released.push(format!("udev cookie {key:#x} (semaphore {semid})"));
+        // None: removed meanwhile (by its waiter, or another vmard).
+        let Some(cookie) = read_cookie(semid, now - ctime) else {
+            continue;
+        };
+        match judge(&cookie, process_alive) {
+            Verdict::Stale => stale.push((key, semid, cookie)),
+            Verdict::Orphan => orphans.push((key, semid, cookie)),
+            Verdict::Live => {}
+        }
+    }
+    if !orphans.is_empty() {
+        // A live maker between udev's completion and its own next step moves on meanwhile.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        for (key, semid, first) in orphans {
+            if read_cookie(semid, first.age) == Some(first) {
+                stale.push((key, semid, first));
             }
         }
     }
+    let mut released = Vec::new();
+    for (key, semid, cookie) in stale {
+        // SAFETY: IPC_RMID on a semaphore id read from /proc takes no pointer.
+        if unsafe { nix::libc::semctl(semid, 0, nix::libc::IPC_RMID) } == 0 {
+            released.push(format!(
+                "udev cookie {key:#x} (semaphore {semid}, value {}, last used by pid {})",
+                cookie.value, cookie.last_pid
+            ));
+        }
+    }
     Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cookies_nobody_completes_or_waits_for_are_stale() {
+        let dead = |_| false;
+        let alive = |_| true;
+        let cookie = |value, waiters, age| Cookie {
+            value,
+            waiters,
+            last_pid: 4242,
+            age,
+        };
+        // Completed by udev, its waiter gone before removing it.
+        assert_eq!(judge(&cookie(0, 0, 1), alive), Verdict::Stale);
+        // Killed before or after the ioctl (2), or after udev completed it (1): the last
+        // process to touch it is gone and nobody waits. On main these stayed for 5 minutes.
+        assert_eq!(judge(&cookie(2, 0, 1), dead), Verdict::Orphan);
+        assert_eq!(judge(&cookie(1, 0, 1), dead), Verdict::Orphan);
+        // A live maker that has not waited yet, and one that waits: kept.
+        assert_eq!(judge(&cookie(2, 0, 1), alive), Verdict::Live);
+        assert_eq!(judge(&cookie(1, 1, 1), dead), Verdict::Live);
+        assert_eq!(judge(&cookie(1, 1, 1), alive), Verdict::Live);
+        // Five minutes: released whatever else.
+        assert_eq!(
+            judge(&cookie(1, 1, STALE_COOKIE_SECS + 1), alive),
+            Verdict::Stale
+        );
+        assert!(process_alive(std::process::id() as i32));
+    }
+
+    #[test]
+    fn loop_config_has_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
 }
 
 #[cfg(test)]

@@ -20,9 +20,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::{
-    AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency, UUID_PREFIX,
-};
+use super::{AreaReads, Kernel, LiveDevice, LoopHold, LoopInfo, NAME_PREFIX, Region, Residency};
 use crate::error::{Error, Result};
 use crate::image::{DeviceNumber, ImageFile, device_number};
 use crate::table::{BlockDev, Target, TargetKind};
@@ -536,7 +534,7 @@ impl SimKernel {
 }
 
 impl Kernel for SimKernel {
-    fn dm_create(&self, name: &str) -> Result<()> {
+    fn dm_create(&self, name: &str, uuid: &str) -> Result<()> {
         self.change(|s| {
             if s.devices.contains_key(name) {
                 return Err(Error::DeviceExists {
@@ -548,7 +546,7 @@ impl Kernel for SimKernel {
             s.devices.insert(
                 name.to_string(),
                 SimDevice {
-                    uuid: format!("{UUID_PREFIX}{name}"),
+                    uuid: uuid.to_string(),
                     minor,
                     read_only: true,
                     ..SimDevice::default()

@@ -34,19 +34,7 @@ use crate::scan::{BlockDigest, Digest, ScanStats, hash_block, is_zero};
 use crate::units::usize_of;
 use format::{DecodeError, Decoder, Encoder, Header, Seal};
 
-/// What a host does with sidecars (`sidecars` in vmar.toml).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Neither reads nor writes them (the default: trusting another host's digests is a
-    /// decision for the operator).
-    #[default]
-    Off,
-    /// Imports valid sidecars; hashes (and writes nothing) otherwise.
-    Read,
-    /// Imports valid sidecars; hashes and writes one when none is valid.
-    Write,
-}
+pub use crate::config::SidecarMode as Mode;
 
 /// Default fraction of an imported image's blocks read and compared with the sidecar.
 pub const DEFAULT_SAMPLE: f64 = 0.001;

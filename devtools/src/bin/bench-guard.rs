@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use vmar::catalog::Catalog;
-use vmar::guard::{PLAN_SAMPLES, sample};
 use vmar::image::ImageFile;
+use vmar::sample::{self, PLAN_SAMPLES};
 
 fn stats(mut xs: Vec<f64>) -> (f64, f64, f64) {
     xs.sort_by(f64::total_cmp);

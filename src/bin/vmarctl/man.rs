@@ -31,6 +31,16 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "until vmarctl ping >/dev/null; do sleep 1; done",
     ),
     (
+        "check",
+        "A Nagios or Icinga service on the vmar host (NRPE command definition)",
+        "command[check_vmar]=/usr/bin/vmarctl check",
+    ),
+    (
+        "check",
+        "Only the problems, for a script",
+        "vmarctl --json check | jq -r '.problems[] | \"\\(.severity) \\(.subject): \\(.message)\"'",
+    ),
+    (
         "capture",
         "Capture every raw image of a libvirt pool",
         "vmarctl capture /var/lib/libvirt/images/*.raw",
@@ -211,6 +221,15 @@ fn extra_sections(out: &mut dyn Write, subcommand: &str) -> std::io::Result<()> 
             "By class, so that scripts can tell them apart; with --json, the error object's kind names the exact cause. With several images, capture exits with the class of the first that failed."
         )
     )?;
+    if subcommand == "check" {
+        writeln!(
+            out,
+            "{}",
+            roff(
+                "check exits with Nagios' statuses instead of the classes below: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN (vmard cannot be asked)."
+            )
+        )?;
+    }
     for (class, text) in ExitClass::ALL {
         writeln!(out, ".TP\n.B {}\n{}", class.code(), roff(text))?;
     }

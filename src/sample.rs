@@ -145,6 +145,28 @@ pub fn parse_stat_writes(text: &str) -> Option<u64> {
     Some(written + discarded)
 }
 
+/// Blocks sampled from a block-device image before vmar serves it (create, refresh,
+/// restore), and the pool the periodic checks go round.
+pub const PLAN_SAMPLES: usize = 1024;
+
+/// Checks a block-device image before vmar serves it: its sampled blocks must match the
+/// catalog (identity cannot tell). Fails with `image-changed`.
+pub fn check_block_image(catalog: &Catalog, image: &ImageRecord) -> Result<()> {
+    if !image.identity.is_block_device() {
+        return Ok(());
+    }
+    let file = open_direct(&image.path)?;
+    let mut pool = load(catalog, image, PLAN_SAMPLES)?;
+    match pool.check(&file, &image.path, image.size, 0)? {
+        None => Ok(()),
+        Some(what) => Err(Error::ImageChanged {
+            name: image.name.clone(),
+            path: image.path.clone(),
+            what,
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
