@@ -1255,10 +1255,24 @@ fn check_config_says_whether_vmard_would_load_the_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("max_targets 500"));
+    // A root that is missing now is no error (vmard starts and its devices wait for it),
+    // but it is said.
+    std::fs::write(&config, "image_roots = [\"/nonexistent/vmar-root\"]\n").unwrap();
+    let out = check();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("/nonexistent/vmar-root") && said.contains("cannot be used now"),
+        "{said}"
+    );
     for bad in [
         "image_roots = [".to_string(),
         "image_root = []\n".to_string(),
-        "image_roots = [\"/nonexistent/vmar-root\"]\n".to_string(),
+        "max_targets = \"many\"\n".to_string(),
         "auto_capture_settle = -3\n".to_string(),
         "socket_group = \"no-such-group-vmar\"\n".to_string(),
     ] {

@@ -334,6 +334,14 @@ fn check_config(args: &Args) -> Result<()> {
                 group.map_or("none".to_string(), |g| g.to_string()),
                 config.auto_capture
             );
+            // vmard starts without them (their devices wait): said, not refused.
+            for (root, why) in settings.roots.missing() {
+                println!(
+                    "{}: image root {} cannot be used now ({why}); vmard starts, and its devices wait for it",
+                    args.config.display(),
+                    root.display()
+                );
+            }
             Ok(())
         }
         Err(e) => {
