@@ -1662,10 +1662,14 @@ fn devices_belong_to_the_state_dir_that_made_them() {
     use vmar::kernel::Kernel;
     let dir = tempfile::tempdir().unwrap();
     let images = family(dir.path());
+    // B's own copies: A's hold on a file it captured is an extra link B's capture refuses.
+    let b_dir = dir.path().join("b-images");
+    std::fs::create_dir(&b_dir).unwrap();
+    let b_images = family(&b_dir);
     let a = start_on_shared_kernel(dir.path(), "a", &[]);
     let b = start_on_shared_kernel(dir.path(), "b", &[]);
     capture_all(&a, &images);
-    capture_all(&b, &images);
+    capture_all(&b, &b_images);
     ok(&a, &["create", "a1", "base"]);
     ok(&a, &["create", "shared-name", "web"]);
     ok(&b, &["create", "b1", "web"]);
@@ -1692,14 +1696,15 @@ fn devices_belong_to_the_state_dir_that_made_them() {
     let theirs = kernel.dm_table("shared-name").unwrap();
     // A device an older vmar made (VMAR-NAME) that A records is adopted: a1 is replaced by
     // one with the old UUID and the same table. One that nobody records is left alone.
+    // (old first: it keeps a1's autoclear loop device attached while a1 is replaced.)
     let table = kernel.dm_table("a1").unwrap();
+    kernel.dm_create("old", "VMAR-old").unwrap();
+    kernel.dm_load("old", &table).unwrap();
+    kernel.dm_resume("old").unwrap();
     kernel.dm_remove("a1", false).unwrap();
     kernel.dm_create("a1", "VMAR-a1").unwrap();
     kernel.dm_load("a1", &table).unwrap();
     kernel.dm_resume("a1").unwrap();
-    kernel.dm_create("old", "VMAR-old").unwrap();
-    kernel.dm_load("old", &table).unwrap();
-    kernel.dm_resume("old").unwrap();
 
     // A starts: on main it removed B's idle b1 and the old one, and swapped its own table
     // into B's shared-name.
@@ -1761,7 +1766,10 @@ fn a_missing_image_root_stops_only_the_devices_on_it() {
     use vmar::kernel::Kernel;
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join("local");
-    let remote = dir.path().join("remote");
+    // The remote root on another file system (tmpfs), as an NFS mount is: vmar cannot hold
+    // its files, so a root that is not mounted really takes their content away.
+    let remote_fs = tempfile::tempdir_in("/dev/shm").unwrap();
+    let remote = remote_fs.path().join("remote");
     std::fs::create_dir_all(&local).unwrap();
     std::fs::create_dir_all(&remote).unwrap();
     let ours = family(&local);
@@ -1789,7 +1797,7 @@ fn a_missing_image_root_stops_only_the_devices_on_it() {
     let kernel = sim(dir.path());
     kernel.dm_remove("near", false).unwrap();
     kernel.dm_remove("far", false).unwrap();
-    let away = dir.path().join("remote.unmounted");
+    let away = remote_fs.path().join("remote.unmounted");
     std::fs::rename(&remote, &away).unwrap();
 
     // vmard starts (on main it exited: "cannot resolve image root"), restores what it can
@@ -1921,14 +1929,12 @@ fn check_reports_every_device_not_served_as_it_should_be() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("CRITICAL: device base: not served"));
     ok(&daemon, &["remove", "base"]);
     assert_eq!(code(&daemon), Some(0));
-    // An image changed under its live device (a write that kept the size).
+    // An image changed under its live device (a write that kept the size; by path, since
+    // the guard refuses opens for writing of served images).
     let mtime = std::fs::metadata(&images[2]).unwrap().modified().unwrap();
-    let file = std::fs::File::options()
-        .write(true)
-        .open(&images[2])
-        .unwrap();
-    file.set_modified(mtime + std::time::Duration::from_secs(5))
-        .unwrap();
+    let times = std::fs::FileTimes::new().set_modified(mtime + std::time::Duration::from_secs(5));
+    let file = std::fs::File::open(&images[2]).unwrap();
+    file.set_times(times).unwrap();
     drop(file);
     let (_, report) = daemon.document(&["check"]);
     assert_eq!(report["status"], "critical", "{report}");
