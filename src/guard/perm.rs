@@ -7,9 +7,12 @@
 //!   fanotify, so a read lease probe on the event's file (`F_SETLEASE F_RDLCK`, which fails
 //!   with `EAGAIN` while the inode is open for writing) tells whether the opener (or anyone
 //!   else) writes it; the lease is dropped at once;
-//! - for a block device (no write count on device nodes) and where leases are not
-//!   supported, the opener's flags are read from `/proc/TID/syscall` (the thread waits
-//!   inside `open`/`openat`); where they cannot be read the open is refused.
+//! - when a writer exists, or leases are not supported, the opener's own flags are read
+//!   from `/proc/TID/syscall` (the thread waits inside `open`/`openat`); where they cannot
+//!   be read the open is refused.
+//!
+//! fanotify reports opens of regular files and directories only, never of device nodes, so
+//! block-device images are marked (harmlessly) but never refused: they are detected.
 //!
 //! `FAN_MODIFY` on the same marks wakes the checker at once ([`super::poke`]), so a writer
 //! that opened before the mark is found within milliseconds on a local file system; a
@@ -311,6 +314,7 @@ impl Marks {
             Some(false) => Access::ReadOnly,
             _ => syscall_access(tid),
         };
+        tracing::debug!(?key, tid, ?writer, ?access, "open permission decision");
         if allow(false, access) {
             return allowed;
         }
