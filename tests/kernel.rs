@@ -1394,7 +1394,12 @@ fn real_block_device_images_written_in_place_are_refused_or_found() {
         daemon.json(&["status", "web"]).1
     );
     let mut whole = Vec::new();
-    assert!(File::open(node("web")).unwrap().read_to_end(&mut whole).is_err());
+    assert!(
+        File::open(node("web"))
+            .unwrap()
+            .read_to_end(&mut whole)
+            .is_err()
+    );
     let (ok, out) = daemon.json(&["remove", "web"]);
     assert!(ok, "{out}");
     let write_all = |node: &Path, data: &[u8]| {

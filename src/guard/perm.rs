@@ -369,9 +369,22 @@ fn writer_probe(fd: BorrowedFd<'_>) -> Option<bool> {
     }
 }
 
+/// The opener's access from its waiting syscall. The opener queues the event before it goes
+/// to sleep waiting for the answer, so its line may still say `running`: asked again, a
+/// bounded number of times (at most ~20 ms, so no open waits long).
 fn syscall_access(tid: i32) -> Access {
-    std::fs::read_to_string(format!("/proc/{tid}/syscall"))
-        .map_or(Access::Unknown, |line| access_from_syscall(&line))
+    for attempt in 0..20 {
+        let Ok(line) = std::fs::read_to_string(format!("/proc/{tid}/syscall")) else {
+            return Access::Unknown;
+        };
+        if !line.starts_with("running") {
+            return access_from_syscall(&line);
+        }
+        if attempt < 19 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    Access::Unknown
 }
 
 /// `pid N (comm, exe)`, with what procfs lets vmard see (under the unit's
