@@ -153,6 +153,14 @@ impl Probe {
         device: DeviceNumber,
         samples: usize,
     ) -> Result<Option<String>> {
+        let file = sample::open_direct(&image.path).ok();
+        // Counters count I/O that reached the device: buffered writes still in its page
+        // cache (which the loop device already serves) are written back first.
+        if let Some(file) = &file
+            && let Err(e) = file.sync_all()
+        {
+            tracing::debug!(path = %image.path.display(), "cannot flush before counting writes: {e}");
+        }
         if let Some(now) = sample::writes(device) {
             let base = *self.baselines.entry(device).or_insert(now);
             if now > base {
@@ -162,7 +170,7 @@ impl Probe {
                 )));
             }
         }
-        let Ok(file) = sample::open_direct(&image.path) else {
+        let Some(file) = file else {
             return Ok(None);
         };
         let meta = file

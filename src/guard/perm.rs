@@ -7,9 +7,12 @@
 //!   fanotify, so a read lease probe on the event's file (`F_SETLEASE F_RDLCK`, which fails
 //!   with `EAGAIN` while the inode is open for writing) tells whether the opener (or anyone
 //!   else) writes it; the lease is dropped at once;
-//! - for a block device (no write count on device nodes) and where leases are not
-//!   supported, the opener's flags are read from `/proc/TID/syscall` (the thread waits
-//!   inside `open`/`openat`); where they cannot be read the open is refused.
+//! - when a writer exists, or leases are not supported, the opener's own flags are read
+//!   from `/proc/TID/syscall` (the thread waits inside `open`/`openat`); where they cannot
+//!   be read the open is refused.
+//!
+//! fanotify reports opens of regular files and directories only, never of device nodes, so
+//! block-device images are marked (harmlessly) but never refused: they are detected.
 //!
 //! `FAN_MODIFY` on the same marks wakes the checker at once ([`super::poke`]), so a writer
 //! that opened before the mark is found within milliseconds on a local file system; a
@@ -311,6 +314,7 @@ impl Marks {
             Some(false) => Access::ReadOnly,
             _ => syscall_access(tid),
         };
+        tracing::debug!(?key, tid, ?writer, ?access, "open permission decision");
         if allow(false, access) {
             return allowed;
         }
@@ -365,9 +369,22 @@ fn writer_probe(fd: BorrowedFd<'_>) -> Option<bool> {
     }
 }
 
+/// The opener's access from its waiting syscall. The opener queues the event before it goes
+/// to sleep waiting for the answer, so its line may still say `running`: asked again, a
+/// bounded number of times (at most ~20 ms, so no open waits long).
 fn syscall_access(tid: i32) -> Access {
-    std::fs::read_to_string(format!("/proc/{tid}/syscall"))
-        .map_or(Access::Unknown, |line| access_from_syscall(&line))
+    for attempt in 0..20 {
+        let Ok(line) = std::fs::read_to_string(format!("/proc/{tid}/syscall")) else {
+            return Access::Unknown;
+        };
+        if !line.starts_with("running") {
+            return access_from_syscall(&line);
+        }
+        if attempt < 19 {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    Access::Unknown
 }
 
 /// `pid N (comm, exe)`, with what procfs lets vmard see (under the unit's
