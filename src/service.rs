@@ -367,11 +367,7 @@ pub fn handle(
             rebind,
         } => {
             validate_name(&name)?;
-            let image = if capture && image.starts_with('/') {
-                capture_held(catalog, &settings, Path::new(&image), force_raw, progress)?
-            } else {
-                device::image_name(catalog, &settings.roots, &image)?
-            };
+            let image = device_image(catalog, &settings, &image, capture, force_raw, progress)?;
             let kernel = ctx.kernel()?;
             let created = {
                 let _changes = ctx.changes();
@@ -398,14 +394,9 @@ pub fn handle(
         } => {
             validate_name(&name)?;
             let image = match image {
-                Some(image) if capture && image.starts_with('/') => Some(capture_held(
-                    catalog,
-                    &settings,
-                    Path::new(&image),
-                    force_raw,
-                    progress,
+                Some(image) => Some(device_image(
+                    catalog, &settings, &image, capture, force_raw, progress,
                 )?),
-                Some(image) => Some(device::image_name(catalog, &settings.roots, &image)?),
                 None => None,
             };
             let kernel = ctx.kernel()?;
@@ -591,6 +582,23 @@ fn release_holds(catalog: &Catalog) {
 
 /// Opens an image to capture: absolute, inside the image roots (vmar's own hold is the one
 /// extra link allowed), raw unless forced.
+/// The captured image a device is to serve: `image` captured first when `capture` and it
+/// is a path (`create --capture`, `ensure --capture`), else the image it names.
+fn device_image(
+    catalog: &Catalog,
+    settings: &Settings,
+    image: &str,
+    capture: bool,
+    force_raw: bool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<String> {
+    if capture && image.starts_with('/') {
+        capture_held(catalog, settings, Path::new(image), force_raw, progress)
+    } else {
+        device::image_name(catalog, &settings.roots, image)
+    }
+}
+
 /// Captures the image at `path` for a device (`create --capture`, `ensure --capture`), with
 /// vmar's hold made before its identity is taken; returns its name.
 fn capture_held(
