@@ -6,8 +6,12 @@
 //!
 //! A hold is a hard link `$STATE_DIR/holds/DEV-INO` (device and inode in hex) made by vmard
 //! from the open file (`linkat` of `/proc/self/fd/N`, so it is the inode that was opened,
-//! whatever happens to its name meanwhile). It needs the state directory on the image's file
-//! system; block devices are not held (deleting a node does not free a device).
+//! whatever happens to its name meanwhile). A link needs one mount: where the state directory
+//! is on another file system (or, under systemd's `ProtectSystem=`, another mount) than the
+//! image, as for Nova's `/var/lib/nova/instances/_base`, the link is made beside the image in
+//! a hidden `.vmar-holds` directory instead, and `$STATE_DIR/holds/DEV-INO` is a symbolic link
+//! to it: the state directory still lists every hold. Block devices are not held (deleting a
+//! node does not free a device).
 //!
 //! Identity: a link changes the inode's ctime, which is part of the identity that catches
 //! writes hidden behind a restored mtime. So a capture makes the hold *before* the identity
@@ -35,6 +39,9 @@ use crate::protocol::{ImageFileState, KeptBy};
 
 /// Directory of the holds inside the state directory.
 pub const HOLDS_DIR: &str = "holds";
+
+/// Directory of the holds made beside images on another mount than the state directory.
+pub const SIDE_HOLDS_DIR: &str = ".vmar-holds";
 
 /// Why a block device image has no hold.
 pub const BLOCK_DEVICE: &str = "a block device: vmar cannot hold it (deleting its node does not free the device; removing the volume does)";
@@ -111,10 +118,114 @@ impl Holds {
         self.path(identity.dev, identity.ino)
     }
 
-    /// Whether vmar holds the file with device `dev` and inode `ino`.
+    /// Where the hold of (dev, ino) is: its name in the state directory, or the file beside
+    /// the image that name points to.
+    pub fn location(&self, dev: u64, ino: u64) -> PathBuf {
+        let path = self.path(dev, ino);
+        self.side_target(&path).unwrap_or(path)
+    }
+
+    /// Whether vmar holds the file with device `dev` and inode `ino` (a link in the state
+    /// directory, or one beside the image that the state directory points to).
     pub fn holds(&self, dev: u64, ino: u64) -> bool {
-        std::fs::symlink_metadata(self.path(dev, ino))
-            .is_ok_and(|m| m.is_file() && m.dev() == dev && m.ino() == ino)
+        let path = self.path(dev, ino);
+        let is_it = |m: std::fs::Metadata| m.is_file() && m.dev() == dev && m.ino() == ino;
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => self
+                .side_target(&path)
+                .and_then(|target| std::fs::symlink_metadata(target).ok())
+                .is_some_and(is_it),
+            Ok(m) => is_it(m),
+            Err(_) => false,
+        }
+    }
+
+    /// Where the state directory's symbolic link `path` points, if it names a hold beside
+    /// an image (an absolute `.../.vmar-holds/NAME` with NAME the link's own name).
+    fn side_target(&self, path: &Path) -> Option<PathBuf> {
+        let target = std::fs::read_link(path).ok()?;
+        let dir = target.parent()?;
+        let ok = target.is_absolute()
+            && target.file_name() == path.file_name()
+            && dir.file_name() == Some(std::ffi::OsStr::new(SIDE_HOLDS_DIR));
+        ok.then_some(target)
+    }
+
+    /// Holds `image` beside itself (`DIR/.vmar-holds/DEV-INO`) and points the state
+    /// directory's hold at it. The side directory must be vmar's own (a directory, not a
+    /// symbolic link, owned by vmard's user): anyone else's could take the link elsewhere.
+    fn hold_beside(
+        &self,
+        image: &ImageFile,
+        from: &Path,
+        path: &Path,
+    ) -> std::result::Result<(), String> {
+        let Some(parent) = image.path.parent() else {
+            return Err("the image path has no directory".to_string());
+        };
+        let dir = parent.join(SIDE_HOLDS_DIR);
+        let readonly = |e: &dyn std::fmt::Display| {
+            format!(
+                "{} is on another mount than the image, and a hold beside it in {} cannot be \
+                 made ({e}); under systemd, make the image directory writable to vmard \
+                 (`systemctl edit vmard`: ReadWritePaths={})",
+                self.dir.display(),
+                dir.display(),
+                parent.display()
+            )
+        };
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(readonly(&e)),
+        }
+        let meta = std::fs::symlink_metadata(&dir).map_err(|e| readonly(&e))?;
+        if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(format!(
+                "{} is not vmar's own directory (a directory owned by uid {}): not used",
+                dir.display(),
+                nix::unistd::geteuid()
+            ));
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| readonly(&e))?;
+        let Some(name) = path.file_name() else {
+            return Err(format!("{} has no file name", path.display()));
+        };
+        let side = dir.join(name);
+        let link = || {
+            nix::unistd::linkat(
+                None,
+                from,
+                None,
+                side.as_path(),
+                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+            )
+        };
+        let mut made = link();
+        if made == Err(nix::errno::Errno::EEXIST) {
+            let _ = std::fs::remove_file(&side);
+            made = link();
+        }
+        match made {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ENOENT) => {
+                return Err("deleted before vmar could hold it".to_string());
+            }
+            Err(e) => return Err(readonly(&e)),
+        }
+        sync_dir(&dir).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(path);
+        if let Err(e) = std::os::unix::fs::symlink(&side, path) {
+            let _ = std::fs::remove_file(&side);
+            return Err(format!(
+                "cannot point {} at {}: {e}",
+                path.display(),
+                side.display()
+            ));
+        }
+        sync_dir(&self.dir).map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Holds the open image `image` (a hard link from its descriptor), unless it is held
@@ -154,11 +265,11 @@ impl Holds {
                 sync_dir(&self.dir)?;
                 return Ok(Held::Yes(true));
             }
-            Err(nix::errno::Errno::EXDEV) => format!(
-                "{} is on another file system than the image (or, under systemd's \
-                 ProtectSystem=, another mount of it)",
-                self.dir.display()
-            ),
+            Err(nix::errno::Errno::EXDEV) => match self.hold_beside(image, Path::new(&from), &path)
+            {
+                Ok(()) => return Ok(Held::Yes(true)),
+                Err(why) => why,
+            },
             Err(nix::errno::Errno::ENOENT) => "deleted before vmar could hold it".to_string(),
             Err(e) => format!("cannot link it into {}: {e}", self.dir.display()),
         };
@@ -170,6 +281,17 @@ impl Holds {
     /// Removes the hold of (dev, ino); true if there was one.
     pub fn release(&self, dev: u64, ino: u64) -> Result<bool> {
         let path = self.path(dev, ino);
+        if let Some(side) = self.side_target(&path) {
+            match std::fs::remove_file(&side) {
+                Ok(()) => {
+                    if let Some(dir) = side.parent() {
+                        sync_dir(dir)?;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("cannot release hold", &side, e)),
+            }
+        }
         match std::fs::remove_file(&path) {
             Ok(()) => {
                 sync_dir(&self.dir)?;
@@ -209,7 +331,7 @@ impl Holds {
 
     /// The held file of `identity`, opened read-only, if vmar holds that inode.
     pub fn open(&self, identity: &ImageIdentity) -> Result<Option<ImageFile>> {
-        let path = self.path_of(identity);
+        let path = self.location(identity.dev, identity.ino);
         let file = match File::open(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -241,7 +363,7 @@ pub fn current_path(catalog: &Catalog, record: &ImageRecord) -> PathBuf {
     }
     let holds = Holds::of(catalog.dir());
     if holds.holds(id.dev, id.ino) {
-        holds.path(id.dev, id.ino)
+        holds.location(id.dev, id.ino)
     } else {
         record.path.clone()
     }
@@ -444,7 +566,7 @@ pub fn file_states(catalog: &Catalog, images: &[ImageRecord]) -> Result<Vec<Imag
             };
             ImageFileState {
                 state: if present { "present" } else { "gone" }.to_string(),
-                hold: held.then(|| holds.path(id.dev, id.ino)),
+                hold: held.then(|| holds.location(id.dev, id.ino)),
                 not_held,
                 kept_by: kept.remove(&record.name).unwrap_or_default(),
             }
@@ -616,20 +738,79 @@ mod tests {
         let path = dir.path().join("img.raw");
         write(&path);
         let image = ImageFile::open(&path).unwrap();
-        // A holds directory on another file system: /dev/shm (tmpfs) when the test's
-        // directory is not on it.
-        let shm = Path::new("/dev/shm");
-        let other = std::fs::metadata(shm)
-            .is_ok_and(|m| m.dev() != std::fs::metadata(dir.path()).unwrap().dev());
-        if other {
-            let state = tempfile::tempdir_in(shm).unwrap();
-            match Holds::of(state.path()).hold(&image).unwrap() {
-                Held::No(why) => assert!(why.contains("another file system"), "{why}"),
-                Held::Yes(_) => panic!("held across file systems"),
-            }
-        }
         let state = dir.path().join("state");
         assert_eq!(Holds::of(&state).hold(&image).unwrap(), Held::Yes(true));
         assert_eq!(Holds::of(&state).hold(&image).unwrap(), Held::Yes(false));
+    }
+
+    /// A state directory on another file system than the image: /dev/shm (tmpfs), where the
+    /// test's directory is not on it.
+    fn state_on_another_file_system(dir: &Path) -> Option<tempfile::TempDir> {
+        let shm = Path::new("/dev/shm");
+        let other =
+            std::fs::metadata(shm).is_ok_and(|m| m.dev() != std::fs::metadata(dir).unwrap().dev());
+        if !other {
+            eprintln!("/dev/shm is on the test directory's file system: not tested");
+        }
+        other.then(|| tempfile::tempdir_in(shm).unwrap())
+    }
+
+    #[test]
+    fn an_image_on_another_file_system_is_held_beside_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let Some(state) = state_on_another_file_system(dir.path()) else {
+            return;
+        };
+        let holds = Holds::of(state.path());
+        let image = ImageFile::open(&path).unwrap();
+        let id = image.identity;
+        assert_eq!(holds.hold(&image).unwrap(), Held::Yes(true));
+        assert_eq!(holds.hold(&image).unwrap(), Held::Yes(false));
+        assert!(holds.holds(id.dev, id.ino));
+        let side = dir
+            .path()
+            .join(SIDE_HOLDS_DIR)
+            .join(format!("{:x}-{:x}", id.dev, id.ino));
+        assert_eq!(holds.location(id.dev, id.ino), side);
+        let meta = std::fs::symlink_metadata(&side).unwrap();
+        assert!(meta.is_file() && meta.ino() == id.ino);
+        assert!(
+            std::fs::symlink_metadata(holds.path(id.dev, id.ino))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(holds.list().unwrap(), vec![(id.dev, id.ino)]);
+        // The name goes: the hold beside it still opens the captured inode.
+        std::fs::remove_file(&path).unwrap();
+        let held = holds.open(&id).unwrap().expect("held");
+        assert_eq!((held.identity.dev, held.identity.ino), (id.dev, id.ino));
+        assert_eq!(held.path, side);
+        assert!(holds.release(id.dev, id.ino).unwrap());
+        assert!(!side.exists() && !holds.holds(id.dev, id.ino));
+        assert!(holds.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_side_holds_directory_that_is_not_vmars_own_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img.raw");
+        write(&path);
+        let Some(state) = state_on_another_file_system(dir.path()) else {
+            return;
+        };
+        // Someone else's .vmar-holds (a symbolic link elsewhere) would take the link there.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(SIDE_HOLDS_DIR)).unwrap();
+        let image = ImageFile::open(&path).unwrap();
+        match Holds::of(state.path()).hold(&image).unwrap() {
+            Held::No(why) => assert!(why.contains("not vmar's own directory"), "{why}"),
+            Held::Yes(_) => panic!("held through someone else's directory"),
+        }
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        assert!(!Holds::of(state.path()).holds(image.identity.dev, image.identity.ino));
     }
 }

@@ -199,12 +199,15 @@ guarded_writes() {
     check "tiny is still active" bash -c "vmarctl --json status tiny | grep '\"state\": *\"active\"'"
 }
 
-# OpenStack Nova's pattern: a _base image captured, instance qcow2 overlays backed by
-# /dev/vmar/HASH instead of the _base file, then Nova's image cache manager deletes the
-# _base file (no instance disk names it any more). vmar's hold keeps its content: the
-# instance disks read the image's bytes before and after the reboot.
-NOVA_HASH=0123456789abcdef0123456789abcdef01234567
-nova_base=$IMAGES/_base/$NOVA_HASH
+# OpenStack Nova's pattern on the compute node that nova_checks (platform.sh) set up:
+# /var/lib/nova/instances/_base is an image root with auto-capture, a base image appears
+# there and is captured, instance qcow2 overlays are backed by /dev/vmar/HASH instead of the
+# _base file, then Nova's image cache manager deletes the _base file (no instance disk
+# names it any more). Under the shipped unit _base is another mount than /var/lib/vmar, so
+# vmar holds the file beside itself (_base/.vmar-holds): the instance disks read the image's
+# bytes before and after the reboot.
+NOVA_GONE=$(printf 'glance-image-deleted' | sha1sum | cut -c1-40)
+nova_gone=$NOVA_BASE/$NOVA_GONE
 nova_disk_sum() { qemu-img convert -f qcow2 -O raw "$T/instances/$1.qcow2" "$T/instances/$1.raw" && sha256sum <"$T/instances/$1.raw" | cut -d' ' -f1; rm -f "$T/instances/$1.raw"; }
 nova_disks_read_the_image() {
     local vm
@@ -214,36 +217,42 @@ nova_disks_read_the_image() {
 }
 nova_shown_gone_and_held() {
     vmarctl images >>"$LOG" 2>&1
-    vmarctl --json images | jq -e --arg n "$NOVA_HASH" \
-        '.images[] | select(.name == $n) | .file.state == "gone" and .file.hold != null
+    vmarctl --json images | jq -e --arg n "$NOVA_GONE" --arg h "$NOVA_BASE/.vmar-holds/" \
+        '.images[] | select(.name == $n) | .file.state == "gone"
+         and (.file.hold | startswith($h))
          and (.file.kept_by.devices | index($n)) != null' >/dev/null &&
-        vmarctl images -o name,file | grep -q "^$NOVA_HASH  *gone (held)"
+        vmarctl images -o name,file | grep -q "^$NOVA_GONE  *gone (held)"
 }
 nova_boot1() {
-    mkdir -p "$IMAGES/_base" "$T/instances"
-    # Own blocks (random) and blocks shared with tiny: both must outlive the file.
-    { head -c $((4 * 1024 * 1024)) /dev/urandom; cat "$IMAGES/tiny.raw"; } >"$nova_base.part"
-    mv "$nova_base.part" "$nova_base"
-    sha256sum <"$nova_base" | cut -d' ' -f1 >"$T/nova.sha256"
-    check "nova: capture _base/$NOVA_HASH" vmarctl capture "$nova_base"
-    check "nova: create /dev/vmar/$NOVA_HASH" vmarctl create "$NOVA_HASH" "$NOVA_HASH"
+    mkdir -p "$T/instances"
+    # Own blocks (random) and blocks shared with tiny: both must outlive the file. Nova
+    # downloads to a temporary name and renames it into place.
+    { head -c $((4 * 1024 * 1024)) /dev/urandom; cat "$IMAGES/tiny.raw"; } >"$nova_gone.part"
+    mv "$nova_gone.part" "$nova_gone"
+    sha256sum <"$nova_gone" | cut -d' ' -f1 >"$T/nova.sha256"
+    check "nova: auto-capture took _base/$NOVA_GONE" \
+        wait_until 60 bash -c "vmarctl --json images | jq -e '.images[] | select(.name == \"$NOVA_GONE\")'"
+    check "nova: _base/$NOVA_GONE is held beside itself (another mount than /var/lib/vmar)" \
+        bash -c "vmarctl --json images | jq -e --arg n '$NOVA_GONE' --arg h '$NOVA_BASE/.vmar-holds/' \
+            '.images[] | select(.name == \$n) | .file.hold | startswith(\$h)'"
+    check "nova: vmarctl ensure $NOVA_GONE" vmarctl ensure "$NOVA_GONE"
     local vm
     for vm in vm1 vm2; do
-        check "nova: qemu-img create instance $vm's overlay backed by /dev/vmar/$NOVA_HASH" \
-            qemu-img create -f qcow2 -b "/dev/vmar/$NOVA_HASH" -F raw "$T/instances/$vm.qcow2"
+        check "nova: qemu-img create instance $vm's overlay backed by /dev/vmar/$NOVA_GONE" \
+            qemu-img create -f qcow2 -b "/dev/vmar/$NOVA_GONE" -F raw "$T/instances/$vm.qcow2"
     done
     check "nova: the instance disks read the image's bytes" nova_disks_read_the_image
-    check "nova: the image cache manager deletes _base/$NOVA_HASH" rm "$nova_base"
+    check "nova: the image cache manager deletes _base/$NOVA_GONE" rm "$nova_gone"
     check "nova: after the deletion the instance disks still read the image's bytes" \
         nova_disks_read_the_image
-    check "nova: vmarctl images shows _base/$NOVA_HASH gone, held, kept by its device" \
+    check "nova: vmarctl images shows _base/$NOVA_GONE gone, held, kept by its device" \
         nova_shown_gone_and_held
 }
 nova_boot2() {
-    check "nova after reboot: /dev/vmar/$NOVA_HASH restored (from vmar's hold)" \
-        test "$(vmarctl --json status "$NOVA_HASH" | jq -r .state)" = active
-    check "nova after reboot: its loop device reads vmar's hold in /var/lib/vmar/holds" \
-        bash -c 'grep -l "^/var/lib/vmar/holds/" /sys/block/loop*/loop/backing_file'
+    check "nova after reboot: /dev/vmar/$NOVA_GONE restored (from vmar's hold)" \
+        test "$(vmarctl --json status "$NOVA_GONE" | jq -r .state)" = active
+    check "nova after reboot: its loop device reads vmar's hold in _base/.vmar-holds" \
+        bash -c "grep -l '^$NOVA_BASE/.vmar-holds/' /sys/block/loop*/loop/backing_file"
     check "nova after reboot: the instance disks read the image's bytes (deleted before the reboot)" \
         nova_disks_read_the_image
     check "nova after reboot: vmarctl images shows it gone, held, kept by its device" \
