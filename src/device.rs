@@ -84,6 +84,11 @@ fn plan_with(
             }
             Err(e) => return Err(e),
         };
+        // Checked unchanged above, but read by no extent: no loop device (an autoclear one
+        // would go as soon as this plan lets go of it).
+        if id == record.id && !map.reads_own() {
+            continue;
+        }
         let mut hold = None;
         // An existing one may go away between the scan and the open (autoclear).
         if let Some(info) = existing_loop(&attached, &file.path, &file.identity) {
@@ -119,6 +124,9 @@ fn expected(
     let loops = kernel.loops()?;
     let mut by_id: BTreeMap<ImageId, BlockDev> = BTreeMap::new();
     for (id, other) in catalog.sources_of(&record, &map)? {
+        if id == record.id && !map.reads_own() {
+            continue;
+        }
         match existing_loop(&loops, &other.path, &other.identity) {
             Some(l) => by_id.insert(id, l.block_dev()),
             None => return Ok(None),

@@ -123,6 +123,16 @@ impl BlockMap {
         by_image
     }
 
+    /// Whether any extent reads the image itself (a copy of other images reads none of it,
+    /// and its device needs no loop device of its own).
+    pub fn reads_own(&self) -> bool {
+        self.extents.iter().any(|e| match e.source {
+            Source::Own => true,
+            Source::Redirect { image, .. } => image == self.image,
+            Source::Zero => false,
+        })
+    }
+
     /// Ids of the other images this map reads from, sorted.
     pub fn referenced_images(&self) -> Vec<ImageId> {
         let mut ids: Vec<ImageId> = self

@@ -1507,6 +1507,43 @@ fn reboot(dir: &Path) {
     assert!(kernel.state().unwrap().loops.is_empty());
 }
 
+/// An image whose every block is another image's (a copy: Nova's `_base` file of an image
+/// captured already) gets a table without its own loop device; status and check must not
+/// ask for one (the autoclear loop it would need is gone as soon as nothing holds it).
+#[test]
+fn a_device_of_an_image_read_wholly_from_others_is_active_and_checks_ok() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = family(dir.path());
+    let copy = dir.path().join("copy.raw");
+    std::fs::copy(&images[0], &copy).unwrap();
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture_all(&daemon, &[images[0].clone(), copy.clone()]);
+    ok(&daemon, &["create", "copy", "copy"]);
+    assert_eq!(
+        states(&daemon),
+        [("copy".to_string(), "active".to_string())]
+    );
+    let check = daemon.ctl(&["check"]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    assert_eq!(
+        sim(dir.path()).read_device("copy").unwrap(),
+        std::fs::read(&copy).unwrap()
+    );
+    // And after a restart (restore plans it again).
+    drop(daemon);
+    let daemon = Daemon::start_sim(dir.path(), "");
+    assert_eq!(
+        states(&daemon),
+        [("copy".to_string(), "active".to_string())]
+    );
+    assert_eq!(daemon.ctl(&["check"]).status.code(), Some(0));
+}
+
 #[test]
 fn a_deleted_image_is_held_restored_after_a_reboot_and_released_when_unneeded() {
     use std::os::unix::fs::MetadataExt;
