@@ -1288,6 +1288,8 @@ fn a_device_that_cannot_be_restored_is_reported_everywhere() {
             s(&dir.path().join("kernel")),
             "--config",
             s(&config),
+            "--retry-interval",
+            "1",
         ],
         &[("NOTIFY_SOCKET", s(&notify.path))],
     );
@@ -1297,6 +1299,15 @@ fn a_device_that_cannot_be_restored_is_reported_everywhere() {
     assert!(
         ready.contains("STATUS=DEGRADED: 1 not restored (web;"),
         "{ready}"
+    );
+    // And keeps it when the periodic retry (ten intervals) replaces the line.
+    let retried = notify
+        .next()
+        .expect("vmard's retry updates the status line");
+    assert!(
+        retried.starts_with("STATUS=DEGRADED: 1 not restored (web;")
+            && retried.contains("periodic"),
+        "{retried}"
     );
     // restore-status: exit 3, the device and why.
     let out = daemon.ctl(&["restore-status"]);

@@ -19,12 +19,22 @@ exec 2>&1
 say() { echo "SYSTEM-TEST: $*"; echo "=== $*" >>"$LOG"; }
 ok() { say "ok $*"; }
 fail() { say "FAIL $*"; }
-# check NAME COMMAND...: ok when COMMAND succeeds; its output goes to the log.
+# check NAME COMMAND...: ok when COMMAND succeeds; its output goes to the log, and the last
+# lines of it to the console too when it fails (what CI shows).
 check() {
-    local name=$1
+    local name=$1 out
     shift
     echo "--- $name: $*" >>"$LOG"
-    if "$@" >>"$LOG" 2>&1; then ok "$name"; else fail "$name"; fi
+    out=$(mktemp)
+    if "$@" >"$out" 2>&1; then
+        cat "$out" >>"$LOG"
+        ok "$name"
+    else
+        cat "$out" >>"$LOG"
+        fail "$name"
+        tail -n 8 "$out" | cut -c1-300 | sed 's/^/SYSTEM-TEST:     /'
+    fi
+    rm -f "$out"
 }
 # Monotonic microseconds of a unit's property (0 when it never happened).
 mono() { systemctl show -P "$2" "$1"; }

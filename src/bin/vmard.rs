@@ -499,20 +499,26 @@ fn retry(context: &Context, why: &str) {
     }
 }
 
-/// `status` with what is still wrong: missing roots and devices waiting for their images.
+/// `status` with what is still wrong: devices not restored (first, as DEGRADED:
+/// `systemctl status` cuts long lines; whatever line replaces the last one keeps it while
+/// they wait) and missing roots.
 fn with_health(context: &Context, status: String) -> String {
     let missing = context.settings().roots.missing().len();
-    let waiting = context.waiting().len();
-    let mut status = status;
-    if missing > 0 {
-        status.push_str(&format!("; {missing} image roots missing"));
-    }
-    if waiting > 0 {
-        status.push_str(&format!(
-            "; {waiting} devices waiting for their images (vmarctl check)"
+    let waiting = context.waiting();
+    let mut line = String::new();
+    if !waiting.is_empty() {
+        let names: Vec<&str> = waiting.keys().map(String::as_str).collect();
+        line.push_str(&format!(
+            "DEGRADED: {} not restored ({}; `vmarctl list` or `vmarctl check` says why); ",
+            names.len(),
+            names.join(", ")
         ));
     }
-    status
+    line.push_str(&status);
+    if missing > 0 {
+        line.push_str(&format!("; {missing} image roots missing"));
+    }
+    line
 }
 
 fn notify_status(status: &str) {
@@ -541,17 +547,6 @@ fn restore(context: &Context) -> String {
             for (name, error) in &report.failed {
                 tracing::error!(device = %name, "cannot restore: {error}");
             }
-            let failed = if report.failed.is_empty() {
-                String::new()
-            } else {
-                let names: Vec<&str> = report.failed.iter().map(|(n, _)| n.as_str()).collect();
-                // First in the status line: `systemctl status` cuts long lines.
-                format!(
-                    "DEGRADED: {} not restored ({}; `vmarctl list` says why); ",
-                    names.len(),
-                    names.join(", ")
-                )
-            };
             tracing::info!(
                 created = ?report.created,
                 unchanged = ?report.unchanged,
@@ -566,7 +561,7 @@ fn restore(context: &Context) -> String {
                 "devices restored"
             );
             format!(
-                "{failed}{} devices created, {} unchanged, {} image-changed, {} repaired, {} failed, {} leftovers removed",
+                "{} devices created, {} unchanged, {} image-changed, {} repaired, {} failed, {} leftovers removed",
                 report.created.len(),
                 report.unchanged.len(),
                 report.image_changed.len(),
