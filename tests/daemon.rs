@@ -621,7 +621,7 @@ fn oversized_requests_get_an_answer() {
     let client = vmar::client::Client::new(&daemon.socket);
     let huge = "x".repeat(3 << 20);
     let err = client
-        .call_raw(&vmar::protocol::Request::Verify { name: huge }, &mut |_| {})
+        .call(vmar::protocol::request::Verify { name: huge }, &mut |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
     // A long invalid name is not echoed whole.

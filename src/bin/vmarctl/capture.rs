@@ -8,7 +8,7 @@ use clap::Args;
 use indicatif::HumanBytes;
 use serde::Serialize;
 use vmar::error::ExitClass;
-use vmar::protocol::{CaptureResult, Request};
+use vmar::protocol::{CaptureResult, request};
 use vmar::records::CaptureStatus;
 
 use crate::context::{Ctx, Run};
@@ -142,14 +142,14 @@ fn capture(
     for (path, name) in images {
         let absolute = std::path::absolute(path)
             .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let request = Request::Capture {
+        let request = request::Capture {
             path: absolute,
             name: name.clone(),
             recapture,
             force_raw,
         };
         let label = format!("capture {}", path.display());
-        let outcome = match ctx.call_with_progress::<CaptureResult>(&request, &label) {
+        let outcome = match ctx.call_with_progress(request, &label) {
             Ok(mut result) => {
                 let rebuilt = if result.status == CaptureStatus::Recaptured {
                     std::iter::once(result.image.name.clone())

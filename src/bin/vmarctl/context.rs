@@ -10,7 +10,7 @@ use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use serde::Serialize;
 use vmar::client::Client;
 use vmar::error::ExitClass;
-use vmar::protocol::{ImagesResult, Progress, Request};
+use vmar::protocol::{Call, ImagesResult, Progress, request};
 
 use crate::output::print_json;
 
@@ -31,16 +31,13 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    pub fn call<T: serde::de::DeserializeOwned>(&self, request: &Request) -> Result<T> {
+    /// Sends `request`; the result is of the type vmard answers that request with.
+    pub fn call<C: Call>(&self, request: C) -> Result<C::Reply> {
         Ok(self.client.call(request, &mut |_| {})?)
     }
 
     /// A request with progress on stderr.
-    pub fn call_with_progress<T: serde::de::DeserializeOwned>(
-        &self,
-        request: &Request,
-        label: &str,
-    ) -> vmar::Result<T> {
+    pub fn call_with_progress<C: Call>(&self, request: C, label: &str) -> vmar::Result<C::Reply> {
         let mut reporter = Reporter::new(self.json, label);
         let result = self.client.call(request, &mut |p| reporter.update(p));
         reporter.finish();
@@ -48,7 +45,7 @@ impl Ctx<'_> {
     }
 
     pub fn images(&self) -> Result<ImagesResult> {
-        self.call(&Request::Images)
+        self.call(request::Images)
     }
 
     /// Prints `value` as a versioned JSON document with `--json`, else as `text` words it.

@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use vmar::error::ExitClass;
-use vmar::protocol::{DeviceChange, DeviceStatus, EnsureResult, Removed, Request};
+use vmar::protocol::request::{self, DeviceOptions};
+use vmar::protocol::{DeviceChange, DeviceStatus};
 
 use crate::context::{Ctx, Run, device_arg};
 use crate::output::print_json;
@@ -35,6 +36,16 @@ struct CaptureFirst {
     force_raw: bool,
 }
 
+impl CaptureFirst {
+    fn with(&self, rebind: bool) -> DeviceOptions {
+        DeviceOptions {
+            capture: self.capture,
+            force_raw: self.force_raw,
+            rebind,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct CreateArgs {
     #[arg(value_parser = device_arg)]
@@ -57,16 +68,20 @@ impl Run for CreateArgs {
         if self.first.capture {
             crate::capture::on_interrupt_of_capture();
         }
-        let request = Request::Create {
+        let request = request::Create {
             name: name.to_string(),
             image: image_reference(&self.image)?,
-            capture: self.first.capture,
-            force_raw: self.first.force_raw,
-            rebind: self.rebind,
+            options: self.options(),
         };
-        let created: DeviceChange = ctx.call_with_progress(&request, &format!("create {name}"))?;
+        let created = ctx.call_with_progress(request, &format!("create {name}"))?;
         ctx.show(out, &created, |out, c| print_change(out, "created", c))?;
         Ok(ExitClass::Success)
+    }
+}
+
+impl CreateArgs {
+    fn options(&self) -> DeviceOptions {
+        self.first.with(self.rebind)
     }
 }
 
@@ -86,14 +101,12 @@ pub struct EnsureArgs {
 impl Run for EnsureArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let name = &self.name;
-        let request = Request::Ensure {
+        let request = request::Ensure {
             name: name.to_string(),
             image: self.image.as_deref().map(image_reference).transpose()?,
-            capture: self.first.capture,
-            force_raw: self.first.force_raw,
-            rebind: self.rebind,
+            options: self.options(),
         };
-        let ensured: EnsureResult = ctx.call_with_progress(&request, &format!("ensure {name}"))?;
+        let ensured = ctx.call_with_progress(request, &format!("ensure {name}"))?;
         ctx.show(out, &ensured, |out, e| {
             let done = if e.created {
                 "created"
@@ -114,6 +127,12 @@ impl Run for EnsureArgs {
     }
 }
 
+impl EnsureArgs {
+    fn options(&self) -> DeviceOptions {
+        self.first.with(self.rebind)
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct RemoveArgs {
     /// NAME, /dev/vmar/NAME or /dev/mapper/vmar-NAME.
@@ -129,11 +148,10 @@ pub struct RemoveArgs {
 impl Run for RemoveArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let name = &self.name;
-        let request = Request::Remove {
+        let removed = ctx.call(request::Remove {
             name: name.to_string(),
             deferred: self.deferred,
-        };
-        let removed: Removed = ctx.call(&request)?;
+        })?;
         ctx.show(out, &removed, |out, removed| {
             if removed.deferred {
                 writeln!(
@@ -169,7 +187,7 @@ const DEVICE_COLUMNS: &[Column] = &[
 
 impl Run for ListArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let devices: Vec<DeviceStatus> = ctx.call(&Request::List)?;
+        let devices = ctx.call(request::List)?;
         if ctx.json {
             print_json(out, &serde_json::json!({ "devices": devices }))?;
             return Ok(ExitClass::Success);
@@ -223,11 +241,10 @@ struct StatusDoc {
 
 impl Run for StatusArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let request = Request::Status {
+        let status = ctx.call(request::Status {
             name: self.name.clone(),
             table: self.table,
-        };
-        let status: DeviceStatus = ctx.call(&request)?;
+        })?;
         let fingerprint = match &status.image {
             Some(image) => ctx
                 .images()?
@@ -255,10 +272,9 @@ pub struct RefreshArgs {
 
 impl Run for RefreshArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let request = Request::Refresh {
+        let refreshed = ctx.call(request::Refresh {
             name: self.name.clone(),
-        };
-        let refreshed: DeviceChange = ctx.call(&request)?;
+        })?;
         ctx.show(out, &refreshed, |out, c| print_change(out, "refreshed", c))?;
         Ok(ExitClass::Success)
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use vmar::error::ExitClass;
-use vmar::protocol::{MapResult, Request};
+use vmar::protocol::request;
 
 use crate::context::{Ctx, Run};
 use crate::output::print_json;
@@ -26,7 +26,7 @@ pub fn lines(ctx: &Ctx, names: &[String]) -> Result<Vec<vmar::fleet::Line>> {
         .collect();
     let mut lines = Vec::new();
     for name in names {
-        let map: MapResult = ctx.call(&Request::Map {
+        let map = ctx.call(request::Map {
             name: name.clone(),
             extents: true,
         })?;

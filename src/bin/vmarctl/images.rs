@@ -6,7 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 use vmar::error::ExitClass;
-use vmar::protocol::{ForgetResult, ImageFileState, Request};
+use vmar::protocol::{ImageFileState, request};
 use vmar::records::ImageRecord;
 
 use crate::context::{Ctx, Run};
@@ -134,10 +134,9 @@ struct Forgotten {
 
 impl Run for ForgetArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let request = Request::Forget {
+        let result = ctx.call(request::Forget {
             name: self.name.clone(),
-        };
-        let result: ForgetResult = ctx.call(&request)?;
+        })?;
         let forgotten = Forgotten {
             record: result.image,
             rebuilt: result.changed,
@@ -175,7 +174,7 @@ const DEPENDENT_COLUMNS: &[Column] = &[
 
 impl Run for DependentsArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let found: vmar::protocol::Dependents = ctx.call(&Request::Dependents {
+        let found = ctx.call(request::Dependents {
             name: self.image.clone(),
         })?;
         if ctx.json {

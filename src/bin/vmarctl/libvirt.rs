@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use vmar::error::ExitClass;
-use vmar::protocol::{DeviceStatus, EnsureResult, Request};
+use vmar::protocol::request;
 
 use crate::context::{Ctx, Run, device_arg};
 use crate::output::{Usage, print_json};
@@ -52,13 +52,7 @@ impl Run for LibvirtXmlArgs {
                 }
                 // The device must serve the content its name is bound to, live, so that
                 // qemu-img can open the whole chain.
-                let ensured: EnsureResult = ctx.call(&Request::Ensure {
-                    name: name.to_string(),
-                    image: None,
-                    capture: false,
-                    force_raw: false,
-                    rebind: false,
-                })?;
+                let ensured = ctx.call(request::Ensure::bound(name))?;
                 if path.exists() {
                     // An existing overlay must be directly over this device, of its image's
                     // size.
@@ -80,7 +74,7 @@ impl Run for LibvirtXmlArgs {
             }
             None => {
                 // The device must be one vmard knows.
-                let _: DeviceStatus = ctx.call(&Request::Status {
+                ctx.call(request::Status {
                     name: name.to_string(),
                     table: false,
                 })?;
@@ -137,14 +131,7 @@ impl Run for LibvirtHookArgs {
         }
         let mut failed = Vec::new();
         for name in &names {
-            let request = Request::Ensure {
-                name: name.clone(),
-                image: None,
-                capture: false,
-                force_raw: false,
-                rebind: false,
-            };
-            if let Err(e) = ctx.call::<EnsureResult>(&request) {
+            if let Err(e) = ctx.call(request::Ensure::bound(name.as_str())) {
                 failed.push(format!("/dev/vmar/{name}: {e:#}"));
             }
         }

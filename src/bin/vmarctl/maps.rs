@@ -7,8 +7,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::HumanBytes;
 use vmar::error::ExitClass;
-use vmar::protocol::{MapResult, Request, TableResult};
-use vmar::verify::VerifyReport;
+use vmar::protocol::{MapResult, request};
 
 use crate::context::{Ctx, Run};
 use crate::output::Usage;
@@ -23,11 +22,10 @@ pub struct MapArgs {
 
 impl Run for MapArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let request = Request::Map {
+        let map = ctx.call(request::Map {
             name: self.name.clone(),
             extents: self.extents,
-        };
-        let map: MapResult = ctx.call(&request)?;
+        })?;
         ctx.show(out, &map, print_map)?;
         Ok(ExitClass::Success)
     }
@@ -85,7 +83,7 @@ impl Run for DmTableArgs {
         let devices = parse_devices(&self.devices)?;
         if !devices.is_empty() {
             // A --device for an image the table does not read would be silently ignored.
-            let map: MapResult = ctx.call(&Request::Map {
+            let map = ctx.call(request::Map {
                 name: name.to_string(),
                 extents: false,
             })?;
@@ -100,11 +98,10 @@ impl Run for DmTableArgs {
                 }
             }
         }
-        let request = Request::Table {
+        let table = ctx.call(request::Table {
             name: name.to_string(),
             devices,
-        };
-        let table: TableResult = ctx.call(&request)?;
+        })?;
         ctx.show(out, &table, |out, table| {
             write!(out, "{}", table.text)?;
             Ok(())
@@ -134,10 +131,10 @@ pub struct VerifyArgs {
 impl Run for VerifyArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let name = &self.name;
-        let request = Request::Verify {
+        let request = request::Verify {
             name: name.to_string(),
         };
-        let report: VerifyReport = ctx.call_with_progress(&request, &format!("verify {name}"))?;
+        let report = ctx.call_with_progress(request, &format!("verify {name}"))?;
         ctx.show(out, &report, |out, report| {
             match &report.mismatch {
                 Some(m) => writeln!(

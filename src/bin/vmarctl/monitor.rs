@@ -9,13 +9,13 @@ use anyhow::{Context, Result};
 use clap::Args;
 use vmar::client::Client;
 use vmar::error::ExitClass;
-use vmar::protocol::{CheckReport, PingResult, Request, Severity};
+use vmar::protocol::{CheckReport, Severity, request};
 
 use crate::context::{Ctx, Run};
 use crate::output::{kind_of, print_error_json, print_json};
 
 pub fn ping(ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-    let pong: PingResult = ctx.call(&Request::Ping)?;
+    let pong = ctx.call(request::Ping)?;
     if ctx.json {
         // `version` is the document's: vmard's own goes under "vmard".
         print_json(out, &serde_json::json!({ "vmard": pong }))?;
@@ -48,7 +48,7 @@ pub fn ping(ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
 pub fn check(socket: &Path, json: bool) -> ExitCode {
     let client = Client::new(socket);
     let mut out = std::io::stdout().lock();
-    let report = match client.call::<CheckReport>(&Request::Check, &mut |_| {}) {
+    let report = match client.call(request::Check, &mut |_| {}) {
         Ok(report) => report,
         Err(e) => {
             if json {
@@ -108,7 +108,7 @@ pub struct MetricsArgs {
 
 impl Run for MetricsArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let result = ctx.call::<vmar::protocol::MetricsResult>(&Request::Metrics);
+        let result = ctx.call(request::Metrics);
         let Some(path) = self.output.as_deref() else {
             let result = result?;
             if ctx.json {
@@ -156,7 +156,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub fn restore_status(ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-    let status: vmar::protocol::RestoreStatus = ctx.call(&Request::RestoreStatus)?;
+    let status = ctx.call(request::RestoreStatus)?;
     ctx.show(out, &status, |out, s| {
         match (&s.report, &s.error) {
             _ if !s.ran => writeln!(out, "vmard did not restore devices (--no-restore)")?,

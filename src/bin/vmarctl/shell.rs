@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use vmar::error::ExitClass;
-use vmar::protocol::{DeviceStatus, Request};
+use vmar::protocol::request;
 
 use crate::context::{Ctx, Run};
 
@@ -112,7 +112,7 @@ impl Run for CompleteArgs {
                 .map(|l| l.images.into_iter().map(|i| i.record.name).collect())
                 .unwrap_or_default(),
             Names::Devices => ctx
-                .call::<Vec<DeviceStatus>>(&Request::List)
+                .call(request::List)
                 .map(|l| l.into_iter().map(|d| d.name).collect())
                 .unwrap_or_default(),
         };

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Args;
 use vmar::error::ExitClass;
-use vmar::protocol::{DeviceStats, Request, StatsReport};
+use vmar::protocol::{DeviceStats, StatsReport, request};
 
 use crate::context::{Ctx, Run, device_arg};
 use crate::output::{Usage, document, print_json};
@@ -51,12 +51,12 @@ fn stats(
     interval: Option<f64>,
     count: Option<u64>,
 ) -> Result<()> {
-    let request = Request::Stats {
+    let request = request::Stats {
         name: name.map(str::to_string),
     };
     let tables = stats_tables(args)?;
     let Some(interval) = interval else {
-        let report: StatsReport = ctx.call(&request)?;
+        let report = ctx.call(request.clone())?;
         if ctx.json {
             return print_json(out, &report);
         }
@@ -73,7 +73,7 @@ fn stats(
     let mut previous: Option<StatsReport> = None;
     let mut printed = 0;
     loop {
-        let report: StatsReport = ctx.call(&request)?;
+        let report = ctx.call(request.clone())?;
         let shown = match &previous {
             Some(before) => stats_delta(before, &report),
             None => report.clone(),
