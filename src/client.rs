@@ -5,11 +5,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::de::DeserializeOwned;
-
 use crate::error::{Error, Result};
 use crate::protocol::Progress;
-use crate::protocol::{Reply, Request};
+use crate::protocol::{Call, Reply, Request};
 
 /// How long vmarctl waits, by default, for vmard to accept a request or send anything.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -78,7 +76,8 @@ impl Client {
         &self.socket
     }
 
-    /// Sends `request` and returns its result, passing progress lines to `progress`.
+    /// Sends `request` and returns its result as JSON, passing progress lines to `progress`
+    /// (for a request whose result the caller does not decode; else [`Client::call`]).
     pub fn call_raw(
         &self,
         request: &Request,
@@ -118,7 +117,7 @@ impl Client {
             let reply: Reply = serde_json::from_value(value)
                 .map_err(|e| Error::Protocol(format!("bad reply from vmard: {e}: {line}")))?;
             match reply {
-                Reply::Progress { done, total } => progress(Progress { done, total }),
+                Reply::Progress(p) => progress(p),
                 Reply::Working => {}
                 Reply::Ok { result } => return Ok(result),
                 Reply::Error { kind, message } => return Err(Error::Remote { kind, message }),
@@ -132,13 +131,14 @@ impl Client {
         ))
     }
 
-    /// Like [`Client::call_raw`], decoding the result as `T`.
-    pub fn call<T: DeserializeOwned>(
+    /// Sends `request` and returns its result, decoded as the type vmard answers that
+    /// request with ([`Call::Reply`]); progress lines go to `progress`.
+    pub fn call<C: Call>(
         &self,
-        request: &Request,
+        request: C,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<T> {
-        let value = self.call_raw(request, progress)?;
+    ) -> Result<C::Reply> {
+        let value = self.call_raw(&request.into(), progress)?;
         serde_json::from_value(value)
             .map_err(|e| Error::Protocol(format!("unexpected reply from vmard: {e}")))
     }

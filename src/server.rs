@@ -364,10 +364,7 @@ fn serve_connection(
         // A client that went away (Ctrl-C of vmarctl) cancels a capture still hashing; once
         // the catalog change has begun it completes. A client that only reads slowly does not.
         let mut progress = |p: crate::protocol::Progress| {
-            let gone = replies.progress(&Reply::Progress {
-                done: p.done,
-                total: p.total,
-            });
+            let gone = replies.progress(&Reply::Progress(p));
             if gone {
                 crate::shutdown::cancel_current();
             }

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
@@ -19,9 +20,9 @@ use crate::image::validate_name;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{
-    CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageEntry, ImageRef,
+    Call, CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageEntry, ImageRef,
     ImagesResult, MapResult, MetricsResult, PROTOCOL_VERSION, PingResult, Progress, Redirecting,
-    Request, TableResult,
+    Request, TableResult, request,
 };
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
@@ -256,59 +257,65 @@ fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
     serde_json::to_value(result).map_err(|e| Error::Protocol(format!("cannot encode reply: {e}")))
 }
 
+/// Runs the handler of one request and encodes its result. The handler's result must be the
+/// request's [`Call::Reply`], the type clients decode it as.
+fn answer<C: Call>(request: C, handler: impl FnOnce(C) -> Result<C::Reply>) -> Result<Value> {
+    to_value(handler(request)?)
+}
+
 /// Carries out one request. `progress` receives byte progress of long operations.
 pub fn handle(
     ctx: &Context,
     request: Request,
     progress: &mut dyn FnMut(Progress),
-) -> Result<serde_json::Value> {
+) -> Result<Value> {
     let catalog = &ctx.catalog;
     let settings = ctx.settings();
     let max_targets = settings.max_targets;
     match request {
-        Request::Ping => to_value(PingResult {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            protocol: PROTOCOL_VERSION,
-            state_dir: catalog.dir().to_path_buf(),
-            instance: Some(ctx.instance.to_string()),
-            roots: settings.roots.health(),
-            waiting: ctx.waiting(),
+        Request::Ping => answer(request::Ping, |_| {
+            Ok(PingResult {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                protocol: PROTOCOL_VERSION,
+                state_dir: catalog.dir().to_path_buf(),
+                instance: Some(ctx.instance.to_string()),
+                roots: settings.roots.health(),
+                waiting: ctx.waiting(),
+            })
         }),
-        Request::Check => to_value(crate::check::check(
-            catalog,
-            ctx.kernel().ok().as_deref(),
-            &ctx.instance,
-            &settings.roots,
-            max_targets,
-            &ctx.waiting(),
-        )?),
-        Request::Capture {
-            path,
-            name,
-            recapture,
-            force_raw,
-        } => {
+        Request::Check => answer(request::Check, |_| {
+            crate::check::check(
+                catalog,
+                ctx.kernel().ok().as_deref(),
+                &ctx.instance,
+                &settings.roots,
+                max_targets,
+                &ctx.waiting(),
+            )
+        }),
+        Request::Capture(r) => answer(r, |r| {
             let started = Instant::now();
-            let mut image = open_image(catalog, &settings, &path, force_raw)?;
+            let mut image = open_image(catalog, &settings, &r.path, r.force_raw)?;
             // Re-capture rewrites maps that devices may use: checked and done under the lock.
-            let _changes = recapture.then(|| ctx.changes());
-            let pending = crate::holds::prepare_capture(catalog, &mut image, recapture)?;
-            let captured = catalog.capture_changing(&image, name.as_deref(), recapture, progress);
+            let _changes = r.recapture.then(|| ctx.changes());
+            let pending = crate::holds::prepare_capture(catalog, &mut image, r.recapture)?;
+            let captured =
+                catalog.capture_changing(&image, r.name.as_deref(), r.recapture, progress);
             crate::holds::finish_capture(catalog, pending, &image);
             let captured = captured?;
             crate::watch::captured(catalog.dir(), &captured.record);
-            to_value(CaptureResult {
+            Ok(CaptureResult {
                 status: captured.status,
                 image: captured.record,
                 seconds: started.elapsed().as_secs_f64(),
                 changed: captured.changed,
                 sidecar: captured.sidecar,
             })
-        }
-        Request::Images => {
+        }),
+        Request::Images => answer(request::Images, |_| {
             let images = catalog.images()?;
             let files = crate::holds::file_states(catalog, &images)?;
-            to_value(ImagesResult {
+            Ok(ImagesResult {
                 images: images
                     .into_iter()
                     .zip(files)
@@ -319,10 +326,10 @@ pub fn handle(
                     .collect(),
                 auto_capture: crate::watch::report(),
             })
-        }
-        Request::Map { name, extents } => {
-            validate_name(&name)?;
-            let (record, map) = catalog.map(&name)?;
+        }),
+        Request::Map(r) => answer(r, |r| {
+            validate_name(&r.name)?;
+            let (record, map) = catalog.map(&r.name)?;
             let sources = catalog.sources_of(&record, &map)?;
             let references = map
                 .referenced_images()
@@ -332,42 +339,43 @@ pub fn handle(
                     Some(ImageRef { id, name })
                 })
                 .collect();
-            to_value(MapResult {
+            Ok(MapResult {
                 name: record.name,
                 size: record.size,
                 summary: record.summary,
                 references,
-                extents: extents.then_some(map.extents),
+                extents: r.extents.then_some(map.extents),
             })
-        }
-        Request::Table { name, devices } => {
-            validate_name(&name)?;
-            to_value(table_of(catalog, &name, &devices)?)
-        }
-        Request::Verify { name } => {
-            validate_name(&name)?;
-            to_value(verify(catalog, &name, progress)?)
-        }
-        Request::Forget { name } => {
-            validate_name(&name)?;
+        }),
+        Request::Table(r) => answer(r, |r| {
+            validate_name(&r.name)?;
+            table_of(catalog, &r.name, &r.devices)
+        }),
+        Request::Verify(r) => answer(r, |r| {
+            validate_name(&r.name)?;
+            verify(catalog, &r.name, progress)
+        }),
+        Request::Forget(r) => answer(r, |r| {
+            validate_name(&r.name)?;
             let _changes = ctx.changes();
             if let Ok(kernel) = ctx.kernel() {
                 device::prune(catalog, kernel.as_ref())?;
             }
-            let (image, changed) = catalog.forget(&name)?;
+            let (image, changed) = catalog.forget(&r.name)?;
             release_holds(catalog);
             crate::watch::forgotten(catalog.dir(), &image);
-            to_value(ForgetResult { image, changed })
-        }
-        Request::Create {
-            name,
-            image,
-            capture,
-            force_raw,
-            rebind,
-        } => {
-            validate_name(&name)?;
-            let image = device_image(catalog, &settings, &image, capture, force_raw, progress)?;
+            Ok(ForgetResult { image, changed })
+        }),
+        Request::Create(r) => answer(r, |r| {
+            validate_name(&r.name)?;
+            let image = device_image(
+                catalog,
+                &settings,
+                &r.image,
+                r.options.capture,
+                r.options.force_raw,
+                progress,
+            )?;
             let kernel = ctx.kernel()?;
             let created = {
                 let _changes = ctx.changes();
@@ -375,27 +383,26 @@ pub fn handle(
                     catalog,
                     kernel.as_ref(),
                     &ctx.instance,
-                    &name,
+                    &r.name,
                     &image,
                     max_targets,
-                    rebind,
+                    r.options.rebind,
                 )
             };
             // Answered once the guard refuses writes to the images the new device reads.
             crate::guard::sync();
-            to_value(created?)
-        }
-        Request::Ensure {
-            name,
-            image,
-            capture,
-            force_raw,
-            rebind,
-        } => {
-            validate_name(&name)?;
-            let image = match image {
+            created
+        }),
+        Request::Ensure(r) => answer(r, |r| {
+            validate_name(&r.name)?;
+            let image = match &r.image {
                 Some(image) => Some(device_image(
-                    catalog, &settings, &image, capture, force_raw, progress,
+                    catalog,
+                    &settings,
+                    image,
+                    r.options.capture,
+                    r.options.force_raw,
+                    progress,
                 )?),
                 None => None,
             };
@@ -406,68 +413,78 @@ pub fn handle(
                     catalog,
                     kernel.as_ref(),
                     &ctx.instance,
-                    &name,
+                    &r.name,
                     image.as_deref(),
                     max_targets,
-                    rebind,
+                    r.options.rebind,
                 )
             };
             crate::guard::sync();
-            to_value(ensured?)
-        }
-        Request::Remove { name, deferred } => {
-            let kernel = kernel_for(ctx, Some(&name))?;
+            ensured
+        }),
+        Request::Remove(r) => answer(r, |r| {
+            let kernel = kernel_for(ctx, Some(&r.name))?;
             let removed = {
                 let _changes = ctx.changes();
                 let removed =
-                    device::remove(catalog, kernel.as_ref(), &ctx.instance, &name, deferred)?;
+                    device::remove(catalog, kernel.as_ref(), &ctx.instance, &r.name, r.deferred)?;
                 release_holds(catalog);
                 removed
             };
             // Answered once the guard no longer refuses writes to images nothing reads now.
             crate::guard::sync();
-            to_value(removed)
-        }
-        Request::List => {
+            Ok(removed)
+        }),
+        Request::List => answer(request::List, |_| {
             let mut devices =
                 device::list(catalog, ctx.kernel()?.as_ref(), &ctx.instance, max_targets)?;
             devices.iter_mut().for_each(|d| ctx.explain(d));
-            to_value(devices)
-        }
-        Request::Status { name, table } => {
+            Ok(devices)
+        }),
+        Request::Status(r) => answer(r, |r| {
             let mut status = device::status(
                 catalog,
-                kernel_for(ctx, Some(&name))?.as_ref(),
+                kernel_for(ctx, Some(&r.name))?.as_ref(),
                 &ctx.instance,
-                &name,
+                &r.name,
                 max_targets,
-                table,
+                r.table,
             )?;
             ctx.explain(&mut status);
-            to_value(status)
-        }
-        Request::Refresh { name } => {
-            let kernel = kernel_for(ctx, Some(&name))?;
+            Ok(status)
+        }),
+        Request::Refresh(r) => answer(r, |r| {
+            let kernel = kernel_for(ctx, Some(&r.name))?;
             let refreshed = {
                 let _changes = ctx.changes();
-                device::refresh(catalog, kernel.as_ref(), &ctx.instance, &name, max_targets)
+                device::refresh(
+                    catalog,
+                    kernel.as_ref(),
+                    &ctx.instance,
+                    &r.name,
+                    max_targets,
+                )
             };
             crate::guard::sync();
-            to_value(refreshed?)
-        }
-        Request::Stats { name } => to_value(device::stats(
-            catalog,
-            kernel_for(ctx, name.as_deref())?.as_ref(),
-            name.as_deref(),
-        )?),
-        Request::Metrics => to_value(MetricsResult {
-            text: crate::metrics::render(&snapshot(ctx)?),
+            refreshed
         }),
-        Request::Dependents { name } => {
-            validate_name(&name)?;
-            to_value(dependents(catalog, &name)?)
-        }
-        Request::RestoreStatus => to_value(ctx.restore_status()),
+        Request::Stats(r) => answer(r, |r| {
+            device::stats(
+                catalog,
+                kernel_for(ctx, r.name.as_deref())?.as_ref(),
+                r.name.as_deref(),
+            )
+        }),
+        Request::Metrics => answer(request::Metrics, |_| {
+            Ok(MetricsResult {
+                text: crate::metrics::render(&snapshot(ctx)?),
+            })
+        }),
+        Request::Dependents(r) => answer(r, |r| {
+            validate_name(&r.name)?;
+            dependents(catalog, &r.name)
+        }),
+        Request::RestoreStatus => answer(request::RestoreStatus, |_| Ok(ctx.restore_status())),
     }
 }
 

@@ -22,7 +22,7 @@ use inotify::{Inotify, WatchMask};
 
 use crate::client::Client;
 use crate::error::{Error, Result};
-use crate::protocol::{AutoCaptureReport, AutoCaptured, AutoSkipped, CaptureResult, Request};
+use crate::protocol::{AutoCaptureReport, AutoCaptured, AutoSkipped, request};
 use crate::records::CaptureStatus;
 
 /// Entries of each list kept for the report.
@@ -350,13 +350,13 @@ impl Watcher {
             );
             return;
         }
-        let request = Request::Capture {
+        let request = request::Capture {
             path: path.to_path_buf(),
             name: None,
             recapture: false,
             force_raw: false,
         };
-        match self.client.call::<CaptureResult>(&request, &mut |_| {}) {
+        match self.client.call(request, &mut |_| {}) {
             Ok(result) => {
                 self.waiting.remove(path);
                 self.skipped.remove(path);

@@ -509,17 +509,7 @@ fn a_lost_or_damaged_catalog_is_refused_and_recovered_from_its_backup() {
     daemon.stop();
     let catalog = state.join("catalog.redb");
     let start = |args: &[&str]| {
-        Command::new(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
-            .args([
-                "--image-root",
-                s(dir.path()),
-                "--state-dir",
-                s(&state),
-                "--socket",
-                s(&socket),
-            ])
-            .args(args)
-            .env("VMAR_LOG", "error")
+        common::vmard(dir.path(), &state, &socket, args)
             .output()
             .unwrap()
     };
@@ -621,7 +611,7 @@ fn oversized_requests_get_an_answer() {
     let client = vmar::client::Client::new(&daemon.socket);
     let huge = "x".repeat(3 << 20);
     let err = client
-        .call_raw(&vmar::protocol::Request::Verify { name: huge }, &mut |_| {})
+        .call(vmar::protocol::request::Verify { name: huge }, &mut |_| {})
         .unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
     // A long invalid name is not echoed whole.
@@ -746,11 +736,12 @@ fn recover_while_a_vmard_serves_the_state_dir_refuses_and_changes_nothing() {
     let before = listing(&state);
     let index_before = listing(&state.join("index"));
     let out = output_within(
-        Command::new(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
-            .args(["--image-root", s(dir.path()), "--state-dir", s(&state)])
-            .args(["--sim", s(&dir.path().join("kernel"))])
-            .args(["--socket", s(&dir.path().join("other.sock")), "--recover"])
-            .env("VMAR_LOG", "error"),
+        &mut common::vmard(
+            dir.path(),
+            &state,
+            &dir.path().join("other.sock"),
+            &["--sim", s(&dir.path().join("kernel")), "--recover"],
+        ),
         std::time::Duration::from_secs(60),
     )
     .expect("a second vmard --recover is serving the same state dir");
@@ -1196,11 +1187,7 @@ fn requests_are_logged_with_the_callers_uid_and_pid() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("vmard.log");
     let socket = dir.path().join("run/vmard.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmard"))
-        .args(["--image-root", s(dir.path()), "--state-dir"])
-        .arg(dir.path().join("state"))
-        .arg("--socket")
-        .arg(&socket)
+    let mut child = common::vmard(dir.path(), &dir.path().join("state"), &socket, &[])
         .env("VMAR_LOG", "info")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

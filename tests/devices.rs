@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Block, Daemon, alias_node, s, write_image};
+use common::{Block, Daemon, alias_node, capture_all, device_states, err, ok, s, write_image};
 use serde_json::Value;
 use vmar::kernel::sim::SimKernel;
 
@@ -50,44 +50,6 @@ fn sim(dir: &Path) -> SimKernel {
     SimKernel::open(&dir.join("kernel")).unwrap()
 }
 
-fn ok(daemon: &Daemon, args: &[&str]) -> Value {
-    let (ok, out) = daemon.json(args);
-    assert!(ok, "vmarctl {args:?}: {out}");
-    out
-}
-
-fn err(daemon: &Daemon, args: &[&str]) -> String {
-    let (ok, out) = daemon.json(args);
-    assert!(!ok, "vmarctl {args:?} succeeded: {out}");
-    // capture answers one entry per image.
-    let error = if out.is_array() {
-        &out[0]["error"]
-    } else {
-        &out["error"]
-    };
-    error["kind"].as_str().unwrap_or("?").to_string()
-}
-
-fn capture_all(daemon: &Daemon, images: &[PathBuf]) {
-    for image in images {
-        ok(daemon, &["capture", s(image)]);
-    }
-}
-
-fn states(daemon: &Daemon) -> Vec<(String, String)> {
-    ok(daemon, &["list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["name"].as_str().unwrap().to_string(),
-                d["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// The invariants every scenario must end in (see the module doc).
 fn check_invariants(dir: &Path, daemon: &Daemon) {
     let kernel = sim(dir);
@@ -103,7 +65,7 @@ fn check_invariants(dir: &Path, daemon: &Daemon) {
             .unwrap_or_else(|| panic!("no image {name}"));
         PathBuf::from(image["path"].as_str().unwrap())
     };
-    for (name, st) in states(daemon) {
+    for (name, st) in device_states(daemon) {
         assert!(
             st == "active" || st == "removing",
             "device {name} is {st} after the scenario"
@@ -119,7 +81,7 @@ fn check_invariants(dir: &Path, daemon: &Daemon) {
         let got = kernel.read_device(name).unwrap();
         assert!(got == want, "device {name} does not serve image {image}");
     }
-    for (name, st) in states(daemon) {
+    for (name, st) in device_states(daemon) {
         assert!(
             state.devices.contains_key(&name),
             "{name} is {st} but not live"
@@ -336,11 +298,14 @@ fn open_devices_are_removed_only_deferred() {
     let kernel = sim(dir.path());
     kernel.open_device("web").unwrap();
     assert_eq!(err(&daemon, &["remove", "web"]), "device-busy");
-    assert_eq!(states(&daemon), [("web".to_string(), "active".to_string())]);
+    assert_eq!(
+        device_states(&daemon),
+        [("web".to_string(), "active".to_string())]
+    );
     let out = ok(&daemon, &["remove", "web", "--deferred"]);
     assert_eq!(out["deferred"], true, "{out}");
     assert_eq!(
-        states(&daemon),
+        device_states(&daemon),
         [("web".to_string(), "removing".to_string())]
     );
     // Still served while open; the name is not free yet.
@@ -380,10 +345,16 @@ fn refresh_swaps_the_table_of_an_open_device() {
         &dir.path().join("run/vmard.sock"),
         &["--sim", s(&dir.path().join("kernel")), "--no-restore"],
     );
-    assert_eq!(states(&daemon), [("db".to_string(), "differs".to_string())]);
+    assert_eq!(
+        device_states(&daemon),
+        [("db".to_string(), "differs".to_string())]
+    );
     let out = ok(&daemon, &["refresh", "db"]);
     assert!(out["targets"].as_u64().unwrap() > 4, "{out}");
-    assert_eq!(states(&daemon), [("db".to_string(), "active".to_string())]);
+    assert_eq!(
+        device_states(&daemon),
+        [("db".to_string(), "active".to_string())]
+    );
     assert_eq!(
         kernel.read_device("db").unwrap(),
         std::fs::read(&images[2]).unwrap()
@@ -425,7 +396,7 @@ fn restore_repairs_every_kind_of_leftover() {
     // A writable loop device someone else made over a captured image is not vmar's leftover.
     let theirs = kernel.plant_loop_as(&images[2], false, false).unwrap();
     let daemon = Daemon::start_sim(dir.path(), "");
-    let mut got = states(&daemon);
+    let mut got = device_states(&daemon);
     got.sort();
     assert_eq!(
         got,
@@ -463,7 +434,7 @@ fn restore_repairs_every_kind_of_leftover() {
     kernel.dm_remove("web", false).unwrap();
     std::fs::write(&images[1], vec![9u8; 64 * 4096]).unwrap();
     let daemon = Daemon::start_sim(dir.path(), "");
-    let mut got = states(&daemon);
+    let mut got = device_states(&daemon);
     got.sort();
     assert_eq!(got[0], ("base".to_string(), "active".to_string()));
     // Restored failed closed (issue 18.1), never as unchanged: reads of its changed image
@@ -547,7 +518,7 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             drop(daemon);
             let daemon = fault_then_restart(dir.path(), step, action, &["create", "web", "web"]);
             // Whatever happened, the name is usable: created, or free to create.
-            let list = states(&daemon);
+            let list = device_states(&daemon);
             if !list.iter().any(|(n, _)| n == "web") {
                 ok(&daemon, &["create", "web", "web"]);
             }
@@ -564,7 +535,7 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             sim(dir.path()).open_device("db").unwrap();
             let daemon = fault_then_restart(dir.path(), step, action, &["refresh", "db"]);
             assert_eq!(
-                states(&daemon),
+                device_states(&daemon),
                 [("db".to_string(), "active".to_string())],
                 "{step}={action}"
             );
@@ -578,7 +549,7 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             ok(&daemon, &["create", "web", "web"]);
             drop(daemon);
             let daemon = fault_then_restart(dir.path(), step, action, &["remove", "web"]);
-            let list = states(&daemon);
+            let list = device_states(&daemon);
             if action == "kill" && *step != "catalog.commit#1" {
                 // A removal interrupted once it is recorded is finished at restart, never
                 // undone; killed before that, nothing happened.
@@ -692,7 +663,7 @@ fn sigterm_closes_the_catalog_and_leaves_devices() {
     );
     let daemon = Daemon::start_sim(dir.path(), "");
     assert_eq!(
-        states(&daemon),
+        device_states(&daemon),
         [("base".to_string(), "active".to_string())]
     );
 }
@@ -735,7 +706,7 @@ fn a_kill_during_restore_is_repaired_by_the_next_restore() {
         assert!(!faulty.ready(), "restore never reached {step}");
         drop(faulty);
         let daemon = Daemon::start_sim(dir.path(), "");
-        let mut got = states(&daemon);
+        let mut got = device_states(&daemon);
         got.sort();
         assert_eq!(
             got,
@@ -871,7 +842,7 @@ fn writes_to_an_image_under_live_devices_are_refused_or_failed_closed() {
     } else {
         eprintln!("fanotify refusal not checked: needs root");
     }
-    assert!(states(&daemon).iter().all(|(_, st)| st == "active"));
+    assert!(device_states(&daemon).iter().all(|(_, st)| st == "active"));
     check_invariants(dir.path(), &daemon);
 
     // The early writer overwrites base in place.
@@ -1112,21 +1083,10 @@ fn a_block_device_image_written_in_place_is_refused_or_found() {
 /// returns whether it was killed (SIGKILL) by a fault.
 fn recover_killed_at(dir: &Path, faults: &str) -> bool {
     use std::os::unix::process::ExitStatusExt;
-    let mut child =
-        std::process::Command::new(common::binary("vmard", env!("CARGO_BIN_EXE_vmard")))
-            .env("VMAR_FAULTS", faults)
-            .env("VMAR_LOG", "error")
-            .arg("--image-root")
-            .arg(dir)
-            .arg("--sim")
-            .arg(dir.join("kernel"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--socket")
-            .arg(dir.join("run/vmard.sock"))
-            .arg("--recover")
-            .spawn()
-            .unwrap();
+    let mut child = common::sim_vmard(dir, &["--recover"])
+        .env("VMAR_FAULTS", faults)
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
@@ -1204,7 +1164,7 @@ fn a_kill_at_any_step_of_recovery_keeps_the_records_and_the_devices() {
         };
         assert_eq!(names(&ok(&daemon, &["images"])), before, "{step}");
         assert_eq!(
-            states(&daemon),
+            device_states(&daemon),
             [
                 ("db".to_string(), "active".to_string()),
                 ("web".to_string(), "active".to_string())
@@ -1608,7 +1568,7 @@ fn a_deleted_image_is_held_restored_after_a_reboot_and_released_when_unneeded() 
     drop(daemon);
     reboot(dir.path());
     let daemon = Daemon::start_sim(dir.path(), "");
-    let mut got = states(&daemon);
+    let mut got = device_states(&daemon);
     got.sort();
     assert_eq!(
         got,
@@ -1679,7 +1639,7 @@ fn a_write_before_the_name_went_is_caught_by_hashing_the_held_file() {
     reboot(dir.path());
     let daemon = Daemon::start_sim(dir.path(), "");
     // Not served: missing, or image-changed if the guard saw the write before the kill.
-    let found = states(&daemon);
+    let found = device_states(&daemon);
     assert!(
         found == [("base".to_string(), "missing".to_string())]
             || found == [("base".to_string(), "image-changed".to_string())],
@@ -1768,7 +1728,7 @@ fn devices_belong_to_the_state_dir_that_made_them() {
     );
     assert_eq!(uuid("shared-name"), format!("VMAR-{}-shared-name", id("b")));
     assert_eq!(uuid("a1"), "VMAR-a1", "the adopted device was recreated");
-    let mut got = states(&a);
+    let mut got = device_states(&a);
     got.sort();
     let want = [
         ("a1", "active"),
@@ -1849,7 +1809,7 @@ fn a_missing_image_root_stops_only_the_devices_on_it() {
     // vmard starts (on main it exited: "cannot resolve image root"), restores what it can
     // and says what it cannot.
     let daemon = start(&["--retry-interval", "1"]);
-    let mut got = states(&daemon);
+    let mut got = device_states(&daemon);
     got.sort();
     assert_eq!(
         got,
@@ -1892,11 +1852,11 @@ fn a_missing_image_root_stops_only_the_devices_on_it() {
     // The root is mounted: the waiting device comes back by itself.
     std::fs::rename(&away, &remote).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while states(&daemon).iter().any(|(_, st)| st != "active") {
+    while device_states(&daemon).iter().any(|(_, st)| st != "active") {
         assert!(
             std::time::Instant::now() < deadline,
             "far not restored after its root appeared: {:?}",
-            states(&daemon)
+            device_states(&daemon)
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -1908,15 +1868,15 @@ fn a_missing_image_root_stops_only_the_devices_on_it() {
     kernel.dm_remove("far", false).unwrap();
     std::fs::rename(&remote, &away).unwrap();
     let daemon = start(&["--retry-interval", "3600"]);
-    assert!(states(&daemon).contains(&("far".to_string(), "missing".to_string())));
+    assert!(device_states(&daemon).contains(&("far".to_string(), "missing".to_string())));
     std::fs::rename(&away, &remote).unwrap();
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while states(&daemon).iter().any(|(_, st)| st != "active") {
+    while device_states(&daemon).iter().any(|(_, st)| st != "active") {
         assert!(
             std::time::Instant::now() < deadline,
             "far not restored at SIGHUP: {:?}",
-            states(&daemon)
+            device_states(&daemon)
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Block, Daemon, alias_node, s, write_image};
+use common::{Block, Daemon, alias_node, capture_all, device_states, s, write_image};
 use serde_json::Value;
 
 const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test";
@@ -123,27 +123,6 @@ fn family(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
-/// (name, state) of every device `vmarctl list` shows.
-fn device_states(daemon: &Daemon) -> Vec<(String, String)> {
-    let (ok, list) = daemon.json(&["list"]);
-    assert!(ok, "{list}");
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            let field = |f: &str| d[f].as_str().unwrap().to_string();
-            (field("name"), field("state"))
-        })
-        .collect()
-}
-
-fn capture(daemon: &Daemon, images: &[PathBuf]) {
-    for image in images {
-        let (ok, out) = daemon.json(&["capture", s(image)]);
-        assert!(ok, "{out}");
-    }
-}
-
 fn create(daemon: &Daemon, name: &str, image: &str) -> Value {
     let (ok, out) = daemon.json(&["create", name, image]);
     assert!(ok, "create {name}: {out}");
@@ -157,7 +136,7 @@ fn real_devices_serve_images_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images);
+    capture_all(&daemon, &images);
     for name in ["base", "web", "db", "other"] {
         let out = create(&daemon, name, name);
         assert_eq!(out["device"]["state"], "active", "{out}");
@@ -241,7 +220,7 @@ fn real_shared_blocks_come_from_one_place() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..3]);
+    capture_all(&daemon, &images[..3]);
     create(&daemon, "base", "base");
     create(&daemon, "web", "web");
     create(&daemon, "db", "db");
@@ -294,7 +273,7 @@ fn real_refresh_while_reading() {
         &["--config", config.to_str().unwrap()],
     );
     let images = family(dir.path());
-    capture(&daemon, &images[..2]);
+    capture_all(&daemon, &images[..2]);
     create(&daemon, "web", "web");
     let before = linear_targets(&daemon, "web");
     let devices: std::collections::BTreeSet<String> = before.iter().map(|t| t.2.clone()).collect();
@@ -352,7 +331,7 @@ fn real_remove_while_open() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..1]);
+    capture_all(&daemon, &images[..1]);
     create(&daemon, "base", "base");
     let open = File::open(node("base")).unwrap();
     let (ok, out) = daemon.json(&["remove", "base"]);
@@ -399,7 +378,7 @@ fn real_target_budget() {
     let paths = [dir.path().join("base.raw"), dir.path().join("derived.raw")];
     write_image(&paths[0], &base, 0);
     write_image(&paths[1], &derived, 0);
-    capture(&daemon, &paths);
+    capture_all(&daemon, &paths);
     let out = create(&daemon, "derived", "derived");
     assert!(out["targets"].as_u64().unwrap() <= 8, "{out}");
     assert!(
@@ -423,7 +402,7 @@ fn real_changed_images_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..2]);
+    capture_all(&daemon, &images[..2]);
     // Base changes after capture: base, and web which reads from it, are refused.
     write_image(&images[0], &[Block::Unique(1)], 0);
     for (name, image) in [("base", "base"), ("web", "web")] {
@@ -456,7 +435,7 @@ fn real_large_table() {
     let paths = [dir.path().join("base.raw"), dir.path().join("derived.raw")];
     write_image(&paths[0], &base, 0);
     write_image(&paths[1], &derived, 0);
-    capture(&daemon, &paths);
+    capture_all(&daemon, &paths);
     let out = create(&daemon, "derived", "derived");
     let targets = out["targets"].as_u64().unwrap();
     assert_eq!(targets, blocks as u64, "{}", out["budget"]);
@@ -482,7 +461,7 @@ fn real_restore_after_reboot() {
     let socket = dir.path().join("vmard.sock");
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..3]);
+    capture_all(&daemon, &images[..3]);
     for name in ["base", "web", "db"] {
         create(&daemon, name, name);
     }
@@ -602,7 +581,7 @@ fn real_stats_count_reads_by_class_and_cache_sharing() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..2]);
+    capture_all(&daemon, &images[..2]);
     create(&daemon, "base", "base");
     create(&daemon, "web", "web");
     // Let udev finish probing the new devices, whose reads count too.
@@ -748,7 +727,7 @@ fn real_kill_at_every_device_step_is_repaired_at_restart() {
         let state = dir.path().join("state");
         let socket = dir.path().join("run/vmard.sock");
         let daemon = Daemon::start_with(dir.path(), &state, &socket);
-        capture(&daemon, &images[..2]);
+        capture_all(&daemon, &images[..2]);
         create(&daemon, "base", "base");
         // A clean stop stamps the index runs once they are settled (a few seconds old):
         // otherwise the next start stamps them, a catalog commit that catalog.commit#1 would
@@ -862,7 +841,7 @@ fn real_kernel_agrees_with_the_in_memory_one() {
             .collect()
     };
     for (daemon, images) in [(&real, &images), (&sim, &sim_images)] {
-        capture(daemon, images);
+        capture_all(daemon, images);
         for name in ["base", "web", "db", "other"] {
             create(daemon, name, name);
         }
@@ -909,7 +888,7 @@ fn real_concurrent_changes_of_one_name_never_serve_the_wrong_image() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..3]);
+    capture_all(&daemon, &images[..3]);
     for round in 0..6 {
         std::thread::scope(|scope| {
             let d = &daemon;
@@ -1332,7 +1311,7 @@ fn real_writes_to_served_images_are_refused_or_fail_closed() {
     let dir = tempfile::tempdir().unwrap();
     let images = family(dir.path());
     let daemon = Daemon::start(dir.path());
-    capture(&daemon, &images[..3]);
+    capture_all(&daemon, &images[..3]);
     let early = std::fs::OpenOptions::new()
         .write(true)
         .open(&images[0])
@@ -1485,7 +1464,7 @@ fn real_deleted_images_are_held_and_restored_after_reboot() {
     let socket = dir.path().join("vmard.sock");
     let daemon = Daemon::start(dir.path());
     let images = family(dir.path());
-    capture(&daemon, &images[..2]);
+    capture_all(&daemon, &images[..2]);
     let want: Vec<Vec<u8>> = images[..2]
         .iter()
         .map(|p| std::fs::read(p).unwrap())
@@ -1589,7 +1568,7 @@ fn real_a_kill_while_waiting_for_udev_leaves_no_cookie_after_the_restart() {
     let state = dir.path().join("state");
     let socket = dir.path().join("run/vmard.sock");
     let daemon = Daemon::start_with(dir.path(), &state, &socket);
-    capture(&daemon, &images[..2]);
+    capture_all(&daemon, &images[..2]);
     create(&daemon, "base", "base");
     create(&daemon, "web", "web");
     // udev holds its events (a slow or busy udev): vmard's removal of web waits for it, and

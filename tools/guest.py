@@ -194,10 +194,12 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
         src = moddir / path
         name = Path(path).name
         if name.endswith(".xz"):
-            run(["xz", "-dkc", str(src)], stdout=open(tree / "modules" / name[:-3], "wb"))
+            with open(tree / "modules" / name[:-3], "wb") as out:
+                run(["xz", "-dkc", str(src)], stdout=out)
             name = name[:-3]
         elif name.endswith(".zst"):
-            run(["zstd", "-dqc", str(src)], stdout=open(tree / "modules" / name[:-4], "wb"))
+            with open(tree / "modules" / name[:-4], "wb") as out:
+                run(["zstd", "-dqc", str(src)], stdout=out)
             name = name[:-4]
         else:
             shutil.copy2(src, tree / "modules" / name)
@@ -270,7 +272,8 @@ def boot(vmlinuz, initramfs, timeout, memory, extra=()):
     log(f"booting: {' '.join(cmd)}")
     started = time.monotonic()
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+        # The guest's output is the result, whatever QEMU's exit status.
+        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
         output = proc.stdout.decode(errors="replace")
     except subprocess.TimeoutExpired as e:
         output = (e.stdout or b"").decode(errors="replace")

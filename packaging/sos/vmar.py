@@ -4,7 +4,7 @@
 # (ln -s /usr/share/vmar/sos/vmar.py /usr/lib/python3/dist-packages/sos/report/plugins/)
 # and `sos report -o vmar` runs it.
 
-from sos.report.plugins import Plugin, IndependentPlugin
+from sos.report.plugins import IndependentPlugin, Plugin
 
 
 class Vmar(Plugin, IndependentPlugin):
@@ -35,8 +35,8 @@ class Vmar(Plugin, IndependentPlugin):
             f'{ctl} metrics',
             'vmarctl --json check',
             'vmard --check-config',
-            'systemctl status vmard.service vmar-restore-check.service '
-            'vmar-metrics.timer vmar-metrics.service',
+            ('systemctl status vmard.service vmar-restore-check.service '
+            'vmar-metrics.timer vmar-metrics.service'),
             'dmsetup info -c --noheadings -o name,uuid,attr,open,major,minor',
             'losetup --list --json',
         ])

@@ -150,26 +150,11 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Daemon {
-        let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
-            .envs(env.iter().copied())
-            .arg("--image-root")
-            .arg(dir)
-            .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--socket")
-            .arg(socket)
-            .env(
-                "VMAR_LOG",
-                std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .spawn()
-            .expect("vmard starts");
-        let mut daemon = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-            state: state.to_path_buf(),
-        };
+        let mut daemon = Daemon::spawn(
+            vmard(dir, state, socket, args).envs(env.iter().copied()),
+            state,
+            socket,
+        );
         assert!(daemon.ready(), "vmard exited before answering");
         daemon
     }
@@ -184,31 +169,27 @@ impl Daemon {
         env: &[(&str, &str)],
     ) -> Result<Daemon, String> {
         let log = state.with_extension("stderr");
-        let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
-            .envs(env.iter().copied())
-            .arg("--image-root")
-            .arg(dir)
-            .args(args)
-            .arg("--state-dir")
-            .arg(state)
-            .arg("--socket")
-            .arg(socket)
-            .env(
-                "VMAR_LOG",
-                std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("vmard starts");
-        let mut daemon = Daemon {
-            child,
-            socket: socket.to_path_buf(),
-            state: state.to_path_buf(),
-        };
+        let mut daemon = Daemon::spawn(
+            vmard(dir, state, socket, args)
+                .envs(env.iter().copied())
+                .stderr(File::create(&log).unwrap()),
+            state,
+            socket,
+        );
         if daemon.ready() {
             Ok(daemon)
         } else {
             Err(std::fs::read_to_string(&log).unwrap_or_default())
+        }
+    }
+
+    /// Runs `command` (from [`vmard`], with this state dir and socket) as the daemon of a
+    /// test, without waiting for it.
+    fn spawn(command: &mut Command, state: &Path, socket: &Path) -> Daemon {
+        Daemon {
+            child: command.spawn().expect("vmard starts"),
+            socket: socket.to_path_buf(),
+            state: state.to_path_buf(),
         }
     }
 
@@ -230,27 +211,11 @@ impl Daemon {
     /// Starts vmard on the simulated kernel in `dir/kernel` with `faults`, without waiting
     /// for it: for faults at start-up. See [`Daemon::ready`].
     pub fn launch_sim(dir: &Path, faults: &str) -> Daemon {
-        let child = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")))
-            .env("VMAR_FAULTS", faults)
-            .env(
-                "VMAR_LOG",
-                std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .arg("--image-root")
-            .arg(dir)
-            .arg("--sim")
-            .arg(dir.join("kernel"))
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--socket")
-            .arg(dir.join("run/vmard.sock"))
-            .spawn()
-            .expect("vmard starts");
-        Daemon {
-            child,
-            socket: dir.join("run/vmard.sock"),
-            state: dir.join("state"),
-        }
+        Daemon::spawn(
+            sim_vmard(dir, &[]).env("VMAR_FAULTS", faults),
+            &dir.join("state"),
+            &dir.join("run/vmard.sock"),
+        )
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
@@ -326,6 +291,75 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// vmard's command line for a test: `dir` is its image root, then `args`, its state dir
+/// and socket; it logs errors only (VMAR_TEST_LOG sets another level).
+pub fn vmard(dir: &Path, state: &Path, socket: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(binary("vmard", env!("CARGO_BIN_EXE_vmard")));
+    command
+        .env(
+            "VMAR_LOG",
+            std::env::var("VMAR_TEST_LOG").unwrap_or_else(|_| "error".into()),
+        )
+        .arg("--image-root")
+        .arg(dir)
+        .args(args)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--socket")
+        .arg(socket);
+    command
+}
+
+/// [`vmard`] on the simulated kernel in `dir/kernel`, with `dir` its image root and the
+/// state and socket in it (as [`Daemon::start_sim`] has them), then `args`.
+pub fn sim_vmard(dir: &Path, args: &[&str]) -> Command {
+    let kernel = dir.join("kernel");
+    let mut all = vec!["--sim", s(&kernel)];
+    all.extend_from_slice(args);
+    vmard(dir, &dir.join("state"), &dir.join("run/vmard.sock"), &all)
+}
+
+/// `vmarctl --json ARGS` of `daemon`, which must succeed: what it printed (see
+/// [`Daemon::json`]).
+pub fn ok(daemon: &Daemon, args: &[&str]) -> Value {
+    let (ok, out) = daemon.json(args);
+    assert!(ok, "vmarctl {args:?}: {out}");
+    out
+}
+
+/// `vmarctl --json ARGS` of `daemon`, which must fail: the kind of its error (of the first
+/// image's, for capture, which answers one entry per image).
+pub fn err(daemon: &Daemon, args: &[&str]) -> String {
+    let (ok, out) = daemon.json(args);
+    assert!(!ok, "vmarctl {args:?} succeeded: {out}");
+    let error = if out.is_array() {
+        &out[0]["error"]
+    } else {
+        &out["error"]
+    };
+    error["kind"].as_str().unwrap_or("?").to_string()
+}
+
+/// Captures `images` one by one; each must succeed.
+pub fn capture_all(daemon: &Daemon, images: &[PathBuf]) {
+    for image in images {
+        ok(daemon, &["capture", s(image)]);
+    }
+}
+
+/// (name, state) of every device `vmarctl list` shows.
+pub fn device_states(daemon: &Daemon) -> Vec<(String, String)> {
+    ok(daemon, &["list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let field = |f: &str| d[f].as_str().unwrap().to_string();
+            (field("name"), field("state"))
+        })
+        .collect()
 }
 
 /// A project binary: from `VMAR_BIN_DIR` when set (the kernel test guest, where the build

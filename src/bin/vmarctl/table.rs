@@ -147,7 +147,7 @@ impl Table<'_> {
                 Some(i) => chosen.push(i),
                 None => {
                     let known: Vec<&str> = self.columns.iter().map(|c| c.field).collect();
-                    bail!(crate::Usage(format!(
+                    bail!(crate::output::Usage(format!(
                         "-o {field}: no such field; known fields: {}",
                         known.join(",")
                     )));

@@ -4,7 +4,9 @@
 //! [`Reply`] lines until the final `ok` or `error` one; then the connection closes. Long
 //! operations (capture, verify) send `progress` lines first, and any request that runs
 //! [`HEARTBEAT`] without sending anything sends a `working` line, so that a client's timeout
-//! tells a hung vmard from a long request. Clients skip line types they do not know. Example:
+//! tells a hung vmard from a long request. Clients skip line types they do not know.
+//! [`request`] has every request, each paired with the type of its result ([`Call`]); this
+//! module has the results and the reply lines. Example:
 //!
 //! ```text
 //! > {"op":"capture","path":"/images/web.raw","name":null,"recapture":false}
@@ -24,6 +26,9 @@ use crate::records::{CaptureStatus, ImageRecord};
 use crate::stats::{ClassBytes, ReadBytes, TargetCounts};
 use crate::table::Target;
 
+pub mod request;
+pub use request::{Call, Request};
+
 /// Version of this protocol, answered by `ping`. 2: `remove` takes `deferred`, `capture` and
 /// `create` take `force_raw`, device states `suspended`, `differs`, `creating`, `removing`.
 /// 3: `ensure`, `create` takes `rebind`; `working` lines while a request runs without other
@@ -39,128 +44,6 @@ pub const DEFAULT_RO_SOCKET: &str = "/run/vmar/vmard.ro.sock";
 pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest request line vmard reads.
 pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
-
-/// What a client asks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    /// Liveness and version check. Result: [`PingResult`].
-    Ping,
-    /// Capture the image at `path` (absolute) under `name` (default: from the file name).
-    /// Result: [`CaptureResult`].
-    Capture {
-        path: PathBuf,
-        #[serde(default)]
-        name: Option<String>,
-        #[serde(default)]
-        recapture: bool,
-        /// Capture even if the first bytes look like a container format (qcow2, vmdk, ...).
-        #[serde(default)]
-        force_raw: bool,
-    },
-    /// All captured images, in capture order. Result: [`ImagesResult`].
-    Images,
-    /// The map of an image: its figures, and its extents if `extents`. Result: [`MapResult`].
-    Map {
-        name: String,
-        #[serde(default)]
-        extents: bool,
-    },
-    /// The device-mapper table of an image. `devices` names the block device of each image
-    /// (by image name); images not named get a `loop:NAME` placeholder. Result:
-    /// [`TableResult`].
-    Table {
-        name: String,
-        #[serde(default)]
-        devices: BTreeMap<String, String>,
-    },
-    /// Read the image through its map and compare. Result: [`VerifyReport`].
-    Verify { name: String },
-    /// Remove an image from the catalog. Result: the removed [`ImageRecord`].
-    Forget { name: String },
-    /// Create device `name` serving `image` (a captured image's name, or an absolute path;
-    /// with `capture`, a path not captured yet is captured first). Result: [`DeviceChange`].
-    Create {
-        name: String,
-        image: String,
-        #[serde(default)]
-        capture: bool,
-        #[serde(default)]
-        force_raw: bool,
-        /// Serve other content than the name served before (see [`crate::binding`]).
-        #[serde(default)]
-        rebind: bool,
-    },
-    /// Make sure device `name` serves `image` (default: the image the name is bound to, else
-    /// the image called `name`): succeeds when it does, creates it when missing, refuses
-    /// other content. Result: [`EnsureResult`].
-    Ensure {
-        name: String,
-        #[serde(default)]
-        image: Option<String>,
-        #[serde(default)]
-        capture: bool,
-        #[serde(default)]
-        force_raw: bool,
-        #[serde(default)]
-        rebind: bool,
-    },
-    /// Remove a device; `deferred` removes an open device at its last close (as dmsetup's
-    /// `remove --deferred`). `force` is its old name. Result: [`Removed`].
-    Remove {
-        name: String,
-        #[serde(default, alias = "force")]
-        deferred: bool,
-    },
-    /// Saved and live devices. Result: a list of [`DeviceStatus`].
-    List,
-    /// One device; with `table`, its live table. Result: [`DeviceStatus`].
-    Status {
-        name: String,
-        #[serde(default)]
-        table: bool,
-    },
-    /// Load the current map of a device's image into the live device, atomically. Result:
-    /// [`DeviceChange`].
-    Refresh { name: String },
-    /// Bytes read by class of extent, target counts and page-cache sharing, of device
-    /// `name` or of all live devices. Result: [`StatsReport`].
-    Stats {
-        #[serde(default)]
-        name: Option<String>,
-    },
-    /// Whether every saved device is active and correct and every image root can be used.
-    /// Result: [`CheckReport`].
-    Check,
-    /// Everything a monitoring system scrapes, in the Prometheus text format. Result:
-    /// [`MetricsResult`].
-    Metrics,
-    /// The devices and maps that read image `name`. Result: [`Dependents`].
-    Dependents { name: String },
-    /// What the restore at vmard's start did. Result: [`RestoreStatus`].
-    RestoreStatus,
-}
-
-impl Request {
-    /// Whether the request only reads: the only kind the read-only socket serves. Verify is
-    /// left out (it reads whole images: not a monitoring probe).
-    pub fn is_read_only(&self) -> bool {
-        matches!(
-            self,
-            Request::Ping
-                | Request::Images
-                | Request::Map { .. }
-                | Request::Table { .. }
-                | Request::List
-                | Request::Status { .. }
-                | Request::Stats { .. }
-                | Request::Metrics
-                | Request::Dependents { .. }
-                | Request::RestoreStatus
-                | Request::Check
-        )
-    }
-}
 
 /// Result of `metrics`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,10 +111,7 @@ pub struct Progress {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Reply {
-    Progress {
-        done: u64,
-        total: u64,
-    },
+    Progress(Progress),
     Ok {
         result: serde_json::Value,
     },
@@ -638,4 +518,38 @@ pub struct ImageFileState {
 pub struct KeptBy {
     pub devices: Vec<String>,
     pub images: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The reply lines as vmard has always sent them.
+    #[test]
+    fn reply_lines_travel_as_before() {
+        let cases = [
+            (
+                Reply::Progress(Progress { done: 1, total: 2 }),
+                r#"{"type":"progress","done":1,"total":2}"#,
+            ),
+            (Reply::Working, r#"{"type":"working"}"#),
+            (
+                Reply::Ok {
+                    result: serde_json::json!({"text": "x"}),
+                },
+                r#"{"type":"ok","result":{"text":"x"}}"#,
+            ),
+            (
+                Reply::Error {
+                    kind: "not-found".into(),
+                    message: "no image x".into(),
+                },
+                r#"{"type":"error","kind":"not-found","message":"no image x"}"#,
+            ),
+        ];
+        for (reply, line) in cases {
+            assert_eq!(serde_json::to_string(&reply).unwrap(), line);
+            assert_eq!(serde_json::from_str::<Reply>(line).unwrap(), reply);
+        }
+    }
 }
