@@ -1491,7 +1491,7 @@ fn a_device_of_an_image_read_wholly_from_others_is_active_and_checks_ok() {
     capture_all(&daemon, &[images[0].clone(), copy.clone()]);
     ok(&daemon, &["create", "copy", "copy"]);
     assert_eq!(
-        states(&daemon),
+        device_states(&daemon),
         [("copy".to_string(), "active".to_string())]
     );
     let check = daemon.ctl(&["check"]);
@@ -1509,7 +1509,7 @@ fn a_device_of_an_image_read_wholly_from_others_is_active_and_checks_ok() {
     drop(daemon);
     let daemon = Daemon::start_sim(dir.path(), "");
     assert_eq!(
-        states(&daemon),
+        device_states(&daemon),
         [("copy".to_string(), "active".to_string())]
     );
     assert_eq!(daemon.ctl(&["check"]).status.code(), Some(0));
