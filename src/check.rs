@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use crate::catalog::Catalog;
 use crate::device::status_of;
 use crate::error::Result;
-use crate::image::open_unchanged;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{CheckReport, Problem, Severity};
@@ -105,7 +104,7 @@ fn changed_image(catalog: &Catalog, name: &str, image: &str) -> Option<Problem> 
     let changed = (|| -> Result<()> {
         let (record, map) = catalog.map(image)?;
         for other in catalog.sources_of(&record, &map)?.values() {
-            open_unchanged(&other.name, &other.path, &other.identity)?;
+            crate::holds::check_captured(catalog, other)?;
         }
         Ok(())
     })();

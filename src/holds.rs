@@ -456,6 +456,28 @@ pub fn open_captured(catalog: &Catalog, record: &ImageRecord) -> Result<ImageFil
     prove(catalog, record, held)
 }
 
+/// Whether captured image `record` is still served as captured, changing nothing (no hash,
+/// no record): its file unchanged, or, its name gone, vmar's hold on the captured inode with
+/// the captured size and mtime (a ctime moved by the name's deletion is proven by hashing at
+/// the next create, refresh or restore, see [`open_captured`]). For `vmarctl check`.
+pub fn check_captured(catalog: &Catalog, record: &ImageRecord) -> Result<()> {
+    let error = match open_unchanged(&record.name, &record.path, &record.identity) {
+        Ok(_) => return Ok(()),
+        Err(e @ Error::ImageChanged { .. }) => e,
+        Err(e) => return Err(e),
+    };
+    if record.identity.is_block_device() || names(&record.path, &record.identity) {
+        return Err(error);
+    }
+    let id = &record.identity;
+    match Holds::of(catalog.dir()).open(id)? {
+        Some(held) if held.identity.size == id.size && held.identity.mtime_ns == id.mtime_ns => {
+            Ok(())
+        }
+        _ => Err(error),
+    }
+}
+
 /// Hashes `held` again and records its identity as `record`'s if the content is the
 /// captured one.
 fn prove(catalog: &Catalog, record: &ImageRecord, held: ImageFile) -> Result<ImageFile> {
