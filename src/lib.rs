@@ -49,5 +49,6 @@ pub mod time;
 pub mod units;
 pub mod verify;
 pub mod watch;
+pub mod workset;
 
 pub use error::{Error, Result};
