@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod nova;
 pub mod overlay;
 pub mod policy;
+pub mod prefetch;
 pub mod protocol;
 pub mod records;
 pub mod roots;

@@ -139,6 +139,41 @@ pub enum Request {
     Dependents { name: String },
     /// What the restore at vmard's start did. Result: [`RestoreStatus`].
     RestoreStatus,
+    /// Record what live device `name` read (dm-stats areas with reads, cached now) into its
+    /// image's working set of `phase` (default `boot`), merged with earlier recordings
+    /// unless `replace`. Result: `prefetch::RecordResult`.
+    Record {
+        name: String,
+        #[serde(default)]
+        phase: Option<String>,
+        #[serde(default)]
+        replace: bool,
+    },
+    /// The working sets of a device's (or an image's) image; with `extents`, their runs.
+    /// Result: `prefetch::WorkingSetResult`.
+    WorkingSet {
+        name: String,
+        #[serde(default)]
+        extents: bool,
+    },
+    /// Drop the working sets of a device's (or an image's) image, of `phase` or all.
+    /// Result: `{"forgotten": N}`.
+    ForgetWorkingSet {
+        name: String,
+        #[serde(default)]
+        phase: Option<String>,
+    },
+    /// Read the union of the working sets (of `phase`, or all) of devices or images `names`
+    /// into the page cache, each canonical block once, at a low I/O priority; with
+    /// `cancel`, stop the running warms instead. Result: `prefetch::WarmReport`.
+    Warm {
+        #[serde(default)]
+        names: Vec<String>,
+        #[serde(default)]
+        phase: Option<String>,
+        #[serde(default)]
+        cancel: bool,
+    },
 }
 
 impl Request {
@@ -158,6 +193,7 @@ impl Request {
                 | Request::Dependents { .. }
                 | Request::RestoreStatus
                 | Request::Check
+                | Request::WorkingSet { .. }
         )
     }
 }

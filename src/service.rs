@@ -26,7 +26,7 @@ use crate::protocol::{
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
 use crate::verify::verify;
-use crate::{binding, device};
+use crate::{binding, device, prefetch};
 
 /// What can change while vmard runs (SIGHUP re-reads the configuration).
 #[derive(Clone, Debug, Default)]
@@ -235,6 +235,20 @@ impl Context {
 
 /// Holds, in the background, the images captured before vmar held its images (see
 /// [`crate::holds::hold_older_images`]): each is hashed once, which a start must not wait for.
+impl prefetch::Host for Context {
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn kernel(&self) -> Result<Arc<dyn Kernel>> {
+        Context::kernel(self)
+    }
+
+    fn serialise(&self) -> Box<dyn prefetch::Held + '_> {
+        Box::new(self.changes())
+    }
+}
+
 pub fn hold_older_images(ctx: Arc<Context>) {
     let spawned = std::thread::Builder::new()
         .name("vmard-holds".into())
@@ -383,7 +397,9 @@ pub fn handle(
             };
             // Answered once the guard refuses writes to the images the new device reads.
             crate::guard::sync();
-            to_value(created?)
+            let created = created?;
+            prefetch::after_device(catalog, &name, max_targets);
+            to_value(created)
         }
         Request::Ensure {
             name,
@@ -413,7 +429,9 @@ pub fn handle(
                 )
             };
             crate::guard::sync();
-            to_value(ensured?)
+            let ensured = ensured?;
+            prefetch::after_device(catalog, &name, max_targets);
+            to_value(ensured)
         }
         Request::Remove { name, deferred } => {
             let kernel = kernel_for(ctx, Some(&name))?;
@@ -468,6 +486,38 @@ pub fn handle(
             to_value(dependents(catalog, &name)?)
         }
         Request::RestoreStatus => to_value(ctx.restore_status()),
+        Request::Record {
+            name,
+            phase,
+            replace,
+        } => {
+            let kernel = kernel_for(ctx, Some(&name))?;
+            let phase = phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);
+            let _changes = ctx.changes();
+            to_value(prefetch::record(
+                catalog,
+                kernel.as_ref(),
+                &name,
+                phase,
+                replace,
+            )?)
+        }
+        Request::WorkingSet { name, extents } => to_value(prefetch::show(catalog, &name, extents)?),
+        Request::ForgetWorkingSet { name, phase } => to_value(serde_json::json!({
+            "forgotten": prefetch::forget(catalog, &name, phase.as_deref())?
+        })),
+        Request::Warm {
+            names,
+            phase,
+            cancel,
+        } => to_value(prefetch::warm(
+            catalog,
+            &names,
+            phase.as_deref(),
+            max_targets,
+            cancel,
+            progress,
+        )?),
     }
 }
 

@@ -26,6 +26,18 @@ pub const MAX_PHASE: usize = 32;
 /// The phase recordings go to unless told otherwise.
 pub const DEFAULT_PHASE: &str = "boot";
 
+/// When vmard warms working sets by itself (`prefetch` in vmar.toml).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Only when asked (`vmarctl warm`).
+    #[default]
+    Off,
+    /// Also in the background after every successful `create` and `ensure` (the libvirt
+    /// hook's, at each domain start).
+    Create,
+}
+
 /// `len` blocks from block `start`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Run {

@@ -2,6 +2,8 @@
 
 #[path = "vmarctl/man.rs"]
 mod man;
+#[path = "vmarctl/prefetch.rs"]
+mod prefetch;
 #[path = "vmarctl/table.rs"]
 mod table;
 
@@ -261,6 +263,8 @@ enum Command {
         /// libvirt's extra argument (unused).
         extra: Option<String>,
     },
+    #[command(flatten)]
+    Prefetch(prefetch::Prefetch),
     /// Print shell completions for vmarctl; bash and fish complete image and device names
     /// by asking vmard.
     Completions { shell: clap_complete::Shell },
@@ -620,6 +624,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
             target,
             overlay,
         } => libvirt_xml(&ctx, out, name, target, overlay.as_deref())?,
+        Command::Prefetch(command) => prefetch::run(&ctx, out, command)?,
         Command::Completions { shell } => completions(out, *shell)?,
         Command::Man { dir } => man::generate(
             <Cli as clap::CommandFactory>::command(),

@@ -201,6 +201,8 @@ fn main() -> Result<()> {
     start_auto_capture(&args, server.socket(), server.context())?;
     start_guard(&args, server.context())?;
     vmar::service::hold_older_images(Arc::clone(server.context()));
+    let host: Arc<dyn vmar::prefetch::Host> = Arc::clone(server.context()) as _;
+    vmar::prefetch::start_recorder(Arc::downgrade(&host)).context("cannot start the recorder")?;
     if !args.no_restore {
         start_retries(Arc::clone(server.context()), args.retry_interval)?;
     }
@@ -292,7 +294,9 @@ fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
         None => None,
     };
     // Applied here, once the whole file is known good; SIGHUP also makes the guard check.
+    let (mode, record_after) = config.prefetch(&args.config)?;
     vmar::guard::set_settings(config.guard(&args.config)?);
+    vmar::prefetch::set_settings(vmar::prefetch::Settings { mode, record_after });
     Ok((Settings { max_targets, roots }, group))
 }
 
