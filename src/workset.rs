@@ -405,13 +405,17 @@ pub struct Segment<D> {
     pub source: Option<(D, u64)>,
 }
 
+/// A table target as [`read_segments`] takes it: start and length in sectors, and the
+/// source device and sector of a linear target (`None` for the others).
+pub type TableTarget<D> = (u64, u64, Option<(D, u64)>);
+
 /// The segments of a device that were read: each read area (`areas`: start and length in
 /// sectors, only those with reads) cut by the linear targets (`targets`: start, length in
 /// sectors, and source device and sector of linear ones, `None` for zero and others, which
 /// are left out), in whole blocks. Both sorted by start, as tables and dm-stats give them.
 pub fn read_segments<D: Clone>(
     areas: &[(u64, u64)],
-    targets: &[(u64, u64, Option<(D, u64)>)],
+    targets: &[TableTarget<D>],
 ) -> Vec<Segment<D>> {
     const PER_BLOCK: u64 = BLOCK_SIZE / crate::image::SECTOR_SIZE;
     let mut out: Vec<Segment<D>> = Vec::new();
@@ -614,7 +618,8 @@ mod tests {
             vec![can(5, 2, 2), can(1, 100, 2), can(1, 104, 2), can(5, 14, 2)]
         );
         // Block by block, against the map's own lookup.
-        for r in [run(0, 20)] {
+        {
+            let r = run(0, 20);
             let t = translate(&[r], &map);
             let mut via_lookup: Vec<(ImageId, u64)> = (r.start..r.end())
                 .filter_map(|b| match map.source_of(b)? {

@@ -33,7 +33,7 @@ impl Catalog {
             if image != id {
                 break;
             }
-            match unseal(value.value()).and_then(|bytes| decode(bytes)) {
+            match unseal(value.value()).and_then(decode) {
                 Ok(set) => sets.push((phase.to_string(), set)),
                 Err(e) => tracing::warn!(
                     "working set {phase:?} of image {id} is damaged ({e}): ignored until recorded again"

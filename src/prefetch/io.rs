@@ -267,8 +267,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut f = File::create(&path).unwrap();
-        f.write_all(&vec![1u8; 8 * BLOCK_SIZE as usize + 100])
-            .unwrap();
+        f.write_all(&vec![1u8; 8 * 4096 + 100]).unwrap();
         f.sync_all().unwrap();
         drop(f);
         let size = 8 * BLOCK_SIZE + 100;
@@ -277,7 +276,7 @@ mod tests {
         let cold = resident_blocks(&file, &path, size, 0, 12).unwrap();
         assert_eq!(cold.len(), 12);
         // tmpfs keeps everything resident; elsewhere the dropped pages are gone.
-        let mut buf = vec![0u8; BLOCK_SIZE as usize * 2];
+        let mut buf = vec![0u8; 2 * 4096];
         file.read_at(&mut buf, 2 * BLOCK_SIZE).unwrap();
         file.read_at(&mut buf[..100], 8 * BLOCK_SIZE).unwrap();
         let warm = resident_blocks(&file, &path, size, 0, 12).unwrap();

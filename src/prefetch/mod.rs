@@ -292,7 +292,7 @@ fn record_areas(
         Some(areas) => areas,
         None => read_areas(kernel, name)?,
     };
-    let targets: Vec<(u64, u64, Option<(BlockDev, u64)>)> = table
+    let targets: Vec<workset::TableTarget<BlockDev>> = table
         .iter()
         .map(|t| {
             let source = t.linear_source().map(|(d, at)| (d.clone(), at.0));
@@ -442,7 +442,7 @@ pub fn plan(
     report.cached_bytes = cached.iter().map(|c| c.len).sum::<u64>() * BLOCK_SIZE;
     let rest = workset::subtract(&wanted, &cached);
     let mut requests = workset::requests(&rest, |id| sizes.get(&id).copied().unwrap_or(0), policy);
-    workset::order(&mut requests, |id| u64::from(id));
+    workset::order(&mut requests, u64::from);
     let figures = workset::figures(&requests);
     report.requests = figures.requests;
     report.request_bytes = figures.bytes;
