@@ -127,6 +127,26 @@ fn canonical(
         .collect()
 }
 
+/// Checks a vmarctl document against its definition in docs/vmarctl-json.schema.json: the
+/// required keys are there and no key is unknown (one level deep).
+fn assert_documented(command: &str, document: &Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/vmarctl-json.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let def = &schema["$defs"][command];
+    for key in def["required"].as_array().unwrap() {
+        assert!(
+            document.get(key.as_str().unwrap()).is_some(),
+            "{command}: no {key}: {document}"
+        );
+    }
+    for key in document.as_object().unwrap().keys() {
+        assert!(
+            def["properties"].get(key).is_some(),
+            "{command}: {key} undocumented"
+        );
+    }
+}
+
 fn drop_cache(paths: &[PathBuf]) {
     for p in paths {
         vmar::prefetch::io::drop_cache(p).unwrap();
@@ -266,6 +286,16 @@ fn recorded_sets_are_what_devices_read_and_warming_reads_their_union_once() {
         ok(&daemon, &["working-set", "web1"])["sets"],
         serde_json::json!([])
     );
+    // The documents are as documented.
+    for (command, args) in [
+        ("record", vec!["record", "db1"]),
+        ("working-set", vec!["working-set", "db1", "--extents"]),
+        ("warm", vec!["warm", "db1", "web1"]),
+    ] {
+        let (ok, document) = daemon.document(&args);
+        assert!(ok, "{document}");
+        assert_documented(command, &document);
+    }
     // The text forms say the same.
     let text = daemon.ctl(&["working-set", "db1"]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("phase boot"));
