@@ -146,6 +146,9 @@ pub struct WarmReport {
     pub reads: u64,
     pub seconds: f64,
     pub cancelled: bool,
+    /// Requests skipped: cached whole by the time they were read (another warm read them).
+    #[serde(default)]
+    pub skipped_requests: u64,
     /// Runs in the background (`prefetch = "create"`): the read figures are not known yet.
     #[serde(default)]
     pub background: bool,
@@ -454,6 +457,9 @@ pub fn plan(
     })
 }
 
+/// Held by the background warm that reads.
+static BACKGROUND: Mutex<()> = Mutex::new(());
+
 /// Warms running now, each with its stop flag.
 static RUNNING: Mutex<BTreeMap<u64, Arc<AtomicBool>>> = Mutex::new(BTreeMap::new());
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -530,6 +536,7 @@ impl Plan {
         self.report.reads = outcome.reads;
         self.report.seconds = outcome.seconds;
         self.report.cancelled = outcome.cancelled;
+        self.report.skipped_requests = outcome.skipped;
         self.report.errors.extend(outcome.errors);
         self.report
     }
@@ -545,6 +552,8 @@ impl Plan {
         let spawned = std::thread::Builder::new()
             .name("vmard-warm".into())
             .spawn(move || {
+                // One background warm at a time: the next one skips what this one read.
+                let _one = BACKGROUND.lock().unwrap_or_else(|p| p.into_inner());
                 let done = self.execute(&|| false, &mut |_| {});
                 tracing::info!(
                     images = names.join(" "),
