@@ -389,10 +389,10 @@ pub fn requests(
     out
 }
 
-/// Orders requests by disk position: images by `rank` (e.g. where the file starts on its
-/// device), then by offset.
-pub fn order(requests: &mut [ReadRequest], rank: impl Fn(ImageId) -> u64) {
-    requests.sort_by_key(|r| (rank(r.image), r.image, r.offset));
+/// Orders requests by disk position: by `position` (where the request starts on the disk,
+/// `None` where unknown: those go last), then by image and offset.
+pub fn order(requests: &mut [ReadRequest], position: impl Fn(&ReadRequest) -> Option<u64>) {
+    requests.sort_by_cached_key(|r| (position(r).is_none(), position(r), r.image, r.offset));
 }
 
 /// A piece of a device read through one table target: `blocks` device blocks from `start`,
@@ -749,9 +749,13 @@ mod tests {
         assert!(long.iter().all(|r| r.len <= 8 * k), "{long:?}");
         assert_eq!(long.iter().map(|r| r.wanted).sum::<u64>(), 11 * k);
         let mut ordered = reqs.clone();
-        order(&mut ordered, |i| if i == 2 { 0 } else { 1 });
+        order(&mut ordered, |r| (r.image == 2).then_some(0));
         assert_eq!(ordered[0].image, 2);
         assert_eq!(ordered[1..], reqs[..4]);
+        // Image 1's file lies backwards on the disk: its requests go in disk order.
+        order(&mut ordered, |r| Some(1_000_000 - r.offset / k));
+        let at: Vec<(ImageId, u64)> = ordered.iter().map(|r| (r.image, r.offset / k)).collect();
+        assert_eq!(at, vec![(1, 26), (1, 18), (1, 10), (1, 0), (2, 0)]);
     }
 
     #[test]

@@ -161,6 +161,52 @@ pub fn cached_runs(
     Ok(out)
 }
 
+/// `struct fiemap` of `<linux/fiemap.h>` with room for one extent.
+#[repr(C)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+    extent: FiemapExtent,
+}
+
+/// `struct fiemap_extent`.
+#[repr(C)]
+#[derive(Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+nix::ioctl_readwrite!(fs_ioc_fiemap, b'f', 11, Fiemap);
+
+/// Where byte `offset` of `file` lies on its device (`FS_IOC_FIEMAP`), if the file system
+/// says: the key that puts requests of several files in disk order.
+pub fn physical_offset(file: &File, offset: u64) -> Option<u64> {
+    let mut map = Fiemap {
+        start: offset,
+        length: 1,
+        flags: 0,
+        mapped_extents: 0,
+        extent_count: 1,
+        reserved: 0,
+        extent: FiemapExtent::default(),
+    };
+    // SAFETY: `map` is a `struct fiemap` followed by room for the one extent it asks for.
+    unsafe { fs_ioc_fiemap(file.as_raw_fd(), &mut map) }.ok()?;
+    if map.mapped_extents == 0 || offset < map.extent.logical {
+        return None;
+    }
+    Some(map.extent.physical + (offset - map.extent.logical))
+}
+
 /// What reading a plan did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ReadOutcome {
@@ -375,6 +421,20 @@ mod tests {
             assert!(out.cancelled, "{out:?}");
             assert_eq!(out.reads, 2);
         }
+    }
+
+    #[test]
+    fn physical_offsets_follow_the_file_where_the_file_system_tells() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![5u8; 1 << 20]).unwrap();
+        let file = File::open(&path).unwrap();
+        file.sync_all().unwrap();
+        // tmpfs and others have no FIEMAP: then nothing is claimed.
+        if let (Some(a), Some(b)) = (physical_offset(&file, 0), physical_offset(&file, 4096)) {
+            assert!(b != a, "two blocks at one place");
+        }
+        assert_eq!(physical_offset(&file, 10 << 20), None, "past the end");
     }
 
     #[test]

@@ -445,7 +445,23 @@ pub fn plan(
     report.cached_bytes = cached.iter().map(|c| c.len).sum::<u64>() * BLOCK_SIZE;
     let rest = workset::subtract(&wanted, &cached);
     let mut requests = workset::requests(&rest, |id| sizes.get(&id).copied().unwrap_or(0), policy);
-    workset::order(&mut requests, u64::from);
+    // In disk order where the file systems tell (FIEMAP) and the files share one device
+    // (positions on different devices do not compare), else by image and offset.
+    let mut handles = BTreeMap::new();
+    let mut devices = BTreeSet::new();
+    for (id, (path, _)) in &files {
+        if let Ok(file) = File::open(path) {
+            if let Ok(meta) = file.metadata() {
+                devices.insert(std::os::unix::fs::MetadataExt::dev(&meta));
+            }
+            handles.insert(*id, file);
+        }
+    }
+    let one_device = devices.len() == 1;
+    workset::order(&mut requests, |r| {
+        let file = handles.get(&r.image).filter(|_| one_device)?;
+        io::physical_offset(file, r.offset)
+    });
     let figures = workset::figures(&requests);
     report.requests = figures.requests;
     report.request_bytes = figures.bytes;
