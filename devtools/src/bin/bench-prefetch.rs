@@ -1,6 +1,7 @@
 //! The prefetch mechanism on this host, without VMs: a family of IMAGES images that share
 //! most of their blocks is written and captured into a catalog, each gets a synthetic boot
-//! working set (runs common to the family at the same places, plus runs of its own), and
+//! working set (RUNS runs of 1-16 blocks common to the family at the same places, plus a
+//! fifth as many of its own), and
 //! the sets are warmed from a cold page cache (`POSIX_FADV_DONTNEED` of every image file,
 //! checked with `mincore`) in four ways, ROUNDS times each, interleaved:
 //!
@@ -14,8 +15,8 @@
 //! Prints bytes read, requests, `pread` calls, and the time to warm (medians with ranges),
 //! and each one's time and bytes over the baseline's, measured in the same run.
 //!
-//!     cargo run --release -p vmar-devtools --bin bench-prefetch -- [DIR] [--images N]
-//!         [--size-mib M] [--rounds R]
+//!     cargo run --release -p vmar-devtools --bin bench-prefetch -- [DIR] [--images 4]
+//!         [--size-mib 1024] [--rounds 5] [--runs 1000]
 
 use std::fs::File;
 use std::io::Write;
@@ -46,7 +47,7 @@ impl Rng {
 
 /// Fills `block` with content from `seed` (never all zero).
 fn fill(block: &mut [u8], seed: u64) {
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng((seed << 1) | 1);
     for word in block.chunks_exact_mut(8) {
         word.copy_from_slice(&rng.next().to_le_bytes());
     }
@@ -93,6 +94,12 @@ struct Round {
     requests: u64,
     reads: u64,
     seconds: f64,
+}
+
+/// Seconds the reads of `r` would take at 200 requests/s and 100 MB/s (the throttled disk
+/// of tools/bench-instantiate's runs in docs/benchmarks.md), one request per `pread`.
+fn model(r: Round) -> f64 {
+    r.reads as f64 / 200.0 + r.bytes as f64 / 100e6
 }
 
 fn drop_all(paths: &[PathBuf]) -> Result<u64> {
@@ -148,7 +155,7 @@ fn vmar_warm(catalog: &Catalog, names: &[Vec<String>], policy: MergePolicy) -> R
 
 fn main() -> Result<()> {
     let mut dir = PathBuf::from("work/bench-prefetch");
-    let (mut images, mut size_mib, mut rounds) = (4u64, 256u64, 5usize);
+    let (mut images, mut size_mib, mut rounds, mut common_runs) = (4u64, 1024u64, 5usize, 1000);
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().context("option without a value");
@@ -156,6 +163,7 @@ fn main() -> Result<()> {
             "--images" => images = value()?.parse()?,
             "--size-mib" => size_mib = value()?.parse()?,
             "--rounds" => rounds = value()?.parse()?,
+            "--runs" => common_runs = value()?.parse()?,
             other if !other.starts_with('-') => dir = PathBuf::from(other),
             other => bail!("unknown option {other}"),
         }
@@ -180,13 +188,15 @@ fn main() -> Result<()> {
         let (record, _) = catalog.capture(&ImageFile::open(p)?, None, false, &mut |_| {})?;
         names.push(record.name);
     }
-    // Working sets: 1,500 runs common to the family, 300 of each image's own.
+    // Working sets: RUNS runs common to the family, a fifth as many of each image's own
+    // (the traced boots of docs/benchmarks.md: ~40 MiB in ~1,000 requests of a 3 GiB image,
+    // 90% of it content other images read too).
     let mut rng = Rng(0x5EED);
-    let common = runs(&mut rng, 1500, blocks);
+    let common = runs(&mut rng, common_runs, blocks);
     let mut sets = Vec::new();
     for name in &names {
         let mut mine = common.clone();
-        mine.extend(runs(&mut rng, 300, blocks));
+        mine.extend(runs(&mut rng, common_runs / 5, blocks));
         let runs = workset::normalize(mine);
         let id = catalog.image(name)?.id;
         catalog.save_working_set(
@@ -209,6 +219,14 @@ fn main() -> Result<()> {
         set_bytes as f64 / 1048576.0,
         plan.report.union_bytes as f64 / 1048576.0
     );
+    for image in &plan.report.images {
+        println!(
+            "  {}: set {:.1} MiB, {:.1} MiB to read",
+            image.image,
+            image.bytes as f64 / 1048576.0,
+            image.canonical_bytes as f64 / 1048576.0
+        );
+    }
     let per_image: Vec<Vec<String>> = names.iter().map(|n| vec![n.clone()]).collect();
     let ways = [
         "plain+per-image",
@@ -244,14 +262,15 @@ fn main() -> Result<()> {
         );
     }
     println!(
-        "{:<26} {:>9} {:>9} {:>8} {:>26} {:>10} {:>10}",
+        "{:<26} {:>9} {:>9} {:>8} {:>26} {:>10} {:>10} {:>9}",
         "way",
         "MiB read",
         "requests",
         "preads",
         "seconds median [min-max]",
         "time/base",
-        "bytes/base"
+        "bytes/base",
+        "model s"
     );
     let base_time = median_range(results[0].iter().map(|r| r.seconds).collect()).0;
     let base_bytes = results[0][0].bytes as f64;
@@ -259,15 +278,19 @@ fn main() -> Result<()> {
         let (t, lo, hi) = median_range(rounds.iter().map(|r| r.seconds).collect());
         let r = rounds[0];
         println!(
-            "{way:<26} {:>9.1} {:>9} {:>8} {:>9.3} [{lo:.3}-{hi:.3}] {:>10.2} {:>10.2}",
+            "{way:<26} {:>9.1} {:>9} {:>8} {:>9.3} [{lo:.3}-{hi:.3}] {:>10.2} {:>10.2} {:>9.2}",
             r.bytes as f64 / 1048576.0,
             r.requests,
             r.reads,
             t,
             t / base_time,
-            r.bytes as f64 / base_bytes
+            r.bytes as f64 / base_bytes,
+            model(r)
         );
     }
+    println!(
+        "model s: not measured; what the preads would take on the throttled disk of docs/benchmarks.md (200 requests/s, 100 MB/s), one request per pread"
+    );
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
