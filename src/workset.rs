@@ -462,23 +462,56 @@ pub fn read_segments<D: Clone>(
     out
 }
 
-/// The image blocks a recording keeps: every block of `segments` whose source page is
-/// cached (`cached(segment index, block index in it)`, `None` when the residency is
-/// unknown: kept).
-pub fn recorded<D>(
-    segments: &[Segment<D>],
-    cached: impl Fn(usize, u64) -> Option<bool>,
-) -> Vec<Run> {
-    let mut blocks = Vec::new();
-    for (i, s) in segments.iter().enumerate() {
-        for b in 0..s.blocks {
-            if cached(i, b).unwrap_or(true) {
-                blocks.push(s.start + b);
+/// The image blocks a recording keeps, built segment by segment (in device order, as
+/// [`read_segments`] gives them) with bounded memory: past `2 * MAX_RUNS` runs the smallest
+/// gaps are filled ([`bound`]).
+#[derive(Debug, Default)]
+pub struct Recording {
+    runs: Vec<Run>,
+    /// Blocks kept (before any gap was filled).
+    pub blocks: u64,
+}
+
+impl Recording {
+    pub fn new() -> Recording {
+        Recording::default()
+    }
+
+    /// Keeps the blocks of `segment` whose source page is cached: `cached[i]` for its i-th
+    /// block; `None` (residency unknown) keeps them all.
+    pub fn add<D>(&mut self, segment: &Segment<D>, cached: Option<&[bool]>) {
+        for b in 0..segment.blocks {
+            let keep = cached.is_none_or(|flags| {
+                usize::try_from(b)
+                    .ok()
+                    .and_then(|i| flags.get(i))
+                    .copied()
+                    .unwrap_or(false)
+            });
+            if !keep {
+                continue;
+            }
+            self.blocks += 1;
+            let block = segment.start + b;
+            match self.runs.last_mut() {
+                Some(last) if block >= last.start && block <= last.end() => {
+                    last.len = last.len.max(block + 1 - last.start);
+                }
+                _ => self.runs.push(Run {
+                    start: block,
+                    len: 1,
+                }),
             }
         }
+        if self.runs.len() > 2 * MAX_RUNS {
+            self.runs = bound(normalize(std::mem::take(&mut self.runs)), MAX_RUNS);
+        }
     }
-    blocks.sort_unstable();
-    runs_of(blocks)
+
+    /// The runs kept, normalized.
+    pub fn finish(self) -> Vec<Run> {
+        normalize(self.runs)
+    }
 }
 
 /// What a plan reads, in figures.
@@ -791,15 +824,37 @@ mod tests {
             ]
         );
         // Blocks 5 and 17 not cached; segment 2's residency unknown (kept).
-        let kept = recorded(&segs, |s, b| match (s, b) {
-            (0, 1) | (1, 1) => Some(false),
-            (2, _) => None,
-            _ => Some(true),
-        });
+        let mut recording = Recording::new();
+        recording.add(&segs[0], Some(&[true, false, true, true]));
+        recording.add(&segs[1], Some(&[true, false, true, true]));
+        recording.add(&segs[2], None);
+        assert_eq!(recording.blocks, 10);
         assert_eq!(
-            kept,
+            recording.finish(),
             vec![run(4, 1), run(6, 2), run(16, 1), run(18, 2), run(28, 4)]
         );
+    }
+
+    #[test]
+    fn a_recording_stays_bounded_and_keeps_every_block() {
+        let mut recording = Recording::new();
+        let segments = 5 * MAX_RUNS as u64 / 64;
+        // Every other block: a run per block kept, far more runs than allowed.
+        for i in 0..segments {
+            let segment = Segment::<()> {
+                start: i * 128,
+                blocks: 128,
+                source: None,
+            };
+            let flags: Vec<bool> = (0..128).map(|b| b % 2 == 0).collect();
+            recording.add(&segment, Some(&flags));
+            assert!(recording.runs.len() <= 2 * MAX_RUNS);
+        }
+        assert_eq!(recording.blocks, segments * 64);
+        let kept = recording.finish();
+        assert!(kept.len() <= 2 * MAX_RUNS, "{}", kept.len());
+        let covered = |b: u64| kept.iter().any(|r| r.start <= b && b < r.end());
+        assert!((0..segments).all(|i| covered(i * 128) && covered(i * 128 + 126)));
     }
 
     #[test]

@@ -305,34 +305,33 @@ fn record_areas(
     let segments = workset::read_segments(&areas, &targets);
     let loops = kernel.loops()?;
     let captured = catalog.images()?;
-    // Residency of each segment's source, per block; `None` where unknown.
+    // Residency of each segment's source, one segment at a time (memory bounded by the
+    // largest area); unknown residency (no file found) keeps the segment's blocks.
     let mut files: BTreeMap<BlockDev, Option<(File, PathBuf, u64)>> = BTreeMap::new();
-    let mut resident: Vec<Option<Vec<bool>>> = Vec::with_capacity(segments.len());
+    let mut recording = workset::Recording::new();
     for s in &segments {
-        let Some((device, from)) = &s.source else {
-            resident.push(None);
-            continue;
-        };
-        let entry = files.entry(device.clone()).or_insert_with(|| {
-            let path = loop_file(catalog, &loops, &captured, device)?;
-            let file = File::open(&path).ok()?;
-            let size = size_of(&file, &path).ok()?;
-            Some((file, path, size))
-        });
-        resident.push(match entry {
-            Some((file, path, size)) => {
-                Some(io::resident_blocks(file, path, *size, *from, s.blocks)?)
+        let resident = match &s.source {
+            Some((device, from)) => {
+                let entry = files.entry(device.clone()).or_insert_with(|| {
+                    let path = loop_file(catalog, &loops, &captured, device)?;
+                    let file = File::open(&path).ok()?;
+                    let size = size_of(&file, &path).ok()?;
+                    Some((file, path, size))
+                });
+                match entry {
+                    Some((file, path, size)) => {
+                        Some(io::resident_blocks(file, path, *size, *from, s.blocks)?)
+                    }
+                    None => None,
+                }
             }
             None => None,
-        });
+        };
+        recording.add(s, resident.as_deref());
     }
-    let runs = workset::recorded(&segments, |s, b| {
-        resident[s]
-            .as_ref()
-            .and_then(|flags| flags.get(usize::try_from(b).ok()?).copied())
-    });
+    let recorded = recording.blocks;
+    let runs = recording.finish();
     let area_blocks: u64 = segments.iter().map(|s| s.blocks).sum();
-    let recorded = workset::blocks(&runs);
     let previous = if replace {
         None
     } else {
