@@ -324,7 +324,7 @@ fn create_warms_in_the_background_and_the_recorder_records_after_the_first_open(
     // Reads while closed (a look at the disk before the VM starts) do not count, once the
     // recorder saw the device closed.
     read(&kernel, "web1", 20..24);
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_secs(2));
     kernel.open_device("web1").unwrap();
     let boot: Vec<u64> = (0..8).chain(44..48).collect();
     read(&kernel, "web1", boot.iter().copied());
