@@ -330,13 +330,18 @@ fn check_config(args: &Args) -> Result<()> {
     });
     match checked {
         Ok((settings, group, config)) => {
+            let prefetch = vmar::prefetch::settings();
             println!(
-                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}",
+                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}, prefetch {:?}, record_after {}",
                 args.config.display(),
                 settings.roots.roots(),
                 settings.max_targets,
                 group.map_or("none".to_string(), |g| g.to_string()),
-                config.auto_capture
+                config.auto_capture,
+                prefetch.mode,
+                prefetch
+                    .record_after
+                    .map_or("never".to_string(), |d| format!("{} s", d.as_secs_f64()))
             );
             // vmard starts without them (their devices wait): said, not refused.
             for (root, why) in settings.roots.missing() {
