@@ -21,13 +21,16 @@ const WINDOW_BLOCKS: u64 = 64 * 1024;
 /// Bytes one read asks for; the one buffer a warm holds.
 pub const READ_CHUNK: usize = 1 << 20;
 
-/// `IOPRIO_CLASS_BE`, level 7 (the lowest best-effort level): below the VMs' reads (best
-/// effort 4 by default) under schedulers that honour priorities (BFQ, mq-deadline), and
-/// never starved as the idle class can be while VMs read without pause.
-const IOPRIO_BE_LOWEST: i32 = (2 << 13) | 7;
+/// `IOPRIO_CLASS_IDLE`: below the VMs' reads (best effort, the default) under the
+/// schedulers that honour priorities. mq-deadline (Linux >= 5.14) has one queue per class and
+/// no levels within one, so a lower best-effort level would change nothing there; it
+/// dispatches an idle request that waited `prio_aging_expire` (10 s) anyway, and BFQ serves
+/// the idle class at least every 200 ms, so a warm is slowed by busy VMs, never starved.
+/// `none` and kyber ignore priorities.
+const IOPRIO_IDLE: i32 = 3 << 13;
 const IOPRIO_WHO_PROCESS: i32 = 1;
 
-/// Gives the calling thread the lowest best-effort I/O priority (`ioprio_set(2)` on the
+/// Gives the calling thread the idle I/O priority class (`ioprio_set(2)` on the
 /// thread itself).
 pub fn lower_priority() -> std::io::Result<()> {
     // SAFETY: ioprio_set takes three integers; `who` 0 is the calling thread.
@@ -36,7 +39,7 @@ pub fn lower_priority() -> std::io::Result<()> {
             nix::libc::SYS_ioprio_set,
             IOPRIO_WHO_PROCESS,
             0,
-            IOPRIO_BE_LOWEST,
+            IOPRIO_IDLE,
         )
     };
     if rc == 0 {
@@ -441,7 +444,7 @@ mod tests {
     fn the_thread_priority_is_lowered() {
         std::thread::spawn(|| {
             lower_priority().unwrap();
-            assert_eq!(priority().unwrap(), IOPRIO_BE_LOWEST);
+            assert_eq!(priority().unwrap(), IOPRIO_IDLE);
         })
         .join()
         .unwrap();

@@ -15,7 +15,7 @@
 //! `ensure` with `prefetch = "create"`): the union of the images' sets, translated through
 //! each image's map as its device serves it (after the target budget), every canonical block
 //! once, less what is cached, merged across gaps of up to 128 KiB into requests of up to
-//! 8 MiB, read in file order by one thread at the lowest best-effort I/O priority with one
+//! 8 MiB, read in disk order by one thread in the idle I/O priority class with one
 //! 1 MiB buffer, readahead off. Stopped by `vmarctl warm --cancel`, by the client going
 //! away, or by vmard stopping.
 
@@ -472,6 +472,9 @@ pub fn plan(
     })
 }
 
+/// Whether the failure to lower the I/O priority was logged (once is enough).
+static PRIORITY_WARNED: AtomicBool = AtomicBool::new(false);
+
 /// Held by the background warm that reads.
 static BACKGROUND: Mutex<()> = Mutex::new(());
 
@@ -513,7 +516,7 @@ impl Drop for Registered {
 }
 
 impl Plan {
-    /// Reads the plan on this thread at the lowest best-effort I/O priority (restored
+    /// Reads the plan on this thread in the idle I/O priority class (restored
     /// after), until done or `stop`.
     pub fn execute(
         mut self,
@@ -522,8 +525,13 @@ impl Plan {
     ) -> WarmReport {
         let registered = Registered::new();
         let before = io::priority().ok();
-        if let Err(e) = io::lower_priority() {
-            tracing::warn!("warm at the normal I/O priority: {e}");
+        if let Err(e) = io::lower_priority()
+            && !PRIORITY_WARNED.swap(true, Ordering::SeqCst)
+        {
+            // The shipped unit's system-call filter leaves out @resources, ioprio_set's group.
+            tracing::warn!(
+                "working sets are warmed at vmard's own I/O priority: ioprio_set: {e} (under vmard.service, a drop-in with SystemCallFilter=ioprio_set allows it)"
+            );
         }
         let total = self.report.request_bytes;
         let files = &self.files;

@@ -40,7 +40,7 @@ pub enum Prefetch {
     },
     /// Read the working sets of devices or images into the page cache before their VMs
     /// start: the union of their canonical blocks, each once, less what is cached, in disk
-    /// order, merged into large requests, at the lowest best-effort I/O priority. Ctrl-C
+    /// order, merged into large requests, in the idle I/O priority class. Ctrl-C
     /// stops it; `--cancel` stops every running warm (also the background ones of
     /// `prefetch = "create"`).
     Warm {
