@@ -291,6 +291,107 @@ fn main() -> Result<()> {
     println!(
         "model s: not measured; what the preads would take on the throttled disk of docs/benchmarks.md (200 requests/s, 100 MB/s), one request per pread"
     );
+    interference(&catalog, &names, &paths, rounds)?;
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Seconds a "VM" takes for 2,000 random 4 KiB O_DIRECT reads of the last image (the disk,
+/// never the cache), while `warm` runs beside it on another thread.
+fn foreground(path: &Path, warm: Option<Box<dyn FnOnce() + Send>>) -> Result<(f64, f64)> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)?;
+    let blocks = file.metadata()?.len() / BLOCK_SIZE;
+    let mut buffer = vec![0u8; 8192];
+    let aligned = buffer.as_ptr().align_offset(4096);
+    let chunk = &mut buffer[aligned..aligned + 4096];
+    let mut rng = Rng(0xF00D);
+    let background = warm.map(|w| {
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            w();
+            started.elapsed().as_secs_f64()
+        })
+    });
+    let started = Instant::now();
+    for _ in 0..2000 {
+        file.read_at(chunk, rng.below(blocks) * BLOCK_SIZE)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let warm_seconds = match background {
+        Some(b) => b.join().map_err(|_| anyhow::anyhow!("warm panicked"))?,
+        None => 0.0,
+    };
+    Ok((seconds, warm_seconds))
+}
+
+/// How a warm shares the disk with a VM's reads: the VM alone, beside a union warm in the
+/// idle class (what vmard does), and beside the same reads at the VM's own priority.
+fn interference(
+    catalog: &Catalog,
+    names: &[String],
+    paths: &[PathBuf],
+    rounds: usize,
+) -> Result<()> {
+    let scheduler = std::fs::read_to_string("/sys/block/vda/queue/scheduler").unwrap_or_default();
+    let vm_image = paths.last().context("no image")?.clone();
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
+        ("VM alone", Vec::new(), Vec::new()),
+        ("VM + warm, idle class", Vec::new(), Vec::new()),
+        ("VM + warm, VM's class", Vec::new(), Vec::new()),
+    ];
+    for _ in 0..rounds {
+        for (i, row) in rows.iter_mut().enumerate() {
+            drop_all(paths)?;
+            let plan =
+                vmar::prefetch::plan(catalog, names, None, u64::MAX, MergePolicy::default())?;
+            let warm: Option<Box<dyn FnOnce() + Send>> = match i {
+                0 => None,
+                1 => Some(Box::new(move || {
+                    plan.execute(&|| false, &mut |_| {});
+                })),
+                _ => {
+                    let requests = plan.requests.clone();
+                    let files: Vec<(u32, PathBuf)> = requests
+                        .iter()
+                        .map(|r| r.image)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .map(|id| Ok((id, catalog.image_by_id(id)?.path)))
+                        .collect::<Result<_>>()?;
+                    Some(Box::new(move || {
+                        let open = |id: u32| {
+                            let path = &files.iter().find(|(i, _)| *i == id)?.1;
+                            io::open_for_reading(path).ok().map(|f| (f, String::new()))
+                        };
+                        io::read_requests(&open, &requests, &|| false, &mut |_| {});
+                    }))
+                }
+            };
+            let (vm, warm) = foreground(&vm_image, warm)?;
+            row.1.push(vm);
+            row.2.push(warm);
+        }
+    }
+    println!(
+        "\nsharing the disk (scheduler: {}): a VM's 2,000 random 4 KiB O_DIRECT reads, {rounds} rounds",
+        scheduler.trim()
+    );
+    println!(
+        "{:<24} {:>26} {:>10} {:>14}",
+        "", "VM seconds median [min-max]", "VM/alone", "warm seconds"
+    );
+    let alone = median_range(rows[0].1.clone()).0;
+    for (label, vm, warm) in rows {
+        let (t, lo, hi) = median_range(vm);
+        let w = median_range(warm).0;
+        println!(
+            "{label:<24} {t:>9.3} [{lo:.3}-{hi:.3}] {:>10.2} {w:>14.3}",
+            t / alone
+        );
+    }
     Ok(())
 }
