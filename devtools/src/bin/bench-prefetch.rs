@@ -336,7 +336,16 @@ fn interference(
     paths: &[PathBuf],
     rounds: usize,
 ) -> Result<()> {
-    let scheduler = std::fs::read_to_string("/sys/block/vda/queue/scheduler").unwrap_or_default();
+    // The I/O scheduler of the disk the images are on (a partition's is its disk's).
+    let dev = std::os::unix::fs::MetadataExt::dev(&std::fs::metadata(&paths[0])?);
+    let sys = format!(
+        "/sys/dev/block/{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let scheduler = std::fs::read_to_string(format!("{sys}/queue/scheduler"))
+        .or_else(|_| std::fs::read_to_string(format!("{sys}/../queue/scheduler")))
+        .unwrap_or_else(|_| "unknown".into());
     let vm_image = paths.last().context("no image")?.clone();
     let mut rows: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![
         ("VM alone", Vec::new(), Vec::new()),
