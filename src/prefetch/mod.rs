@@ -796,3 +796,61 @@ pub fn start_recorder(host: std::sync::Weak<dyn Host>) -> std::io::Result<()> {
         })
         .map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_warm_is_stopped_by_cancel_all_and_then_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, vec![9u8; 4 << 20]).unwrap();
+        File::open(&path).unwrap().sync_all().unwrap();
+        io::drop_cache(&path).unwrap();
+        let requests: Vec<ReadRequest> = (0..4)
+            .map(|i| ReadRequest {
+                image: 1,
+                offset: i << 20,
+                len: 1 << 20,
+                wanted: 1 << 20,
+            })
+            .collect();
+        let plan = |requests: Vec<ReadRequest>| Plan {
+            report: WarmReport {
+                request_bytes: 4 << 20,
+                ..WarmReport::default()
+            },
+            requests,
+            files: BTreeMap::from([(1, (path.clone(), "img".to_string()))]),
+        };
+        // Another client cancels while it runs: the stop check sees it at the next read.
+        let stopped = std::cell::Cell::new(0);
+        let report = plan(requests.clone()).execute(
+            &|| {
+                stopped.set(stopped.get() + cancel_all());
+                false
+            },
+            &mut |_| {},
+        );
+        assert_eq!(stopped.get(), 1, "the warm was registered while it ran");
+        // Unless the cache could not be dropped (tmpfs: every request skipped).
+        if report.skipped_requests == 0 {
+            assert!(report.cancelled, "{report:?}");
+            assert_eq!(report.read_bytes, 0);
+        }
+        // Done: no longer registered.
+        assert_eq!(cancel_all(), 0);
+        // Not cancelled: reads everything that is not cached.
+        io::drop_cache(&path).unwrap();
+        let mut seen = Vec::new();
+        let report = plan(requests).execute(&|| false, &mut |p| seen.push(p.done));
+        assert!(!report.cancelled);
+        assert_eq!(
+            report.read_bytes + (report.skipped_requests << 20),
+            4 << 20,
+            "{report:?}"
+        );
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    }
+}
