@@ -160,20 +160,13 @@ pub struct WarmReport {
 }
 
 /// The image a device or image name stands for: a saved device's image, else the image of
-/// that name.
+/// that name (neither: `unknown-image`, exit status 4).
 fn image_of(catalog: &Catalog, name: &str) -> Result<String> {
     validate_name(name)?;
     if let Some(device) = catalog.device(name)? {
         return Ok(device.image);
     }
-    match catalog.image(name) {
-        Ok(record) => Ok(record.name),
-        Err(Error::UnknownImage { .. }) => Err(Error::Protocol(format!(
-            "{} is neither a device nor a captured image",
-            crate::error::shorten(name)
-        ))),
-        Err(e) => Err(e),
-    }
+    Ok(catalog.image(name)?.name)
 }
 
 fn check_phase(phase: &str) -> Result<()> {
