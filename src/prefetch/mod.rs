@@ -438,9 +438,10 @@ impl Plan {
         if let Err(e) = io::lower_priority()
             && !PRIORITY_WARNED.swap(true, Ordering::SeqCst)
         {
-            // The shipped unit's system-call filter leaves out @resources, ioprio_set's group.
+            // The shipped unit allows ioprio_set alone of @resources; a unit that leaves out
+            // the whole group refuses it.
             tracing::warn!(
-                "working sets are warmed at vmard's own I/O priority: ioprio_set: {e} (under vmard.service, a drop-in with SystemCallFilter=ioprio_set allows it)"
+                "working sets are warmed at vmard's own I/O priority: ioprio_set: {e} (a unit whose SystemCallFilter= leaves out @resources needs SystemCallFilter=ioprio_set after it)"
             );
         }
         let total = self.report.request_bytes;
