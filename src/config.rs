@@ -68,6 +68,11 @@ pub struct Config {
     pub sidecar_key: Option<PathBuf>,
     /// Fraction of an imported image's blocks read to check its sidecar [default: 0.001].
     pub sidecar_sample: Option<f64>,
+    /// When vmard warms working sets by itself ([`crate::workset::Mode`]) [default: off].
+    pub prefetch: Option<crate::workset::Mode>,
+    /// Seconds after a device's first open at which vmard records its working set [default:
+    /// 0, never].
+    pub record_after: Option<f64>,
 }
 
 /// Every key of the file: (key, value type, default, what it does). vmar.toml(5) is made
@@ -151,6 +156,18 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "0.001",
         "Fraction of an imported image's blocks read and hashed to check its sidecar (at least one block).",
     ),
+    (
+        "prefetch",
+        "\"off\" or \"create\"",
+        "\"off\"",
+        "Warm boot working sets by itself: create also reads, in the background after every successful vmarctl create and ensure (the libvirt hook's, at each domain start), the working sets of the device's image into the page cache (what vmarctl warm does; nothing without a recorded set). Applies from the next create after a SIGHUP.",
+    ),
+    (
+        "record_after",
+        "seconds (0 to 86400, fractions allowed; 0: never)",
+        "0",
+        "Record a device's working set (phase boot) this many seconds after its first open: the blocks read since the device was last closed whose pages are cached then (what vmarctl record does). vmard looks at the devices every 5 s. Applies after a SIGHUP.",
+    ),
 ];
 
 /// What a host does with sidecars (`sidecars` in vmar.toml).
@@ -189,6 +206,26 @@ impl Config {
 }
 
 impl Config {
+    /// The prefetch settings: the mode, and when to record (`None`: never); rejects a
+    /// negative or absurd `record_after`.
+    pub fn prefetch(
+        &self,
+        path: &Path,
+    ) -> Result<(crate::workset::Mode, Option<std::time::Duration>)> {
+        let seconds = self.record_after.unwrap_or(0.0);
+        let after = std::time::Duration::try_from_secs_f64(seconds)
+            .ok()
+            .filter(|d| d.as_secs() <= 86_400)
+            .ok_or_else(|| Error::Config {
+                path: path.to_path_buf(),
+                message: format!("record_after = {seconds}: give seconds between 0 and 86400"),
+            })?;
+        Ok((
+            self.prefetch.unwrap_or_default(),
+            (!after.is_zero()).then_some(after),
+        ))
+    }
+
     /// The image guard's settings; rejects an interval outside 0.1 s .. 1 day.
     pub fn guard(&self, path: &Path) -> Result<crate::policy::Settings> {
         let seconds = self
@@ -294,6 +331,23 @@ mod tests {
         std::fs::write(&path, "image_check_interval = 0\n").unwrap();
         assert!(Config::load(&path, false).unwrap().guard(&path).is_err());
         std::fs::write(&path, "on_image_change = \"ignore\"\n").unwrap();
+        assert!(Config::load(&path, false).is_err());
+        assert_eq!(
+            config.prefetch(&path).unwrap(),
+            (crate::workset::Mode::Off, None)
+        );
+        std::fs::write(&path, "prefetch = \"create\"\nrecord_after = 90\n").unwrap();
+        let config = Config::load(&path, false).unwrap();
+        assert_eq!(
+            config.prefetch(&path).unwrap(),
+            (
+                crate::workset::Mode::Create,
+                Some(std::time::Duration::from_secs(90))
+            )
+        );
+        std::fs::write(&path, "record_after = -3\n").unwrap();
+        assert!(Config::load(&path, false).unwrap().prefetch(&path).is_err());
+        std::fs::write(&path, "prefetch = \"always\"\n").unwrap();
         assert!(Config::load(&path, false).is_err());
         std::fs::write(&path, "image_root = [\"/a\"]\n").unwrap();
         let err = Config::load(&path, false).unwrap_err();

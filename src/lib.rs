@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod nova;
 pub mod overlay;
 pub mod policy;
+pub mod prefetch;
 pub mod protocol;
 pub mod records;
 pub mod roots;
@@ -49,5 +50,6 @@ pub mod time;
 pub mod units;
 pub mod verify;
 pub mod watch;
+pub mod workset;
 
 pub use error::{Error, Result};

@@ -20,14 +20,14 @@ use crate::image::validate_name;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{
-    Call, CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ImageEntry, ImageRef,
-    ImagesResult, MapResult, MetricsResult, PROTOCOL_VERSION, PingResult, Progress, Redirecting,
-    Request, TableResult, request,
+    Call, CaptureResult, Dependent, Dependents, DeviceStatus, ForgetResult, ForgetWorkingSetResult,
+    ImageEntry, ImageRef, ImagesResult, MapResult, MetricsResult, PROTOCOL_VERSION, PingResult,
+    Progress, Redirecting, Request, TableResult, request,
 };
 use crate::roots::ImageRoots;
 use crate::table::{self, BlockDev};
 use crate::verify::verify;
-use crate::{binding, device};
+use crate::{binding, device, prefetch};
 
 /// What can change while vmard runs (SIGHUP re-reads the configuration).
 #[derive(Clone, Debug, Default)]
@@ -234,6 +234,21 @@ impl Context {
     }
 }
 
+/// What the prefetch recorder needs of vmard (see [`prefetch::start_recorder`]).
+impl prefetch::Host for Context {
+    fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    fn kernel(&self) -> Result<Arc<dyn Kernel>> {
+        Context::kernel(self)
+    }
+
+    fn serialise(&self) -> Box<dyn prefetch::Held + '_> {
+        Box::new(self.changes())
+    }
+}
+
 /// Holds, in the background, the images captured before vmar held its images (see
 /// [`crate::holds::hold_older_images`]): each is hashed once, which a start must not wait for.
 pub fn hold_older_images(ctx: Arc<Context>) {
@@ -391,7 +406,9 @@ pub fn handle(
             };
             // Answered once the guard refuses writes to the images the new device reads.
             crate::guard::sync();
-            created
+            let created = created?;
+            prefetch::after_device(catalog, &r.name, max_targets);
+            Ok(created)
         }),
         Request::Ensure(r) => answer(r, |r| {
             validate_name(&r.name)?;
@@ -420,7 +437,9 @@ pub fn handle(
                 )
             };
             crate::guard::sync();
-            ensured
+            let ensured = ensured?;
+            prefetch::after_device(catalog, &r.name, max_targets);
+            Ok(ensured)
         }),
         Request::Remove(r) => answer(r, |r| {
             let kernel = kernel_for(ctx, Some(&r.name))?;
@@ -485,6 +504,28 @@ pub fn handle(
             dependents(catalog, &r.name)
         }),
         Request::RestoreStatus => answer(request::RestoreStatus, |_| Ok(ctx.restore_status())),
+        Request::Record(r) => answer(r, |r| {
+            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let phase = r.phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);
+            let _changes = ctx.changes();
+            prefetch::record(catalog, kernel.as_ref(), &r.name, phase, r.replace)
+        }),
+        Request::WorkingSet(r) => answer(r, |r| prefetch::show(catalog, &r.name, r.extents)),
+        Request::ForgetWorkingSet(r) => answer(r, |r| {
+            Ok(ForgetWorkingSetResult {
+                forgotten: prefetch::forget(catalog, &r.name, r.phase.as_deref())?,
+            })
+        }),
+        Request::Warm(r) => answer(r, |r| {
+            prefetch::warm(
+                catalog,
+                &r.names,
+                r.phase.as_deref(),
+                max_targets,
+                r.cancel,
+                progress,
+            )
+        }),
     }
 }
 

@@ -1118,6 +1118,7 @@ fn the_read_only_socket_serves_reads_to_anyone_and_nothing_else() {
         &["metrics"],
         &["dependents", "base"],
         &["restore-status"],
+        &["working-set", "b", "--extents"],
     ] {
         let out = vmarctl(&ro, args);
         assert!(
@@ -1133,6 +1134,10 @@ fn the_read_only_socket_serves_reads_to_anyone_and_nothing_else() {
         &["forget", "base"],
         &["capture", s(&paths[1])],
         &["verify", "base"],
+        &["record", "b"],
+        &["working-set", "b", "--forget"],
+        &["warm", "b"],
+        &["warm", "--cancel"],
     ] {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);

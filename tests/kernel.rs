@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Block, Daemon, alias_node, capture_all, device_states, s, write_image};
+use common::{Block, Daemon, alias_node, capture_all, device_states, ok, s, write_image};
 use serde_json::Value;
 
 const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test";
@@ -1610,4 +1610,82 @@ fn real_a_kill_while_waiting_for_udev_leaves_no_cookie_after_the_restart() {
     );
     assert!(daemon.json(&["remove", "base"]).0);
     assert!(dm_cookies().is_empty(), "cookies left: {:?}", dm_cookies());
+}
+
+/// Reads blocks `blocks` of `path` with O_DIRECT, one 4 KiB read each.
+fn read_blocks_direct(path: &Path, blocks: impl IntoIterator<Item = u64>) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()));
+    let mut buffer = vec![0u8; 8192];
+    let aligned = buffer.as_ptr().align_offset(4096);
+    let chunk = &mut buffer[aligned..aligned + 4096];
+    for b in blocks {
+        file.read_at(chunk, b * 4096).unwrap();
+    }
+}
+
+/// Blocks of the working set of `name`'s image, phase boot.
+fn working_set(daemon: &Daemon, name: &str) -> std::collections::BTreeSet<u64> {
+    ok(daemon, &["working-set", name, "--extents"])["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["phase"] == "boot")
+        .flat_map(|s| s["extents"].as_array().unwrap().clone())
+        .flat_map(|e| {
+            let start = e[0].as_u64().unwrap();
+            start..start + e[1].as_u64().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+fn real_working_sets_are_recorded_from_dm_stats_and_warmed() {
+    let _clean = require_dm();
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let images = family(dir.path());
+    capture_all(&daemon, &images[..3]);
+    create(&daemon, "web", "web");
+    create(&daemon, "db", "db");
+    let _ = std::process::Command::new("udevadm").arg("settle").status();
+    // What was read before (udev's probing, if any) is in the first recording.
+    ok(&daemon, &["record", "web", "--replace"]);
+    let before = working_set(&daemon, "web");
+    // A "boot" of web: blocks 0..30 (base's shared ones, holes and zeros among them) and
+    // 200..210 (its own).
+    let boot: Vec<u64> = (0..30).chain(200..210).collect();
+    read_blocks_direct(&node("web"), boot.iter().copied());
+    ok(&daemon, &["record", "web", "--replace"]);
+    let set = working_set(&daemon, "web");
+    // Zero blocks (below 180, where web is base's: holes and written zeros, i % 10 in 0..=2)
+    // are never in a set; the images are on tmpfs, so every other block read is cached and
+    // kept.
+    let data: std::collections::BTreeSet<u64> = boot
+        .iter()
+        .copied()
+        .filter(|b| *b >= 180 || b % 10 > 2)
+        .collect();
+    assert!(data.is_subset(&set), "{data:?} not in {set:?}");
+    assert!(
+        set.iter().all(|b| data.contains(b) || before.contains(b)),
+        "{set:?} beyond {data:?} and {before:?}"
+    );
+    // db reads the same shared blocks; warming both reads each canonical block once: all
+    // cached here (tmpfs), so nothing is read, and the figures add up.
+    read_blocks_direct(&node("db"), 0..30);
+    ok(&daemon, &["record", "db", "--replace"]);
+    let warm = ok(&daemon, &["warm", "web", "db"]);
+    let union = warm["union_bytes"].as_u64().unwrap();
+    assert!(warm["shared_bytes"].as_u64().unwrap() > 0, "{warm}");
+    assert_eq!(warm["cached_bytes"].as_u64().unwrap(), union, "{warm}");
+    assert_eq!(warm["read_bytes"], 0, "{warm}");
+    for name in ["web", "db"] {
+        ok(&daemon, &["remove", name]);
+    }
 }

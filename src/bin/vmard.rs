@@ -201,6 +201,8 @@ fn main() -> Result<()> {
     start_auto_capture(&args, server.socket(), server.context())?;
     start_guard(&args, server.context())?;
     vmar::service::hold_older_images(Arc::clone(server.context()));
+    let host: Arc<dyn vmar::prefetch::Host> = Arc::clone(server.context()) as _;
+    vmar::prefetch::start_recorder(Arc::downgrade(&host)).context("cannot start the recorder")?;
     if !args.no_restore {
         start_retries(Arc::clone(server.context()), args.retry_interval)?;
     }
@@ -292,7 +294,9 @@ fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
         None => None,
     };
     // Applied here, once the whole file is known good; SIGHUP also makes the guard check.
+    let (mode, record_after) = config.prefetch(&args.config)?;
     vmar::guard::set_settings(config.guard(&args.config)?);
+    vmar::prefetch::set_settings(vmar::prefetch::Settings { mode, record_after });
     Ok((Settings { max_targets, roots }, group))
 }
 
@@ -326,13 +330,18 @@ fn check_config(args: &Args) -> Result<()> {
     });
     match checked {
         Ok((settings, group, config)) => {
+            let prefetch = vmar::prefetch::settings();
             println!(
-                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}",
+                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}, prefetch {:?}, record_after {}",
                 args.config.display(),
                 settings.roots.roots(),
                 settings.max_targets,
                 group.map_or("none".to_string(), |g| g.to_string()),
-                config.auto_capture
+                config.auto_capture,
+                prefetch.mode,
+                prefetch
+                    .record_after
+                    .map_or("never".to_string(), |d| format!("{} s", d.as_secs_f64()))
             );
             // vmard starts without them (their devices wait): said, not refused.
             for (root, why) in settings.roots.missing() {

@@ -147,6 +147,7 @@ mod lock;
 mod rebuild;
 mod recover;
 mod store;
+mod workset;
 
 pub use lock::{LOCK_FILE, StateLock};
 pub use recover::Recovery;

@@ -520,6 +520,96 @@ pub struct KeptBy {
     pub images: Vec<String>,
 }
 
+/// A working set in figures.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetSummary {
+    pub phase: String,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub runs: u64,
+    pub recordings: u32,
+    /// Unix time of the last recording.
+    pub updated: u64,
+    /// Its runs as `[first block, blocks]`, when asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extents: Option<Vec<[u64; 2]>>,
+}
+
+/// Result of `record`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordResult {
+    pub device: String,
+    pub image: String,
+    /// Bytes the device's read areas cover (where reads were counted).
+    pub read_area_bytes: u64,
+    /// Bytes of those areas left out: not cached (never read, or evicted since).
+    pub uncached_bytes: u64,
+    /// Bytes this recording found.
+    pub recorded_bytes: u64,
+    /// The stored set after merging.
+    pub set: SetSummary,
+}
+
+/// Result of `working-set`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingSetResult {
+    pub image: String,
+    pub sets: Vec<SetSummary>,
+}
+
+/// One image of a warm.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmImage {
+    /// As asked (a device or an image name).
+    pub name: String,
+    pub image: String,
+    /// Phases whose sets were used; empty when it has none.
+    pub phases: Vec<String>,
+    /// Bytes of its working set (image space).
+    pub bytes: u64,
+    /// Bytes of it that need reading (not zero extents).
+    pub canonical_bytes: u64,
+}
+
+/// Result of `warm`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WarmReport {
+    pub images: Vec<WarmImage>,
+    /// Bytes of the union of canonical extents (each block once).
+    pub union_bytes: u64,
+    /// Bytes the union saves over warming each image alone.
+    pub shared_bytes: u64,
+    /// Bytes of the union already cached: not read.
+    pub cached_bytes: u64,
+    /// Requests after merging, and the bytes they read (wanted and gaps).
+    pub requests: u64,
+    pub request_bytes: u64,
+    pub gap_bytes: u64,
+    /// What reading did.
+    pub read_bytes: u64,
+    pub reads: u64,
+    pub seconds: f64,
+    pub cancelled: bool,
+    /// Requests skipped: cached whole by the time they were read (another warm read them).
+    #[serde(default)]
+    pub skipped_requests: u64,
+    /// Runs in the background (`prefetch = "create"`): the read figures are not known yet.
+    #[serde(default)]
+    pub background: bool,
+    #[serde(default)]
+    pub errors: Vec<String>,
+    /// Warms stopped (`--cancel`).
+    #[serde(default)]
+    pub stopped: u64,
+}
+
+/// Result of `forget-working-set`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetWorkingSetResult {
+    /// Working sets dropped.
+    pub forgotten: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     CaptureResult, CheckReport, DeviceChange, DeviceStatus, EnsureResult, ForgetResult,
-    ImagesResult, MapResult, MetricsResult, PingResult, Removed, StatsReport, TableResult,
-    VerifyReport,
+    ForgetWorkingSetResult, ImagesResult, MapResult, MetricsResult, PingResult, RecordResult,
+    Removed, StatsReport, TableResult, VerifyReport, WarmReport, WorkingSetResult,
 };
 
 /// A request and the type of the result vmard answers it with.
@@ -51,6 +51,10 @@ pub enum Request {
     Metrics,
     Dependents(Dependents),
     RestoreStatus,
+    Record(Record),
+    WorkingSet(WorkingSet),
+    ForgetWorkingSet(ForgetWorkingSet),
+    Warm(Warm),
 }
 
 /// Each request type with its result type; `unit` for the requests without arguments (a
@@ -99,6 +103,10 @@ pairs! {
     unit Metrics => MetricsResult;
     fields Dependents => super::Dependents;
     unit RestoreStatus => super::RestoreStatus;
+    fields Record => RecordResult;
+    fields WorkingSet => WorkingSetResult;
+    fields ForgetWorkingSet => ForgetWorkingSetResult;
+    fields Warm => WarmReport;
 }
 
 impl Request {
@@ -118,6 +126,7 @@ impl Request {
                 | Request::Dependents(_)
                 | Request::RestoreStatus
                 | Request::Check
+                | Request::WorkingSet(_)
         )
     }
 }
@@ -273,6 +282,47 @@ pub struct Dependents {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestoreStatus;
 
+/// Record what live device `name` read (dm-stats areas with reads, cached now) into its
+/// image's working set of `phase` (default `boot`), merged with earlier recordings unless
+/// `replace` (see [`crate::prefetch`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub name: String,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// The working sets of a device's (or an image's) image; with `extents`, their runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingSet {
+    pub name: String,
+    #[serde(default)]
+    pub extents: bool,
+}
+
+/// Drop the working sets of a device's (or an image's) image, of `phase` or all.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForgetWorkingSet {
+    pub name: String,
+    #[serde(default)]
+    pub phase: Option<String>,
+}
+
+/// Read the union of the working sets (of `phase`, or all) of devices or images `names` into
+/// the page cache, each canonical block once, at a low I/O priority; with `cancel`, stop the
+/// running warms instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warm {
+    #[serde(default)]
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub cancel: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,6 +354,22 @@ mod tests {
         r#"{"op":"check"}"#,
     ];
 
+    /// The prefetch branch's request lines, recorded from its vmarctl's socket (`record d`,
+    /// `record d --phase app --replace`, `working-set n [--extents | --forget [--phase
+    /// boot]]`, `warm a b`, `warm a --phase boot`, `warm --cancel`) before its requests were
+    /// types of their own.
+    const RECORDED_PREFETCH: &[&str] = &[
+        r#"{"op":"record","name":"d","phase":"boot","replace":false}"#,
+        r#"{"op":"record","name":"d","phase":"app","replace":true}"#,
+        r#"{"op":"working-set","name":"n","extents":false}"#,
+        r#"{"op":"working-set","name":"n","extents":true}"#,
+        r#"{"op":"forget-working-set","name":"n","phase":null}"#,
+        r#"{"op":"forget-working-set","name":"n","phase":"boot"}"#,
+        r#"{"op":"warm","names":["a","b"],"phase":null,"cancel":false}"#,
+        r#"{"op":"warm","names":["a"],"phase":"boot","cancel":false}"#,
+        r#"{"op":"warm","names":[],"phase":null,"cancel":true}"#,
+    ];
+
     #[test]
     fn requests_travel_as_before() {
         for line in RECORDED {
@@ -329,6 +395,72 @@ mod tests {
         for (request, line) in typed {
             assert_eq!(serde_json::to_string(&request).unwrap(), RECORDED[line]);
         }
+    }
+
+    #[test]
+    fn prefetch_requests_travel_as_before() {
+        for line in RECORDED_PREFETCH {
+            let request: Request = serde_json::from_str(line).unwrap();
+            assert_eq!(&serde_json::to_string(&request).unwrap(), line);
+        }
+        let typed: [(Request, usize); 4] = [
+            (
+                Record {
+                    name: "d".into(),
+                    phase: Some("app".into()),
+                    replace: true,
+                }
+                .into(),
+                1,
+            ),
+            (
+                WorkingSet {
+                    name: "n".into(),
+                    extents: true,
+                }
+                .into(),
+                3,
+            ),
+            (
+                ForgetWorkingSet {
+                    name: "n".into(),
+                    phase: None,
+                }
+                .into(),
+                4,
+            ),
+            (
+                Warm {
+                    names: vec!["a".into(), "b".into()],
+                    phase: None,
+                    cancel: false,
+                }
+                .into(),
+                6,
+            ),
+        ];
+        for (request, line) in typed {
+            assert_eq!(
+                serde_json::to_string(&request).unwrap(),
+                RECORDED_PREFETCH[line]
+            );
+        }
+        // Fields a client may leave out.
+        let parsed: Request = serde_json::from_str(r#"{"op":"warm","cancel":true}"#).unwrap();
+        assert_eq!(
+            serde_json::to_string(&parsed).unwrap(),
+            RECORDED_PREFETCH[8]
+        );
+        let parsed: Request = serde_json::from_str(r#"{"op":"record","name":"d"}"#).unwrap();
+        assert_eq!(
+            parsed,
+            Record {
+                name: "d".into(),
+                phase: None,
+                replace: false
+            }
+            .into()
+        );
     }
 
     /// Fields a client may leave out take their defaults; old names still parse.
@@ -361,6 +493,31 @@ mod tests {
             .is_read_only()
         );
         assert!(Request::from(Check).is_read_only());
+        assert!(
+            Request::from(WorkingSet {
+                name: "n".into(),
+                extents: true
+            })
+            .is_read_only()
+        );
+        for writes in [
+            Request::from(Record {
+                name: "d".into(),
+                phase: None,
+                replace: false,
+            }),
+            Request::from(ForgetWorkingSet {
+                name: "n".into(),
+                phase: None,
+            }),
+            Request::from(Warm {
+                names: vec!["n".into()],
+                phase: None,
+                cancel: false,
+            }),
+        ] {
+            assert!(!writes.is_read_only(), "{writes:?}");
+        }
         assert!(!Request::from(Verify { name: "n".into() }).is_read_only());
         assert!(!Request::from(Forget { name: "n".into() }).is_read_only());
         assert!(

@@ -17,6 +17,7 @@ mod man;
 mod maps;
 mod monitor;
 mod output;
+mod prefetch;
 mod shell;
 mod stats;
 mod table;
@@ -134,6 +135,19 @@ enum Command {
     /// stdin): at `prepare begin` it ensures every vmar device the domain's disks and their
     /// backing chains name, and fails the start with the reason if it cannot.
     LibvirtHook(libvirt::LibvirtHookArgs),
+    /// Record what a live device read into its image's boot working set: the blocks of its
+    /// dm-stats areas with reads whose pages are in the page cache now. Run it once the VM
+    /// has booted (or let vmard do it: `record_after` in vmar.toml); later recordings of
+    /// the same phase add to the set (union, at most 16,384 runs).
+    Record(prefetch::RecordArgs),
+    /// Show the working sets recorded for a device's (or an image's) image, by phase.
+    WorkingSet(prefetch::WorkingSetArgs),
+    /// Read the working sets of devices or images into the page cache before their VMs
+    /// start: the union of their canonical blocks, each once, less what is cached, in disk
+    /// order, merged into large requests, in the idle I/O priority class. Ctrl-C
+    /// stops it; `--cancel` stops every running warm (also the background ones of
+    /// `prefetch = "create"`).
+    Warm(prefetch::WarmArgs),
     /// Print shell completions for vmarctl; bash and fish complete image and device names
     /// by asking vmard.
     Completions(shell::CompletionsArgs),
@@ -227,6 +241,9 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
         Command::RestoreStatus => monitor::restore_status(&ctx, out),
         Command::LibvirtXml(args) => args.run(&ctx, out),
         Command::LibvirtHook(args) => args.run(&ctx, out),
+        Command::Record(args) => args.run(&ctx, out),
+        Command::WorkingSet(args) => args.run(&ctx, out),
+        Command::Warm(args) => args.run(&ctx, out),
         Command::Completions(args) => args.print(Cli::command(), out),
         Command::Man(args) => args.print(Cli::command(), out),
         Command::Complete(args) => args.run(&ctx, out),

@@ -166,6 +166,31 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "vmarctl dependents base",
     ),
     (
+        "record",
+        "After a VM booted from /dev/vmar/web1: keep what it read as web's boot working set",
+        "vmarctl record web1",
+    ),
+    (
+        "record",
+        "Once its application ran too: a second phase",
+        "vmarctl record web1 --phase app",
+    ),
+    (
+        "working-set",
+        "The working sets recorded for web1's image, with their runs",
+        "vmarctl working-set web1 --extents",
+    ),
+    (
+        "warm",
+        "Before starting four VMs: read their images' working sets, shared blocks once",
+        "vmarctl warm web1 web2 db1 db2",
+    ),
+    (
+        "warm",
+        "Stop every running warm (the VMs are starting anyway)",
+        "vmarctl warm --cancel",
+    ),
+    (
         "restore-status",
         "Which devices the restore at vmard's start could not restore, and why",
         "vmarctl restore-status || journalctl -u vmard -b",
@@ -241,7 +266,7 @@ fn extra_sections(out: &mut dyn Write, subcommand: &str) -> std::io::Result<()> 
         ),
         (
             vmar::protocol::DEFAULT_RO_SOCKET,
-            "vmard's read-only socket (mode 0666): ping, images, map, table, list, status, stats, metrics, dependents and restore-status for any user.",
+            "vmard's read-only socket (mode 0666): ping, images, map, table, list, status, stats, metrics, dependents, restore-status and working-set for any user.",
         ),
         (
             vmar::config::DEFAULT_CONFIG,
