@@ -221,6 +221,8 @@ pub struct RunWriter {
     tmp: PathBuf,
     out: Option<BufWriter<File>>,
     last: Option<Digest>,
+    /// Its disk writes start as it is written, not all at the fsync.
+    writeback: crate::digests::Writeback,
 }
 
 impl RunWriter {
@@ -233,6 +235,7 @@ impl RunWriter {
             tmp,
             out: Some(BufWriter::with_capacity(1 << 20, file)),
             last: None,
+            writeback: crate::digests::Writeback::default(),
         })
     }
 
@@ -249,9 +252,12 @@ impl RunWriter {
         record[32..36].copy_from_slice(&entry.image.to_le_bytes());
         record[36..].copy_from_slice(&entry.block.to_le_bytes());
         match &mut self.out {
-            Some(out) => out
-                .write_all(&record)
-                .map_err(|e| Error::io("cannot write index run", &self.tmp, e)),
+            Some(out) => {
+                out.write_all(&record)
+                    .map_err(|e| Error::io("cannot write index run", &self.tmp, e))?;
+                self.writeback.wrote(out, RECORD);
+                Ok(())
+            }
             None => Ok(()),
         }
     }

@@ -15,6 +15,7 @@ pub mod client;
 pub mod clients;
 pub mod config;
 pub mod device;
+pub mod digests;
 pub mod error;
 pub mod fault;
 pub mod fleet;

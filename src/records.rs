@@ -57,6 +57,12 @@ impl Fingerprint {
         self.0.update(digest);
     }
 
+    /// [`Fingerprint::push`] of records encoded as digest lists store them (block u64 LE,
+    /// then digest; [`crate::digests`]): the same bytes in one update.
+    pub fn push_encoded(&mut self, records: &[u8]) {
+        self.0.update(records);
+    }
+
     pub fn finish(&self) -> String {
         format!("blake3:{}", self.finish_bytes().to_hex())
     }

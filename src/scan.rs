@@ -19,15 +19,17 @@ use crate::hash;
 
 mod mapped;
 
-/// How a scan gets at the bytes it hashes. Measured on 2 GiB hot (examples/bench-scan):
-/// mapping each batch saves about 12% of the CPU time but not wall time (mapping and
-/// unmapping 64 MiB happen between batches), and the mapped pages count in vmard's RSS (up to
-/// a batch's span, 64 MiB or more with holes); mapping each 256 KiB chunk instead saved
-/// nothing. So capture copies by default.
+/// How a scan gets at the bytes it hashes. Measured on this project's 2-core test machine
+/// (Linux 6.18, 2 GiB hot, `bench-scan`, same run): pread copies took 0.42-0.43 s of CPU,
+/// a mapped window per chunk 0.53-0.58 s (populated at once or faulted in), and blake3 of
+/// the whole file from one mapping (as `b3sum` does) 0.49-0.50 s: setting up and tearing
+/// down the page table entries of every page costs more than copying it while it is in the
+/// cache. So capture copies; the mapped windows stay for machines where that differs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Read {
-    /// From a memory mapping of each batch, without copying (falls back to `Copied` where
-    /// the file cannot be mapped).
+    /// From a read-only mapping of each chunk, populated when it is made and unmapped once
+    /// hashed, so at most one window per hashing thread is resident (falls back to
+    /// `Copied` for a chunk that cannot be mapped).
     Mapped,
     /// pread(2) into a buffer per hashing thread.
     #[default]
@@ -40,9 +42,12 @@ use crate::units::usize_of;
 /// at its real length, so it only ever matches a partial block of the same length).
 pub use crate::hash::Digest;
 
-/// Blocks read and hashed by one parallel task: small enough that the copy read into the
-/// buffer is still in the core's L2 cache when it is hashed.
+/// Blocks read and hashed by one parallel task when reading copies: small enough that the
+/// copy read into the buffer is still in the core's L2 cache when it is hashed.
 const CHUNK_BLOCKS: u64 = 64;
+/// Blocks of one mapped window (1 MiB): large enough that mapping and unmapping cost little
+/// per block, small enough that the windows of all hashing threads stay a few MiB of RSS.
+const WINDOW_BLOCKS: u64 = 256;
 /// Blocks handed to the consumer at once; one batch is hashed while the previous is stored.
 const BATCH_BLOCKS: u64 = 16 * 1024;
 
@@ -123,15 +128,15 @@ pub struct ScanStats {
 }
 
 /// Splits data ranges into batches of whole chunks, each chunk a range of at most
-/// `CHUNK_BLOCKS` blocks, each batch at most `BATCH_BLOCKS` blocks.
-fn plan_batches(ranges: &[Range<u64>]) -> Vec<Vec<Range<u64>>> {
+/// `chunk` blocks, each batch at most `BATCH_BLOCKS` blocks.
+fn plan_batches(ranges: &[Range<u64>], chunk: u64) -> Vec<Vec<Range<u64>>> {
     let mut batches = Vec::new();
     let mut current: Vec<Range<u64>> = Vec::new();
     let mut in_batch = 0;
     for range in ranges {
         let mut start = range.start;
         while start < range.end {
-            let end = (start + CHUNK_BLOCKS).min(range.end);
+            let end = (start + chunk).min(range.end);
             current.push(start..end);
             in_batch += end - start;
             start = end;
@@ -173,8 +178,29 @@ fn hash_nonzero(data: &[u8], first: u64) -> Vec<(u64, Digest)> {
     out
 }
 
-/// Reads and hashes the chunks of one batch in parallel: from a mapping of the batch's span
-/// when `read` says so and mapping works, else with pread into a buffer per thread.
+/// The error of a read that found the file shorter than it was.
+fn shorter(path: &Path) -> Error {
+    Error::ChangedDuringCapture {
+        path: path.to_path_buf(),
+        what: "it became shorter".into(),
+    }
+}
+
+/// Reads `data.len()` bytes of `file` at `offset` into `data` with pread.
+fn read_at(file: &File, path: &Path, data: &mut [u8], offset: u64) -> Result<()> {
+    file.read_exact_at(data, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            shorter(path)
+        } else {
+            Error::io("cannot read", path, e)
+        }
+    })
+}
+
+/// Reads and hashes the chunks of one batch in parallel: each chunk from a mapping of its
+/// own when `read` says so (unmapped as soon as it is hashed, so resident pages stay bounded
+/// by one window per thread), else, or where it cannot be mapped, with pread into a buffer
+/// per thread.
 fn hash_batch(
     file: &File,
     size: u64,
@@ -182,54 +208,28 @@ fn hash_batch(
     chunks: &[Range<u64>],
     read: Read,
 ) -> Result<Batch> {
-    let span = match (chunks.first(), chunks.last()) {
-        (Some(first), Some(last)) => first.start * BLOCK_SIZE..(last.end * BLOCK_SIZE).min(size),
-        _ => 0..0,
-    };
-    let mapped = match read {
-        Read::Mapped => usize::try_from(span.end - span.start)
-            .ok()
-            .and_then(|len| mapped::Mapped::new(file, span.start, len)),
-        Read::Copied => None,
-    };
-    let per_chunk: Vec<Vec<(u64, Digest)>> = match &mapped {
-        Some(map) => chunks
-            .par_iter()
-            .map(|chunk| {
-                let start = usize_of(chunk.start * BLOCK_SIZE - span.start);
-                let end = usize_of((chunk.end * BLOCK_SIZE).min(size) - span.start);
-                hash_nonzero(&map.bytes()[start..end], chunk.start)
-            })
-            .collect(),
-        None => chunks
-            .par_iter()
-            .map_init(
-                || vec![0u8; usize_of(CHUNK_BLOCKS * BLOCK_SIZE)],
-                |buf, chunk| {
-                    let start = chunk.start * BLOCK_SIZE;
-                    let end = (chunk.end * BLOCK_SIZE).min(size);
-                    let data = &mut buf[..usize_of(end - start)];
-                    file.read_exact_at(data, start).map_err(|e| {
-                        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            Error::ChangedDuringCapture {
-                                path: path.to_path_buf(),
-                                what: "it became shorter".into(),
-                            }
-                        } else {
-                            Error::io("cannot read", path, e)
-                        }
-                    })?;
-                    Ok(hash_nonzero(data, chunk.start))
-                },
-            )
-            .collect::<Result<_>>()?,
-    };
-    if mapped.as_ref().is_some_and(|m| m.faulted()) {
-        return Err(Error::ChangedDuringCapture {
-            path: path.to_path_buf(),
-            what: "it became shorter".into(),
-        });
-    }
+    let bounds =
+        |chunk: &Range<u64>| (chunk.start * BLOCK_SIZE, (chunk.end * BLOCK_SIZE).min(size));
+    let per_chunk: Vec<Vec<(u64, Digest)>> = chunks
+        .par_iter()
+        .map_init(Vec::new, |buf, chunk| {
+            let (start, end) = bounds(chunk);
+            let len = usize_of(end - start);
+            if read == Read::Mapped
+                && let Some(map) = mapped::Mapped::new(file, start, len)
+            {
+                let digests = hash_nonzero(map.bytes(), chunk.start);
+                if map.faulted() {
+                    return Err(shorter(path));
+                }
+                return Ok(digests);
+            }
+            buf.resize(len, 0);
+            let data = &mut buf[..len];
+            read_at(file, path, data, start)?;
+            Ok(hash_nonzero(data, chunk.start))
+        })
+        .collect::<Result<_>>()?;
     let digests = per_chunk.into_iter().flatten().collect();
     let blocks = match (chunks.first(), chunks.last()) {
         (Some(first), Some(last)) => first.start..last.end,
@@ -238,7 +238,10 @@ fn hash_batch(
     let read_blocks = chunks.iter().map(|c| c.end - c.start).sum();
     let read_bytes = chunks
         .iter()
-        .map(|c| (c.end * BLOCK_SIZE).min(size) - c.start * BLOCK_SIZE)
+        .map(|c| {
+            let (start, end) = bounds(c);
+            end - start
+        })
         .sum();
     Ok(Batch {
         blocks,
@@ -297,7 +300,11 @@ impl<'a> Scan<'a> {
         } = self;
         let blocks = size.div_ceil(BLOCK_SIZE);
         let data_blocks: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-        let batches = plan_batches(&ranges);
+        let chunk = match read {
+            Read::Mapped => WINDOW_BLOCKS,
+            Read::Copied => CHUNK_BLOCKS,
+        };
+        let batches = plan_batches(&ranges, chunk);
         let mut stats = ScanStats {
             blocks,
             hole_blocks: blocks - data_blocks,
@@ -525,10 +532,55 @@ mod tests {
         }
     }
 
+    /// Resident KiB of this process's mappings of `path` (from /proc/self/smaps).
+    fn resident_kib(path: &Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_string_lossy();
+        let (mut ours, mut kib) = (false, 0);
+        for line in smaps.lines() {
+            if let Some(rss) = line.strip_prefix("Rss:") {
+                if ours {
+                    kib += rss.trim().trim_end_matches(" kB").parse::<u64>().unwrap();
+                }
+            } else if !line.starts_with(char::is_uppercase) {
+                ours = line.ends_with(name.as_ref());
+            }
+        }
+        kib
+    }
+
+    #[test]
+    fn mapped_windows_keep_resident_pages_bounded() {
+        let size = 4 * BATCH_BLOCKS * BLOCK_SIZE; // 256 MiB of data in 4 batches
+        let (dir, file) = sparse_file(&[(0, &vec![5u8; usize_of(size)])], size);
+        let path = dir.path().join("img");
+        // The measure sees a window while it is mapped (populated), and none after.
+        let window = mapped::Mapped::new(&file, 0, 1 << 20).unwrap();
+        assert!(resident_kib(&path) >= 1024, "{}", resident_kib(&path));
+        drop(window);
+        assert_eq!(resident_kib(&path), 0);
+        let mut peak = 0;
+        let mut hashed = 0;
+        Scan::new(&file, size, &path)
+            .unwrap()
+            .read(Read::Mapped)
+            .run(|batch| {
+                hashed += batch.digests.len();
+                peak = peak.max(resident_kib(&path));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(hashed as u64, size / BLOCK_SIZE);
+        // Windows of 1 MiB, one per hashing thread at most, never a batch (64 MiB).
+        let bound = 1024 * (rayon::current_num_threads() as u64 + 1);
+        assert!(peak <= bound, "{peak} KiB resident, bound {bound} KiB");
+        assert_eq!(resident_kib(&path), 0, "a window was left mapped");
+    }
+
     #[test]
     fn batches_cover_ranges_in_order() {
         let ranges = vec![0..10, 20..(20 + 3 * BATCH_BLOCKS)];
-        let batches = plan_batches(&ranges);
+        let batches = plan_batches(&ranges, CHUNK_BLOCKS);
         let chunks: Vec<Range<u64>> = batches.iter().flatten().cloned().collect();
         assert!(chunks.iter().all(|c| c.end - c.start <= CHUNK_BLOCKS));
         assert!(chunks.windows(2).all(|w| w[0].end <= w[1].start));

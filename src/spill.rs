@@ -2,12 +2,13 @@
 //! temporary files beyond it, so capturing an image needs the same memory whatever its size.
 //!
 //! Hashing yields `(block, digest)` in block order. Resolution needs them in digest order
-//! (sorted runs, merged); the map and the stored digests need them in block
-//! order again (one sequential temporary file). Resolution yields redirects in digest order;
-//! the map needs them in block order (a second external sort). Each of the three holds at
-//! most [`Spill::records`] records in memory at a time; only an image with more non-zero
-//! blocks than that writes temporary files, in a private directory under the state directory
-//! that is removed when the capture ends (and on the next start after a crash).
+//! (sorted runs, merged); the map and the stored digests need them in block order again:
+//! that is the image's digest list, written as the records come to the file it is kept in
+//! ([`crate::digests`]), never held in memory. Resolution yields redirects in digest order;
+//! the map needs them in block order (a second external sort). Each sort holds at most
+//! [`Spill::records`] records in memory at a time; only an image with more non-zero blocks
+//! than that writes temporary files, in a private directory under the state directory that
+//! is removed when the capture ends (and on the next start after a crash).
 //!
 //! The external sort is our own, small and for fixed-size records: the `extsort` crate
 //! (0.5.0) returns no records at all when their number is a multiple of its segment size
@@ -21,13 +22,16 @@ use std::path::{Path, PathBuf};
 
 use rayon::slice::ParallelSliceMut;
 
+pub use crate::digests::BlockDigests;
 use crate::error::{Error, Result};
 use crate::map::{ImageId, Source};
-use crate::scan::{BlockDigest, Digest};
+use crate::scan::Digest;
 
-/// Records of each kind a capture keeps in memory before spilling: 40 bytes each, about
-/// 20 MiB per kind (one less than a power of two, so the buffer's capacity never doubles).
-pub const DEFAULT_RECORDS: usize = (1 << 19) - 1;
+/// Records of each kind a capture keeps in memory before spilling: about 40 MiB of digests
+/// (40 bytes each) and 20 MiB of redirects (one less than a power of two, so the buffer's
+/// capacity never doubles). The block-ordered list is never in memory, so this is the same
+/// bound as two kinds of half as many records: a 4 GiB dense image is sorted in memory.
+pub const DEFAULT_RECORDS: usize = (1 << 20) - 1;
 
 /// Name of the directory under the state directory that holds spilled records.
 pub const SPILL_DIR: &str = "spill";
@@ -45,6 +49,11 @@ pub trait Record: Copy + Ord + Send {
     const SIZE: usize;
     fn encode(&self, out: &mut [u8]);
     fn decode(bytes: &[u8]) -> Self;
+
+    /// Sorts records in their order, on all cores.
+    fn sort(records: &mut [Self]) {
+        records.par_sort_unstable();
+    }
 }
 
 impl Record for ByDigest {
@@ -58,6 +67,19 @@ impl Record for ByDigest {
     fn decode(bytes: &[u8]) -> Self {
         let (block, digest) = decode_block_digest(bytes);
         ByDigest { digest, block }
+    }
+
+    /// In the derived order, but most comparisons settle on the digests' first 8 bytes as
+    /// one integer instead of a byte-wise compare of 32 (digests are uniform: equal prefixes
+    /// are duplicates, or one pair in 2^64): 524,288 records of a 2 GiB image sorted in
+    /// 19 ms instead of 35 ms here (two cores).
+    fn sort(records: &mut [Self]) {
+        let prefix = |r: &ByDigest| {
+            let mut head = [0u8; 8];
+            head.copy_from_slice(&r.digest[..8]);
+            u64::from_be_bytes(head)
+        };
+        records.par_sort_unstable_by(|a, b| prefix(a).cmp(&prefix(b)).then_with(|| a.cmp(b)));
     }
 }
 
@@ -143,7 +165,7 @@ impl<T: Record> Sorter<T> {
     }
 
     fn spill_run(&mut self) -> Result<()> {
-        self.buffer.par_sort_unstable();
+        T::sort(&mut self.buffer);
         let path = &self.dir;
         let file = unnamed_file(path)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -164,7 +186,7 @@ impl<T: Record> Sorter<T> {
     /// All records pushed, in order.
     pub fn finish(mut self) -> Result<Sorted<T>> {
         if self.runs.is_empty() {
-            self.buffer.par_sort_unstable();
+            T::sort(&mut self.buffer);
             return Ok(Sorted::Memory(std::mem::take(&mut self.buffer).into_iter()));
         }
         if !self.buffer.is_empty() {
@@ -266,11 +288,13 @@ impl Spill {
         Ok(Sorter::new(self.dir.path().to_path_buf(), self.records))
     }
 
-    /// A collector for the digests of one image of `size` bytes, pushed in block order.
-    pub fn digests(&mut self, size: u64) -> Result<DigestCollector> {
+    /// A collector for the digests of one image of `size` bytes, pushed in block order; its
+    /// digest list is written as they come, to a temporary file in `lists` (the directory
+    /// it is kept in once the image is committed, see [`crate::digests`]).
+    pub fn digests(&mut self, size: u64, lists: &Path) -> Result<DigestCollector> {
         Ok(DigestCollector {
             by_digest: self.sorter()?,
-            blocks: BlockDigests::new(self.dir.path().to_path_buf(), self.records),
+            blocks: BlockDigests::create(lists, size)?,
             count: 0,
             last: None,
             fingerprint: crate::records::Fingerprint::new(size),
@@ -303,8 +327,11 @@ pub struct DigestCollector {
 }
 
 impl DigestCollector {
-    /// Adds records, which must come in increasing block order.
+    /// Adds records, which must come in increasing block order. The digest list and the
+    /// fingerprint take the same bytes (block u64 LE, digest), encoded once per call: one
+    /// write and one hasher update for a whole batch, not two per block.
     pub fn extend(&mut self, records: &[(u64, Digest)]) -> Result<()> {
+        let mut encoded = Vec::with_capacity(records.len() * crate::digests::RECORD);
         for &(block, digest) in records {
             if self.last.is_some_and(|last| last >= block) {
                 return Err(Error::Protocol(format!(
@@ -313,10 +340,12 @@ impl DigestCollector {
             }
             self.last = Some(block);
             self.by_digest.push(ByDigest { digest, block })?;
-            self.blocks.push(block, digest)?;
-            self.fingerprint.push(block, &digest);
-            self.count += 1;
+            encoded.extend_from_slice(&block.to_le_bytes());
+            encoded.extend_from_slice(&digest);
         }
+        self.blocks.push_encoded(&encoded, records.len() as u64)?;
+        self.fingerprint.push_encoded(&encoded);
+        self.count += records.len() as u64;
         Ok(())
     }
 
@@ -336,94 +365,11 @@ impl DigestCollector {
 pub struct Hashed {
     /// `(digest, block)` in digest order (consumed by resolution).
     pub sorted: SortedDigests,
-    /// `(block, digest)` in block order, readable many times.
+    /// `(block, digest)` in block order, readable many times: the image's digest list.
     pub blocks: BlockDigests,
     /// Non-zero blocks.
     pub count: u64,
     pub fingerprint: String,
-}
-
-/// `(block, digest)` records in block order: in memory up to a limit, then in a file.
-pub struct BlockDigests {
-    /// Directory of the file the records spill to.
-    dir: PathBuf,
-    memory: Vec<(u64, Digest)>,
-    file: Option<BufWriter<File>>,
-    read: Option<File>,
-    limit: usize,
-}
-
-impl BlockDigests {
-    fn new(dir: PathBuf, limit: usize) -> BlockDigests {
-        BlockDigests {
-            dir,
-            memory: Vec::new(),
-            file: None,
-            read: None,
-            limit,
-        }
-    }
-
-    fn push(&mut self, block: u64, digest: Digest) -> Result<()> {
-        if self.file.is_none() && self.memory.len() < self.limit {
-            self.memory.push((block, digest));
-            return Ok(());
-        }
-        let path = &self.dir;
-        let out = match &mut self.file {
-            Some(out) => out,
-            None => {
-                let file = unnamed_file(path)?;
-                let mut out = BufWriter::with_capacity(1 << 20, file);
-                for (b, d) in self.memory.drain(..) {
-                    write_block_digest(&mut out, b, &d).map_err(|e| spill_error(path, e))?;
-                }
-                self.memory.shrink_to_fit();
-                self.file.insert(out)
-            }
-        };
-        write_block_digest(out, block, &digest).map_err(|e| spill_error(path, e))
-    }
-
-    fn finish(mut self) -> Result<BlockDigests> {
-        if let Some(out) = self.file.take() {
-            let file = out
-                .into_inner()
-                .map_err(|e| spill_error(&self.dir, e.into_error()))?;
-            self.read = Some(file);
-        }
-        Ok(self)
-    }
-
-    /// The records, in block order, from the start.
-    pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<BlockDigest>> + '_>> {
-        let Some(file) = &self.read else {
-            return Ok(Box::new(self.memory.iter().map(|r| Ok(*r))));
-        };
-        let mut file = file.try_clone().map_err(|e| spill_error(&self.dir, e))?;
-        file.seek(SeekFrom::Start(0))
-            .map_err(|e| spill_error(&self.dir, e))?;
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let path = self.dir.clone();
-        Ok(Box::new(std::iter::from_fn(move || {
-            let mut record = [0u8; 40];
-            match reader.read_exact(&mut record) {
-                Ok(()) => Some(Ok(decode_block_digest(&record))),
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => None,
-                Err(e) => Some(Err(spill_error(&path, e))),
-            }
-        })))
-    }
-
-    /// True when the records went to a file.
-    pub fn spilled(&self) -> bool {
-        self.read.is_some()
-    }
-}
-
-fn write_block_digest(out: &mut impl Write, block: u64, digest: &Digest) -> std::io::Result<()> {
-    out.write_all(digest)?;
-    out.write_all(&block.to_le_bytes())
 }
 
 /// Removes spill directories left by captures that a crash interrupted.
@@ -454,7 +400,7 @@ mod tests {
     fn collect(records: usize, n: u64) -> (tempfile::TempDir, Hashed) {
         let parent = tempfile::tempdir().unwrap();
         let mut spill = Spill::new(parent.path(), records).unwrap();
-        let mut collector = spill.digests(n * 3 * 4096).unwrap();
+        let mut collector = spill.digests(n * 3 * 4096, parent.path()).unwrap();
         let input: Vec<(u64, Digest)> = (0..n).map(|b| (b * 3, digest(b))).collect();
         for chunk in input.chunks(7) {
             collector.extend(chunk).unwrap();
@@ -469,9 +415,8 @@ mod tests {
         let (_a, small) = collect(1 << 20, 1000);
         // 1000 records in runs of 10 (an exact multiple: the last run is full).
         let (_b, spilled) = collect(10, 1000);
-        assert!(matches!(small.sorted, Sorted::Memory(_)) && !small.blocks.spilled());
+        assert!(matches!(small.sorted, Sorted::Memory(_)));
         assert!(matches!(&spilled.sorted, Sorted::Merge(m) if m.readers.len() == 100));
-        assert!(spilled.blocks.spilled());
         let sorted_small: Vec<ByDigest> = small.sorted.map(|r| r.unwrap()).collect();
         let sorted_spilled: Vec<ByDigest> = spilled.sorted.map(|r| r.unwrap()).collect();
         assert_eq!(sorted_small, sorted_spilled);
@@ -488,6 +433,27 @@ mod tests {
             small.fingerprint,
             crate::records::fingerprint(3000 * 4096, &blocks_small)
         );
+    }
+
+    #[test]
+    fn digest_records_sort_in_their_derived_order() {
+        // Digests that share 8-byte prefixes (and whole digests) as well as distinct ones.
+        let mut records: Vec<ByDigest> = (0..5000u64)
+            .map(|n| {
+                let mut digest = digest(n % 700);
+                if n % 3 == 0 {
+                    digest[..8].copy_from_slice(&[7; 8]);
+                }
+                ByDigest {
+                    digest,
+                    block: (n * 7919) % 5000,
+                }
+            })
+            .collect();
+        let mut want = records.clone();
+        want.sort();
+        ByDigest::sort(&mut records);
+        assert_eq!(records, want);
     }
 
     #[test]
@@ -516,7 +482,7 @@ mod tests {
     fn out_of_order_blocks_are_refused() {
         let parent = tempfile::tempdir().unwrap();
         let mut spill = Spill::new(parent.path(), 4).unwrap();
-        let mut collector = spill.digests(4096 * 8).unwrap();
+        let mut collector = spill.digests(4096 * 8, parent.path()).unwrap();
         collector.extend(&[(5, digest(1))]).unwrap();
         assert!(collector.extend(&[(5, digest(2))]).is_err());
     }

@@ -239,7 +239,10 @@ fn main() -> Result<()> {
     if let Err(e) = server.context().catalog.stamp_index() {
         tracing::warn!("index runs not stamped; the next start verifies them: {e}");
     }
-    // Dropping the server closes the catalog cleanly; devices stay as they are.
+    // Closed here, not when the last holder of the context drops it (threads that run
+    // until the process exits hold it): a catalog left open is repaired at the next start.
+    server.context().catalog.close();
+    // Devices stay as they are.
     drop(server);
     tracing::info!("vmard stopped; catalog closed, devices left running");
     Ok(())

@@ -15,11 +15,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 
+use crate::digests;
 use crate::error::{Error, Result};
 use crate::fault;
 use crate::image::{BLOCK_SIZE, ImageFile, default_name, validate_name};
@@ -27,9 +28,7 @@ use crate::index::{self, Run, RunWriter};
 use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
 use crate::protocol::Progress;
 pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord, NameBinding};
-use crate::records::{
-    decode_digests, decode_extents, encode_digests, encode_extents, seal, unseal,
-};
+use crate::records::{decode_digests, decode_extents, encode_extents, seal, unseal};
 use crate::scan::hash_image;
 use crate::sidecar::{SidecarReport, SidecarWriter, Sidecars};
 use crate::spill::{BlockDigests, DigestCollector, Hashed, SortedRedirects, Spill};
@@ -62,7 +61,9 @@ const REFS: TableDefinition<(u32, u32), u64> = TableDefinition::new("image_refs"
 const DEAD: TableDefinition<u32, u64> = TableDefinition::new("dead_images");
 
 /// 3: every record value is sealed with a checksum (schema 2 catalogs are upgraded in place).
-const SCHEMA_VERSION: u64 = 3;
+/// 4: block digests live in digest lists next to the index runs ([`crate::digests`]), not in
+/// [`DIGESTS`] (schema 2 and 3 catalogs are moved out on open; vmar before 4 refuses 4).
+const SCHEMA_VERSION: u64 = 4;
 const NEXT_ID: &str = "next_image_id";
 const NEXT_RUN: &str = "next_run_id";
 /// Set once [`REFS`] holds every image's references (catalogs from before it are filled in
@@ -126,6 +127,8 @@ pub struct Catalog {
     _lock: StateLock,
     /// Digest sidecars on shared storage ([`crate::sidecar`]); `None` when off.
     sidecars: RwLock<Option<Arc<Sidecars>>>,
+    /// Set by [`Catalog::close`]: the database is closed for good, not re-opened.
+    closed: AtomicBool,
 }
 
 /// Turns any redb error into a catalog error naming the directory.
@@ -246,6 +249,7 @@ impl Catalog {
             backup: Mutex::new(None),
             _lock: lock,
             sidecars: RwLock::new(None),
+            closed: AtomicBool::new(false),
         };
         let spilled = crate::spill::remove_leftovers(&dir.join(crate::spill::SPILL_DIR))?;
         if spilled > 0 {
@@ -258,6 +262,19 @@ impl Catalog {
         let removed = index::remove_orphans(&catalog.index_dir, &ids.iter().copied().collect())?;
         if removed > 0 {
             tracing::info!(removed, "removed index runs left by an interrupted change");
+        }
+        let images: BTreeSet<ImageId> = {
+            let txn = catalog.read_txn()?;
+            let table = txn.open_table(IMAGES).ctx(dir)?;
+            let mut ids = BTreeSet::new();
+            for entry in table.iter().ctx(dir)? {
+                ids.insert(entry.ctx(dir)?.0.value());
+            }
+            ids
+        };
+        let removed = digests::remove_orphans(&catalog.index_dir, |id| images.contains(&id))?;
+        if removed > 0 {
+            tracing::info!(removed, "removed digest lists of images no longer recorded");
         }
         let runs = catalog.open_runs(&ids)?;
         *catalog.lock()? = runs;
@@ -319,15 +336,20 @@ impl Catalog {
                     meta.insert("schema_version", SCHEMA_VERSION).ctx(dir)?;
                 }
                 Some(SCHEMA_VERSION) => {}
-                Some(2) => {
+                Some(old @ (2 | 3)) => {
                     drop(meta);
-                    self.seal_all(&txn)?;
+                    if old == 2 {
+                        self.seal_all(&txn)?;
+                    }
+                    let moved = self.move_digests_out(&txn)?;
                     txn.open_table(META)
                         .ctx(dir)?
                         .insert("schema_version", SCHEMA_VERSION)
                         .ctx(dir)?;
                     tracing::info!(
-                        "catalog upgraded to schema {SCHEMA_VERSION} (checksummed records)"
+                        images = moved,
+                        "catalog upgraded from schema {old} to {SCHEMA_VERSION} (checksummed \
+                         records, digests in digest lists)"
                     );
                 }
                 Some(other) => {
@@ -634,6 +656,10 @@ impl Catalog {
             }
         };
         runs.push(run);
+        if status == CaptureStatus::Recaptured {
+            // The old version's list: its image is gone with this commit.
+            self.remove_list(id);
+        }
         backup_changes.push(crate::backup::Change::Image {
             record: Box::new(record.clone()),
         });
@@ -677,7 +703,7 @@ impl Catalog {
                 path: sidecars.path_for(&image.path).unwrap_or_default(),
                 ..SidecarReport::default()
             };
-            let mut collector = spill.digests(image.size)?;
+            let mut collector = spill.digests(image.size, &self.index_dir)?;
             progress(Progress {
                 done: 0,
                 total: image.size,
@@ -725,7 +751,7 @@ impl Catalog {
             },
             _ => None,
         };
-        let mut collector = spill.digests(image.size)?;
+        let mut collector = spill.digests(image.size, &self.index_dir)?;
         let scan = hash_image(
             image,
             &mut |done, total| progress(Progress { done, total }),
@@ -752,25 +778,46 @@ impl Catalog {
         dead: &BTreeSet<ImageId>,
     ) -> Result<Run> {
         let run_id = self.meta_in(txn, NEXT_RUN)?;
-        let Hashed { sorted, blocks, .. } = hashed;
+        let Hashed {
+            sorted, mut blocks, ..
+        } = hashed;
         let (writer, map) =
             self.resolve_image(spill, record, (sorted, &blocks), (runs, dead), run_id)?;
         record.summary = map.summary(record.size);
         let record = &*record;
-        let (run, filled) = std::thread::scope(|scope| {
+        // The run and the digest list are synced while the transaction is filled; both
+        // must be durable before the commit that names them.
+        let list = digests::list_path(&self.index_dir, record.id);
+        let (run, persisted, filled) = std::thread::scope(|scope| {
             let syncer = scope.spawn(|| writer.finish());
-            let filled = self.fill_capture(txn, run_id, &blocks, &map, record);
+            let lister = scope.spawn(|| blocks.persist(&list));
+            let filled = self.fill_capture(txn, run_id, &map, record);
             let run = syncer
                 .join()
                 .map_err(|_| self.corrupt("index writer panicked".into()));
-            (run, filled)
+            let persisted = lister
+                .join()
+                .map_err(|_| self.corrupt("digest list writer panicked".into()));
+            (run, persisted, filled)
         });
-        let run = run??;
-        let staged = filled.and_then(|()| self.name_run(txn, &run));
+        let run = match run? {
+            Ok(run) => run,
+            Err(e) => {
+                if matches!(persisted, Ok(Ok(()))) {
+                    self.remove_list(record.id);
+                }
+                return Err(e);
+            }
+        };
+        let staged = persisted
+            .and_then(|p| p)
+            .and(filled)
+            .and_then(|()| self.name_run(txn, &run));
         match staged {
             Ok(()) => Ok(run),
             Err(e) => {
                 self.remove_runs(vec![run]);
+                self.remove_list(record.id);
                 Err(e)
             }
         }
@@ -802,17 +849,16 @@ impl Catalog {
         Ok((writer, map))
     }
 
-    /// Puts a new image's digests, map, references, record and counters into `txn`.
+    /// Puts a new image's map, references, record and counters into `txn` (its digests are
+    /// in its digest list, [`crate::digests`]).
     fn fill_capture(
         &self,
         txn: &WriteTransaction,
         run_id: u64,
-        digests: &BlockDigests,
         map: &BlockMap,
         record: &ImageRecord,
     ) -> Result<()> {
         let dir = &self.dir;
-        self.write_digests(txn, record.id, digests)?;
         self.write_map(txn, map)?;
         self.add_refs(txn, map)?;
         self.write_record(txn, record)?;
@@ -940,26 +986,14 @@ impl Catalog {
     }
 
     /// The stored digests of blocks `blocks` (sorted, distinct) of image `id`: `None` for a
-    /// block the capture found all zeros (zero blocks have no digest). Streams the chunks, so
-    /// memory stays that of one chunk whatever the image's size.
+    /// block the capture found all zeros (zero blocks have no digest). A few reads of the
+    /// image's digest list per block, whatever the image's size.
     pub fn sample_digests(
         &self,
         id: ImageId,
         blocks: &[u64],
     ) -> Result<Vec<Option<crate::scan::Digest>>> {
-        let dir = &self.dir;
-        let txn = self.read_txn()?;
-        let table = txn.open_table(DIGESTS).ctx(dir)?;
-        let mut found = vec![None; blocks.len()];
-        self.read_chunks(&table, id, "digest", decode_digests, |chunk| {
-            for (block, digest) in chunk {
-                if let Ok(i) = blocks.binary_search(&block) {
-                    found[i] = Some(digest);
-                }
-            }
-            Ok(())
-        })?;
-        Ok(found)
+        digests::StoredList::open(&digests::list_path(&self.index_dir, id))?.lookup(blocks)
     }
 
     /// Images that saved devices read: their own image and every image its map redirects

@@ -118,6 +118,7 @@ impl Catalog {
             return Err(e);
         }
         runs.extend(removal.run);
+        self.remove_list(record.id);
         self.write_backup(vec![crate::backup::Change::ForgetImage { id: record.id }]);
         tracing::debug!(image = %record.name, changed = removal.changed.len(), took = ?started.elapsed(), "forgotten");
         Ok((record, removal.changed))
@@ -169,7 +170,6 @@ impl Catalog {
                 }
             }
             clear(txn, EXTENTS, k, dir)?;
-            clear(txn, DIGESTS, k, dir)?;
             txn.open_table(IMAGES).ctx(dir)?.remove(k).ctx(dir)?;
             txn.open_table(NAMES)
                 .ctx(dir)?
@@ -200,7 +200,7 @@ impl Catalog {
     ) -> Result<(Vec<index::Entry>, Vec<String>)> {
         let dir = &self.dir;
         // The content behind each redirect into `gone` is the digest of the block it names.
-        let digests = self.digest_list_in(txn, gone.id)?;
+        let digests = self.digest_list(gone)?;
         let digest_of = |block: u64| {
             digests
                 .binary_search_by_key(&block, |(b, _)| *b)
@@ -407,8 +407,8 @@ impl Catalog {
         let outcome = (|| {
             for id in ids {
                 let record = self.record_in(&txn, id)?;
-                let mut collector = spill.digests(record.size)?;
-                self.read_digests(&txn, id, &mut collector)?;
+                let mut collector = spill.digests(record.size, &self.index_dir)?;
+                self.read_digests(&record, &mut collector)?;
                 let Hashed { sorted, blocks, .. } = collector.finish()?;
                 let (writer, map) = self.resolve_image(
                     spill,

@@ -44,8 +44,9 @@ pub struct Mapped {
 }
 
 impl Mapped {
-    /// Maps `len` bytes of `file` at `offset` (a multiple of the page size). `None` when the
-    /// mapping or the guard cannot be set up; the caller then reads instead.
+    /// Maps `len` bytes of `file` at `offset` (a multiple of the page size), populated.
+    /// `None` when the mapping or the guard cannot be set up; the caller then reads instead.
+    /// The pages leave this process's memory when it is dropped (munmap).
     pub fn new(file: &File, offset: u64, len: usize) -> Option<Mapped> {
         if len == 0 || !install() {
             return None;
@@ -54,7 +55,16 @@ impl Mapped {
         // if the file is written meanwhile (then the digests are of whatever was read, as with
         // read(2), and the catalog's identity check catches the change); a truncation is
         // turned from SIGBUS into zeros plus `faulted()` by the handler below.
-        let map = unsafe { MmapOptions::new().offset(offset).len(len).map(file) }.ok()?;
+        // Populated at once: one call maps every page already in the page cache (and reads
+        // the rest), instead of a page fault per few pages while hashing.
+        let map = unsafe {
+            MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .populate()
+                .map(file)
+        }
+        .ok()?;
         let start = map.as_ptr() as usize;
         let slot = REGISTERED.iter().find(|slot| {
             slot.start
