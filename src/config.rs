@@ -16,6 +16,8 @@
 //! on_image_change = "fail-closed"
 //! # Refuse opens for writing of images that live devices read (fanotify).
 //! refuse_image_writes = true
+//! # Hold images on another mount than the state directory beside themselves (.vmar-holds).
+//! hold_beside_images = true
 //! # Seconds between checks of the images live devices read, and blocks sampled from each
 //! # block-device image per check.
 //! image_check_interval = 10
@@ -56,6 +58,9 @@ pub struct Config {
     pub on_image_change: crate::policy::Policy,
     /// Refuse opens for writing of served images [default: true].
     pub refuse_image_writes: Option<bool>,
+    /// Hold images beside themselves where the state directory is on another mount (see
+    /// [`crate::holds`]) [default: true; never with sidecars or on network file systems].
+    pub hold_beside_images: Option<bool>,
     /// Seconds between image checks [default: 10].
     pub image_check_interval: Option<f64>,
     /// Blocks sampled per block-device image per check [default: 64].
@@ -119,6 +124,12 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "boolean",
         "true",
         "Make the kernel refuse opens for writing of images live devices read (fanotify permission events answered by vmard); refusals are logged with the process and the devices. Read at start.",
+    ),
+    (
+        "hold_beside_images",
+        "boolean",
+        "true",
+        "vmard keeps a hard link to every captured image file so that one deleted under live devices (Nova's _base) keeps its content. A link cannot cross a mount: where the state directory is on another mount (Nova's _base under the shipped unit), the link is made beside the image, in its directory's .vmar-holds. A link changes the image's inode change time for every reader, so it is never made with digest sidecars on or on a network or cluster file system, where other hosts read the image; false turns it off elsewhere too (several vmards sharing one local image directory). Read at start.",
     ),
     (
         "image_check_interval",

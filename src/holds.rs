@@ -9,9 +9,10 @@
 //! whatever happens to its name meanwhile). A link needs one mount: where the state directory
 //! is on another file system (or, under systemd's `ProtectSystem=`, another mount) than the
 //! image, as for Nova's `/var/lib/nova/instances/_base`, the link is made beside the image in
-//! a hidden `.vmar-holds` directory instead, and `$STATE_DIR/holds/DEV-INO` is a symbolic link
-//! to it: the state directory still lists every hold. Block devices are not held (deleting a
-//! node does not free a device).
+//! a hidden `.vmar-holds` directory instead (`DEV-INO.ID`, ID the state dir's instance id, so
+//! that vmards sharing an image directory each keep and release their own), and
+//! `$STATE_DIR/holds/DEV-INO` is a symbolic link to it: the state directory still lists every
+//! hold. Block devices are not held (deleting a node does not free a device).
 //!
 //! Identity: a link changes the inode's ctime, which is part of the identity that catches
 //! writes hidden behind a restored mtime. So a capture makes the hold *before* the identity
@@ -50,11 +51,64 @@ pub const BLOCK_DEVICE: &str = "a block device: vmar cannot hold it (deleting it
 static PENDING: Mutex<BTreeSet<(u64, u64)>> = Mutex::new(BTreeSet::new());
 /// Why an image (dev, ino) could not be held, for `images`.
 static NOT_HELD: Mutex<BTreeMap<(u64, u64), String>> = Mutex::new(BTreeMap::new());
+/// Whether holds may be made beside images (off while digest sidecars are: see
+/// [`allow_beside`]).
+static BESIDE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether vmard may hold images beside themselves. A link changes the inode's change time,
+/// which is part of every other vmard's identity of that file: where several hosts read one
+/// image directory (digest sidecars on shared storage), one host's hold would make the image
+/// look changed to the others and their sidecars stale. So vmard turns it off when sidecars
+/// are on; it is never done on a network or cluster file system either.
+pub fn allow_beside(allowed: bool) {
+    BESIDE.store(allowed, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// File systems other hosts may share (statfs magic numbers): NFS, SMB/CIFS (both), Ceph,
+/// FUSE (GlusterFS, CephFS-fuse and others), GFS2, OCFS2, Lustre, 9p, AFS, GPFS.
+const SHARED_FILE_SYSTEMS: [i64; 12] = [
+    0x6969,
+    0x517B,
+    0xFF53_4D42,
+    0xFE53_4D42,
+    0x00C3_6400,
+    0x6573_5546,
+    0x0116_1970,
+    0x7461_636F,
+    0x0BD0_0BD0,
+    0x0102_1997,
+    0x5346_414F,
+    0x4750_4653,
+];
+
+/// Why `dir` may not get holds beside images, if it may not.
+fn beside_refused(dir: &Path) -> Option<String> {
+    if !BESIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Some(
+            "digest sidecars are on (images on shared storage): a hold beside the image would \
+             change its inode change time for every other host"
+                .to_string(),
+        );
+    }
+    match nix::sys::statfs::statfs(dir) {
+        Ok(fs) if SHARED_FILE_SYSTEMS.contains(&(fs.filesystem_type().0 as i64)) => Some(format!(
+            "{} is on a network or cluster file system (type {:#x}): a hold beside the image \
+             would change its inode change time for every other host",
+            dir.display(),
+            fs.filesystem_type().0
+        )),
+        _ => None,
+    }
+}
 
 /// The holds of one state directory.
 #[derive(Clone, Debug)]
 pub struct Holds {
     dir: PathBuf,
+    /// What this state directory's holds beside images end with: its instance id, so that
+    /// several vmards (hosts sharing an image directory over NFS, or two state dirs on one
+    /// host) each keep their own link and release only their own.
+    tag: String,
 }
 
 /// A hold in the making: not released as an orphan until dropped.
@@ -104,9 +158,42 @@ pub enum Held {
 
 impl Holds {
     pub fn of(state_dir: &Path) -> Holds {
+        let id = std::fs::read_to_string(state_dir.join(crate::instance::INSTANCE_FILE))
+            .ok()
+            .and_then(|text| crate::instance::InstanceId::parse(text.trim()));
+        let tag = match id {
+            Some(id) => id.as_str().to_string(),
+            // No id yet (a state dir vmard has not started in): one from its path.
+            None => {
+                blake3::hash(state_dir.as_os_str().as_encoded_bytes()).to_hex()[..16].to_string()
+            }
+        };
         Holds {
             dir: state_dir.join(HOLDS_DIR),
+            tag,
         }
+    }
+
+    /// How many links of the file with device `dev` and inode `ino` at `image` are vmar's
+    /// holds: this state directory's own, and those beside the image (any vmard's, in the
+    /// image directory's `.vmar-holds`). A link anyone else made elsewhere is never counted,
+    /// so capture's hard-link refusal still sees it.
+    pub fn hold_links(&self, image: &Path, dev: u64, ino: u64) -> u64 {
+        let is_it = |m: &std::fs::Metadata| m.is_file() && m.dev() == dev && m.ino() == ino;
+        let own = std::fs::symlink_metadata(self.path(dev, ino)).is_ok_and(|m| is_it(&m));
+        let beside = image
+            .parent()
+            .map(|parent| parent.join(SIDE_HOLDS_DIR))
+            .filter(|dir| std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir()))
+            .and_then(|dir| std::fs::read_dir(dir).ok())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| std::fs::symlink_metadata(e.path()).is_ok_and(|m| is_it(&m)))
+                    .count() as u64
+            })
+            .unwrap_or(0);
+        u64::from(own) + beside
     }
 
     /// The hold's name of the file with device `dev` and inode `ino`.
@@ -140,13 +227,22 @@ impl Holds {
         }
     }
 
-    /// Where the state directory's symbolic link `path` points, if it names a hold beside
-    /// an image (an absolute `.../.vmar-holds/NAME` with NAME the link's own name).
+    /// The name of this state directory's hold beside an image, for the hold named `name`
+    /// in the state directory.
+    fn side_name(&self, name: &std::ffi::OsStr) -> std::ffi::OsString {
+        let mut side = name.to_os_string();
+        side.push(".");
+        side.push(&self.tag);
+        side
+    }
+
+    /// Where the state directory's symbolic link `path` points, if it names this state
+    /// directory's hold beside an image (an absolute `.../.vmar-holds/NAME.TAG`).
     fn side_target(&self, path: &Path) -> Option<PathBuf> {
         let target = std::fs::read_link(path).ok()?;
         let dir = target.parent()?;
         let ok = target.is_absolute()
-            && target.file_name() == path.file_name()
+            && target.file_name() == Some(self.side_name(path.file_name()?).as_os_str())
             && dir.file_name() == Some(std::ffi::OsStr::new(SIDE_HOLDS_DIR));
         ok.then_some(target)
     }
@@ -163,6 +259,12 @@ impl Holds {
         let Some(parent) = image.path.parent() else {
             return Err("the image path has no directory".to_string());
         };
+        if let Some(why) = beside_refused(parent) {
+            return Err(format!(
+                "{} is on another mount than the image, and {why}",
+                self.dir.display()
+            ));
+        }
         let dir = parent.join(SIDE_HOLDS_DIR);
         let readonly = |e: &dyn std::fmt::Display| {
             format!(
@@ -192,7 +294,7 @@ impl Holds {
         let Some(name) = path.file_name() else {
             return Err(format!("{} has no file name", path.display()));
         };
-        let side = dir.join(name);
+        let side = dir.join(self.side_name(name));
         let link = || {
             nix::unistd::linkat(
                 None,
@@ -791,11 +893,16 @@ mod tests {
         assert_eq!(holds.hold(&image).unwrap(), Held::Yes(true));
         assert_eq!(holds.hold(&image).unwrap(), Held::Yes(false));
         assert!(holds.holds(id.dev, id.ino));
-        let side = dir
-            .path()
-            .join(SIDE_HOLDS_DIR)
-            .join(format!("{:x}-{:x}", id.dev, id.ino));
-        assert_eq!(holds.location(id.dev, id.ino), side);
+        let side = holds.location(id.dev, id.ino);
+        assert_eq!(
+            side.parent(),
+            Some(dir.path().join(SIDE_HOLDS_DIR).as_path())
+        );
+        let name = side.file_name().unwrap().to_str().unwrap().to_string();
+        assert!(
+            name.starts_with(&format!("{:x}-{:x}.", id.dev, id.ino)),
+            "{name}"
+        );
         let meta = std::fs::symlink_metadata(&side).unwrap();
         assert!(meta.is_file() && meta.ino() == id.ino);
         assert!(
@@ -813,6 +920,46 @@ mod tests {
         assert!(holds.release(id.dev, id.ino).unwrap());
         assert!(!side.exists() && !holds.holds(id.dev, id.ino));
         assert!(holds.list().unwrap().is_empty());
+    }
+
+    /// Two vmards (two hosts over NFS, or two state dirs on one host) hold one image beside
+    /// it: each its own link, both accepted by capture's link check, each released alone.
+    #[test]
+    fn two_state_dirs_hold_one_image_beside_it_each_with_its_own_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("images");
+        std::fs::create_dir(&root).unwrap();
+        let path = root.join("img.raw");
+        write(&path);
+        let Some(states) = state_on_another_file_system(dir.path()) else {
+            return;
+        };
+        let a = Holds::of(&states.path().join("a"));
+        let b = Holds::of(&states.path().join("b"));
+        let roots = crate::roots::ImageRoots::new(std::slice::from_ref(&root)).unwrap();
+        let image = roots.open_held(&path, Some(&a)).unwrap();
+        let id = image.identity;
+        assert_eq!(a.hold(&image).unwrap(), Held::Yes(true));
+        // b finds a's link beside the image, vmar's, and captures all the same.
+        let image_b = roots.open_held(&path, Some(&b)).unwrap();
+        assert_eq!(b.hold(&image_b).unwrap(), Held::Yes(true));
+        assert_ne!(a.location(id.dev, id.ino), b.location(id.dev, id.ino));
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 3);
+        assert_eq!(a.hold_links(&path, id.dev, id.ino), 2);
+        assert!(roots.open_held(&path, Some(&a)).is_ok());
+        assert!(roots.open_held(&path, Some(&b)).is_ok());
+        // A link anyone else makes is still refused.
+        let theirs = dir.path().join("theirs");
+        std::fs::hard_link(&path, &theirs).unwrap();
+        assert_eq!(
+            roots.open_held(&path, Some(&a)).unwrap_err().kind(),
+            "hard-linked"
+        );
+        std::fs::remove_file(&theirs).unwrap();
+        // a lets go; b still holds it.
+        assert!(a.release(id.dev, id.ino).unwrap());
+        assert!(!a.holds(id.dev, id.ino) && b.holds(id.dev, id.ino));
+        assert!(roots.open_held(&path, Some(&b)).is_ok());
     }
 
     #[test]

@@ -354,13 +354,13 @@ impl ImageFile {
     /// Refuses a regular file with more than one hard link: a link planted inside an image
     /// root could otherwise expose a file from outside it.
     pub fn check_single_link(&self) -> Result<()> {
-        self.check_links(|_, _| false)
+        self.check_links(|_, _| 0)
     }
 
-    /// [`ImageFile::check_single_link`], also allowing exactly one more link when `ours`
-    /// says it is vmar's own hold on the file (device, inode; see [`crate::holds`]). Links
-    /// made by anyone else are still refused.
-    pub fn check_links(&self, ours: impl Fn(u64, u64) -> bool) -> Result<()> {
+    /// [`ImageFile::check_single_link`], also allowing the links `holds` counts as vmar's
+    /// holds on the file (device, inode; see [`crate::holds`]). A link made by anyone else
+    /// is still refused.
+    pub fn check_links(&self, holds: impl Fn(u64, u64) -> u64) -> Result<()> {
         if self.is_block_device {
             return Ok(());
         }
@@ -369,8 +369,7 @@ impl ImageFile {
             .metadata()
             .map_err(|e| Error::io("cannot stat", &self.path, e))?;
         let links = meta.nlink();
-        let held = links == 2 && ours(meta.dev(), meta.ino());
-        if links > 1 && !held {
+        if links > 1 && links != 1 + holds(meta.dev(), meta.ino()) {
             return Err(Error::HardLinked {
                 path: self.path.clone(),
                 links,

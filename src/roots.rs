@@ -144,7 +144,7 @@ impl ImageRoots {
         // SAFETY: openat2 returned a new descriptor that nothing else owns.
         let file = unsafe { File::from_raw_fd(fd) };
         let image = ImageFile::from_file(canonical, file)?;
-        image.check_links(|dev, ino| holds.is_some_and(|h| h.holds(dev, ino)))?;
+        image.check_links(|dev, ino| holds.map_or(0, |h| h.hold_links(&image.path, dev, ino)))?;
         Ok(image)
     }
 

@@ -262,7 +262,7 @@ nova_boot2() {
     check "nova after reboot: /dev/vmar/$NOVA_GONE restored (from vmar's hold)" \
         test "$(vmarctl --json status "$NOVA_GONE" | jq -r .state)" = active
     check "nova after reboot: its loop device reads vmar's hold in _base/.vmar-holds" \
-        bash -c "grep . /sys/block/loop*/loop/backing_file; grep -l '^$NOVA_BASE/.vmar-holds/' /sys/block/loop*/loop/backing_file"
+        bash -c "grep . /sys/block/loop*/loop/backing_file; grep -l '/_base/\.vmar-holds/' /sys/block/loop*/loop/backing_file"
     check "nova after reboot: the instance disks read the image's bytes (deleted before the reboot)" \
         nova_disks_read_the_image
     check "nova after reboot: vmarctl images shows it gone, held, kept by its device" \

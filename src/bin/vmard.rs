@@ -153,6 +153,12 @@ fn main() -> Result<()> {
     } else {
         Catalog::open(&args.state_dir).context("cannot open the catalog")?
     };
+    // Holds beside images would change what other hosts see of a shared image.
+    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
+    let beside = vmar::config::Config::load(&args.config, explicit)?
+        .hold_beside_images
+        .unwrap_or(true);
+    vmar::holds::allow_beside(beside && sidecars.is_none());
     catalog.set_sidecars(sidecars);
     let instance = vmar::instance::InstanceId::load_or_create(&args.state_dir)
         .context("cannot read the state dir's instance id")?;
