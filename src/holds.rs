@@ -922,46 +922,6 @@ mod tests {
         assert!(holds.list().unwrap().is_empty());
     }
 
-    /// Two vmards (two hosts over NFS, or two state dirs on one host) hold one image beside
-    /// it: each its own link, both accepted by capture's link check, each released alone.
-    #[test]
-    fn two_state_dirs_hold_one_image_beside_it_each_with_its_own_link() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("images");
-        std::fs::create_dir(&root).unwrap();
-        let path = root.join("img.raw");
-        write(&path);
-        let Some(states) = state_on_another_file_system(dir.path()) else {
-            return;
-        };
-        let a = Holds::of(&states.path().join("a"));
-        let b = Holds::of(&states.path().join("b"));
-        let roots = crate::roots::ImageRoots::new(std::slice::from_ref(&root)).unwrap();
-        let image = roots.open_held(&path, Some(&a)).unwrap();
-        let id = image.identity;
-        assert_eq!(a.hold(&image).unwrap(), Held::Yes(true));
-        // b finds a's link beside the image, vmar's, and captures all the same.
-        let image_b = roots.open_held(&path, Some(&b)).unwrap();
-        assert_eq!(b.hold(&image_b).unwrap(), Held::Yes(true));
-        assert_ne!(a.location(id.dev, id.ino), b.location(id.dev, id.ino));
-        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 3);
-        assert_eq!(a.hold_links(&path, id.dev, id.ino), 2);
-        assert!(roots.open_held(&path, Some(&a)).is_ok());
-        assert!(roots.open_held(&path, Some(&b)).is_ok());
-        // A link anyone else makes is still refused.
-        let theirs = dir.path().join("theirs");
-        std::fs::hard_link(&path, &theirs).unwrap();
-        assert_eq!(
-            roots.open_held(&path, Some(&a)).unwrap_err().kind(),
-            "hard-linked"
-        );
-        std::fs::remove_file(&theirs).unwrap();
-        // a lets go; b still holds it.
-        assert!(a.release(id.dev, id.ino).unwrap());
-        assert!(!a.holds(id.dev, id.ino) && b.holds(id.dev, id.ino));
-        assert!(roots.open_held(&path, Some(&b)).is_ok());
-    }
-
     #[test]
     fn a_side_holds_directory_that_is_not_vmars_own_is_not_used() {
         let dir = tempfile::tempdir().unwrap();
