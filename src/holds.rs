@@ -66,19 +66,19 @@ pub fn allow_beside(allowed: bool) {
 
 /// File systems other hosts may share (statfs magic numbers): NFS, SMB/CIFS (both), Ceph,
 /// FUSE (GlusterFS, CephFS-fuse and others), GFS2, OCFS2, Lustre, 9p, AFS, GPFS.
-const SHARED_FILE_SYSTEMS: [i64; 12] = [
-    0x6969,
-    0x517B,
-    0xFF53_4D42,
-    0xFE53_4D42,
-    0x00C3_6400,
-    0x6573_5546,
-    0x0116_1970,
-    0x7461_636F,
-    0x0BD0_0BD0,
-    0x0102_1997,
-    0x5346_414F,
-    0x4750_4653,
+const SHARED_FILE_SYSTEMS: [nix::sys::statfs::FsType; 12] = [
+    nix::sys::statfs::FsType(0x6969),
+    nix::sys::statfs::FsType(0x517B),
+    nix::sys::statfs::FsType(0xFF53_4D42),
+    nix::sys::statfs::FsType(0xFE53_4D42),
+    nix::sys::statfs::FsType(0x00C3_6400),
+    nix::sys::statfs::FsType(0x6573_5546),
+    nix::sys::statfs::FsType(0x0116_1970),
+    nix::sys::statfs::FsType(0x7461_636F),
+    nix::sys::statfs::FsType(0x0BD0_0BD0),
+    nix::sys::statfs::FsType(0x0102_1997),
+    nix::sys::statfs::FsType(0x5346_414F),
+    nix::sys::statfs::FsType(0x4750_4653),
 ];
 
 /// Why `dir` may not get holds beside images, if it may not.
@@ -91,7 +91,7 @@ fn beside_refused(dir: &Path) -> Option<String> {
         );
     }
     match nix::sys::statfs::statfs(dir) {
-        Ok(fs) if SHARED_FILE_SYSTEMS.contains(&(fs.filesystem_type().0 as i64)) => Some(format!(
+        Ok(fs) if SHARED_FILE_SYSTEMS.contains(&fs.filesystem_type()) => Some(format!(
             "{} is on a network or cluster file system (type {:#x}): a hold beside the image \
              would change its inode change time for every other host",
             dir.display(),
