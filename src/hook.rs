@@ -8,14 +8,7 @@
 //! libvirt-xml --overlay` prints) or left for libvirt to find in the image headers (no
 //! `<backingStore>`, as Nova and virt-install write it): those images are returned in
 //! [`DomainDisks::probe`] for the caller to follow with qemu-img (see [`crate::overlay`]).
-//!
-//! Under AppArmor, libvirt's `virt-aa-helper` writes each domain's profile from the paths it
-//! finds, and follows a chain the XML leaves to the headers by reading the images itself; its
-//! own profile denies it every `/dev/dm-*` node, so a vmar device only a qcow2 header names
-//! never reaches the domain's profile and QEMU's open of it is refused. At `start begin`
-//! (after libvirt labelled the domain's resources, before QEMU starts) the hook adds read
-//! rules for exactly those devices' nodes to the domain's own profile
-//! ([`apparmor_rules`]). Pure: no I/O.
+//! Pure: no I/O.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -44,37 +37,6 @@ pub struct DomainDisks {
     /// Images (not vmar devices) whose backing chain the XML leaves to libvirt to find:
     /// their headers may name vmar devices.
     pub probe: Vec<PathBuf>,
-    /// The domain's UUID (it names its AppArmor profile), when the XML has a valid one.
-    pub uuid: Option<String>,
-}
-
-/// The AppArmor rules to add to a domain's profile snippet `files` (libvirt's
-/// `/etc/apparmor.d/libvirt/libvirt-UUID.files`) so that QEMU may read the device nodes
-/// `nodes` (`/dev/dm-N`, what `/dev/vmar/NAME` resolves to; read and lock, as libvirt grants
-/// read-only disks): one line per node the snippet does not name yet.
-pub fn apparmor_rules(files: &str, nodes: &[String]) -> Vec<String> {
-    let mut rules: Vec<String> = Vec::new();
-    for node in nodes {
-        let quoted = format!("\"{node}\"");
-        let valid = node
-            .strip_prefix("/dev/dm-")
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        let rule = format!("  {quoted} rk,");
-        if valid && !files.contains(&quoted) && !rules.contains(&rule) {
-            rules.push(rule);
-        }
-    }
-    rules
-}
-
-/// A UUID as libvirt writes it (36 characters, hex digits and dashes), nothing else: it
-/// becomes part of a path.
-fn valid_uuid(text: &str) -> bool {
-    text.len() == 36
-        && text.bytes().enumerate().all(|(i, b)| match i {
-            8 | 13 | 18 | 23 => b == b'-',
-            _ => b.is_ascii_hexdigit(),
-        })
 }
 
 /// The vmar devices a domain's disks name, and the images whose chains must be read.
@@ -88,15 +50,7 @@ pub fn domain_disks(xml: &str) -> Result<DomainDisks> {
             root.tag_name().name()
         )));
     }
-    let mut found = DomainDisks {
-        uuid: root
-            .children()
-            .find(|n| n.has_tag_name("uuid"))
-            .and_then(|n| n.text())
-            .map(|t| t.trim().to_ascii_lowercase())
-            .filter(|t| valid_uuid(t)),
-        ..DomainDisks::default()
-    };
+    let mut found = DomainDisks::default();
     let disks = root
         .children()
         .filter(|n| n.has_tag_name("devices"))
@@ -220,37 +174,6 @@ mod tests {
                 PathBuf::from("/vm/mid.qcow2")
             ]
         );
-    }
-
-    #[test]
-    fn apparmor_rules_name_each_missing_dm_node_once() {
-        let files = "  \"/var/lib/nova/instances/x/disk\" rwk,\n  \"/dev/dm-3\" rk,\n";
-        let nodes = [
-            "/dev/dm-3".to_string(),
-            "/dev/dm-12".to_string(),
-            "/dev/dm-12".to_string(),
-            "/etc/shadow".to_string(),
-            "/dev/dm-1\" rw, /** rwk".to_string(),
-        ];
-        assert_eq!(apparmor_rules(files, &nodes), ["  \"/dev/dm-12\" rk,"]);
-        assert!(apparmor_rules(files, &nodes[..1]).is_empty());
-    }
-
-    #[test]
-    fn the_domain_uuid_is_read_only_when_valid() {
-        let xml = |uuid: &str| format!("<domain><uuid>{uuid}</uuid><devices/></domain>");
-        let good = "858C41DC-b237-46a9-be04-715cfbda06da";
-        assert_eq!(
-            domain_disks(&xml(good)).unwrap().uuid.as_deref(),
-            Some("858c41dc-b237-46a9-be04-715cfbda06da")
-        );
-        for bad in [
-            "../../etc/passwd",
-            "858c41dc-b237-46a9-be04-715cfbda06d/",
-            "",
-        ] {
-            assert_eq!(domain_disks(&xml(bad)).unwrap().uuid, None, "{bad}");
-        }
     }
 
     #[test]

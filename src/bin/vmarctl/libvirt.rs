@@ -113,30 +113,22 @@ impl Run for LibvirtHookArgs {
         std::io::stdin()
             .read_to_string(&mut xml)
             .context("cannot read the domain XML on stdin")?;
-        let step = (self.operation.as_str(), self.sub_operation.as_str());
-        if step != ("prepare", "begin") && step != ("start", "begin") {
+        if (self.operation.as_str(), self.sub_operation.as_str()) != ("prepare", "begin") {
             return Ok(ExitClass::Success);
         }
         let disks = vmar::hook::domain_disks(&xml)
             .with_context(|| format!("vmar hook: domain {domain}"))?;
-        // Devices only image headers name (see vmar::hook on AppArmor).
-        let mut in_headers = std::collections::BTreeSet::new();
+        let mut names = disks.devices;
         for image in &disks.probe {
             // An image that cannot be read is libvirt's to report when it opens it.
             match vmar::overlay::chain_devices(image) {
-                Ok(found) => in_headers.extend(found),
+                Ok(found) => names.extend(found),
                 Err(e) => eprintln!(
                     "vmar hook: domain {domain}: not following {}: {e}",
                     image.display()
                 ),
             }
         }
-        if step == ("start", "begin") {
-            grant_apparmor(domain, disks.uuid.as_deref(), &in_headers)?;
-            return Ok(ExitClass::Success);
-        }
-        let mut names = disks.devices;
-        names.extend(in_headers);
         let mut failed = Vec::new();
         for name in &names {
             if let Err(e) = ctx.call(request::Ensure::bound(name.as_str())) {
@@ -151,66 +143,4 @@ impl Run for LibvirtHookArgs {
         }
         Ok(ExitClass::Success)
     }
-}
-
-/// Where libvirt keeps the AppArmor profiles of domains (Debian, Ubuntu, SUSE).
-const APPARMOR_LIBVIRT: &str = "/etc/apparmor.d/libvirt";
-
-/// Lets the domain's QEMU read the vmar devices `names` (which only image headers name, so
-/// virt-aa-helper never granted them): adds their `/dev/dm-N` to the domain's profile and
-/// reloads it. Nothing where libvirt wrote no AppArmor profile for the domain.
-fn grant_apparmor(
-    domain: &str,
-    uuid: Option<&str>,
-    names: &std::collections::BTreeSet<String>,
-) -> Result<()> {
-    let (Some(uuid), false) = (uuid, names.is_empty()) else {
-        return Ok(());
-    };
-    let dir = std::path::Path::new(APPARMOR_LIBVIRT);
-    let profile = dir.join(format!("libvirt-{uuid}"));
-    let files = dir.join(format!("libvirt-{uuid}.files"));
-    let Ok(text) = std::fs::read_to_string(&files) else {
-        return Ok(());
-    };
-    let mut nodes = Vec::new();
-    for name in names {
-        let node = std::fs::canonicalize(vmar::kernel::node_path(name))
-            .with_context(|| format!("vmar hook: domain {domain}: /dev/vmar/{name}"))?;
-        nodes.push(node.display().to_string());
-    }
-    let rules = vmar::hook::apparmor_rules(&text, &nodes);
-    if rules.is_empty() {
-        return Ok(());
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&files)
-        .with_context(|| format!("vmar hook: cannot add to {}", files.display()))?;
-    writeln!(
-        file,
-        "  # vmar: devices named only in image headers\n{}",
-        rules.join("\n")
-    )
-    .with_context(|| format!("vmar hook: cannot add to {}", files.display()))?;
-    let parser = ["/sbin/apparmor_parser", "/usr/sbin/apparmor_parser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("apparmor_parser");
-    let status = std::process::Command::new(parser)
-        .arg("-r")
-        .arg(&profile)
-        .status()
-        .with_context(|| format!("vmar hook: cannot run {parser}"))?;
-    if !status.success() {
-        bail!(
-            "vmar hook: domain {domain}: {parser} -r {} failed ({status})",
-            profile.display()
-        );
-    }
-    eprintln!(
-        "vmar hook: domain {domain}: AppArmor profile libvirt-{uuid} may read {}",
-        nodes.join(", ")
-    );
-    Ok(())
 }
