@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::image::validate_name;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
-use crate::protocol::{DeviceChange, EnsureResult};
+use crate::protocol::{Binding, Bindings, DeviceChange, EnsureResult};
 use crate::time::now_secs;
 
 /// Whether `image` has the content `binding` remembers: the same fingerprint, or, for
@@ -24,6 +24,27 @@ pub fn same_content(binding: &NameBinding, image: &ImageRecord) -> bool {
         (Some(bound), Some(now)) => bound == now,
         _ => binding.image == image.name,
     }
+}
+
+/// Every name binding, with whether its device is saved and its content still captured.
+pub fn list(catalog: &Catalog) -> Result<Bindings> {
+    let images = catalog.images()?;
+    let bindings = catalog
+        .name_bindings()?
+        .into_iter()
+        .map(|b| {
+            Ok(Binding {
+                node: crate::kernel::node_path(&b.name).display().to_string(),
+                device: catalog.device(&b.name)?.is_some(),
+                servable: images.iter().any(|image| same_content(&b, image)),
+                name: b.name,
+                image: b.image,
+                fingerprint: b.fingerprint,
+                bound_at: b.bound_at,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Bindings { bindings })
 }
 
 /// Refuses `image` under a name bound to other content.

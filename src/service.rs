@@ -504,6 +504,7 @@ pub fn handle(
             dependents(catalog, &r.name)
         }),
         Request::RestoreStatus => answer(request::RestoreStatus, |_| Ok(ctx.restore_status())),
+        Request::Bindings => answer(request::Bindings, |_| crate::binding::list(catalog)),
         Request::Record(r) => answer(r, |r| {
             let kernel = kernel_for(ctx, Some(&r.name))?;
             let phase = r.phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);

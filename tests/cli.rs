@@ -1315,6 +1315,7 @@ fn metrics_dependents_and_restore_status_print_their_documented_json() {
     for (command, args) in [
         ("metrics", &["metrics"][..]),
         ("dependents", &["dependents", "base"]),
+        ("bindings", &["bindings"]),
         ("restore-status", &["restore-status"]),
         ("list", &["list"]),
     ] {
@@ -1330,6 +1331,50 @@ fn metrics_dependents_and_restore_status_print_their_documented_json() {
     for line in lines {
         assert_shape("stats", &serde_json::from_str(line).unwrap());
     }
+}
+
+/// A name remembers its content after `remove`; `bindings` says so, and whether that
+/// content can still be served.
+#[test]
+fn bindings_list_each_name_with_its_content_device_and_whether_it_can_be_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = images(dir.path());
+    let daemon = Daemon::start_sim(dir.path(), "");
+    capture(&daemon, &paths[..2]);
+    assert!(daemon.ctl(&["create", "w", "web"]).status.success());
+    assert!(daemon.ctl(&["create", "b", "base"]).status.success());
+    assert!(daemon.ctl(&["remove", "w"]).status.success());
+    let binding = |name: &str| {
+        let (ok, value) = daemon.document(&["bindings"]);
+        assert!(ok, "{value}");
+        value["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no binding {name}: {value}"))
+    };
+    let w = binding("w");
+    assert_eq!(w["image"], "web", "{w}");
+    assert_eq!(w["node"], "/dev/vmar/w");
+    assert_eq!(w["device"], false, "{w}");
+    assert_eq!(w["servable"], true, "{w}");
+    assert!(
+        w["fingerprint"].as_str().unwrap().starts_with("blake3:"),
+        "{w}"
+    );
+    assert_eq!(binding("b")["device"], true);
+    // The content goes: the name stays bound, but nothing can serve it.
+    assert!(daemon.ctl(&["forget", "web"]).status.success());
+    assert_eq!(binding("w")["servable"], false);
+    let out = daemon.ctl(&["bindings"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.split_whitespace().take(4).eq(["w", "web", "no", "no"])),
+        "{text}"
+    );
 }
 
 #[test]

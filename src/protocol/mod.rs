@@ -52,6 +52,32 @@ pub struct MetricsResult {
     pub text: String,
 }
 
+/// Result of `bindings`: the content each device name is bound to (see
+/// [`crate::binding`]), also after its device was removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bindings {
+    pub bindings: Vec<Binding>,
+}
+
+/// One device name and the content it is bound to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub name: String,
+    /// `/dev/vmar/NAME`, what overlays and domains name.
+    pub node: String,
+    /// The image it served when it was bound.
+    pub image: String,
+    /// That content's fingerprint (none for images captured before fingerprints).
+    pub fingerprint: Option<String>,
+    /// Seconds since the epoch.
+    pub bound_at: u64,
+    /// Whether a device of that name is saved now (else it was removed; the name still
+    /// refuses other content).
+    pub device: bool,
+    /// Whether an image of that content is in the catalog now, so `ensure NAME` can serve it.
+    pub servable: bool,
+}
+
 /// Result of `dependents`: who reads an image.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dependents {

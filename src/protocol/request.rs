@@ -51,6 +51,7 @@ pub enum Request {
     Metrics,
     Dependents(Dependents),
     RestoreStatus,
+    Bindings,
     Record(Record),
     WorkingSet(WorkingSet),
     ForgetWorkingSet(ForgetWorkingSet),
@@ -103,6 +104,7 @@ pairs! {
     unit Metrics => MetricsResult;
     fields Dependents => super::Dependents;
     unit RestoreStatus => super::RestoreStatus;
+    unit Bindings => super::Bindings;
     fields Record => RecordResult;
     fields WorkingSet => WorkingSetResult;
     fields ForgetWorkingSet => ForgetWorkingSetResult;
@@ -125,6 +127,7 @@ impl Request {
                 | Request::Metrics
                 | Request::Dependents(_)
                 | Request::RestoreStatus
+                | Request::Bindings
                 | Request::Check
                 | Request::WorkingSet(_)
         )
@@ -281,6 +284,10 @@ pub struct Dependents {
 /// What the restore at vmard's start did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RestoreStatus;
+
+/// The content each device name is bound to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bindings;
 
 /// Record what live device `name` read (dm-stats areas with reads, cached now) into its
 /// image's working set of `phase` (default `boot`), merged with earlier recordings unless

@@ -1,4 +1,4 @@
-//! Devices: `create`, `ensure`, `remove`, `list`, `status`, `refresh`.
+//! Devices: `create`, `ensure`, `remove`, `list`, `status`, `refresh`, `bindings`.
 
 use std::io::Write;
 
@@ -369,4 +369,41 @@ fn print_status(out: &mut dyn Write, doc: &StatusDoc) -> Result<()> {
         }
     }
     Ok(())
+}
+
+const BINDING_COLUMNS: &[Column] = &[
+    col("name", false, true),
+    col("image", false, true),
+    col("device", false, true),
+    col("servable", false, true),
+    col("fingerprint", false, true),
+];
+
+/// `bindings`: the content each device name is bound to.
+pub fn bindings(ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
+    let found = ctx.call(request::Bindings)?;
+    if ctx.json {
+        print_json(out, &found)?;
+        return Ok(ExitClass::Success);
+    }
+    let yes_no = |b: bool| Cell::Text(if b { "yes" } else { "no" }.into());
+    let rows = found
+        .bindings
+        .iter()
+        .map(|b| {
+            vec![
+                Cell::Text(b.name.clone()),
+                Cell::Text(b.image.clone()),
+                yes_no(b.device),
+                yes_no(b.servable),
+                b.fingerprint.clone().map_or(Cell::None, Cell::Text),
+            ]
+        })
+        .collect();
+    Table {
+        columns: BINDING_COLUMNS,
+        rows,
+    }
+    .print(&TableArgs::default(), out)?;
+    Ok(ExitClass::Success)
 }

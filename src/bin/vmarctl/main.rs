@@ -122,6 +122,12 @@ enum Command {
     /// Say what the restore at vmard's start did; exit 3 when a saved device was not
     /// restored (vmar-restore-check.service runs it).
     RestoreStatus,
+    /// List the content each device name is bound to (kept after `remove`, so that no
+    /// overlay or domain over /dev/vmar/NAME reads other bytes): the image it served, its
+    /// fingerprint, whether the device is saved now, and whether that content is still
+    /// captured (`ensure NAME` can serve it). `create --rebind` binds a name anew. Works on
+    /// the read-only socket.
+    Bindings,
     /// Monitoring check (Nagios plugin): whether every saved device is active and correct
     /// (live, resumed, the table its image's map gives, images unchanged since capture) and
     /// every image root can be used. Prints a summary line, then one line per problem; exits
@@ -239,6 +245,7 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<ExitClass> {
         Command::Metrics(args) => args.run(&ctx, out),
         Command::Dependents(args) => args.run(&ctx, out),
         Command::RestoreStatus => monitor::restore_status(&ctx, out),
+        Command::Bindings => devices::bindings(&ctx, out),
         Command::LibvirtXml(args) => args.run(&ctx, out),
         Command::LibvirtHook(args) => args.run(&ctx, out),
         Command::Record(args) => args.run(&ctx, out),

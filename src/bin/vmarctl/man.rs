@@ -191,6 +191,11 @@ const EXAMPLES: &[(&str, &str, &str)] = &[
         "vmarctl warm --cancel",
     ),
     (
+        "bindings",
+        "Names bound to content no image has any more (a create of another image under them needs --rebind)",
+        "vmarctl --json bindings | jq -r '.bindings[] | select(.servable | not) | .name'",
+    ),
+    (
         "restore-status",
         "Which devices the restore at vmard's start could not restore, and why",
         "vmarctl restore-status || journalctl -u vmard -b",
