@@ -9,31 +9,17 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Block, Daemon, alias_node, capture_all, device_states, err, ok, s, write_image};
+use common::{
+    Block, Daemon, alias_node, capture_all, device_states, err, family_blocks, family_paths, ok, s,
+    write_image,
+};
 use serde_json::Value;
 use vmar::kernel::sim::SimKernel;
 
 /// Images sharing blocks: holes, zeros, shared and unique blocks, a partial last block.
 fn family(dir: &Path) -> Vec<PathBuf> {
-    let base: Vec<Block> = (0..64)
-        .map(|i| match i % 10 {
-            0 => Block::Hole,
-            1 => Block::Zero,
-            _ => Block::Shared((i % 40) as u8),
-        })
-        .collect();
-    let mut web = base.clone();
-    for (i, b) in web.iter_mut().enumerate().skip(40) {
-        *b = Block::Unique(i as u64);
-    }
-    let mut db = base.clone();
-    for (i, b) in db.iter_mut().enumerate().step_by(5) {
-        *b = Block::Unique(1000 + i as u64);
-    }
-    let paths: Vec<PathBuf> = ["base", "web", "db"]
-        .iter()
-        .map(|n| dir.join(format!("{n}.raw")))
-        .collect();
+    let [base, web, db] = family_blocks();
+    let paths = family_paths(dir);
     write_image(&paths[0], &base, 0);
     write_image(&paths[1], &web, 0);
     write_image(&paths[2], &db, 1536);

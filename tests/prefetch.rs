@@ -10,7 +10,10 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{BLOCK, Block, Daemon, capture_all, err, expected_sources, ok, s, write_image};
+use common::{
+    BLOCK, Block, Daemon, capture_all, err, expected_sources, family_blocks, family_paths, ok, s,
+    write_image,
+};
 use serde_json::Value;
 use vmar::kernel::sim::SimKernel;
 use vmar::map::Source;
@@ -18,25 +21,8 @@ use vmar::map::Source;
 /// base, web (own blocks from 40) and db (own every 5th block): 64 blocks each, holes
 /// every 10th block, zeros after them.
 fn family(dir: &Path) -> (Vec<PathBuf>, Vec<(Vec<Block>, usize)>) {
-    let base: Vec<Block> = (0..64)
-        .map(|i| match i % 10 {
-            0 => Block::Hole,
-            1 => Block::Zero,
-            _ => Block::Shared((i % 40) as u8),
-        })
-        .collect();
-    let mut web = base.clone();
-    for (i, b) in web.iter_mut().enumerate().skip(40) {
-        *b = Block::Unique(i as u64);
-    }
-    let mut db = base.clone();
-    for (i, b) in db.iter_mut().enumerate().step_by(5) {
-        *b = Block::Unique(1000 + i as u64);
-    }
-    let paths: Vec<PathBuf> = ["base", "web", "db"]
-        .iter()
-        .map(|n| dir.join(format!("{n}.raw")))
-        .collect();
+    let [base, web, db] = family_blocks();
+    let paths = family_paths(dir);
     let blocks = vec![(base, 0), (web, 0), (db, 0)];
     for (path, (b, tail)) in paths.iter().zip(&blocks) {
         write_image(path, b, *tail);

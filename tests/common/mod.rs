@@ -28,6 +28,35 @@ pub enum Block {
 }
 
 /// Bytes of a block (full size).
+/// The blocks of the test family base, web and db, 64 blocks each: holes every 10th block
+/// and zeros after them; web has its own blocks from 40, db every 5th block.
+pub fn family_blocks() -> [Vec<Block>; 3] {
+    let base: Vec<Block> = (0..64)
+        .map(|i| match i % 10 {
+            0 => Block::Hole,
+            1 => Block::Zero,
+            _ => Block::Shared((i % 40) as u8),
+        })
+        .collect();
+    let mut web = base.clone();
+    for (i, b) in web.iter_mut().enumerate().skip(40) {
+        *b = Block::Unique(i as u64);
+    }
+    let mut db = base.clone();
+    for (i, b) in db.iter_mut().enumerate().step_by(5) {
+        *b = Block::Unique(1000 + i as u64);
+    }
+    [base, web, db]
+}
+
+/// The paths `dir/base.raw`, `dir/web.raw`, `dir/db.raw` of the test family.
+pub fn family_paths(dir: &Path) -> Vec<PathBuf> {
+    ["base", "web", "db"]
+        .iter()
+        .map(|n| dir.join(format!("{n}.raw")))
+        .collect()
+}
+
 pub fn block_bytes(block: &Block) -> Vec<u8> {
     match block {
         Block::Hole | Block::Zero => vec![0; BLOCK],
