@@ -46,12 +46,6 @@ fn with_report(f: impl FnOnce(&mut AutoCaptureReport)) {
     }
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Names that say a file is not in place yet: hidden files and partial downloads or copies
 /// (`.part`, `.partial`, `.tmp`, `.swp`, `~`), which their writer renames when complete.
 pub fn temporary_name(name: &OsStr) -> bool {
@@ -296,7 +290,7 @@ impl Watcher {
             path: path.to_path_buf(),
             kind: kind.to_string(),
             reason,
-            at: now_secs(),
+            at: crate::time::now_secs(),
         };
         with_report(|r| {
             r.skipped.retain(|s| s.path != entry.path);
@@ -365,7 +359,7 @@ impl Watcher {
                     let entry = AutoCaptured {
                         path: path.to_path_buf(),
                         name: result.image.name,
-                        at: now_secs(),
+                        at: crate::time::now_secs(),
                     };
                     with_report(|r| {
                         r.skipped.retain(|s| s.path != entry.path);

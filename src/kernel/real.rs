@@ -539,10 +539,7 @@ fn release_stale_cookies() -> Result<Vec<String>> {
     let Ok(text) = fs::read_to_string("/proc/sysvipc/sem") else {
         return Ok(Vec::new());
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let now = i64::try_from(crate::time::now_secs()).unwrap_or(i64::MAX);
     let (mut stale, mut orphans) = (Vec::new(), Vec::new());
     for line in text.lines().skip(1) {
         let fields: Vec<&str> = line.split_whitespace().collect();
