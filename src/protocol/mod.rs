@@ -34,8 +34,8 @@ pub use request::{Call, Request};
 /// 3: `ensure`, `create` takes `rebind`; `working` lines while a request runs without other
 /// output; `metrics`, `dependents`, `restore-status`, device `reason`; `check`; `ping`
 /// answers the instance id, the image roots and the devices waiting for their images; device
-/// state `foreign`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// state `foreign`. 4: `record`, `working-set`, `forget-working-set`, `warm`, `bindings`.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Where vmard listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vmar/vmard.sock";
 /// Where vmard serves read-only requests to anyone (monitoring), unless told otherwise.
