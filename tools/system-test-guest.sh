@@ -1,4 +1,6 @@
 #!/bin/bash
+# Checks pass commands to `bash -c` in single quotes on purpose (expanded there, not here).
+# shellcheck disable=SC2016
 # Guest side of tools/system-test, run by systemd (vmar-system-test.service) after
 # multi-user.target on each boot of a Debian 12 guest; /var/lib/vmar is a persistent disk
 # holding this script, the package and the images (staged outside the default image root,
@@ -40,8 +42,10 @@ check() {
 mono() { systemctl show -P "$2" "$1"; }
 
 # libvirt hook, pool and Nova checks (tools/system-test-platform.sh).
+# shellcheck source=tools/system-test-platform.sh
 . "$T/platform.sh"
 # Operations checks (monitoring, watchdog, reload, restore check): ops_boot1, ops_boot2.
+# shellcheck source=tools/system-test-ops.sh
 . "$T/ops.sh"
 
 phase=$(cat "$T/phase" 2>/dev/null || echo 1)
@@ -53,7 +57,10 @@ HIDDEN="lvmpart lvmwhole fswhole"
 devices_exist() {
     local d
     for d in $HIDDEN; do
-        test -b "/dev/mapper/vmar-$d" && test -b "/dev/vmar/$d" || { echo "vmar-$d or /dev/vmar/$d missing"; return 1; }
+        if ! test -b "/dev/mapper/vmar-$d" || ! test -b "/dev/vmar/$d"; then
+            echo "vmar-$d or /dev/vmar/$d missing"
+            return 1
+        fi
     done
 }
 # none_of PATTERN OUTPUT: OUTPUT (logged) has no line matching PATTERN.
@@ -351,6 +358,8 @@ boot1() {
     # Restart and stop while a device is open: the devices stay as they are.
     local before
     before=$(table tiny)
+    # A process that only keeps the device open.
+    # shellcheck disable=SC2217
     sleep 600 </dev/vmar/tiny &
     local holder=$!
     check "systemctl restart vmard while /dev/vmar/tiny is open" systemctl restart vmard

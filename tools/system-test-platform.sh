@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2016
 # Guest checks of vmar on a libvirt host and a Nova compute node, sourced by
 # tools/system-test-guest.sh (which defines check, say, ok, fail, $T, $IMAGES, $LOG).
 # Boot 1: the Nova recipe (auto-capture of a _base directory laid out as Nova's, instance
@@ -142,7 +143,7 @@ hook_checks() {
                 sed 's/^/SYSTEM-TEST: denied: /'
             grep -h -E "vmar|dm-|nova" /etc/apparmor.d/libvirt/libvirt-*.files 2>/dev/null | tee -a "$LOG" |
                 sed 's/^/SYSTEM-TEST: granted: /'
-            ls -l "/dev/vmar/$NOVA_HASH" | sed 's/^/SYSTEM-TEST: /'
+            echo "SYSTEM-TEST: /dev/vmar/$NOVA_HASH -> $(readlink -f "/dev/vmar/$NOVA_HASH")"
         fi
         check "hook: for a Nova instance disk (chain only in its header) the hook created /dev/vmar/HASH" \
             test -b "/dev/vmar/$NOVA_HASH"
@@ -155,10 +156,12 @@ hook_checks() {
     # Content found nowhere else (a copy of tinybase would still be served by fingerprint).
     cp "$IMAGES/tinybase.raw" "$IMAGES/repoint.raw"
     printf 'repoint' | dd of="$IMAGES/repoint.raw" bs=1 seek=4096 conv=notrunc status=none
-    vmarctl capture "$IMAGES/repoint.raw" >>"$LOG" 2>&1
-    vmarctl create repoint repoint >>"$LOG" 2>&1
-    vmarctl remove repoint >>"$LOG" 2>&1
-    vmarctl forget repoint >>"$LOG" 2>&1
+    {
+        vmarctl capture "$IMAGES/repoint.raw"
+        vmarctl create repoint repoint
+        vmarctl remove repoint
+        vmarctl forget repoint
+    } >>"$LOG" 2>&1
     cp "$IMAGES/tiny.raw" "$IMAGES/repoint.raw"
     vmarctl capture "$IMAGES/repoint.raw" >>"$LOG" 2>&1
     hook_domain hook-c "$(block_disk repoint)"
