@@ -135,8 +135,10 @@ fn main() -> Result<()> {
     }
     signals.thread_block().context("cannot block signals")?;
 
-    let (settings, group) = load_settings(&args)?;
-    let sidecars = load_sidecars(&args)?;
+    // Read once: every part of the start sees the same file.
+    let config = load_config(&args)?;
+    let (settings, group) = load_settings(&args, &config)?;
+    let sidecars = load_sidecars(&args, &config)?;
     let catalog = if args.recover {
         let (catalog, recovery) =
             Catalog::recover(&args.state_dir).context("cannot recover the catalog")?;
@@ -154,11 +156,7 @@ fn main() -> Result<()> {
         Catalog::open(&args.state_dir).context("cannot open the catalog")?
     };
     // Holds beside images would change what other hosts see of a shared image.
-    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
-    let beside = vmar::config::Config::load(&args.config, explicit)?
-        .hold_beside_images
-        .unwrap_or(true);
-    vmar::holds::allow_beside(beside && sidecars.is_none());
+    vmar::holds::allow_beside(config.hold_beside_images.unwrap_or(true) && sidecars.is_none());
     catalog.set_sidecars(sidecars);
     let instance = vmar::instance::InstanceId::load_or_create(&args.state_dir)
         .context("cannot read the state dir's instance id")?;
@@ -204,8 +202,8 @@ fn main() -> Result<()> {
         "vmard ready"
     );
 
-    start_auto_capture(&args, server.socket(), server.context())?;
-    start_guard(&args, server.context())?;
+    start_auto_capture(&args, &config, server.socket(), server.context())?;
+    start_guard(&config, server.context())?;
     vmar::service::hold_older_images(Arc::clone(server.context()));
     let host: Arc<dyn vmar::prefetch::Host> = Arc::clone(server.context()) as _;
     vmar::prefetch::start_recorder(Arc::downgrade(&host)).context("cannot start the recorder")?;
@@ -255,10 +253,11 @@ fn main() -> Result<()> {
 }
 
 /// Digest sidecar use from the configuration file (`sidecars`, `sidecar_*`).
-fn load_sidecars(args: &Args) -> Result<Option<vmar::sidecar::Sidecars>> {
-    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
-    let config = vmar::config::Config::load(&args.config, explicit)?;
-    let sidecars = vmar::sidecar::Sidecars::from_config(&config)
+fn load_sidecars(
+    args: &Args,
+    config: &vmar::config::Config,
+) -> Result<Option<vmar::sidecar::Sidecars>> {
+    let sidecars = vmar::sidecar::Sidecars::from_config(config)
         .with_context(|| format!("bad sidecar settings in {}", args.config.display()))?;
     if let Some(s) = &sidecars {
         tracing::info!(mode = ?s.mode(), "digest sidecars on");
@@ -266,11 +265,17 @@ fn load_sidecars(args: &Args) -> Result<Option<vmar::sidecar::Sidecars>> {
     Ok(sidecars)
 }
 
-/// Settings and socket group from the configuration file and the options.
-fn load_settings(args: &Args) -> Result<(Settings, Option<nix::unistd::Gid>)> {
-    // The default file may be absent; one named explicitly must exist.
+/// The configuration file (the default one may be absent; one named explicitly must exist).
+fn load_config(args: &Args) -> Result<vmar::config::Config> {
     let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
-    let config = vmar::config::Config::load(&args.config, explicit)?;
+    Ok(vmar::config::Config::load(&args.config, explicit)?)
+}
+
+/// Settings and socket group from the configuration file and the options.
+fn load_settings(
+    args: &Args,
+    config: &vmar::config::Config,
+) -> Result<(Settings, Option<nix::unistd::Gid>)> {
     let max_targets = args
         .max_targets
         .or(config.max_targets)
@@ -331,9 +336,8 @@ fn ro_socket(args: &Args) -> Option<PathBuf> {
 
 /// `--check-config`: loads what a start or a SIGHUP would, says what it gives or why not.
 fn check_config(args: &Args) -> Result<()> {
-    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
-    let checked = load_settings(args).and_then(|(settings, group)| {
-        let config = vmar::config::Config::load(&args.config, explicit)?;
+    let checked = load_config(args).and_then(|config| {
+        let (settings, group) = load_settings(args, &config)?;
         config.auto_capture_settle(&args.config)?;
         Ok((settings, group, config))
     });
@@ -410,9 +414,12 @@ fn start_watchdog(socket: PathBuf) {
 
 /// Starts watching the image roots when `auto_capture` is on (read at start only; a root
 /// missing at start is not watched until the next start).
-fn start_auto_capture(args: &Args, socket: &std::path::Path, context: &Context) -> Result<()> {
-    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
-    let config = vmar::config::Config::load(&args.config, explicit)?;
+fn start_auto_capture(
+    args: &Args,
+    config: &vmar::config::Config,
+    socket: &std::path::Path,
+    context: &Context,
+) -> Result<()> {
     if !config.auto_capture {
         return Ok(());
     }
@@ -425,9 +432,7 @@ fn start_auto_capture(args: &Args, socket: &std::path::Path, context: &Context) 
 /// Starts the image guard: images that live devices read are checked now, then on every
 /// write fanotify reports and every `image_check_interval`; writes are refused unless
 /// `refuse_image_writes = false` (read at start only).
-fn start_guard(args: &Args, context: &Arc<Context>) -> Result<()> {
-    let explicit = args.config.as_os_str() != vmar::config::DEFAULT_CONFIG;
-    let config = vmar::config::Config::load(&args.config, explicit)?;
+fn start_guard(config: &vmar::config::Config, context: &Arc<Context>) -> Result<()> {
     let context = Arc::clone(context);
     vmar::guard::start(config.refuse_image_writes.unwrap_or(true), move |probe| {
         context.check_images(probe)
@@ -545,7 +550,7 @@ fn notify_status(status: &str) {
 
 /// SIGHUP: re-reads the configuration; a bad one is reported and the old one kept.
 fn reload(args: &Args, context: &Context) {
-    match load_settings(args) {
+    match load_config(args).and_then(|config| load_settings(args, &config)) {
         Ok((settings, _)) => {
             tracing::info!(
                 roots = ?settings.roots.roots(),
