@@ -295,21 +295,7 @@ impl Holds {
             return Err(format!("{} has no file name", path.display()));
         };
         let side = dir.join(self.side_name(name));
-        let link = || {
-            nix::unistd::linkat(
-                None,
-                from,
-                None,
-                side.as_path(),
-                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-            )
-        };
-        let mut made = link();
-        if made == Err(nix::errno::Errno::EEXIST) {
-            let _ = std::fs::remove_file(&side);
-            made = link();
-        }
-        match made {
+        match link_open_file(from, &side) {
             Ok(()) => {}
             Err(nix::errno::Errno::ENOENT) => {
                 return Err("deleted before vmar could hold it".to_string());
@@ -347,22 +333,7 @@ impl Holds {
             .map_err(|e| Error::io("cannot create", &self.dir, e))?;
         let path = self.path_of(id);
         let from = format!("/proc/self/fd/{}", image.file.as_raw_fd());
-        let link = || {
-            nix::unistd::linkat(
-                None,
-                Path::new(&from),
-                None,
-                path.as_path(),
-                nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
-            )
-        };
-        let mut made = link();
-        if made == Err(nix::errno::Errno::EEXIST) {
-            // A name left of an inode that no longer exists (a file system made anew).
-            let _ = std::fs::remove_file(&path);
-            made = link();
-        }
-        let why = match made {
+        let why = match link_open_file(Path::new(&from), &path) {
             Ok(()) => {
                 sync_dir(&self.dir)?;
                 return Ok(Held::Yes(true));
@@ -442,6 +413,20 @@ impl Holds {
         let image = ImageFile::from_file(path, file)?;
         let same = image.identity.dev == identity.dev && image.identity.ino == identity.ino;
         Ok(same.then_some(image))
+    }
+}
+
+/// Links the open file `/proc/self/fd/N` (`from`) as `to`. A name `to` already there is
+/// left of an inode that no longer exists (a file system made anew; callers look for their
+/// own hold first): it is replaced.
+fn link_open_file(from: &Path, to: &Path) -> nix::Result<()> {
+    let link = || nix::unistd::linkat(None, from, None, to, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW);
+    match link() {
+        Err(nix::errno::Errno::EEXIST) => {
+            let _ = std::fs::remove_file(to);
+            link()
+        }
+        made => made,
     }
 }
 
@@ -528,24 +513,14 @@ pub fn finish_capture(catalog: &Catalog, pending: Option<Pending>, image: &Image
 /// hashed again first and served only if its content is the captured one; its identity is
 /// then recorded anew. Call with device changes serialised.
 pub fn open_captured(catalog: &Catalog, record: &ImageRecord) -> Result<ImageFile> {
-    let error = match open_unchanged(&record.name, &record.path, &record.identity) {
-        Ok(file) => return Ok(file),
-        Err(e @ Error::ImageChanged { .. }) => e,
-        Err(e) => return Err(e),
-    };
-    // A file changed in place is changed, whatever vmar holds.
-    if record.identity.is_block_device() || names(&record.path, &record.identity) {
-        return Err(error);
-    }
-    let Some(held) = Holds::of(catalog.dir()).open(&record.identity)? else {
-        return Err(error);
+    let held = match find_captured(catalog, record)? {
+        Found::File(file) => return Ok(file),
+        Found::Held(held, _) => held,
     };
     if held.identity == record.identity {
         return Ok(held);
     }
-    let id = &record.identity;
-    let only_ctime = held.identity.size == id.size && held.identity.mtime_ns == id.mtime_ns;
-    if !only_ctime {
+    if !only_ctime_moved(&held, record) {
         return Err(Error::ImageChanged {
             name: record.name.clone(),
             path: record.path.clone(),
@@ -563,21 +538,45 @@ pub fn open_captured(catalog: &Catalog, record: &ImageRecord) -> Result<ImageFil
 /// the captured size and mtime (a ctime moved by the name's deletion is proven by hashing at
 /// the next create, refresh or restore, see [`open_captured`]). For `vmarctl check`.
 pub fn check_captured(catalog: &Catalog, record: &ImageRecord) -> Result<()> {
+    match find_captured(catalog, record)? {
+        Found::File(_) => Ok(()),
+        Found::Held(held, _) if only_ctime_moved(&held, record) => Ok(()),
+        Found::Held(_, error) => Err(error),
+    }
+}
+
+/// What reads captured image `record` now.
+enum Found {
+    /// Its file, still the captured version.
+    File(ImageFile),
+    /// vmar's hold on the captured inode, its identity as it is now, where the name no
+    /// longer names that inode (deleted, renamed, naming another file); and what the name
+    /// said.
+    Held(ImageFile, Error),
+}
+
+/// `record`'s file if it is the captured version, else vmar's hold on the captured inode
+/// once the name has gone; else why neither.
+fn find_captured(catalog: &Catalog, record: &ImageRecord) -> Result<Found> {
     let error = match open_unchanged(&record.name, &record.path, &record.identity) {
-        Ok(_) => return Ok(()),
+        Ok(file) => return Ok(Found::File(file)),
         Err(e @ Error::ImageChanged { .. }) => e,
         Err(e) => return Err(e),
     };
+    // A file changed in place is changed, whatever vmar holds.
     if record.identity.is_block_device() || names(&record.path, &record.identity) {
         return Err(error);
     }
-    let id = &record.identity;
-    match Holds::of(catalog.dir()).open(id)? {
-        Some(held) if held.identity.size == id.size && held.identity.mtime_ns == id.mtime_ns => {
-            Ok(())
-        }
-        _ => Err(error),
+    match Holds::of(catalog.dir()).open(&record.identity)? {
+        Some(held) => Ok(Found::Held(held, error)),
+        None => Err(error),
     }
+}
+
+/// Whether `held` has the captured size and mtime (its ctime may have moved: the name's
+/// deletion moves it).
+fn only_ctime_moved(held: &ImageFile, record: &ImageRecord) -> bool {
+    held.identity.size == record.identity.size && held.identity.mtime_ns == record.identity.mtime_ns
 }
 
 /// Hashes `held` again and records its identity as `record`'s if the content is the
