@@ -66,20 +66,8 @@ pub fn info(path: &Path, chain: bool) -> Result<String> {
     if chain {
         command.arg("--backing-chain");
     }
-    let out = command.arg(path).output().map_err(|e| {
-        Error::io(
-            "cannot run qemu-img (apt-get install qemu-utils) for",
-            path,
-            e,
-        )
-    })?;
-    if !out.status.success() {
-        return Err(qemu_img_error(
-            path,
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
-    }
-    String::from_utf8(out.stdout).map_err(|_| qemu_img_error(path, "output is not UTF-8"))
+    let out = run(command.arg(path), path)?;
+    String::from_utf8(out).map_err(|_| qemu_img_error(path, "output is not UTF-8"))
 }
 
 /// The vmar devices the backing chain of `path` names, read one image at a time (so that a
@@ -186,25 +174,30 @@ pub fn check_chain(overlay: &Path, chain: &[ImageInfo], name: &str, size: u64) -
 /// Creates a qcow2 overlay at `path` over vmar device `name` (which must be live: qemu-img
 /// reads its size).
 pub fn create(path: &Path, name: &str) -> Result<()> {
-    let out = Command::new("qemu-img")
+    let mut command = Command::new("qemu-img");
+    command
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(crate::libvirt::device_path(name))
-        .arg(path)
-        .output()
-        .map_err(|e| {
-            Error::io(
-                "cannot run qemu-img (apt-get install qemu-utils) for",
-                path,
-                e,
-            )
-        })?;
+        .arg(path);
+    run(&mut command, path).map(|_| ())
+}
+
+/// Runs qemu-img `command` about image `path`; its standard output, or its complaint.
+fn run(command: &mut Command, path: &Path) -> Result<Vec<u8>> {
+    let out = command.output().map_err(|e| {
+        Error::io(
+            "cannot run qemu-img (apt-get install qemu-utils) for",
+            path,
+            e,
+        )
+    })?;
     if !out.status.success() {
         return Err(qemu_img_error(
             path,
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 #[cfg(test)]
