@@ -20,7 +20,7 @@
 //! (block u64 LE, digest), blocks strictly increasing.
 
 use std::fs::{self, File};
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -52,9 +52,15 @@ impl Writeback {
     /// Counts `len` more bytes handed to `out`, and starts writeback of what it has passed
     /// on to the file once [`WRITEBACK_STEP`] bytes have accumulated.
     pub fn wrote(&mut self, out: &BufWriter<File>, len: usize) {
+        self.wrote_to(out.get_ref(), len, out.buffer().len());
+    }
+
+    /// [`Writeback::wrote`] for a writer of `file` that holds `buffered` bytes not yet
+    /// handed to it.
+    pub fn wrote_to(&mut self, file: &File, len: usize, buffered: usize) {
         use std::os::fd::AsRawFd;
         self.written += len as u64;
-        let flushed = self.written.saturating_sub(out.buffer().len() as u64);
+        let flushed = self.written.saturating_sub(buffered as u64);
         if flushed < self.started + WRITEBACK_STEP {
             return;
         }
@@ -65,10 +71,10 @@ impl Writeback {
             return;
         };
         // SAFETY: sync_file_range only reads its integer arguments; the descriptor belongs
-        // to `out`'s file, open for the duration of the call.
+        // to `file`, open for the duration of the call.
         unsafe {
             nix::libc::sync_file_range(
-                out.get_ref().as_raw_fd(),
+                file.as_raw_fd(),
                 offset,
                 len,
                 nix::libc::SYNC_FILE_RANGE_WRITE,
@@ -88,11 +94,15 @@ fn list_error(path: &Path, e: std::io::Error) -> Error {
 }
 
 fn decode(record: &[u8; RECORD]) -> BlockDigest {
-    let (block, digest) = record.split_at(8);
+    decode_record(record)
+}
+
+/// The block and digest of one record (`record` is [`RECORD`] bytes long).
+pub fn decode_record(record: &[u8]) -> BlockDigest {
     let mut b = [0u8; 8];
-    b.copy_from_slice(block);
+    b.copy_from_slice(&record[..8]);
     let mut d = [0u8; 32];
-    d.copy_from_slice(digest);
+    d.copy_from_slice(&record[8..RECORD]);
     (u64::from_le_bytes(b), d)
 }
 
@@ -232,7 +242,11 @@ impl Drop for BlockDigests {
     }
 }
 
-/// Streams `count` records of an open list file from the start.
+/// Records read from a list at a time.
+const READ_RECORDS: u64 = 32 * 1024;
+
+/// Streams `count` records of an open list file from the start, read [`READ_RECORDS`] at a
+/// time.
 fn records(
     file: &File,
     path: &Path,
@@ -243,19 +257,27 @@ fn records(
         .map_err(|e| Error::io("cannot read digest list", path, e))?;
     std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(HEADER))
         .map_err(|e| Error::io("cannot read digest list", path, e))?;
-    let mut reader = BufReader::with_capacity(1 << 20, file);
     let path = path.to_path_buf();
     let mut left = count;
+    let mut buf = Vec::new();
+    let mut at = 0;
     Ok(std::iter::from_fn(move || {
         if left == 0 {
             return None;
         }
+        if at == buf.len() {
+            let records = usize::try_from(left.min(READ_RECORDS)).unwrap_or(1);
+            buf.resize(records * RECORD, 0);
+            at = 0;
+            if let Err(e) = file.read_exact(&mut buf) {
+                left = 0;
+                return Some(Err(Error::io("cannot read digest list", &path, e)));
+            }
+        }
         left -= 1;
-        let mut record = [0u8; RECORD];
-        Some(match reader.read_exact(&mut record) {
-            Ok(()) => Ok(decode(&record)),
-            Err(e) => Err(Error::io("cannot read digest list", &path, e)),
-        })
+        let record = decode_record(&buf[at..at + RECORD]);
+        at += RECORD;
+        Some(Ok(record))
     }))
 }
 

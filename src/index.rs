@@ -15,7 +15,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -45,6 +45,9 @@ pub struct Run {
     map: Option<memmap2::Mmap>,
     /// Bytes from the start already given back by [`Run::release_before`].
     released: AtomicUsize,
+    /// The checksum of the bytes as its [`RunWriter`] wrote them (none for a run opened
+    /// from disk: checking a run means hashing what the file holds, [`checksum`]).
+    written_sum: Option<[u8; 32]>,
 }
 
 impl Run {
@@ -76,7 +79,14 @@ impl Run {
             id,
             map,
             released: AtomicUsize::new(0),
+            written_sum: None,
         })
+    }
+
+    /// The checksum of a run this process has just written, taken as it was written (so
+    /// naming it does not read it all back); `None` for a run opened from disk.
+    pub fn written_checksum(&self) -> Option<[u8; 32]> {
+        self.written_sum
     }
 
     /// Drops the mapped pages before record `index` from this process's memory (they stay
@@ -219,11 +229,18 @@ pub struct RunWriter {
     dir: PathBuf,
     id: u64,
     tmp: PathBuf,
-    out: Option<BufWriter<File>>,
+    out: Option<File>,
+    /// Entries not yet written, laid out as the run stores them.
+    buf: Vec<u8>,
     last: Option<Digest>,
+    /// Its checksum ([`checksum`]), over the bytes as they are written.
+    hasher: blake3::Hasher,
     /// Its disk writes start as it is written, not all at the fsync.
     writeback: crate::digests::Writeback,
 }
+
+/// Bytes a [`RunWriter`] gathers before it hashes and writes them.
+const WRITE_BYTES: usize = 1 << 20;
 
 impl RunWriter {
     pub fn create(dir: &Path, id: u64) -> Result<RunWriter> {
@@ -233,8 +250,10 @@ impl RunWriter {
             dir: dir.to_path_buf(),
             id,
             tmp,
-            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            out: Some(file),
+            buf: Vec::with_capacity(WRITE_BYTES),
             last: None,
+            hasher: blake3::Hasher::new(),
             writeback: crate::digests::Writeback::default(),
         })
     }
@@ -247,34 +266,43 @@ impl RunWriter {
             });
         }
         self.last = Some(entry.digest);
-        let mut record = [0u8; RECORD];
-        record[..32].copy_from_slice(&entry.digest);
-        record[32..36].copy_from_slice(&entry.image.to_le_bytes());
-        record[36..].copy_from_slice(&entry.block.to_le_bytes());
-        match &mut self.out {
-            Some(out) => {
-                out.write_all(&record)
-                    .map_err(|e| Error::io("cannot write index run", &self.tmp, e))?;
-                self.writeback.wrote(out, RECORD);
-                Ok(())
-            }
-            None => Ok(()),
+        self.buf.extend_from_slice(&entry.digest);
+        self.buf.extend_from_slice(&entry.image.to_le_bytes());
+        self.buf.extend_from_slice(&entry.block.to_le_bytes());
+        if self.buf.len() >= WRITE_BYTES {
+            self.write_out()?;
         }
+        Ok(())
+    }
+
+    /// Hashes and writes what is gathered.
+    fn write_out(&mut self) -> Result<()> {
+        let Some(out) = &mut self.out else {
+            return Ok(());
+        };
+        self.hasher.update(&self.buf);
+        out.write_all(&self.buf)
+            .map_err(|e| Error::io("cannot write index run", &self.tmp, e))?;
+        self.writeback.wrote_to(out, self.buf.len(), 0);
+        self.buf.clear();
+        Ok(())
     }
 
     /// Syncs the run and renames it into place: it must be durable before the commit that
     /// names it.
     pub fn finish(mut self) -> Result<Run> {
-        let Some(out) = self.out.take() else {
+        if self.out.is_none() {
             return Err(Error::Catalog {
                 dir: self.dir.clone(),
                 message: "index run finished twice (this is a bug)".into(),
             });
-        };
+        }
         let finished = (|| {
-            let file = out
-                .into_inner()
-                .map_err(|e| Error::io("cannot write index run", &self.tmp, e.into_error()))?;
+            self.write_out()?;
+            let file = self.out.take().ok_or_else(|| Error::Catalog {
+                dir: self.dir.clone(),
+                message: "index run finished twice (this is a bug)".into(),
+            })?;
             file.sync_all()
                 .map_err(|e| Error::io("cannot sync index run", &self.tmp, e))?;
             crate::fault::point("index.write")?;
@@ -284,10 +312,13 @@ impl RunWriter {
             sync_dir(&self.dir)
         })();
         if let Err(e) = finished {
+            self.out = None;
             let _ = fs::remove_file(&self.tmp);
             return Err(e);
         }
-        Run::open(&self.dir, self.id)
+        let mut run = Run::open(&self.dir, self.id)?;
+        run.written_sum = Some(*self.hasher.finalize().as_bytes());
+        Ok(run)
     }
 }
 
@@ -454,6 +485,11 @@ mod tests {
             .collect();
         let run = write_run(dir.path(), 1, entries.iter().copied()).unwrap();
         assert_eq!(run.len(), 50);
+        // The checksum taken while writing is that of the file; a run opened from disk has
+        // none (it must be hashed to be checked).
+        let opened = Run::open(dir.path(), 1).unwrap();
+        assert_eq!(opened.written_checksum(), None);
+        assert_eq!(run.written_checksum(), Some(checksum(&opened)));
         assert_eq!(run.entries().collect::<Vec<_>>(), entries);
         let (pos, hit) = run.seek(0, &d(20));
         assert_eq!((pos, hit), (10, Some(entries[10])));
@@ -625,6 +661,11 @@ mod tests {
         entries.sort();
         let run = write_run(dir.path(), 1, entries.into_iter()).unwrap();
         let path = run_path(dir.path(), 1);
+        // Written in many pieces: its checksum is still the whole file's.
+        assert_eq!(
+            run.written_checksum(),
+            Some(checksum(&Run::open(dir.path(), 1).unwrap()))
+        );
         // 44 MB of entries; each pass keeps only a few MiB mapped at a time, and none after.
         for pass in 0..2 {
             assert_eq!(run.entries().count(), 1_000_000);

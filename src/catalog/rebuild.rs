@@ -272,7 +272,12 @@ impl Catalog {
             .ctx(dir)?;
         txn.open_table(RUN_SUMS)
             .ctx(dir)?
-            .insert(run.id, index::checksum(run).as_slice())
+            .insert(
+                run.id,
+                run.written_checksum()
+                    .unwrap_or_else(|| index::checksum(run))
+                    .as_slice(),
+            )
             .ctx(dir)?;
         Ok(())
     }
@@ -409,11 +414,13 @@ impl Catalog {
                 let record = self.record_in(&txn, id)?;
                 let mut collector = spill.digests(record.size, &self.index_dir)?;
                 self.read_digests(&record, &mut collector)?;
-                let Hashed { sorted, blocks, .. } = collector.finish()?;
+                let Hashed {
+                    sorted, nonzero, ..
+                } = collector.finish()?;
                 let (writer, map) = self.resolve_image(
                     spill,
                     &record,
-                    (sorted, &blocks),
+                    (sorted, &nonzero),
                     (&new_runs, &BTreeSet::new()),
                     next_run,
                 )?;
