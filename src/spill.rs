@@ -297,8 +297,19 @@ impl Spill {
             blocks: BlockDigests::create(lists, size)?,
             count: 0,
             last: None,
-            fingerprint: crate::records::Fingerprint::new(size),
+            nonzero: Vec::new(),
+            fingerprint: Some(crate::records::Fingerprint::new(size)),
         })
+    }
+
+    /// [`Spill::digests`] for records whose fingerprint the caller computes itself over the
+    /// very bytes it hands to [`DigestCollector::extend_encoded`] (a sidecar's import, whose
+    /// decoder must hash them anyway to check the sidecar): finished with
+    /// [`DigestCollector::finish_with`], so they are not hashed twice.
+    pub fn digests_fingerprinted(&mut self, size: u64, lists: &Path) -> Result<DigestCollector> {
+        let mut collector = self.digests(size, lists)?;
+        collector.fingerprint = None;
+        Ok(collector)
     }
 
     /// A sorter for redirects, found in digest order, read back by block.
@@ -323,7 +334,10 @@ pub struct DigestCollector {
     blocks: BlockDigests,
     count: u64,
     last: Option<u64>,
-    fingerprint: crate::records::Fingerprint,
+    /// Runs of consecutive non-zero blocks: (first block, blocks).
+    nonzero: Vec<(u64, u64)>,
+    /// `None` when the caller fingerprints the records ([`Spill::digests_fingerprinted`]).
+    fingerprint: Option<crate::records::Fingerprint>,
 }
 
 impl DigestCollector {
@@ -333,30 +347,66 @@ impl DigestCollector {
     pub fn extend(&mut self, records: &[(u64, Digest)]) -> Result<()> {
         let mut encoded = Vec::with_capacity(records.len() * crate::digests::RECORD);
         for &(block, digest) in records {
+            encoded.extend_from_slice(&block.to_le_bytes());
+            encoded.extend_from_slice(&digest);
+        }
+        self.extend_encoded(&encoded)
+    }
+
+    /// [`DigestCollector::extend`] of records laid out as digest lists store them (block
+    /// u64 LE, digest): how a sidecar's import hands them over, with no copy per block.
+    pub fn extend_encoded(&mut self, encoded: &[u8]) -> Result<()> {
+        const RECORD: usize = crate::digests::RECORD;
+        if !encoded.len().is_multiple_of(RECORD) {
+            return Err(Error::Protocol(format!(
+                "{} bytes are not digest records (this is a bug)",
+                encoded.len()
+            )));
+        }
+        for record in encoded.chunks_exact(RECORD) {
+            let (block, digest) = crate::digests::decode_record(record);
             if self.last.is_some_and(|last| last >= block) {
                 return Err(Error::Protocol(format!(
                     "block {block} hashed out of order (this is a bug)"
                 )));
             }
+            match self.nonzero.last_mut() {
+                Some((start, len)) if *start + *len == block => *len += 1,
+                _ => self.nonzero.push((block, 1)),
+            }
             self.last = Some(block);
             self.by_digest.push(ByDigest { digest, block })?;
-            encoded.extend_from_slice(&block.to_le_bytes());
-            encoded.extend_from_slice(&digest);
         }
-        self.blocks.push_encoded(&encoded, records.len() as u64)?;
-        self.fingerprint.push_encoded(&encoded);
-        self.count += records.len() as u64;
+        let count = (encoded.len() / RECORD) as u64;
+        self.blocks.push_encoded(encoded, count)?;
+        if let Some(fingerprint) = &mut self.fingerprint {
+            fingerprint.push_encoded(encoded);
+        }
+        self.count += count;
         Ok(())
     }
 
     /// Ends collection: the digest-ordered stream and the block-ordered records.
-    pub fn finish(self) -> Result<Hashed> {
+    pub fn finish(mut self) -> Result<Hashed> {
+        let Some(fingerprint) = self.fingerprint.take() else {
+            return Err(Error::Protocol(
+                "a collector fingerprinted by its caller finished without it (this is a bug)"
+                    .into(),
+            ));
+        };
+        self.finish_with(fingerprint.finish())
+    }
+
+    /// [`DigestCollector::finish`] of a collector from [`Spill::digests_fingerprinted`]:
+    /// `fingerprint` is the caller's, over every record it handed over.
+    pub fn finish_with(self, fingerprint: String) -> Result<Hashed> {
         let sorted = self.by_digest.finish()?;
         Ok(Hashed {
             sorted,
             blocks: self.blocks.finish()?,
+            nonzero: self.nonzero,
             count: self.count,
-            fingerprint: self.fingerprint.finish(),
+            fingerprint,
         })
     }
 }
@@ -367,6 +417,9 @@ pub struct Hashed {
     pub sorted: SortedDigests,
     /// `(block, digest)` in block order, readable many times: the image's digest list.
     pub blocks: BlockDigests,
+    /// Runs of consecutive non-zero blocks, in order: (first block, blocks). What the map
+    /// needs of the list, without reading it back.
+    pub nonzero: Vec<(u64, u64)>,
     /// Non-zero blocks.
     pub count: u64,
     pub fingerprint: String,

@@ -412,5 +412,21 @@ proptest! {
             }
             prop_assert_eq!(h, i);
         }
+        // The digest lists and the index runs, byte for byte.
+        let files = |state: &str| {
+            let index = dir.path().join(state).join(vmar::catalog::INDEX_DIR);
+            let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&index)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap())
+                })
+                .collect();
+            files.sort();
+            files
+        };
+        let (h, i) = (files("hashing"), files("importing"));
+        prop_assert!(h.iter().any(|(name, _)| name.ends_with(".dig")), "{:?}", h.iter().map(|f| &f.0).collect::<Vec<_>>());
+        prop_assert_eq!(h, i);
     }
 }

@@ -703,30 +703,33 @@ impl Catalog {
                 path: sidecars.path_for(&image.path).unwrap_or_default(),
                 ..SidecarReport::default()
             };
-            let mut collector = spill.digests(image.size, &self.index_dir)?;
+            // The sidecar's decoder fingerprints the records it hands over (it checks the
+            // sidecar's own fingerprint with them): the same bytes as a hashing capture's
+            // collector would, so the catalog entry is the same either way.
+            let mut collector = spill.digests_fingerprinted(image.size, &self.index_dir)?;
             progress(Progress {
                 done: 0,
                 total: image.size,
             });
-            match sidecars.import(image, &mut |records| collector.extend(records)) {
+            let started = std::time::Instant::now();
+            match sidecars.import(image, &mut |records| collector.extend_encoded(records)) {
                 Ok(imported) => {
-                    let hashed = collector.finish()?;
-                    if hashed.fingerprint == imported.fingerprint {
-                        progress(Progress {
-                            done: image.size,
-                            total: image.size,
-                        });
-                        r.imported = true;
-                        r.sampled_blocks = imported.sampled_blocks;
-                        tracing::info!(
-                            image = %image.path.display(),
-                            sidecar = %r.path.display(),
-                            sampled = imported.sampled_blocks,
-                            "digests imported from the sidecar"
-                        );
-                        return Ok((imported.scan, hashed, None, Some(r)));
-                    }
-                    r.refused = Some("corrupt: fingerprint differs (this is a bug)".into());
+                    let read = started.elapsed();
+                    let hashed = collector.finish_with(imported.fingerprint)?;
+                    tracing::debug!(read = ?read, sorted = ?started.elapsed(), "sidecar imported");
+                    progress(Progress {
+                        done: image.size,
+                        total: image.size,
+                    });
+                    r.imported = true;
+                    r.sampled_blocks = imported.sampled_blocks;
+                    tracing::info!(
+                        image = %image.path.display(),
+                        sidecar = %r.path.display(),
+                        sampled = imported.sampled_blocks,
+                        "digests imported from the sidecar"
+                    );
+                    return Ok((imported.scan, hashed, None, Some(r)));
                 }
                 Err(refusal) if refusal.kind == "absent" => {}
                 Err(refusal) => {
@@ -777,12 +780,17 @@ impl Catalog {
         runs: &[Run],
         dead: &BTreeSet<ImageId>,
     ) -> Result<Run> {
+        let started = std::time::Instant::now();
         let run_id = self.meta_in(txn, NEXT_RUN)?;
         let Hashed {
-            sorted, mut blocks, ..
+            sorted,
+            mut blocks,
+            nonzero,
+            ..
         } = hashed;
         let (writer, map) =
-            self.resolve_image(spill, record, (sorted, &blocks), (runs, dead), run_id)?;
+            self.resolve_image(spill, record, (sorted, &nonzero), (runs, dead), run_id)?;
+        let resolved = started.elapsed();
         record.summary = map.summary(record.size);
         let record = &*record;
         // The run and the digest list are synced while the transaction is filled; both
@@ -809,10 +817,18 @@ impl Catalog {
                 return Err(e);
             }
         };
+        let synced = started.elapsed();
         let staged = persisted
             .and_then(|p| p)
             .and(filled)
             .and_then(|()| self.name_run(txn, &run));
+        tracing::debug!(
+            image = %record.name,
+            resolved = ?resolved,
+            synced = ?synced,
+            named = ?started.elapsed(),
+            "staged"
+        );
         match staged {
             Ok(()) => Ok(run),
             Err(e) => {
@@ -831,10 +847,11 @@ impl Catalog {
         &self,
         spill: &mut Spill,
         record: &ImageRecord,
-        (sorted, blocks): (crate::spill::SortedDigests, &BlockDigests),
+        (sorted, nonzero): (crate::spill::SortedDigests, &[(u64, u64)]),
         (runs, dead): (&[Run], &BTreeSet<ImageId>),
         run_id: u64,
     ) -> Result<(RunWriter, BlockMap)> {
+        let started = std::time::Instant::now();
         let mut writer = RunWriter::create(&self.index_dir, run_id)?;
         let mut redirects = spill.redirects()?;
         index::resolve(
@@ -845,7 +862,9 @@ impl Catalog {
             |entry| writer.push(entry),
             |redirect| redirects.push(redirect),
         )?;
-        let map = build_map(record, blocks, redirects.finish()?, spill.path())?;
+        let looked_up = started.elapsed();
+        let map = build_map(record, nonzero, redirects.finish()?, spill.path())?;
+        tracing::debug!(image = %record.name, looked_up = ?looked_up, mapped = ?started.elapsed(), "resolved");
         Ok((writer, map))
     }
 
@@ -1070,29 +1089,37 @@ fn path_key(path: &Path) -> &[u8] {
 /// order): a non-zero block no redirect names is the image's own.
 fn build_map(
     record: &ImageRecord,
-    blocks: &BlockDigests,
+    nonzero: &[(u64, u64)],
     redirects: SortedRedirects,
     spill_dir: &Path,
 ) -> Result<BlockMap> {
     let mut builder = MapBuilder::new(record.id, record.size.div_ceil(BLOCK_SIZE));
     let mut redirects = redirects.peekable();
-    for entry in blocks.iter()? {
-        let (block, _) = entry?;
-        let source = match redirects.next_if(|r| r.as_ref().is_ok_and(|r| r.block == block)) {
-            Some(Ok(redirect)) => redirect.source(),
-            _ => Source::Own,
-        };
-        builder.push(block, 1, source);
+    let stray = |block: u64| Error::Catalog {
+        dir: spill_dir.to_path_buf(),
+        message: format!("redirect of block {block} that is not a non-zero block (this is a bug)"),
+    };
+    for &(start, len) in nonzero {
+        let end = start + len;
+        let mut at = start;
+        while let Some(redirect) = redirects.next_if(|r| r.as_ref().map_or(true, |r| r.block < end))
+        {
+            let redirect = redirect?;
+            if redirect.block < at {
+                return Err(stray(redirect.block));
+            }
+            if redirect.block > at {
+                builder.push(at, redirect.block - at, Source::Own);
+            }
+            builder.push(redirect.block, 1, redirect.source());
+            at = redirect.block + 1;
+        }
+        if end > at {
+            builder.push(at, end - at, Source::Own);
+        }
     }
     if let Some(next) = redirects.next() {
-        let next = next?;
-        return Err(Error::Catalog {
-            dir: spill_dir.to_path_buf(),
-            message: format!(
-                "redirect of block {} that is not a non-zero block (this is a bug)",
-                next.block
-            ),
-        });
+        return Err(stray(next?.block));
     }
     Ok(builder.finish())
 }

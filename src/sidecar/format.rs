@@ -20,6 +20,7 @@
 
 use std::io::{Read, Write};
 
+use crate::digests::RECORD;
 use crate::image::BLOCK_SIZE;
 use crate::records::Fingerprint;
 use crate::scan::Digest;
@@ -205,9 +206,18 @@ impl<W: Write> Encoder<W> {
     }
 }
 
-/// Reads a sidecar as a stream of segments, checking its seal at the end. Nothing it hands
-/// out may be used before [`Decoder::next_segment`] returned `Ok(None)`: only then is the
+/// Bytes the decoder reads from its input at a time: few reads, and the seal is hashed in
+/// pieces large enough for BLAKE3's SIMD lanes.
+const READ_BYTES: usize = 1 << 20;
+
+/// Reads a sidecar as a stream of records, checking its seal at the end. Nothing it hands
+/// out may be used before [`Decoder::next_batch`] returned `Ok(false)`: only then is the
 /// whole file known to be intact and trusted.
+///
+/// Records come out as digest lists store them ([`crate::digests`]: block u64 LE, then the
+/// digest, 40 bytes each), which is also what the image's fingerprint hashes: a batch is
+/// hashed into the fingerprint in one update and can be written to the image's digest list
+/// as it is, with no per-block work beyond laying the bytes out.
 pub struct Decoder<R: Read> {
     input: R,
     hasher: blake3::Hasher,
@@ -217,8 +227,12 @@ pub struct Decoder<R: Read> {
     nonzero: u64,
     fingerprint: Fingerprint,
     done: bool,
-    /// A segment's digests as read.
+    /// Bytes read: `buf[pos..end]` is not consumed yet, `buf[..hashed]` is in the seal's
+    /// hash.
     buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    hashed: usize,
 }
 
 impl<R: Read> Decoder<R> {
@@ -278,6 +292,9 @@ impl<R: Read> Decoder<R> {
             fingerprint: Fingerprint::new(size),
             done: false,
             buf: Vec::new(),
+            pos: 0,
+            end: 0,
+            hashed: 0,
         })
     }
 
@@ -285,81 +302,125 @@ impl<R: Read> Decoder<R> {
         &self.header
     }
 
-    fn take(&mut self, buf: &mut [u8]) -> Result<(), DecodeError> {
-        self.input.read_exact(buf).map_err(io_error)?;
-        self.hasher.update(buf);
+    /// Makes at least `len` unconsumed bytes available (`Corrupt("truncated")` at the end
+    /// of the input). Consumed bytes are hashed into the seal before they are dropped. The
+    /// buffer grows from a few KiB to [`READ_BYTES`] as the input proves long (it is
+    /// zero-filled once as it grows, not at every read).
+    fn fill(&mut self, len: usize) -> Result<(), DecodeError> {
+        if self.end - self.pos >= len {
+            return Ok(());
+        }
+        self.hasher.update(&self.buf[self.hashed..self.pos]);
+        self.buf.copy_within(self.pos..self.end, 0);
+        self.end -= self.pos;
+        self.pos = 0;
+        self.hashed = 0;
+        let grown = (self.buf.len() * 2).clamp(16 << 10, READ_BYTES);
+        if self.buf.len() < grown.max(len) {
+            self.buf.resize(grown.max(len), 0);
+        }
+        while self.end < len {
+            match self.input.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(DecodeError::Corrupt("truncated".into())),
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
         Ok(())
+    }
+
+    /// The next `len` bytes (they count towards the seal).
+    fn take(&mut self, len: usize) -> Result<&[u8], DecodeError> {
+        self.fill(len)?;
+        let at = self.pos;
+        self.pos += len;
+        Ok(&self.buf[at..self.pos])
     }
 
     fn varint(&mut self) -> Result<u64, DecodeError> {
         let mut value: u64 = 0;
         for shift in (0..64).step_by(7) {
-            let mut byte = [0u8];
-            self.take(&mut byte)?;
-            let bits = u64::from(byte[0] & 0x7f);
+            let byte = self.take(1)?[0];
+            let bits = u64::from(byte & 0x7f);
             if shift == 63 && bits > 1 {
                 break;
             }
             value |= bits << shift;
-            if byte[0] & 0x80 == 0 {
+            if byte & 0x80 == 0 {
                 return Ok(value);
             }
         }
         Err(DecodeError::Corrupt("bad varint".into()))
     }
 
-    /// The next segment's non-zero blocks into `out` (cleared first); `Ok(false)` once the
-    /// trailer is read and the seal, counts and fingerprint all check out.
-    pub fn next_segment(&mut self, out: &mut Vec<(u64, Digest)>) -> Result<bool, DecodeError> {
-        out.clear();
+    /// Appends the records of the next segments to `out` (block u64 LE, digest: 40 bytes
+    /// each), at least `records` of them unless the list ends first. `Ok(false)` once the
+    /// trailer is read and the seal, counts and fingerprint all check out (nothing is
+    /// appended then).
+    pub fn next_batch(&mut self, out: &mut Vec<u8>, records: usize) -> Result<bool, DecodeError> {
         if self.done {
             return Ok(false);
         }
-        let gap = self.varint()?;
-        let count = self.varint()?;
-        let start = self
-            .next
-            .checked_add(gap)
-            .filter(|&s| s <= self.blocks)
-            .ok_or_else(|| DecodeError::Corrupt("a gap runs past the image".into()))?;
-        if count == 0 {
-            if start != self.blocks {
-                return Err(DecodeError::Corrupt(
-                    "the segments do not cover the image".into(),
-                ));
+        let from = out.len();
+        let mut added = 0;
+        while added < records.max(1) {
+            let gap = self.varint()?;
+            let count = self.varint()?;
+            let start = self
+                .next
+                .checked_add(gap)
+                .filter(|&s| s <= self.blocks)
+                .ok_or_else(|| DecodeError::Corrupt("a gap runs past the image".into()))?;
+            if count == 0 {
+                if start != self.blocks {
+                    return Err(DecodeError::Corrupt(
+                        "the segments do not cover the image".into(),
+                    ));
+                }
+                self.next = start;
+                self.fingerprint.push_encoded(&out[from..]);
+                self.finish()?;
+                return Ok(added > 0);
             }
-            self.next = start;
-            self.finish()?;
-            return Ok(false);
+            if count > SEGMENT_BLOCKS || count > self.blocks - start {
+                return Err(DecodeError::Corrupt("a segment runs past the image".into()));
+            }
+            let n = usize_of(count);
+            let digests = self.take(n * 32)?;
+            out.reserve(n * RECORD);
+            for (block, digest) in (start..).zip(digests.chunks_exact(32)) {
+                out.extend_from_slice(&block.to_le_bytes());
+                out.extend_from_slice(digest);
+            }
+            self.nonzero += count;
+            self.next = start + count;
+            added += n;
         }
-        if count > SEGMENT_BLOCKS || count > self.blocks - start {
-            return Err(DecodeError::Corrupt("a segment runs past the image".into()));
-        }
-        // One read and one hash update per segment, not per digest.
-        let mut bytes = std::mem::take(&mut self.buf);
-        bytes.resize(usize_of(count) * 32, 0);
-        self.take(&mut bytes)?;
-        for (block, digest) in (start..).zip(bytes.chunks_exact(32)) {
-            let digest: Digest = digest.try_into().unwrap_or([0; 32]);
-            self.fingerprint.push(block, &digest);
-            out.push((block, digest));
-        }
-        self.buf = bytes;
-        self.nonzero += count;
-        self.next = start + count;
+        // One update for the whole batch: BLAKE3 hashes long inputs many chunks at a time.
+        self.fingerprint.push_encoded(&out[from..]);
         Ok(true)
     }
 
     fn finish(&mut self) -> Result<(), DecodeError> {
         let mut tail = [0u8; 8 + 32];
-        self.take(&mut tail)?;
+        tail.copy_from_slice(self.take(8 + 32)?);
+        // The seal is not part of what it seals.
+        self.hasher.update(&self.buf[self.hashed..self.pos]);
+        self.hashed = self.pos;
         let mut seal = [0u8; 32];
-        self.input.read_exact(&mut seal).map_err(io_error)?;
+        seal.copy_from_slice(self.take(32)?);
+        if self.pos < self.end {
+            return Err(DecodeError::Corrupt("bytes after the seal".into()));
+        }
         let mut extra = [0u8; 1];
-        match self.input.read(&mut extra) {
-            Ok(0) => {}
-            Ok(_) => return Err(DecodeError::Corrupt("bytes after the seal".into())),
-            Err(e) => return Err(io_error(e)),
+        loop {
+            match self.input.read(&mut extra) {
+                Ok(0) => break,
+                Ok(_) => return Err(DecodeError::Corrupt("bytes after the seal".into())),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(e)),
+            }
         }
         // Constant-time comparison (blake3's Hash equality).
         if self.hasher.finalize() != blake3::Hash::from_bytes(seal) {
@@ -433,15 +494,37 @@ mod tests {
 
     type Decoded = (Header, Vec<(u64, Digest)>, String);
 
-    fn decode(bytes: &[u8], seal: &Seal) -> Result<Decoded, DecodeError> {
+    fn records_of(bytes: &[u8]) -> Vec<(u64, Digest)> {
+        bytes
+            .chunks_exact(RECORD)
+            .map(|r| {
+                let block = u64::from_le_bytes(r[..8].try_into().unwrap());
+                (block, r[8..].try_into().unwrap())
+            })
+            .collect()
+    }
+
+    /// Decodes in batches of `batch` records at least.
+    fn decode_by(bytes: impl Read, seal: &Seal, batch: usize) -> Result<Decoded, DecodeError> {
         let mut decoder = Decoder::new(bytes, seal)?;
         let mut all = Vec::new();
-        let mut segment = Vec::new();
-        while decoder.next_segment(&mut segment)? {
-            assert!(segment.len() as u64 <= SEGMENT_BLOCKS);
-            all.extend_from_slice(&segment);
+        let mut out = Vec::new();
+        while decoder.next_batch(&mut out, batch)? {
+            assert!(!out.is_empty());
+            assert_eq!(out.len() % RECORD, 0);
+            all.extend(records_of(&out));
+            out.clear();
         }
+        assert!(out.is_empty(), "nothing comes with the end");
+        assert!(
+            !decoder.next_batch(&mut out, batch)?,
+            "the end stays the end"
+        );
         Ok((*decoder.header(), all, decoder.fingerprint()))
+    }
+
+    fn decode(bytes: &[u8], seal: &Seal) -> Result<Decoded, DecodeError> {
+        decode_by(bytes, seal, 1)
     }
 
     #[test]
@@ -454,10 +537,13 @@ mod tests {
                 fingerprint,
                 crate::records::fingerprint(head.size, &records)
             );
-            let (h, decoded, f) = decode(&bytes, &seal).unwrap();
-            assert_eq!(h, head);
-            assert_eq!(decoded, records);
-            assert_eq!(f, fingerprint);
+            // Batches of one segment, of a few, and of everything at once.
+            for batch in [1, 5000, usize::MAX] {
+                let (h, decoded, f) = decode_by(bytes.as_slice(), &seal, batch).unwrap();
+                assert_eq!(h, head);
+                assert_eq!(decoded, records);
+                assert_eq!(f, fingerprint);
+            }
             // Compact: 32 bytes a non-zero block and little else.
             assert!(bytes.len() < records.len() * 32 + 4096, "{}", bytes.len());
         }
@@ -470,6 +556,49 @@ mod tests {
             let (bytes, _) = encode(&small, &records, &Seal::Checksum);
             assert_eq!(decode(&bytes, &Seal::Checksum).unwrap().1, records);
         }
+    }
+
+    /// Hands out at most 7 bytes a read, and is interrupted at every third call.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        calls: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(3) {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(7).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn short_and_interrupted_reads_decode_the_same() {
+        let head = header(9_000);
+        let records = records(9_000);
+        let seal = Seal::from_key_material(b"fleet key");
+        let (bytes, fingerprint) = encode(&head, &records, &seal);
+        let trickle = Trickle {
+            bytes: &bytes,
+            calls: 0,
+        };
+        let (h, decoded, f) = decode_by(trickle, &seal, 3000).unwrap();
+        assert_eq!((h, f), (head, fingerprint));
+        assert_eq!(decoded, records);
+        // Cut short, through the same reads: refused.
+        let cut = Trickle {
+            bytes: &bytes[..bytes.len() - 1],
+            calls: 0,
+        };
+        assert_eq!(
+            decode_by(cut, &seal, 3000).unwrap_err(),
+            DecodeError::Corrupt("truncated".into())
+        );
     }
 
     #[test]
@@ -535,6 +664,9 @@ mod tests {
                 fingerprint: Fingerprint::new(0),
                 done: false,
                 buf: Vec::new(),
+                pos: 0,
+                end: 0,
+                hashed: 0,
             };
             assert_eq!(decoder.varint().unwrap(), value);
         }

@@ -22,15 +22,16 @@
 pub mod format;
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufWriter;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::digests::RECORD;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile};
-use crate::scan::{BlockDigest, Digest, ScanStats, hash_block, is_zero};
+use crate::scan::{Digest, ScanStats, hash_block, is_zero};
 use crate::units::usize_of;
 use format::{DecodeError, Decoder, Encoder, Header, Seal};
 
@@ -192,13 +193,15 @@ impl Sidecars {
         })
     }
 
-    /// Reads the sidecar of `image` and hands its digests to `consume` (block order), then
-    /// checks a random sample of the image's blocks against it. On `Err` whatever `consume`
+    /// Reads the sidecar of `image` and hands its digests to `consume` in block order, laid
+    /// out as digest lists store them (block u64 LE, digest; [`crate::digests::RECORD`]
+    /// bytes each), while a random sample of the image's blocks is read (in offset order,
+    /// on another thread) and checked against them at the end. On `Err` whatever `consume`
     /// received must be thrown away.
     pub fn import(
         &self,
         image: &ImageFile,
-        consume: &mut dyn FnMut(&[BlockDigest]) -> Result<()>,
+        consume: &mut dyn FnMut(&[u8]) -> Result<()>,
     ) -> std::result::Result<Imported, Refusal> {
         let path = self
             .path_for(&image.path)
@@ -230,7 +233,7 @@ impl Sidecars {
                 ));
             }
         }
-        let mut decoder = Decoder::new(BufReader::with_capacity(1 << 20, file), &self.seal)?;
+        let mut decoder = Decoder::new(file, &self.seal)?;
         let header = *decoder.header();
         let identity = &image.identity;
         let mut stale = Vec::new();
@@ -254,43 +257,42 @@ impl Sidecars {
         }
         let blocks = header.blocks();
         let samples = self.pick_samples(blocks);
-        let mut expected: Vec<Option<Digest>> = vec![None; samples.len()];
-        let mut next_sample = 0;
-        let mut segment = Vec::new();
-        while decoder.next_segment(&mut segment)? {
-            for &(block, digest) in &segment {
-                while samples.get(next_sample).is_some_and(|&s| s < block) {
-                    next_sample += 1;
-                }
-                if samples.get(next_sample) == Some(&block) {
-                    expected[next_sample] = Some(digest);
-                    next_sample += 1;
-                }
+        let started = std::time::Instant::now();
+        // The sample is read while the sidecar is decoded: on a cold cache its reads are
+        // the import's only image I/O, and they wait on the disk, not on the CPU.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (decoded, sampled) = std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| read_samples(image, &samples, &stop));
+            let decoded = decode_all(&mut decoder, &samples, IMPORT_BATCH, consume);
+            if decoded.is_err() {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
             }
-            consume(&segment).map_err(|e| refuse("io", e.to_string()))?;
+            let sampled = sampler
+                .join()
+                .unwrap_or_else(|_| Err(refuse("io", "the sample reader panicked")));
+            (decoded, sampled)
+        });
+        let expected = decoded?;
+        let decoded_at = started.elapsed();
+        let (found, bytes_read) = sampled?;
+        if found.len() != samples.len() {
+            return Err(refuse("io", "the sample was not read whole"));
         }
-        let nonzero = decoder.nonzero();
-        let mut bytes_read = 0;
-        let mut buf = vec![0u8; usize_of(BLOCK_SIZE)];
-        for (&block, expected) in samples.iter().zip(&expected) {
-            let start = block * BLOCK_SIZE;
-            let len = usize_of((image.size - start).min(BLOCK_SIZE));
-            let data = &mut buf[..len];
-            image.file.read_exact_at(data, start).map_err(|e| {
-                refuse("io", format!("cannot read block {block} of the image: {e}"))
-            })?;
-            bytes_read += len as u64;
-            let agrees = match expected {
-                None => is_zero(data),
-                Some(digest) => !is_zero(data) && hash_block(data) == *digest,
-            };
-            if !agrees {
+        for ((&block, expected), found) in samples.iter().zip(&expected).zip(&found) {
+            if expected != found {
                 return Err(refuse(
                     "mismatch",
                     format!("block {block} of the image differs from the sidecar's digest"),
                 ));
             }
         }
+        tracing::debug!(
+            image = %image.path.display(),
+            decoded = ?decoded_at,
+            sampled = ?started.elapsed(),
+            "sidecar read and checked"
+        );
+        let nonzero = decoder.nonzero();
         Ok(Imported {
             scan: ScanStats {
                 blocks,
@@ -377,6 +379,133 @@ fn open_sidecar(path: &Path) -> std::io::Result<File> {
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
         .open(path)
+}
+
+/// Records handed to `consume` at a time by [`Sidecars::import`]: 2.5 MiB, a few updates of
+/// the fingerprint and writes of the digest list per 2 GiB of dense image.
+const IMPORT_BATCH: usize = 64 * 1024;
+
+/// Decodes every record of `decoder` into `consume`, and picks out the digests the sidecar
+/// gives for `samples` (sorted blocks; `None`: no record, a zero block). Reading, checking
+/// and laying out the records (this thread's work) overlaps `consume` (the caller's: the
+/// digest list's writes, the records to sort) batch by batch, on another thread.
+fn decode_all<R: std::io::Read + Send>(
+    decoder: &mut Decoder<R>,
+    samples: &[u64],
+    batch_records: usize,
+    consume: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> std::result::Result<Vec<Option<Digest>>, Refusal> {
+    let (full, decoded) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+    let (spent, empty) = std::sync::mpsc::channel::<Vec<u8>>();
+    let capacity = (batch_records + usize_of(format::SEGMENT_BLOCKS)) * RECORD;
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut expected = vec![None; samples.len()];
+            let mut next_sample = 0;
+            loop {
+                let mut batch = empty
+                    .try_recv()
+                    .unwrap_or_else(|_| Vec::with_capacity(capacity));
+                batch.clear();
+                if !decoder.next_batch(&mut batch, batch_records)? {
+                    return Ok(expected);
+                }
+                pick_samples(&batch, samples, &mut next_sample, &mut expected);
+                if full.send(batch).is_err() {
+                    // The consumer failed, and says why.
+                    return Ok(expected);
+                }
+            }
+        });
+        let mut consumed = Ok(());
+        for batch in decoded {
+            if let Err(e) = consume(&batch) {
+                consumed = Err(refuse("io", e.to_string()));
+                // Dropping the receiver stops the reader at its next batch.
+                break;
+            }
+            let _ = spent.send(batch);
+        }
+        let expected = reader
+            .join()
+            .unwrap_or_else(|_| Err(refuse("io", "the sidecar reader panicked")));
+        consumed.and(expected)
+    })
+}
+
+/// Puts the digest of each of `samples` (from `next`) that is up to `batch`'s last block
+/// into `expected`: such a block has its record in this batch, or none (a zero block).
+fn pick_samples(batch: &[u8], samples: &[u64], next: &mut usize, expected: &mut [Option<Digest>]) {
+    let records = batch.len() / RECORD;
+    let block_at = |i: usize| crate::digests::decode_record(&batch[i * RECORD..]).0;
+    let Some(last) = records.checked_sub(1).map(block_at) else {
+        return;
+    };
+    let mut lo = 0;
+    while let Some(&sample) = samples.get(*next).filter(|&&s| s <= last) {
+        let (mut l, mut hi) = (lo, records);
+        while l < hi {
+            let mid = l + (hi - l) / 2;
+            if block_at(mid) < sample {
+                l = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo = l;
+        let (block, digest) = crate::digests::decode_record(&batch[l * RECORD..]);
+        if block == sample {
+            expected[*next] = Some(digest);
+        }
+        *next += 1;
+    }
+}
+
+/// Reads blocks `samples` (sorted) of the image, in offset order, after asking the kernel
+/// for all of them at once (`POSIX_FADV_WILLNEED`: on a cold cache the disk gets them queued,
+/// not one at a time): each block's digest, `None` for a zero block. Gives up when `stop` is
+/// set (the decoding failed).
+fn read_samples(
+    image: &ImageFile,
+    samples: &[u64],
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::result::Result<(Vec<Option<Digest>>, u64), Refusal> {
+    let range = |block: u64| {
+        let start = block * BLOCK_SIZE;
+        (
+            start,
+            usize_of(image.size.saturating_sub(start).min(BLOCK_SIZE)),
+        )
+    };
+    for &block in samples {
+        let (start, len) = range(block);
+        if let (Ok(offset), Ok(len)) = (i64::try_from(start), i64::try_from(len)) {
+            // A hint: a failure only costs the read its wait.
+            let _ = nix::fcntl::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&image.file),
+                offset,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
+    }
+    let mut found = Vec::with_capacity(samples.len());
+    let mut bytes_read = 0;
+    let mut buf = vec![0u8; usize_of(BLOCK_SIZE)];
+    for &block in samples {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let (start, len) = range(block);
+        let data = &mut buf[..len];
+        image
+            .file
+            .read_exact_at(data, start)
+            .map_err(|e| refuse("io", format!("cannot read block {block} of the image: {e}")))?;
+        bytes_read += len as u64;
+        found.push((!is_zero(data)).then(|| hash_block(data)));
+    }
+    Ok((found, bytes_read))
 }
 
 /// A sidecar being written to a temporary file; removed unless committed.
@@ -498,7 +627,11 @@ mod tests {
     ) -> std::result::Result<Vec<(u64, Digest)>, Refusal> {
         let mut all = Vec::new();
         sidecars.import(image, &mut |r| {
-            all.extend_from_slice(r);
+            assert_eq!(r.len() % RECORD, 0);
+            all.extend(r.chunks_exact(RECORD).map(|r| {
+                let block = u64::from_le_bytes(r[..8].try_into().unwrap());
+                (block, <Digest>::try_from(&r[8..]).unwrap())
+            }));
             Ok(())
         })?;
         Ok(all)
@@ -589,6 +722,65 @@ mod tests {
         let refusal = import(&keyed, &changed).unwrap_err();
         assert_eq!(refusal.kind, "stale", "{refusal}");
         assert!(refusal.message.contains("change time"), "{refusal}");
+    }
+
+    #[test]
+    fn decoding_in_batches_on_two_threads_hands_over_every_record_and_the_samples() {
+        use format::{Encoder, Header, Seal};
+        let blocks = 40_000u64;
+        let records: Vec<(u64, Digest)> = (0..blocks)
+            .filter(|b| b % 9 != 4 && !(1000..1300).contains(b))
+            .map(|b| (b, *blake3::hash(&b.to_le_bytes()).as_bytes()))
+            .collect();
+        let header = Header {
+            size: blocks * BLOCK_SIZE,
+            mtime_ns: 1,
+            ctime_ns: 2,
+        };
+        let mut encoder = Encoder::new(Vec::new(), &header, &Seal::Checksum).unwrap();
+        encoder.push(&records).unwrap();
+        let (bytes, fingerprint) = encoder.finish().unwrap();
+        let samples = [0, 4, 5, 1100, 1300, 20_000, 39_999];
+        let decode = |fail_at: Option<usize>| {
+            let mut decoder = Decoder::new(bytes.as_slice(), &Seal::Checksum).unwrap();
+            let mut got = Vec::new();
+            let mut batches = 0;
+            let expected = decode_all(&mut decoder, &samples, 1000, &mut |batch| {
+                batches += 1;
+                if Some(batches) == fail_at {
+                    return Err(Error::Protocol("disk full".into()));
+                }
+                got.extend(
+                    batch
+                        .chunks_exact(RECORD)
+                        .map(crate::digests::decode_record),
+                );
+                Ok(())
+            });
+            (expected, got, batches, decoder.fingerprint())
+        };
+        let (expected, got, batches, decoded_fingerprint) = decode(None);
+        assert_eq!(got, records);
+        assert!(batches >= 30, "{batches} batches");
+        assert_eq!(decoded_fingerprint, fingerprint);
+        let digest_of = |b: u64| records.iter().find(|r| r.0 == b).map(|r| r.1);
+        let want: Vec<Option<Digest>> = samples.iter().map(|&b| digest_of(b)).collect();
+        assert_eq!(want.iter().filter(|d| d.is_none()).count(), 3);
+        assert_eq!(expected.unwrap(), want);
+        // A consumer that fails stops the reader, and its error is the answer.
+        let (expected, _, batches, _) = decode(Some(3));
+        assert_eq!(batches, 3);
+        assert_eq!(expected.unwrap_err().kind, "io");
+        // A damaged sidecar is refused, whatever the consumer took meanwhile.
+        let mut damaged = bytes.clone();
+        let at = damaged.len() / 2;
+        damaged[at] ^= 1;
+        let mut decoder = Decoder::new(damaged.as_slice(), &Seal::Checksum).unwrap();
+        let refused = decode_all(&mut decoder, &samples, 1000, &mut |_| Ok(())).unwrap_err();
+        assert!(
+            ["untrusted", "corrupt"].contains(&refused.kind),
+            "{refused}"
+        );
     }
 
     #[test]
