@@ -20,7 +20,7 @@
 //! (block u64 LE, digest), blocks strictly increasing.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -43,24 +43,18 @@ const WRITEBACK_STEP: u64 = 8 << 20;
 /// written while the image is hashed, so its disk writes overlap the hashing. A hint only:
 /// errors are ignored (the fsync reports them).
 #[derive(Default)]
-pub struct Writeback {
+struct Writeback {
     written: u64,
     started: u64,
 }
 
 impl Writeback {
-    /// Counts `len` more bytes handed to `out`, and starts writeback of what it has passed
-    /// on to the file once [`WRITEBACK_STEP`] bytes have accumulated.
-    pub fn wrote(&mut self, out: &BufWriter<File>, len: usize) {
-        self.wrote_to(out.get_ref(), len, out.buffer().len());
-    }
-
-    /// [`Writeback::wrote`] for a writer of `file` that holds `buffered` bytes not yet
-    /// handed to it.
-    pub fn wrote_to(&mut self, file: &File, len: usize, buffered: usize) {
+    /// Counts `len` more bytes written to `file`, and starts writeback of them once
+    /// [`WRITEBACK_STEP`] bytes have accumulated.
+    fn wrote(&mut self, file: &File, len: usize) {
         use std::os::fd::AsRawFd;
         self.written += len as u64;
-        let flushed = self.written.saturating_sub(buffered as u64);
+        let flushed = self.written;
         if flushed < self.started + WRITEBACK_STEP {
             return;
         }
@@ -81,6 +75,108 @@ impl Writeback {
             )
         };
         self.started = flushed;
+    }
+}
+
+/// Bytes a [`FileWriter`] gathers before its thread writes them.
+const WRITE_BYTES: usize = 1 << 20;
+
+/// Writes a file on a thread of its own, 1 MiB at a time, with [`Writeback`], hashing what
+/// it writes when asked to: the caller only lays the bytes out, and goes on while the
+/// kernel copies them (a capture's digest list, an index run).
+pub struct FileWriter {
+    buf: Vec<u8>,
+    /// To the thread; `None` once it was told to stop.
+    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    /// Buffers the thread is done with.
+    spent: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<Written>>>,
+}
+
+/// A file a [`FileWriter`] has written: the file, and the BLAKE3 of its bytes if asked.
+pub type Written = (File, Option<blake3::Hash>);
+
+impl FileWriter {
+    /// Writes `file` from its current position; `hash`: also hashes every byte written.
+    pub fn new(mut file: File, hash: bool) -> std::io::Result<FileWriter> {
+        let (full, written) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+        let (spend, spent) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("vmard-writer".into())
+            .spawn(move || {
+                let mut hasher = hash.then(blake3::Hasher::new);
+                let mut writeback = Writeback::default();
+                for buf in written {
+                    if let Some(hasher) = &mut hasher {
+                        hasher.update(&buf);
+                    }
+                    file.write_all(&buf)?;
+                    writeback.wrote(&file, buf.len());
+                    let _ = spend.send(buf);
+                }
+                Ok((file, hasher.map(|h| h.finalize())))
+            })?;
+        Ok(FileWriter {
+            buf: Vec::with_capacity(WRITE_BYTES),
+            full: Some(full),
+            spent,
+            thread: Some(thread),
+        })
+    }
+
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= WRITE_BYTES {
+            self.hand_over()?;
+        }
+        Ok(())
+    }
+
+    /// Hands what is gathered to the thread; a failed thread's error is returned.
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let mut next = self
+            .spent
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(WRITE_BYTES));
+        next.clear();
+        let buf = std::mem::replace(&mut self.buf, next);
+        if self
+            .full
+            .as_ref()
+            .is_some_and(|full| full.send(buf).is_ok())
+        {
+            return Ok(());
+        }
+        self.join().map(|_| ())
+    }
+
+    /// Stops the thread after what it was handed, and takes what it wrote.
+    fn join(&mut self) -> std::io::Result<Written> {
+        self.full = None;
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(written)) => written,
+            Some(Err(_)) => Err(std::io::Error::other("the writer thread panicked")),
+            None => Err(std::io::Error::other(
+                "written after it failed (this is a bug)",
+            )),
+        }
+    }
+
+    /// Writes the rest and returns the file (not synced) and its hash.
+    pub fn finish(mut self) -> std::io::Result<Written> {
+        if !self.buf.is_empty() {
+            self.hand_over()?;
+        }
+        self.join()
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.join();
+        }
     }
 }
 
@@ -110,8 +206,7 @@ pub fn decode_record(record: &[u8]) -> BlockDigest {
 /// file (under a temporary name until [`BlockDigests::persist`]), never in memory.
 pub struct BlockDigests {
     tmp: PathBuf,
-    out: Option<BufWriter<File>>,
-    writeback: Writeback,
+    out: Option<FileWriter>,
     file: Option<File>,
     count: u64,
     persisted: bool,
@@ -126,23 +221,21 @@ impl BlockDigests {
             .tempfile_in(dir)
             .and_then(|f| f.keep().map_err(|e| e.error))
             .map_err(|e| list_error(dir, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut header = [0u8; HEADER_BYTES];
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&size.to_le_bytes());
-        let written = out.write_all(&header);
-        let list = BlockDigests {
+        let out = FileWriter::new(file, false).and_then(|mut out| {
+            out.write(&header)?;
+            Ok(out)
+        });
+        let mut list = BlockDigests {
             tmp,
-            writeback: Writeback {
-                written: HEADER,
-                started: 0,
-            },
-            out: Some(out),
+            out: None,
             file: None,
             count: 0,
             persisted: false,
         };
-        written.map_err(|e| list_error(&list.tmp, e))?;
+        list.out = Some(out.map_err(|e| list_error(&list.tmp, e))?);
         Ok(list)
     }
 
@@ -156,9 +249,7 @@ impl BlockDigests {
         let mut record = [0u8; RECORD];
         record[..8].copy_from_slice(&block.to_le_bytes());
         record[8..].copy_from_slice(digest);
-        out.write_all(&record)
-            .map_err(|e| list_error(&self.tmp, e))?;
-        self.writeback.wrote(out, RECORD);
+        out.write(&record).map_err(|e| list_error(&self.tmp, e))?;
         self.count += 1;
         Ok(())
     }
@@ -177,9 +268,7 @@ impl BlockDigests {
                 "digest list pushed after it was finished (this is a bug)".into(),
             ));
         };
-        out.write_all(records)
-            .map_err(|e| list_error(&self.tmp, e))?;
-        self.writeback.wrote(out, records.len());
+        out.write(records).map_err(|e| list_error(&self.tmp, e))?;
         self.count += count;
         Ok(())
     }
@@ -187,9 +276,7 @@ impl BlockDigests {
     /// Ends collection: the records can be read back.
     pub fn finish(mut self) -> Result<BlockDigests> {
         if let Some(out) = self.out.take() {
-            let file = out
-                .into_inner()
-                .map_err(|e| list_error(&self.tmp, e.into_error()))?;
+            let (file, _) = out.finish().map_err(|e| list_error(&self.tmp, e))?;
             self.file = Some(file);
         }
         Ok(self)
@@ -444,6 +531,27 @@ mod tests {
         assert!(path.exists());
         assert_eq!(remove_orphans(dir.path(), |_| false).unwrap(), 1);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_file_writer_writes_every_byte_once_in_order_and_hashes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut writer = FileWriter::new(File::create(&path).unwrap(), true).unwrap();
+        let mut want = Vec::new();
+        // Pieces of every size, many buffers' worth (buffers are recycled).
+        for n in 0..3000u32 {
+            let piece: Vec<u8> = (0..n).map(|i| (i ^ n).to_le_bytes()[0]).collect();
+            writer.write(&piece).unwrap();
+            want.extend_from_slice(&piece);
+        }
+        let (file, sum) = writer.finish().unwrap();
+        drop(file);
+        assert!(want.len() > 4 * WRITE_BYTES, "{}", want.len());
+        assert_eq!(fs::read(&path).unwrap(), want);
+        assert_eq!(sum, Some(blake3::hash(&want)));
+        let unhashed = FileWriter::new(File::create(&path).unwrap(), false).unwrap();
+        assert_eq!(unhashed.finish().unwrap().1, None);
     }
 
     #[test]
