@@ -6,6 +6,7 @@ mod common;
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -465,19 +466,32 @@ fn real_restore_after_reboot() {
     for name in ["base", "web", "db"] {
         create(&daemon, name, name);
     }
-    // udev gives each device a stable name from vmar's rules.
+    // udev gives each device a stable name from vmar's rules: /dev/vmar/NAME is a block
+    // node of its own (AppArmor sees that path, not /dev/dm-N), by-id a symlink.
     for name in ["base", "web", "db"] {
-        for link in [
-            PathBuf::from(format!("/dev/vmar/{name}")),
-            PathBuf::from(format!("/dev/disk/by-id/vmar-{name}")),
-        ] {
-            eventually("the udev links", || link.exists());
-            assert_eq!(
-                std::fs::canonicalize(&link).unwrap(),
-                std::fs::canonicalize(node(name)).unwrap()
-            );
-        }
+        let by_id = PathBuf::from(format!("/dev/disk/by-id/vmar-{name}"));
+        eventually("the udev link", || by_id.exists());
+        assert_eq!(
+            std::fs::canonicalize(&by_id).unwrap(),
+            std::fs::canonicalize(node(name)).unwrap()
+        );
+        let vmar = PathBuf::from(format!("/dev/vmar/{name}"));
+        eventually("the /dev/vmar node", || vmar.exists());
+        let meta = std::fs::symlink_metadata(&vmar).unwrap();
+        assert!(meta.file_type().is_block_device(), "{vmar:?}: {meta:?}");
+        assert_eq!(meta.rdev(), std::fs::metadata(node(name)).unwrap().rdev());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640, "{vmar:?}");
     }
+    // A removed device takes its node along; another device under that name gets a new one.
+    assert!(daemon.json(&["remove", "db"]).0);
+    eventually("the removed device's node to go", || {
+        !Path::new("/dev/vmar/db").exists()
+    });
+    create(&daemon, "db", "db");
+    eventually("the node of the device created again", || {
+        std::fs::metadata("/dev/vmar/db")
+            .is_ok_and(|m| m.rdev() == std::fs::metadata(node("db")).map(|n| n.rdev()).unwrap_or(0))
+    });
     let before: Vec<Value> = ["base", "web"]
         .iter()
         .map(|n| live_table(&daemon, n))

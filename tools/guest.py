@@ -220,6 +220,9 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
             sys.exit(f"udev rule {rule} not found (install dmsetup)")
     for extra in (ROOT / "udev").glob("*.rules"):
         shutil.copy2(extra, rules / extra.name)
+    # The rules' helpers (RUN+="vmar-devnode ..." is looked up in /lib/udev).
+    for helper in (ROOT / "udev").glob("vmar-*"):
+        shutil.copy2(helper, tree / "lib/udev" / helper.name)
     dmsetup = Path("/sbin/dmsetup").resolve()
     (tree / "sbin").mkdir(exist_ok=True)
     shutil.copy2(dmsetup, tree / "sbin/dmsetup")
@@ -243,7 +246,7 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(loader), dest)
     (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-    (tree / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (tree / "etc/group").write_text("root:x:0:\ndisk:x:6:\nnogroup:x:65534:\n")
     for dest, source in (files or {}).items():
         target = tree / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
