@@ -226,8 +226,12 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
     dmsetup = Path("/sbin/dmsetup").resolve()
     (tree / "sbin").mkdir(exist_ok=True)
     shutil.copy2(dmsetup, tree / "sbin/dmsetup")
+    # util-linux's flock, which vmar-devnode takes (busybox has none).
+    flock = Path("/usr/bin/flock").resolve()
+    (tree / "usr/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(flock, tree / "usr/bin/flock")
     wanted = set()
-    for binary in [*binaries, udev / "bin/udevadm", dmsetup]:
+    for binary in [*binaries, udev / "bin/udevadm", dmsetup, flock]:
         wanted.add(binary)
         wanted.update(libraries(binary))
     # The binaries go to /vmar/bin: the guest mounts a tmpfs over /tmp, where a checkout may be.
