@@ -212,7 +212,7 @@ impl BlockDigests {
             Error::Protocol("digest list persisted before it was finished (this is a bug)".into())
         })?;
         file.sync_all().map_err(|e| list_error(&self.tmp, e))?;
-        crate::fault::point("digests.write")?;
+        crate::fault::point(crate::fault::Step::DigestsWrite)?;
         fs::rename(&self.tmp, path).map_err(|e| list_error(path, e))?;
         self.persisted = true;
         if let Some(dir) = path.parent() {

@@ -149,7 +149,7 @@ pub enum Error {
     HardLinked { path: PathBuf, links: u64 },
 
     #[error("injected fault at step {step} (VMAR_FAULTS)")]
-    Injected { step: String },
+    Injected { step: &'static str },
 
     #[error("vmard is shutting down; the request was cancelled, retry once it is back")]
     ShuttingDown,

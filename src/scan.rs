@@ -375,7 +375,7 @@ pub fn hash_image(
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
-        crate::fault::point("capture.batch")?;
+        crate::fault::point(crate::fault::Step::CaptureBatch)?;
         digests(&batch.digests)?;
         done += batch.read_bytes;
         progress(done, total);
