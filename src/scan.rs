@@ -338,7 +338,7 @@ impl<'a> Scan<'a> {
             // Dropping the receiver makes a producer blocked in `send` stop.
             drop(rx);
             if producer.join().is_err() {
-                result = Err(Error::Protocol("hashing thread panicked".into()));
+                result = Err(Error::internal("hashing thread panicked"));
             }
             result
         })?;

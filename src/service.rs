@@ -269,7 +269,7 @@ pub fn hold_older_images(ctx: Arc<Context>) {
 }
 
 fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
-    serde_json::to_value(result).map_err(|e| Error::Protocol(format!("cannot encode reply: {e}")))
+    serde_json::to_value(result).map_err(|e| Error::internal(format!("cannot encode reply: {e}")))
 }
 
 /// Runs the handler of one request and encodes its result. The handler's result must be the

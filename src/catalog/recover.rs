@@ -271,7 +271,7 @@ fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
     let path = dir.join(MARKER);
     let tmp = dir.join(format!("{MARKER}.tmp"));
     let bytes = serde_json::to_vec(marker)
-        .map_err(|e| Error::Protocol(format!("cannot encode the recovery marker: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode the recovery marker: {e}")))?;
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
     file.write_all(&bytes)
         .and_then(|()| file.sync_all())
