@@ -16,10 +16,11 @@ use std::path::Path;
 use crate::budget::{self, BudgetCost};
 use crate::catalog::{Catalog, DeviceRecord, DeviceState, ImageRecord};
 use crate::error::{Error, Result};
-use crate::image::{ImageIdentity, validate_name};
+use crate::image::ImageIdentity;
 use crate::instance::InstanceId;
 use crate::kernel::{Kernel, LiveDevice, LoopHold, LoopInfo, Maker, device_uuid, node_path};
 use crate::map::{BlockMap, ImageId};
+use crate::name::{DeviceName, ImageName};
 use crate::protocol::{
     DeviceChange, DeviceStats, DeviceStatus, ImageCache, Removed, RestoreReport, StatsReport,
 };
@@ -253,11 +254,10 @@ pub fn create(
     catalog: &Catalog,
     kernel: &dyn Kernel,
     instance: &InstanceId,
-    name: &str,
+    name: &DeviceName,
     image: &str,
     max_targets: u64,
 ) -> Result<DeviceChange> {
-    validate_name(name)?;
     let started = std::time::Instant::now();
     let exists = || Error::DeviceExists {
         name: name.to_string(),
@@ -572,10 +572,9 @@ pub fn refresh(
     catalog: &Catalog,
     kernel: &dyn Kernel,
     instance: &InstanceId,
-    name: &str,
+    name: &DeviceName,
     max_targets: u64,
 ) -> Result<DeviceChange> {
-    validate_name(name)?;
     let started = std::time::Instant::now();
     let record = catalog
         .device(name)?
@@ -609,10 +608,9 @@ pub fn remove(
     catalog: &Catalog,
     kernel: &dyn Kernel,
     instance: &InstanceId,
-    name: &str,
+    name: &DeviceName,
     deferred: bool,
 ) -> Result<Removed> {
-    validate_name(name)?;
     let mut live = kernel.dm_info(name)?;
     let record = catalog.device(name)?;
     if live.is_none() && record.is_none() {
@@ -709,11 +707,10 @@ pub fn status(
     catalog: &Catalog,
     kernel: &dyn Kernel,
     instance: &InstanceId,
-    name: &str,
+    name: &DeviceName,
     max_targets: u64,
     table: bool,
 ) -> Result<DeviceStatus> {
-    validate_name(name)?;
     let mut status = status_of(catalog, kernel, instance, name, max_targets, None)?;
     if status.state == "gone" || (status.image.is_none() && status.live.is_none()) {
         return Err(Error::UnknownDevice {
@@ -841,16 +838,18 @@ pub fn image_name(
             .map(|i| i.name)
             .ok_or_else(unknown);
     }
-    validate_name(reference)?;
-    catalog.image(reference).map(|i| i.name)
+    catalog.image(&ImageName::new(reference)?).map(|i| i.name)
 }
 
 /// Read statistics, target counts and page-cache sharing of device `name`, or of all live
 /// devices.
-pub fn stats(catalog: &Catalog, kernel: &dyn Kernel, name: Option<&str>) -> Result<StatsReport> {
+pub fn stats(
+    catalog: &Catalog,
+    kernel: &dyn Kernel,
+    name: Option<&DeviceName>,
+) -> Result<StatsReport> {
     let names: Vec<String> = match name {
         Some(name) => {
-            validate_name(name)?;
             if kernel.dm_info(name)?.is_none() {
                 return Err(Error::UnknownDevice {
                     name: name.to_string(),
