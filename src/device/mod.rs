@@ -12,7 +12,8 @@
 //!
 //! One job per file: `plan.rs` (a device's table), `steps.rs` (the kernel steps changes are
 //! made of: activate, swap, claim, dm-stats), `create.rs`, `refresh.rs`, `remove.rs`,
-//! `restore.rs`, `status.rs` (`list`, `status`) and `stats.rs`.
+//! `restore.rs` (with unit tests on the in-memory kernel), `status.rs` (`list`, `status`)
+//! and `stats.rs`.
 
 mod create;
 mod plan;

@@ -284,3 +284,257 @@ fn detach_leaked_loops(catalog: &Catalog, kernel: &dyn Kernel) -> Result<Vec<Str
     }
     Ok(detached)
 }
+
+/// Restore on the in-memory kernel, after what a killed (or rebooted) vmard leaves: each
+/// test builds the kernel and catalog state directly, runs [`restore`] as the next start
+/// does, and checks its report and what every device serves.
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::image::ImageFile;
+    use crate::kernel::sim::SimKernel;
+    use crate::name::DeviceName;
+
+    const BLOCK: usize = 4096;
+
+    /// A state dir with images base and web (web shares base's first two blocks), captured,
+    /// and a device of each, named as its image.
+    struct Host {
+        dir: tempfile::TempDir,
+        catalog: Catalog,
+        kernel: SimKernel,
+        instance: InstanceId,
+    }
+
+    fn block(seed: u8) -> Vec<u8> {
+        (0..=250u8)
+            .cycle()
+            .take(BLOCK)
+            .map(|b| seed.wrapping_add(b))
+            .collect()
+    }
+
+    fn host() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let base = [block(1), block(2), vec![0; BLOCK], block(3)].concat();
+        let web = [block(1), block(2), block(9), vec![0; BLOCK]].concat();
+        let catalog = Catalog::open(&dir.path().join("state")).unwrap();
+        for (name, bytes) in [("base", &base), ("web", &web)] {
+            let path = dir.path().join(format!("{name}.raw"));
+            std::fs::write(&path, bytes).unwrap();
+            let file = ImageFile::open(&path).unwrap();
+            catalog.capture(&file, None, false, &mut |_| {}).unwrap();
+        }
+        let kernel = SimKernel::open(&dir.path().join("kernel")).unwrap();
+        let instance = InstanceId::parse("0123456789abcdef").unwrap();
+        for name in ["base", "web"] {
+            let device = DeviceName::new(name).unwrap();
+            crate::device::create(&catalog, &kernel, &instance, &device, name, 1000).unwrap();
+        }
+        Host {
+            dir,
+            catalog,
+            kernel,
+            instance,
+        }
+    }
+
+    impl Host {
+        fn image(&self, name: &str) -> PathBuf {
+            self.dir.path().join(format!("{name}.raw"))
+        }
+
+        fn restore(&self) -> RestoreReport {
+            restore(&self.catalog, &self.kernel, &self.instance, 1000).unwrap()
+        }
+
+        /// Every live device serves its image byte for byte, and none is suspended.
+        fn serves(&self, names: &[&str]) {
+            let state = self.kernel.state().unwrap();
+            let live: Vec<&str> = state.devices.keys().map(String::as_str).collect();
+            assert_eq!(live, names, "live devices");
+            for name in names {
+                assert!(!state.devices[*name].suspended, "{name} left suspended");
+                assert!(
+                    state.devices[*name].inactive.is_none(),
+                    "{name}: inactive table"
+                );
+                let want = std::fs::read(self.image(name)).unwrap();
+                assert!(
+                    self.kernel.read_device(name).unwrap() == want,
+                    "{name} does not serve its image"
+                );
+            }
+        }
+
+        fn record(&self, name: &str) -> Option<DeviceRecord> {
+            self.catalog.device(name).unwrap()
+        }
+    }
+
+    fn names(list: &[String]) -> Vec<&str> {
+        list.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn devices_present_and_correct_are_left_alone() {
+        let host = host();
+        let report = host.restore();
+        assert_eq!(names(&report.unchanged), ["base", "web"], "{report:?}");
+        assert!(
+            report.created.is_empty() && report.repaired.is_empty(),
+            "{report:?}"
+        );
+        assert!(report.failed.is_empty(), "{report:?}");
+        host.serves(&["base", "web"]);
+    }
+
+    #[test]
+    fn missing_devices_are_created_as_after_a_reboot() {
+        let host = host();
+        host.kernel.dm_remove("web", false).unwrap();
+        host.kernel.dm_remove("base", false).unwrap();
+        let report = host.restore();
+        assert_eq!(names(&report.created), ["base", "web"], "{report:?}");
+        host.serves(&["base", "web"]);
+        // And a second restore finds nothing to do.
+        let again = host.restore();
+        assert_eq!(names(&again.unchanged), ["base", "web"], "{again:?}");
+    }
+
+    #[test]
+    fn a_stale_table_is_replaced_and_an_interrupted_swap_resumed() {
+        let host = host();
+        // web serves a table that is not its image's map (killed between a swap's steps of
+        // another vmard version, or an older map): one target short.
+        let mut stale = host.kernel.dm_table("web").unwrap();
+        stale.pop();
+        host.kernel.dm_load("web", &stale).unwrap();
+        host.kernel.dm_suspend("web").unwrap();
+        host.kernel.dm_resume("web").unwrap();
+        assert_eq!(host.kernel.dm_table("web").unwrap(), stale);
+        // base was killed mid-swap: suspended with its own table waiting.
+        let table = host.kernel.dm_table("base").unwrap();
+        host.kernel.dm_load("base", &table).unwrap();
+        host.kernel.dm_suspend("base").unwrap();
+        let report = host.restore();
+        assert_eq!(names(&report.repaired), ["base", "web"], "{report:?}");
+        host.serves(&["base", "web"]);
+    }
+
+    #[test]
+    fn interrupted_creates_and_removals_are_undone_or_finished() {
+        let host = host();
+        // A create killed after its device was made, before it was marked done.
+        let mut creating = host.record("web").unwrap();
+        creating.state = DeviceState::Creating;
+        host.catalog.save_device(&creating).unwrap();
+        // A removal killed after it was recorded, before the kernel removed the device.
+        let mut removing = host.record("base").unwrap();
+        removing.state = DeviceState::Removing;
+        host.catalog.save_device(&removing).unwrap();
+        // Leftovers without a record: this state dir's (removed), another's (left alone).
+        let ours = crate::kernel::device_uuid(&host.instance, "stray");
+        host.kernel.dm_create("stray", &ours).unwrap();
+        let other = InstanceId::parse("fedcba9876543210").unwrap();
+        let theirs = crate::kernel::device_uuid(&other, "theirs");
+        host.kernel.dm_create("theirs", &theirs).unwrap();
+        let report = host.restore();
+        assert_eq!(names(&report.rolled_back), ["web"], "{report:?}");
+        assert_eq!(names(&report.removed), ["base"], "{report:?}");
+        assert_eq!(names(&report.cleaned), ["stray"], "{report:?}");
+        assert!(host.record("web").is_none() && host.record("base").is_none());
+        let live: Vec<String> = host.kernel.state().unwrap().devices.into_keys().collect();
+        assert_eq!(live, ["theirs"]);
+        // The loop devices went with the devices that used them.
+        assert!(host.kernel.state().unwrap().loops.is_empty());
+    }
+
+    #[test]
+    fn a_create_killed_while_the_device_was_already_open_is_finished() {
+        let host = host();
+        let mut creating = host.record("web").unwrap();
+        creating.state = DeviceState::Creating;
+        host.catalog.save_device(&creating).unwrap();
+        host.kernel.open_device("web").unwrap();
+        let report = host.restore();
+        assert_eq!(names(&report.unchanged), ["base", "web"], "{report:?}");
+        assert_eq!(host.record("web").unwrap().state, DeviceState::Active);
+        host.kernel.close_device("web").unwrap();
+        host.serves(&["base", "web"]);
+    }
+
+    /// The image file deleted while vmard was down, and no hold kept it: the device cannot
+    /// be served, which restore says, keeping its record and never leaving it suspended; the
+    /// other devices are restored.
+    fn image_gone(device_present: bool) {
+        let host = host();
+        if device_present {
+            host.kernel.dm_suspend("web").unwrap();
+        } else {
+            host.kernel.dm_remove("web", false).unwrap();
+        }
+        host.kernel.dm_remove("base", false).unwrap();
+        std::fs::remove_file(host.image("web")).unwrap();
+        let report = host.restore();
+        assert_eq!(report.failed.len(), 1, "{report:?}");
+        let (name, why) = &report.failed[0];
+        assert_eq!(name, "web", "{report:?}");
+        assert!(why.contains("web"), "the reason names the image: {why}");
+        assert_eq!(names(&report.created), ["base"], "{report:?}");
+        assert!(host.record("web").is_some(), "web's record went");
+        let state = host.kernel.state().unwrap();
+        assert_eq!(state.devices.contains_key("web"), device_present);
+        if device_present {
+            assert!(!state.devices["web"].suspended, "web left suspended");
+        }
+        assert!(
+            host.kernel.read_device("base").unwrap() == std::fs::read(host.image("base")).unwrap()
+        );
+    }
+
+    #[test]
+    fn with_the_image_gone_a_present_device_is_resumed_and_reported() {
+        image_gone(true);
+    }
+
+    #[test]
+    fn with_the_image_gone_a_missing_device_is_reported_not_created() {
+        image_gone(false);
+    }
+
+    #[test]
+    fn a_leaked_loop_device_is_detached_and_one_in_use_kept() {
+        let host = host();
+        let leaked = host.kernel.plant_loop(&host.image("web"), false).unwrap();
+        let report = host.restore();
+        assert_eq!(report.detached.len(), 1, "{report:?}");
+        let loops = host.kernel.state().unwrap().loops;
+        assert!(!loops.contains_key(&leaked), "{loops:?}");
+        assert!(
+            !loops.is_empty(),
+            "the devices' own loop devices were detached"
+        );
+        host.serves(&["base", "web"]);
+    }
+
+    #[test]
+    fn retry_touches_only_the_devices_it_is_given() {
+        let host = host();
+        host.kernel.dm_remove("web", false).unwrap();
+        host.kernel.dm_remove("base", false).unwrap();
+        let report = retry(
+            &host.catalog,
+            &host.kernel,
+            &host.instance,
+            &["web".to_string()],
+            1000,
+        )
+        .unwrap();
+        assert_eq!(names(&report.created), ["web"], "{report:?}");
+        let live: Vec<String> = host.kernel.state().unwrap().devices.into_keys().collect();
+        assert_eq!(live, ["web"]);
+    }
+}
