@@ -139,9 +139,7 @@ impl BlockDigests {
     /// Appends one record (blocks must increase; the collector checks).
     pub fn push(&mut self, block: u64, digest: &Digest) -> Result<()> {
         let Some(out) = self.out.as_mut() else {
-            return Err(Error::Protocol(
-                "digest list pushed after it was finished (this is a bug)".into(),
-            ));
+            return Err(Error::internal("digest list pushed after it was finished"));
         };
         let mut record = [0u8; RECORD];
         record[..8].copy_from_slice(&block.to_le_bytes());
@@ -157,15 +155,13 @@ impl BlockDigests {
     /// increase; the collector checks).
     pub fn push_encoded(&mut self, records: &[u8], count: u64) -> Result<()> {
         if records.len() as u64 != count * RECORD as u64 {
-            return Err(Error::Protocol(format!(
-                "{} bytes are not {count} digest records (this is a bug)",
+            return Err(Error::internal(format!(
+                "{} bytes are not {count} digest records",
                 records.len()
             )));
         }
         let Some(out) = self.out.as_mut() else {
-            return Err(Error::Protocol(
-                "digest list pushed after it was finished (this is a bug)".into(),
-            ));
+            return Err(Error::internal("digest list pushed after it was finished"));
         };
         out.write_all(records)
             .map_err(|e| list_error(&self.tmp, e))?;
@@ -197,9 +193,7 @@ impl BlockDigests {
     /// The records, in block order, from the start.
     pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<BlockDigest>> + '_>> {
         let Some(file) = &self.file else {
-            return Err(Error::Protocol(
-                "digest list read before it was finished (this is a bug)".into(),
-            ));
+            return Err(Error::internal("digest list read before it was finished"));
         };
         Ok(Box::new(records(file, &self.tmp, self.count)?))
     }
@@ -208,11 +202,12 @@ impl BlockDigests {
     /// it must be durable before the commit that records its image. Left in place when
     /// dropped from then on.
     pub fn persist(&mut self, path: &Path) -> Result<()> {
-        let file = self.file.as_ref().ok_or_else(|| {
-            Error::Protocol("digest list persisted before it was finished (this is a bug)".into())
-        })?;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::internal("digest list persisted before it was finished"))?;
         file.sync_all().map_err(|e| list_error(&self.tmp, e))?;
-        crate::fault::point("digests.write")?;
+        crate::fault::point(crate::fault::Step::DigestsWrite)?;
         fs::rename(&self.tmp, path).map_err(|e| list_error(path, e))?;
         self.persisted = true;
         if let Some(dir) = path.parent() {

@@ -30,6 +30,7 @@ pub mod kernel;
 pub mod libvirt;
 pub mod map;
 pub mod metrics;
+pub mod name;
 pub mod nova;
 pub mod overlay;
 pub mod policy;

@@ -16,7 +16,6 @@ use serde_json::Value;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::image::validate_name;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{
@@ -269,7 +268,7 @@ pub fn hold_older_images(ctx: Arc<Context>) {
 }
 
 fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
-    serde_json::to_value(result).map_err(|e| Error::Protocol(format!("cannot encode reply: {e}")))
+    serde_json::to_value(result).map_err(|e| Error::internal(format!("cannot encode reply: {e}")))
 }
 
 /// Runs the handler of one request and encodes its result. The handler's result must be the
@@ -343,7 +342,6 @@ pub fn handle(
             })
         }),
         Request::Map(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let (record, map) = catalog.map(&r.name)?;
             let sources = catalog.sources_of(&record, &map)?;
             let references = map
@@ -362,16 +360,9 @@ pub fn handle(
                 extents: r.extents.then_some(map.extents),
             })
         }),
-        Request::Table(r) => answer(r, |r| {
-            validate_name(&r.name)?;
-            table_of(catalog, &r.name, &r.devices)
-        }),
-        Request::Verify(r) => answer(r, |r| {
-            validate_name(&r.name)?;
-            verify(catalog, &r.name, progress)
-        }),
+        Request::Table(r) => answer(r, |r| table_of(catalog, &r.name, &r.devices)),
+        Request::Verify(r) => answer(r, |r| verify(catalog, &r.name, progress)),
         Request::Forget(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let _changes = ctx.changes();
             if let Ok(kernel) = ctx.kernel() {
                 device::prune(catalog, kernel.as_ref())?;
@@ -382,7 +373,6 @@ pub fn handle(
             Ok(ForgetResult { image, changed })
         }),
         Request::Create(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let image = device_image(
                 catalog,
                 &settings,
@@ -411,7 +401,6 @@ pub fn handle(
             Ok(created)
         }),
         Request::Ensure(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let image = match &r.image {
                 Some(image) => Some(device_image(
                     catalog,
@@ -442,7 +431,7 @@ pub fn handle(
             Ok(ensured)
         }),
         Request::Remove(r) => answer(r, |r| {
-            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let kernel = ctx.kernel()?;
             let removed = {
                 let _changes = ctx.changes();
                 let removed =
@@ -463,7 +452,7 @@ pub fn handle(
         Request::Status(r) => answer(r, |r| {
             let mut status = device::status(
                 catalog,
-                kernel_for(ctx, Some(&r.name))?.as_ref(),
+                ctx.kernel()?.as_ref(),
                 &ctx.instance,
                 &r.name,
                 max_targets,
@@ -473,7 +462,7 @@ pub fn handle(
             Ok(status)
         }),
         Request::Refresh(r) => answer(r, |r| {
-            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let kernel = ctx.kernel()?;
             let refreshed = {
                 let _changes = ctx.changes();
                 device::refresh(
@@ -488,25 +477,18 @@ pub fn handle(
             refreshed
         }),
         Request::Stats(r) => answer(r, |r| {
-            device::stats(
-                catalog,
-                kernel_for(ctx, r.name.as_deref())?.as_ref(),
-                r.name.as_deref(),
-            )
+            device::stats(catalog, ctx.kernel()?.as_ref(), r.name.as_ref())
         }),
         Request::Metrics => answer(request::Metrics, |_| {
             Ok(MetricsResult {
                 text: crate::metrics::render(&snapshot(ctx)?),
             })
         }),
-        Request::Dependents(r) => answer(r, |r| {
-            validate_name(&r.name)?;
-            dependents(catalog, &r.name)
-        }),
+        Request::Dependents(r) => answer(r, |r| dependents(catalog, &r.name)),
         Request::RestoreStatus => answer(request::RestoreStatus, |_| Ok(ctx.restore_status())),
         Request::Bindings => answer(request::Bindings, |_| crate::binding::list(catalog)),
         Request::Record(r) => answer(r, |r| {
-            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let kernel = ctx.kernel()?;
             let phase = r.phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);
             let _changes = ctx.changes();
             prefetch::record(catalog, kernel.as_ref(), &r.name, phase, r.replace)
@@ -620,15 +602,6 @@ fn tree_bytes(path: &Path) -> u64 {
         }),
         _ => 0,
     }
-}
-
-/// The kernel for a request about device `name`, once the name is known to be valid: a bad
-/// name is a bad request whatever the host has.
-fn kernel_for(ctx: &Context, name: Option<&str>) -> Result<Arc<dyn Kernel>> {
-    if let Some(name) = name {
-        validate_name(name)?;
-    }
-    ctx.kernel()
 }
 
 /// Releases the holds nothing needs any more (see [`crate::holds::release_unneeded`]); a

@@ -334,8 +334,8 @@ impl DigestCollector {
         let mut encoded = Vec::with_capacity(records.len() * crate::digests::RECORD);
         for &(block, digest) in records {
             if self.last.is_some_and(|last| last >= block) {
-                return Err(Error::Protocol(format!(
-                    "block {block} hashed out of order (this is a bug)"
+                return Err(Error::internal(format!(
+                    "block {block} hashed out of order"
                 )));
             }
             self.last = Some(block);

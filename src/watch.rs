@@ -99,7 +99,7 @@ fn save_forgotten(state_dir: &Path, list: &[Forgotten]) -> Result<()> {
     let path = state_dir.join(FORGOTTEN_FILE);
     let tmp = state_dir.join(format!("{FORGOTTEN_FILE}.tmp"));
     let bytes = serde_json::to_vec(list)
-        .map_err(|e| Error::Protocol(format!("cannot encode {FORGOTTEN_FILE}: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode {FORGOTTEN_FILE}: {e}")))?;
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut file = std::fs::File::create(&tmp)?;

@@ -722,20 +722,22 @@ fn dm_cookies() -> Vec<String> {
 #[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
 fn real_kill_at_every_device_step_is_repaired_at_restart() {
     let _clean = require_dm();
-    let steps: &[(&str, &[&str])] = &[
-        ("catalog.commit#1", &["create", "web", "web"]),
-        ("dm.create", &["create", "web", "web"]),
-        ("dm.load", &["create", "web", "web"]),
-        ("dm.resume", &["create", "web", "web"]),
-        ("catalog.commit#2", &["create", "web", "web"]),
-        ("dm.load", &["refresh", "base"]),
-        ("dm.suspend", &["refresh", "base"]),
-        ("dm.resume", &["refresh", "base"]),
-        ("catalog.commit#1", &["remove", "base"]),
-        ("dm.remove", &["remove", "base"]),
-        ("catalog.commit#2", &["remove", "base"]),
+    use vmar::fault::Step;
+    let steps: &[(Step, u32, &[&str])] = &[
+        (Step::CatalogCommit, 1, &["create", "web", "web"]),
+        (Step::DmCreate, 1, &["create", "web", "web"]),
+        (Step::DmLoad, 1, &["create", "web", "web"]),
+        (Step::DmResume, 1, &["create", "web", "web"]),
+        (Step::CatalogCommit, 2, &["create", "web", "web"]),
+        (Step::DmLoad, 1, &["refresh", "base"]),
+        (Step::DmSuspend, 1, &["refresh", "base"]),
+        (Step::DmResume, 1, &["refresh", "base"]),
+        (Step::CatalogCommit, 1, &["remove", "base"]),
+        (Step::DmRemove, 1, &["remove", "base"]),
+        (Step::CatalogCommit, 2, &["remove", "base"]),
     ];
-    for (step, op) in steps {
+    for &(step, nth, op) in steps {
+        let step = format!("{step}#{nth}");
         let dir = tempfile::tempdir().unwrap();
         let images = family(dir.path());
         let state = dir.path().join("state");

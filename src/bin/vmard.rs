@@ -128,6 +128,8 @@ fn main() -> Result<()> {
     if args.check_config {
         return check_config(&args);
     }
+    // Tests' fault injection: a misspelt step stops vmard instead of injecting nothing.
+    vmar::fault::init()?;
     // Signals are taken by one thread with sigwait: block them before any thread starts.
     let mut signals = SigSet::empty();
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {

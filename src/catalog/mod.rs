@@ -375,7 +375,7 @@ impl Catalog {
         if self.meta_in(&txn, PATHS_BUILT)? == 0 {
             self.build_paths(&txn)?;
         }
-        fault::point("catalog.init")?;
+        fault::point(fault::Step::CatalogInit)?;
         txn.commit().ctx(dir)?;
         let txn = self.read_txn()?;
         let runs = txn.open_table(RUNS).ctx(dir)?;
@@ -581,7 +581,7 @@ impl Catalog {
         let mut spill = self.spill()?;
         let (scan, hashed, writer, mut sidecar) = self.digests_of(image, &mut spill, progress)?;
         let hashed_at = started.elapsed();
-        fault::point("capture.hashed")?;
+        fault::point(fault::Step::CaptureHashed)?;
         let now = image.current_identity()?;
         if now != image.identity {
             return Err(Error::ChangedDuringCapture {
