@@ -1,7 +1,7 @@
 //! The shell helpers the package installs on the host: `vmar-devnode` (udev's helper that
 //! makes and removes `/dev/vmar/NAME` nodes) and `vmar-apparmor` (the line that lets
 //! libvirt's virt-aa-helper read them). Each runs here against a temporary directory through
-//! the variables it reads for tests; the real udev and AppArmor run them in tools/kernel-test
+//! the variables it reads for tests; the real udev and AppArmor run them in tools/kernel-test.py
 //! and tools/system-test.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

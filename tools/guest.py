@@ -1,4 +1,4 @@
-"""Shared by tools/kernel-test and tools/bench-instantiate: a QEMU guest booting Debian's own
+"""Shared by tools/kernel-test.py and tools/bench-instantiate.py: a QEMU guest booting Debian's own
 kernel from a small initramfs (busybox, chosen kernel modules with their dependencies,
 Debian's udev with dmsetup's dm rules and vmar's rules, and vmar's binaries with their shared
 libraries), whose /init prints results on the serial console and powers off.

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Checks pass commands to `bash -c` in single quotes on purpose (expanded there, not here).
 # shellcheck disable=SC2016
-# Guest side of tools/system-test, run by systemd (vmar-system-test.service) after
+# Guest side of tools/system-test.py, run by systemd (vmar-system-test.service) after
 # multi-user.target on each boot of a Debian 12 guest; /var/lib/vmar is a persistent disk
 # holding this script, the package and the images (staged outside the default image root,
 # which the package must create, and moved in after the install). Boot 1 installs the package and checks
@@ -12,7 +12,7 @@
 set -u
 T=/var/lib/vmar/system-test
 IMAGES=/var/lib/vmar/images
-# Where tools/system-test puts the images: the package creates $IMAGES, they go there after.
+# Where tools/system-test.py puts the images: the package creates $IMAGES, they go there after.
 STAGED=/var/lib/vmar/staged-images
 LOG=$T/log
 PATH=/usr/sbin:/usr/bin:/sbin:/bin

@@ -7,7 +7,7 @@ work without udev), the release binaries and the kernel test binary; its /init r
 with --ignored and powers off. The result comes back on the serial console as
 `KERNEL-TEST: N passed, M failed`; the exit status is 0 only when nothing failed.
 
-    tools/kernel-test [--filter NAME] [--timeout SECONDS] [--memory MIB]
+    tools/kernel-test.py [--filter NAME] [--timeout SECONDS] [--memory MIB]
 """
 
 import argparse

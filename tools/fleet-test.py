@@ -21,7 +21,7 @@ Prints `N passed, N failed`; exit status 0 only when nothing failed.
 Downloads once (apt-get download, cached in work/fleet): nfs-kernel-server, nfs-common,
 libnfsidmap1, libwrap0 (extracted, not installed).
 
-    tools/fleet-test [--timeout SECONDS] [--memory MIB]
+    tools/fleet-test.py [--timeout SECONDS] [--memory MIB]
 """
 
 import argparse
