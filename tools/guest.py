@@ -286,3 +286,21 @@ def boot(vmlinuz, initramfs, timeout, memory, extra=()):
         output = (e.stdout or b"").decode(errors="replace")
         output += f"\nGUEST: timed out after {timeout} s\n"
     return output, time.monotonic() - started
+
+
+def finish(work, output, seconds, tag, shown):
+    """Ends a guest suite: keeps the guest's console in work/guest.log, prints the lines
+    `shown` selects and the suite's `TAG: N passed, N failed` count, and exits non-zero
+    unless some tests passed and none failed."""
+    (work / "guest.log").write_text(output)
+    for line in output.splitlines():
+        line = line.rstrip("\r")
+        if shown(line):
+            print(line)
+    print(f"{tag}: guest ran {seconds:.1f} s wall time (log: {work / 'guest.log'})")
+    counts = re.findall(rf"{tag}: (\d+) passed, (\d+) failed", output)
+    if not counts:
+        sys.exit(f"{tag.lower()}: no result from the guest")
+    passed, failed = map(int, counts[-1])
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(0 if failed == 0 and passed > 0 else 1)
