@@ -35,6 +35,7 @@ pub mod nova;
 pub mod overlay;
 pub mod policy;
 pub mod prefetch;
+pub mod progress;
 pub mod protocol;
 pub mod records;
 pub mod roots;
