@@ -13,6 +13,7 @@
 //! [`crate::fault::point`], so tests can fail or kill vmard at any step on both kernels.
 
 pub mod dmstats;
+#[cfg(feature = "daemon")]
 pub mod real;
 pub mod sim;
 

@@ -15,8 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::map::Source;
 
+#[cfg(feature = "daemon")]
 mod oracle;
 
+#[cfg(feature = "daemon")]
 pub use oracle::verify;
 
 /// The first block whose mapped content differs from the image.
