@@ -145,10 +145,15 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
     }
 }
 
+mod backfill;
+mod compact;
+mod forget;
 mod held;
 mod lock;
 mod rebuild;
 mod recover;
+mod refs;
+mod runs;
 mod store;
 mod workset;
 
