@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::protocol::Progress;
+use crate::progress::Progress;
 use crate::protocol::{Call, Reply, Request};
 
 /// How long vmarctl waits, by default, for vmard to accept a request or send anything.

@@ -363,7 +363,7 @@ fn serve_connection(
         heartbeat.watch(&replies);
         // A client that went away (Ctrl-C of vmarctl) cancels a capture still hashing; once
         // the catalog change has begun it completes. A client that only reads slowly does not.
-        let mut progress = |p: crate::protocol::Progress| {
+        let mut progress = |p: crate::progress::Progress| {
             let gone = replies.progress(&Reply::Progress(p));
             if gone {
                 crate::shutdown::cancel_current();

@@ -53,6 +53,8 @@ pub struct Context {
     open_kernel: KernelOpener,
     changes: Mutex<()>,
     restored: Mutex<crate::protocol::RestoreStatus>,
+    /// What auto-capture did, when its watcher runs (see [`Context::auto_capture`]).
+    auto_capture: crate::watch::Report,
 }
 
 impl Context {
@@ -71,7 +73,14 @@ impl Context {
             open_kernel,
             changes: Mutex::new(()),
             restored: Mutex::new(Default::default()),
+            auto_capture: crate::watch::Report::default(),
         }
+    }
+
+    /// The auto-capture report `images` answers with: vmard hands it to the watcher it
+    /// starts (`watch::start`), which fills it.
+    pub fn auto_capture(&self) -> &crate::watch::Report {
+        &self.auto_capture
     }
 
     pub fn settings(&self) -> Settings {
@@ -317,7 +326,7 @@ pub fn handle(
                 catalog.capture_changing(&image, r.name.as_deref(), r.recapture, progress);
             crate::holds::finish_capture(catalog, pending, &image);
             let captured = captured?;
-            crate::watch::captured(catalog.dir(), &captured.record);
+            crate::watch::captured(catalog.dir(), &captured.record, ctx.auto_capture());
             Ok(CaptureResult {
                 status: captured.status,
                 image: captured.record,
@@ -338,7 +347,7 @@ pub fn handle(
                         file: Some(file),
                     })
                     .collect(),
-                auto_capture: crate::watch::report(),
+                auto_capture: ctx.auto_capture.snapshot(),
             })
         }),
         Request::Map(r) => answer(r, |r| {
@@ -374,7 +383,7 @@ pub fn handle(
         }),
         Request::Create(r) => answer(r, |r| {
             let image = device_image(
-                catalog,
+                ctx,
                 &settings,
                 &r.image,
                 r.options.capture,
@@ -403,7 +412,7 @@ pub fn handle(
         Request::Ensure(r) => answer(r, |r| {
             let image = match &r.image {
                 Some(image) => Some(device_image(
-                    catalog,
+                    ctx,
                     &settings,
                     image,
                     r.options.capture,
@@ -617,7 +626,7 @@ fn release_holds(catalog: &Catalog) {
 /// The captured image a device is to serve: `image` captured first when `capture` and it
 /// is a path (`create --capture`, `ensure --capture`), else the image it names.
 fn device_image(
-    catalog: &Catalog,
+    ctx: &Context,
     settings: &Settings,
     image: &str,
     capture: bool,
@@ -625,27 +634,28 @@ fn device_image(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<String> {
     if capture && image.starts_with('/') {
-        capture_held(catalog, settings, Path::new(image), force_raw, progress)
+        capture_held(ctx, settings, Path::new(image), force_raw, progress)
     } else {
-        device::image_name(catalog, &settings.roots, image)
+        device::image_name(&ctx.catalog, &settings.roots, image)
     }
 }
 
 /// Captures the image at `path` for a device (`create --capture`, `ensure --capture`), with
 /// vmar's hold made before its identity is taken; returns its name.
 fn capture_held(
-    catalog: &Catalog,
+    ctx: &Context,
     settings: &Settings,
     path: &Path,
     force_raw: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<String> {
+    let catalog = &ctx.catalog;
     let mut file = open_image(catalog, settings, path, force_raw)?;
     let pending = crate::holds::prepare_capture(catalog, &mut file, false)?;
     let captured = catalog.capture(&file, None, false, progress);
     crate::holds::finish_capture(catalog, pending, &file);
     let record = captured?.0;
-    crate::watch::captured(catalog.dir(), &record);
+    crate::watch::captured(catalog.dir(), &record, ctx.auto_capture());
     Ok(record.name)
 }
 

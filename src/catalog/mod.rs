@@ -26,7 +26,7 @@ use crate::fault;
 use crate::image::{BLOCK_SIZE, ImageFile, default_name, validate_name};
 use crate::index::{self, Run, RunWriter};
 use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
-use crate::protocol::Progress;
+use crate::progress::Progress;
 pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord, NameBinding};
 use crate::records::{decode_digests, decode_extents, encode_extents, seal, unseal};
 use crate::scan::hash_image;
@@ -145,10 +145,15 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
     }
 }
 
+mod backfill;
+mod compact;
+mod forget;
 mod held;
 mod lock;
 mod rebuild;
 mod recover;
+mod refs;
+mod runs;
 mod store;
 mod workset;
 

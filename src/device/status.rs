@@ -8,9 +8,9 @@ use crate::budget;
 use crate::catalog::{Catalog, DeviceState};
 use crate::error::{Error, Result};
 use crate::instance::InstanceId;
-use crate::kernel::{Kernel, node_path};
+use crate::kernel::{Kernel, LiveDevice, node_path};
 use crate::name::DeviceName;
-use crate::protocol::DeviceStatus;
+use crate::protocol::{DeviceStatus, LiveInfo};
 
 /// Saved and live devices, by name.
 pub fn list(
@@ -136,10 +136,42 @@ pub(crate) fn status_of(
         state: state.to_string(),
         reason: None,
         node: node_path(name).display().to_string(),
-        live,
+        live: live.map(live_info),
         target_types,
         reads_from,
         budget,
         table: None,
     })
+}
+
+/// The kernel seam's view of a device as `status` reports it on the wire.
+fn live_info(live: LiveDevice) -> LiveInfo {
+    let LiveDevice {
+        name,
+        dm_name,
+        uuid,
+        major,
+        minor,
+        open_count,
+        read_only,
+        suspended,
+        active_table,
+        inactive_table,
+        deferred_remove,
+        targets,
+    } = live;
+    LiveInfo {
+        name,
+        dm_name,
+        uuid,
+        major,
+        minor,
+        open_count,
+        read_only,
+        suspended,
+        active_table,
+        inactive_table,
+        deferred_remove,
+        targets,
+    }
 }

@@ -13,6 +13,7 @@
 //! [`crate::fault::point`], so tests can fail or kill vmard at any step on both kernels.
 
 pub mod dmstats;
+#[cfg(feature = "daemon")]
 pub mod real;
 pub mod sim;
 
@@ -76,8 +77,9 @@ pub fn device_name(argument: &str) -> &str {
         .unwrap_or(argument)
 }
 
-/// A vmar device as the kernel has it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A vmar device as the kernel has it. Not a wire type: `status` reports it as
+/// `protocol::LiveInfo` (`device/status.rs` copies it).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveDevice {
     /// Name without the `vmar-` prefix.
     pub name: String,
@@ -90,13 +92,10 @@ pub struct LiveDevice {
     /// Suspended: reads wait until it is resumed.
     pub suspended: bool,
     /// Whether it has an active table (one created by a crashed create may not).
-    #[serde(default)]
     pub active_table: bool,
     /// Whether a table is loaded in the inactive slot, waiting for a resume.
-    #[serde(default)]
     pub inactive_table: bool,
     /// Removal deferred to its last close.
-    #[serde(default)]
     pub deferred_remove: bool,
     /// Targets of the active table.
     pub targets: u64,
