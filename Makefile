@@ -27,6 +27,7 @@ install: build
 	install -Dm644 systemd/vmar-metrics.service $(UNITDIR)/vmar-metrics.service
 	install -Dm644 systemd/vmar-metrics.timer $(UNITDIR)/vmar-metrics.timer
 	install -Dm644 udev/61-vmar.rules $(RULESDIR)/61-vmar.rules
+	install -Dm755 udev/vmar-devnode $(DESTDIR)/lib/udev/vmar-devnode
 	install -Dm644 packaging/udev/59-vmar-loop.rules $(RULESDIR)/59-vmar-loop.rules
 	install -Dm755 packaging/udev/vmar-loop-image $(LIBDIR)/vmar-loop-image
 	install -d $(DESTDIR)/etc/libvirt/hooks/qemu.d
@@ -35,6 +36,8 @@ install: build
 	install -Dm644 packaging/libvirt/vmar-pool.xml $(DESTDIR)$(PREFIX)/share/vmar/libvirt-pool.xml
 	install -Dm644 packaging/libvirt/vmar-tmpfiles.conf $(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vmar.conf
 	install -Dm755 packaging/udev/vmar-udev-trigger $(LIBDIR)/vmar-udev-trigger
+	install -Dm644 packaging/apparmor/vmar-virt-aa-helper $(DESTDIR)/etc/apparmor.d/abstractions/vmar-virt-aa-helper
+	install -Dm755 packaging/apparmor/vmar-apparmor $(LIBDIR)/vmar-apparmor
 	install -Dm644 packaging/sos/vmar.py $(SOSDIR)/vmar.py
 	# Keep an existing configuration.
 	[ -e $(DESTDIR)/etc/vmar/vmar.toml ] || install -Dm644 etc/vmar.toml $(DESTDIR)/etc/vmar/vmar.toml
@@ -55,6 +58,7 @@ uninstall:
 	rm -f $(BINDIR)/vmard $(BINDIR)/vmarctl $(UNITDIR)/vmard.service $(RULESDIR)/61-vmar.rules \
 		$(UNITDIR)/vmar-restore-check.service $(UNITDIR)/vmar-metrics.service $(UNITDIR)/vmar-metrics.timer \
 		$(RULESDIR)/59-vmar-loop.rules $(LIBDIR)/vmar-loop-image $(LIBDIR)/vmar-udev-trigger $(SOSDIR)/vmar.py \
+		$(DESTDIR)/lib/udev/vmar-devnode $(LIBDIR)/vmar-apparmor $(DESTDIR)/etc/apparmor.d/abstractions/vmar-virt-aa-helper \
 		$(DESTDIR)/etc/libvirt/hooks/qemu.d/vmar $(DESTDIR)$(PREFIX)/share/vmar/libvirt-pool.xml \
 		$(DESTDIR)$(PREFIX)/lib/tmpfiles.d/vmar.conf \
 		$(MANDIR)/vmarctl.1 $(MANDIR)/vmarctl-*.1 $(MAN8DIR)/vmard.8 $(MAN5DIR)/vmar.toml.5 $(DESTDIR)$(PREFIX)/share/bash-completion/completions/vmarctl \

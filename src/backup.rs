@@ -98,7 +98,7 @@ struct Entry {
 
 fn entry_checksum(seq: u64, change: &Change) -> Result<String> {
     let text = serde_json::to_string(change)
-        .map_err(|e| Error::Protocol(format!("cannot encode a backup change: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode a backup change: {e}")))?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(&seq.to_le_bytes());
     hasher.update(text.as_bytes());
@@ -118,7 +118,7 @@ pub fn append(dir: &Path, first_seq: u64, changes: &[Change]) -> Result<()> {
             change: change.clone(),
         };
         serde_json::to_writer(&mut text, &entry)
-            .map_err(|e| Error::Protocol(format!("cannot encode a backup change: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot encode a backup change: {e}")))?;
         text.push(b'\n');
     }
     let mut file = fs::OpenOptions::new()
@@ -191,15 +191,15 @@ fn write_snapshot(dir: &Path, backup: &Backup) -> Result<()> {
     let parent = path.parent().unwrap_or(dir);
     fs::create_dir_all(parent).map_err(|e| Error::io("cannot create", parent, e))?;
     let value = serde_json::to_value(backup)
-        .map_err(|e| Error::Protocol(format!("cannot encode the catalog backup: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode the catalog backup: {e}")))?;
     let text = serde_json::to_string(&value)
-        .map_err(|e| Error::Protocol(format!("cannot encode the catalog backup: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode the catalog backup: {e}")))?;
     let sealed = Sealed {
         checksum: blake3::hash(text.as_bytes()).to_hex().to_string(),
         backup: value,
     };
     let bytes = serde_json::to_vec_pretty(&sealed)
-        .map_err(|e| Error::Protocol(format!("cannot encode the catalog backup: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode the catalog backup: {e}")))?;
     let tmp = path.with_extension("json.tmp");
     let mut file = fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
     file.write_all(&bytes)

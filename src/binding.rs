@@ -11,9 +11,9 @@
 use crate::catalog::{Catalog, DeviceState, ImageRecord, NameBinding};
 use crate::device;
 use crate::error::{Error, Result};
-use crate::image::validate_name;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
+use crate::name::DeviceName;
 use crate::protocol::{Binding, Bindings, DeviceChange, EnsureResult};
 use crate::time::now_secs;
 
@@ -125,12 +125,11 @@ pub fn create(
     catalog: &Catalog,
     kernel: &dyn Kernel,
     instance: &InstanceId,
-    name: &str,
+    name: &DeviceName,
     image: &str,
     max_targets: u64,
     rebind: bool,
 ) -> Result<DeviceChange> {
-    validate_name(name)?;
     let record = catalog.image(image)?;
     if !rebind {
         check(binding(catalog, name)?.as_ref(), &record)?;
@@ -147,12 +146,11 @@ pub fn ensure(
     catalog: &Catalog,
     kernel: &dyn Kernel,
     instance: &InstanceId,
-    name: &str,
+    name: &DeviceName,
     image: Option<&str>,
     max_targets: u64,
     rebind: bool,
 ) -> Result<EnsureResult> {
-    validate_name(name)?;
     let image = match image {
         Some(image) => image.to_string(),
         None => default_image(catalog, name)?,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::protocol::Progress;
+use crate::progress::Progress;
 use crate::protocol::{Call, Reply, Request};
 
 /// How long vmarctl waits, by default, for vmard to accept a request or send anything.
@@ -91,7 +91,7 @@ impl Client {
             .and_then(|()| stream.set_write_timeout(self.timeout))
             .map_err(|e| Error::io("cannot set a timeout on", &self.socket, e))?;
         let mut line = serde_json::to_vec(request)
-            .map_err(|e| Error::Protocol(format!("cannot encode request: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot encode request: {e}")))?;
         line.push(b'\n');
         // vmard may refuse a request before reading all of it (too large): then the write
         // fails, and its reply, already sent, says why.

@@ -242,9 +242,7 @@ impl BlockDigests {
     /// Appends one record (blocks must increase; the collector checks).
     pub fn push(&mut self, block: u64, digest: &Digest) -> Result<()> {
         let Some(out) = self.out.as_mut() else {
-            return Err(Error::Protocol(
-                "digest list pushed after it was finished (this is a bug)".into(),
-            ));
+            return Err(Error::internal("digest list pushed after it was finished"));
         };
         let mut record = [0u8; RECORD];
         record[..8].copy_from_slice(&block.to_le_bytes());
@@ -258,15 +256,13 @@ impl BlockDigests {
     /// increase; the collector checks).
     pub fn push_encoded(&mut self, records: &[u8], count: u64) -> Result<()> {
         if records.len() as u64 != count * RECORD as u64 {
-            return Err(Error::Protocol(format!(
-                "{} bytes are not {count} digest records (this is a bug)",
+            return Err(Error::internal(format!(
+                "{} bytes are not {count} digest records",
                 records.len()
             )));
         }
         let Some(out) = self.out.as_mut() else {
-            return Err(Error::Protocol(
-                "digest list pushed after it was finished (this is a bug)".into(),
-            ));
+            return Err(Error::internal("digest list pushed after it was finished"));
         };
         out.write(records).map_err(|e| list_error(&self.tmp, e))?;
         self.count += count;
@@ -294,9 +290,7 @@ impl BlockDigests {
     /// The records, in block order, from the start.
     pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<BlockDigest>> + '_>> {
         let Some(file) = &self.file else {
-            return Err(Error::Protocol(
-                "digest list read before it was finished (this is a bug)".into(),
-            ));
+            return Err(Error::internal("digest list read before it was finished"));
         };
         Ok(Box::new(records(file, &self.tmp, self.count)?))
     }
@@ -305,11 +299,12 @@ impl BlockDigests {
     /// it must be durable before the commit that records its image. Left in place when
     /// dropped from then on.
     pub fn persist(&mut self, path: &Path) -> Result<()> {
-        let file = self.file.as_ref().ok_or_else(|| {
-            Error::Protocol("digest list persisted before it was finished (this is a bug)".into())
-        })?;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| Error::internal("digest list persisted before it was finished"))?;
         file.sync_all().map_err(|e| list_error(&self.tmp, e))?;
-        crate::fault::point("digests.write")?;
+        crate::fault::point(crate::fault::Step::DigestsWrite)?;
         fs::rename(&self.tmp, path).map_err(|e| list_error(path, e))?;
         self.persisted = true;
         if let Some(dir) = path.parent() {
@@ -531,6 +526,19 @@ mod tests {
         assert!(path.exists());
         assert_eq!(remove_orphans(dir.path(), |_| false).unwrap(), 1);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn sidecar_records_are_laid_out_as_lists_store_them() {
+        // An import hands a sidecar's decoded records to the list as they are.
+        assert_eq!(RECORD, crate::sidecar::format::RECORD);
+        let mut record = [0u8; RECORD];
+        record[..8].copy_from_slice(&77u64.to_le_bytes());
+        record[8..].copy_from_slice(&digest(5));
+        assert_eq!(
+            decode_record(&record),
+            crate::sidecar::format::decode_record(&record)
+        );
     }
 
     #[test]

@@ -66,8 +66,14 @@ pub enum Error {
     #[error("catalog in {dir}: {message}")]
     Catalog { dir: PathBuf, message: String },
 
+    /// A request or reply that breaks the protocol: not JSON, an unknown op, a bad argument.
     #[error("{0}")]
     Protocol(String),
+
+    /// vmar's own failure, not the request's or the system's: a broken invariant, a
+    /// panicked thread, a value that cannot be encoded.
+    #[error("internal error: {what} (a bug in vmar: please report it with vmard's log)")]
+    Internal { what: String },
 
     #[error("cannot reach vmard at {socket}: {error}; {}", unreachable_hint(.error))]
     DaemonUnavailable {
@@ -149,7 +155,7 @@ pub enum Error {
     HardLinked { path: PathBuf, links: u64 },
 
     #[error("injected fault at step {step} (VMAR_FAULTS)")]
-    Injected { step: String },
+    Injected { step: &'static str },
 
     #[error("vmard is shutting down; the request was cancelled, retry once it is back")]
     ShuttingDown,
@@ -198,6 +204,7 @@ impl Error {
             Error::Catalog { .. } => "catalog",
             Error::Config { .. } => "config",
             Error::Protocol(_) => "protocol",
+            Error::Internal { .. } => "internal",
             Error::DaemonUnavailable { .. } => "daemon-unavailable",
             Error::Remote { .. } => "remote",
             Error::PermissionDenied(_) | Error::SocketDenied { .. } => "permission-denied",
@@ -228,6 +235,11 @@ impl Error {
         }
     }
 
+    /// An [`Error::Internal`]: `what` went wrong that only a bug in vmar explains.
+    pub fn internal(what: impl Into<String>) -> Self {
+        Error::Internal { what: what.into() }
+    }
+
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             op,
@@ -256,7 +268,7 @@ fn unreachable_hint(error: &std::io::Error) -> &'static str {
 pub enum ExitClass {
     /// Success (also when stdout was closed early, e.g. by `head`).
     Success = 0,
-    /// Any other failure: I/O, device-mapper, the catalog, the protocol.
+    /// Any other failure: I/O, device-mapper, the catalog, the protocol, vmar's own bugs.
     Failed = 1,
     /// Bad command line or arguments.
     Usage = 2,
@@ -280,7 +292,7 @@ impl ExitClass {
         ),
         (
             ExitClass::Failed,
-            "failure of another class: I/O, device-mapper, catalog, protocol",
+            "failure of another class: I/O, device-mapper, catalog, protocol, internal",
         ),
         (ExitClass::Usage, "bad command line or arguments"),
         (
@@ -359,6 +371,14 @@ mod tests {
         };
         assert_eq!(remote.exit_class(), ExitClass::Refused);
         assert_eq!(ExitClass::of_kind("io"), ExitClass::Failed);
+        let bug = Error::Internal {
+            what: "hashing thread panicked".into(),
+        };
+        assert_eq!(
+            (bug.kind(), bug.exit_class()),
+            ("internal", ExitClass::Failed)
+        );
+        assert!(bug.to_string().contains("a bug in vmar"), "{bug}");
         let codes: std::collections::BTreeSet<u8> =
             ExitClass::ALL.iter().map(|(c, _)| c.code()).collect();
         assert_eq!(codes.len(), ExitClass::ALL.len());

@@ -6,6 +6,15 @@
 //! and the root of every block. Chaining values stay transposed (one vector per word) from the
 //! chunks to the root, so only the message blocks need transposing. Digests are standard
 //! BLAKE3 (`blake3::hash` of the block), which the tests check on every backend the machine has.
+//!
+//! Safety: the SIMD code is `unsafe` only because its intrinsics need an instruction set the
+//! compiler cannot assume; `Backend::supported` checks it at run time before `hash_blocks_with`
+//! enters `x86::hash8` or `x86::hash16`, the two `#[target_feature]` entry points. Below them
+//! every `unsafe fn` has that one precondition (its `# Safety` section) and every `unsafe`
+//! block a `// SAFETY:` note; memory is touched only through bounds-checked slices and
+//! fixed-size arrays, with unaligned loads and stores. Cargo.toml's lints
+//! (`undocumented_unsafe_blocks`, `unsafe_op_in_unsafe_fn`) fail the build on a block
+//! without its note.
 
 /// Bytes of a block hashed in a lane.
 pub const BLOCK: usize = 4096;
@@ -158,12 +167,15 @@ pub fn hash_blocks_with(backend: Backend, blocks: &[&[u8; BLOCK]], out: &mut [Di
             }
             #[cfg(target_arch = "x86_64")]
             Backend::Avx512 => pass::<16>(group, digests, |b, o| {
-                // SAFETY: `available()` said this CPU has AVX-512F.
+                // SAFETY: `backend` (hence `current`, only ever narrowed from it) passed
+                // `supported()`, the run-time check that this CPU has AVX-512F.
                 unsafe { x86::hash16(b, o) }
             }),
             #[cfg(target_arch = "x86_64")]
             Backend::Avx2 => pass::<8>(group, digests, |b, o| {
-                // SAFETY: `available()` said this CPU has AVX2.
+                // SAFETY: `current` is Avx2 either because `backend` was and passed
+                // `supported()`, or because it narrowed from Avx512, which passed it: every
+                // CPU with AVX-512F has AVX2.
                 unsafe { x86::hash8(b, o) }
             }),
             #[cfg(not(target_arch = "x86_64"))]
@@ -189,24 +201,54 @@ fn pass<const N: usize>(
 }
 
 /// Lane-parallel 32-bit vector operations, implemented per instruction set.
+///
+/// # Safety
+/// Every method is `unsafe` for one reason: the CPU running it must have the implementing
+/// type's instruction set (AVX2 for `Avx2`, AVX-512F for `Avx512`), which only a run-time
+/// check (`Backend::supported`) establishes. Memory is never the reason: the loads and stores
+/// go through slices and arrays whose lengths are checked by indexing or fixed by their types,
+/// and unaligned loads and stores need no alignment.
 trait Lanes: Copy {
     const N: usize;
     /// # Safety
-    /// The CPU must have the instruction set (as for all methods here).
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn splat(x: u32) -> Self;
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn add(a: Self, b: Self) -> Self;
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn xor(a: Self, b: Self) -> Self;
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn ror16(a: Self) -> Self;
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn ror12(a: Self) -> Self;
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn ror8(a: Self) -> Self;
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn ror7(a: Self) -> Self;
     /// The 16 message words of the 64 bytes at `offset` of every block, word `i` of lane
-    /// `l` in vector `i`. `blocks.len() == N` and `offset + 64 <= BLOCK`.
+    /// `l` in vector `i`. Expects `blocks.len() >= N` and `offset + 64 <= BLOCK`; otherwise
+    /// indexing panics (it bounds-checks every row before the load).
+    ///
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn load_message(blocks: &[&[u8; BLOCK]], offset: usize) -> [Self; 16];
     /// Stores the lanes in order into `out[..N]`.
+    ///
+    /// # Safety
+    /// The CPU must have the instruction set (see the trait).
     unsafe fn store(a: Self, out: &mut [u32; 16]);
 }
 
+/// BLAKE3's quarter-round G on columns or diagonals `a, b, c, d` of every lane.
+///
+/// # Safety
+/// The CPU must have `V`'s instruction set.
 #[inline(always)]
 unsafe fn g<V: Lanes>(v: &mut [V; 16], a: usize, b: usize, c: usize, d: usize, x: V, y: V) {
     // SAFETY: the lane operations' only precondition is the instruction set, which this function's
@@ -224,6 +266,9 @@ unsafe fn g<V: Lanes>(v: &mut [V; 16], a: usize, b: usize, c: usize, d: usize, x
 }
 
 /// The BLAKE3 compression function in every lane; returns the new chaining value.
+///
+/// # Safety
+/// The CPU must have `V`'s instruction set.
 #[inline(always)]
 unsafe fn compress<V: Lanes>(cv: &[V; 8], m: &[V; 16], counter: u32, flags: u32) -> [V; 8] {
     // SAFETY: as in `g`: register-only lane operations; the caller guarantees the instruction set.
@@ -260,7 +305,11 @@ unsafe fn compress<V: Lanes>(cv: &[V; 8], m: &[V; 16], counter: u32, flags: u32)
     }
 }
 
-/// Hashes `V::N` blocks, one per lane.
+/// Hashes `V::N` blocks, one per lane (`blocks` and `out` hold at least `V::N`; fewer
+/// panics in indexing).
+///
+/// # Safety
+/// The CPU must have `V`'s instruction set.
 #[inline(always)]
 unsafe fn hash_lanes<V: Lanes>(blocks: &[&[u8; BLOCK]], out: &mut [Digest]) {
     // SAFETY: `load_message` is called with `blocks.len() == V::N` (the entry points take arrays of
@@ -408,6 +457,9 @@ mod x86 {
     }
 
     /// 8x8 transpose of 32-bit words: `r[l][i]` becomes `c[i][l]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
     #[inline(always)]
     unsafe fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
         // SAFETY: register-only unpack and permute intrinsics; AVX2 is guaranteed by the caller.
@@ -510,6 +562,9 @@ mod x86 {
     }
 
     /// 16x16 transpose of 32-bit words: `r[l][i]` becomes `c[i][l]`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F.
     #[inline(always)]
     unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
         // SAFETY: register-only unpack and shuffle intrinsics; AVX-512F is guaranteed by the

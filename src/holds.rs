@@ -36,7 +36,7 @@ use std::sync::Mutex;
 use crate::catalog::{Catalog, ImageRecord};
 use crate::error::{Error, Result};
 use crate::image::{ImageFile, ImageIdentity, open_unchanged};
-use crate::protocol::{ImageFileState, KeptBy};
+use crate::records::{ImageFileState, KeptBy};
 
 /// Directory of the holds inside the state directory.
 pub const HOLDS_DIR: &str = "holds";

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::image::validate_name;
+use crate::name::DeviceName;
 
 /// The libvirt storage pool vmar ships over `/dev/vmar` (`virsh pool-define
 /// /usr/share/vmar/libvirt-pool.xml`): a disk `<source pool='vmar' volume='NAME'/>` is
@@ -22,18 +22,18 @@ use crate::image::validate_name;
 pub const POOL: &str = "vmar";
 
 /// The vmar device a path names: `/dev/vmar/NAME` or `/dev/mapper/vmar-NAME`.
-pub fn device_name(path: &str) -> Option<&str> {
+pub fn device_name(path: &str) -> Option<DeviceName> {
     let name = path
         .strip_prefix("/dev/vmar/")
         .or_else(|| path.strip_prefix("/dev/mapper/vmar-"))?;
-    validate_name(name).ok().map(|()| name)
+    DeviceName::new(name).ok()
 }
 
 /// What [`domain_disks`] found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DomainDisks {
     /// vmar devices named directly (a disk's source, or a source in its `<backingStore>`).
-    pub devices: BTreeSet<String>,
+    pub devices: BTreeSet<DeviceName>,
     /// Images (not vmar devices) whose backing chain the XML leaves to libvirt to find:
     /// their headers may name vmar devices.
     pub probe: Vec<PathBuf>,
@@ -72,10 +72,11 @@ fn level(node: roxmltree::Node, format: Option<&str>, found: &mut DomainDisks) {
     let path = source.and_then(|s| s.attribute("dev").or_else(|| s.attribute("file")));
     if let Some(source) = source
         && source.attribute("pool") == Some(POOL)
-        && let Some(volume) = source.attribute("volume")
-        && validate_name(volume).is_ok()
+        && let Some(volume) = source
+            .attribute("volume")
+            .and_then(|v| DeviceName::new(v).ok())
     {
-        found.devices.insert(volume.to_string());
+        found.devices.insert(volume);
         return;
     }
     let Some(path) = path else {
@@ -83,7 +84,7 @@ fn level(node: roxmltree::Node, format: Option<&str>, found: &mut DomainDisks) {
     };
     if let Some(name) = device_name(path) {
         // A vmar device is raw: the chain ends here.
-        found.devices.insert(name.to_string());
+        found.devices.insert(name);
         return;
     }
     match node.children().find(|n| n.has_tag_name("backingStore")) {
@@ -116,8 +117,8 @@ mod tests {
 
     #[test]
     fn device_paths_name_devices() {
-        assert_eq!(device_name("/dev/vmar/web"), Some("web"));
-        assert_eq!(device_name("/dev/mapper/vmar-web"), Some("web"));
+        assert_eq!(device_name("/dev/vmar/web").as_deref(), Some("web"));
+        assert_eq!(device_name("/dev/mapper/vmar-web").as_deref(), Some("web"));
         assert_eq!(device_name("/dev/vmar/../sda"), None);
         assert_eq!(device_name("/dev/vmar/"), None);
         assert_eq!(device_name("/dev/mapper/other"), None);

@@ -400,24 +400,8 @@ pub fn open_unchanged(name: &str, path: &Path, captured: &ImageIdentity) -> Resu
     Ok(image)
 }
 
-/// Checks an image or device name: it becomes part of file and device-mapper names, so it is
-/// kept to a portable character set.
-pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && !name.starts_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidName {
-            name: crate::error::shorten(name),
-        })
-    }
-}
+/// Checks an image or device name (see [`crate::name`], whose types carry checked names).
+pub use crate::name::check as validate_name;
 
 /// Default image name: the file name without its extension, with other characters replaced.
 pub fn default_name(path: &Path) -> String {

@@ -287,7 +287,7 @@ impl RunWriter {
                 .map_err(|e| Error::io("cannot write index run", &self.tmp, e))?;
             file.sync_all()
                 .map_err(|e| Error::io("cannot sync index run", &self.tmp, e))?;
-            crate::fault::point("index.write")?;
+            crate::fault::point(crate::fault::Step::IndexWrite)?;
             let path = run_path(&self.dir, self.id);
             fs::rename(&self.tmp, &path)
                 .map_err(|e| Error::io("cannot rename index run", &path, e))?;

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::hook::device_name;
+use crate::name::DeviceName;
 
 /// Longest backing chain followed: far more than any real chain, and a bound on loops.
 const MAX_DEPTH: usize = 32;
@@ -73,7 +74,7 @@ pub fn info(path: &Path, chain: bool) -> Result<String> {
 /// The vmar devices the backing chain of `path` names, read one image at a time (so that a
 /// missing device, which the hook is about to create, does not stop the walk): the walk
 /// ends at a vmar device, a raw image or an image without a backing file.
-pub fn chain_devices(path: &Path) -> Result<Vec<String>> {
+pub fn chain_devices(path: &Path) -> Result<Vec<DeviceName>> {
     let mut devices = Vec::new();
     let mut next = Some(path.to_path_buf());
     for _ in 0..MAX_DEPTH {
@@ -85,7 +86,7 @@ pub fn chain_devices(path: &Path) -> Result<Vec<String>> {
             return Ok(devices);
         };
         if let Some(name) = device_name(backing) {
-            devices.push(name.to_string());
+            devices.push(name);
             return Ok(devices);
         }
         if info.backing_filename_format.as_deref() == Some("raw") {
@@ -130,7 +131,7 @@ pub fn check_top(overlay: &Path, top: &ImageInfo, name: &str) -> Result<()> {
     let Some(backing) = top.backing() else {
         return Err(mismatch(overlay, format!("has no backing file; {fix}")));
     };
-    if device_name(backing) != Some(name) {
+    if device_name(backing).as_deref() != Some(name) {
         return Err(mismatch(
             overlay,
             format!("is backed by {backing}, not by /dev/vmar/{name}; {fix}"),

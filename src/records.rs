@@ -1,6 +1,7 @@
 //! The catalog's records and how they are stored: image and device records (JSON), block
 //! digests and map extents (fixed-size binary records in chunks). Pure encoding, no I/O;
-//! [`crate::catalog`] keeps them in redb.
+//! [`crate::catalog`] keeps them in redb. Also where a captured image's file stands
+//! (`ImageFileState`, worked out by [`crate::holds`]), which `images` reports beside the record.
 
 use std::path::PathBuf;
 
@@ -9,6 +10,26 @@ use serde::{Deserialize, Serialize};
 use crate::image::ImageIdentity;
 use crate::map::{Extent, ImageId, MapSummary, Source};
 use crate::scan::{Digest, ScanStats};
+
+/// Where a captured image's file stands, and what keeps it (see [`crate::holds`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFileState {
+    /// `present`: its path names the captured file; `gone`: deleted, renamed, or the path
+    /// names another file now.
+    pub state: String,
+    /// vmar's hold on the captured file (a hard link in the state directory), if any.
+    pub hold: Option<PathBuf>,
+    /// Why there is no hold.
+    pub not_held: Option<String>,
+    pub kept_by: KeptBy,
+}
+
+/// What needs an image: saved devices that read it, images whose maps redirect into it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptBy {
+    pub devices: Vec<String>,
+    pub images: Vec<String>,
+}
 
 const DIGEST_RECORD: usize = 8 + 32;
 const EXTENT_RECORD: usize = 8 + 8 + 1 + 4 + 8;

@@ -338,7 +338,7 @@ impl<'a> Scan<'a> {
             // Dropping the receiver makes a producer blocked in `send` stop.
             drop(rx);
             if producer.join().is_err() {
-                result = Err(Error::Protocol("hashing thread panicked".into()));
+                result = Err(Error::internal("hashing thread panicked"));
             }
             result
         })?;
@@ -375,7 +375,7 @@ pub fn hash_image(
         if crate::shutdown::requested() {
             return Err(Error::ShuttingDown);
         }
-        crate::fault::point("capture.batch")?;
+        crate::fault::point(crate::fault::Step::CaptureBatch)?;
         digests(&batch.digests)?;
         done += batch.read_bytes;
         progress(done, total);

@@ -363,7 +363,7 @@ fn serve_connection(
         heartbeat.watch(&replies);
         // A client that went away (Ctrl-C of vmarctl) cancels a capture still hashing; once
         // the catalog change has begun it completes. A client that only reads slowly does not.
-        let mut progress = |p: crate::protocol::Progress| {
+        let mut progress = |p: crate::progress::Progress| {
             let gone = replies.progress(&Reply::Progress(p));
             if gone {
                 crate::shutdown::cancel_current();
@@ -394,9 +394,11 @@ fn serve_connection(
     }
 }
 
-/// Parses one request line.
+/// Parses one request line. Its names are checked here, once: an invalid one is answered
+/// as `invalid-name`, any other malformed request as `protocol`.
 pub fn parse_request(line: &str) -> Result<Request> {
-    serde_json::from_str(line).map_err(|e| Error::Protocol(format!("bad request: {e}")))
+    let (parsed, refused) = crate::name::refused_during(|| serde_json::from_str(line));
+    parsed.map_err(|e| refused.unwrap_or_else(|| Error::Protocol(format!("bad request: {e}"))))
 }
 
 /// Binds `socket`, replacing a stale one but never one another vmard listens on.

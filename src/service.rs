@@ -16,7 +16,6 @@ use serde_json::Value;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::image::validate_name;
 use crate::instance::InstanceId;
 use crate::kernel::Kernel;
 use crate::protocol::{
@@ -54,6 +53,8 @@ pub struct Context {
     open_kernel: KernelOpener,
     changes: Mutex<()>,
     restored: Mutex<crate::protocol::RestoreStatus>,
+    /// What auto-capture did, when its watcher runs (see [`Context::auto_capture`]).
+    auto_capture: crate::watch::Report,
 }
 
 impl Context {
@@ -72,7 +73,14 @@ impl Context {
             open_kernel,
             changes: Mutex::new(()),
             restored: Mutex::new(Default::default()),
+            auto_capture: crate::watch::Report::default(),
         }
+    }
+
+    /// The auto-capture report `images` answers with: vmard hands it to the watcher it
+    /// starts (`watch::start`), which fills it.
+    pub fn auto_capture(&self) -> &crate::watch::Report {
+        &self.auto_capture
     }
 
     pub fn settings(&self) -> Settings {
@@ -269,7 +277,7 @@ pub fn hold_older_images(ctx: Arc<Context>) {
 }
 
 fn to_value(result: impl Serialize) -> Result<serde_json::Value> {
-    serde_json::to_value(result).map_err(|e| Error::Protocol(format!("cannot encode reply: {e}")))
+    serde_json::to_value(result).map_err(|e| Error::internal(format!("cannot encode reply: {e}")))
 }
 
 /// Runs the handler of one request and encodes its result. The handler's result must be the
@@ -318,7 +326,7 @@ pub fn handle(
                 catalog.capture_changing(&image, r.name.as_deref(), r.recapture, progress);
             crate::holds::finish_capture(catalog, pending, &image);
             let captured = captured?;
-            crate::watch::captured(catalog.dir(), &captured.record);
+            crate::watch::captured(catalog.dir(), &captured.record, ctx.auto_capture());
             Ok(CaptureResult {
                 status: captured.status,
                 image: captured.record,
@@ -339,11 +347,10 @@ pub fn handle(
                         file: Some(file),
                     })
                     .collect(),
-                auto_capture: crate::watch::report(),
+                auto_capture: ctx.auto_capture.snapshot(),
             })
         }),
         Request::Map(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let (record, map) = catalog.map(&r.name)?;
             let sources = catalog.sources_of(&record, &map)?;
             let references = map
@@ -362,16 +369,9 @@ pub fn handle(
                 extents: r.extents.then_some(map.extents),
             })
         }),
-        Request::Table(r) => answer(r, |r| {
-            validate_name(&r.name)?;
-            table_of(catalog, &r.name, &r.devices)
-        }),
-        Request::Verify(r) => answer(r, |r| {
-            validate_name(&r.name)?;
-            verify(catalog, &r.name, progress)
-        }),
+        Request::Table(r) => answer(r, |r| table_of(catalog, &r.name, &r.devices)),
+        Request::Verify(r) => answer(r, |r| verify(catalog, &r.name, progress)),
         Request::Forget(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let _changes = ctx.changes();
             if let Ok(kernel) = ctx.kernel() {
                 device::prune(catalog, kernel.as_ref())?;
@@ -382,9 +382,8 @@ pub fn handle(
             Ok(ForgetResult { image, changed })
         }),
         Request::Create(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let image = device_image(
-                catalog,
+                ctx,
                 &settings,
                 &r.image,
                 r.options.capture,
@@ -411,10 +410,9 @@ pub fn handle(
             Ok(created)
         }),
         Request::Ensure(r) => answer(r, |r| {
-            validate_name(&r.name)?;
             let image = match &r.image {
                 Some(image) => Some(device_image(
-                    catalog,
+                    ctx,
                     &settings,
                     image,
                     r.options.capture,
@@ -442,7 +440,7 @@ pub fn handle(
             Ok(ensured)
         }),
         Request::Remove(r) => answer(r, |r| {
-            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let kernel = ctx.kernel()?;
             let removed = {
                 let _changes = ctx.changes();
                 let removed =
@@ -463,7 +461,7 @@ pub fn handle(
         Request::Status(r) => answer(r, |r| {
             let mut status = device::status(
                 catalog,
-                kernel_for(ctx, Some(&r.name))?.as_ref(),
+                ctx.kernel()?.as_ref(),
                 &ctx.instance,
                 &r.name,
                 max_targets,
@@ -473,7 +471,7 @@ pub fn handle(
             Ok(status)
         }),
         Request::Refresh(r) => answer(r, |r| {
-            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let kernel = ctx.kernel()?;
             let refreshed = {
                 let _changes = ctx.changes();
                 device::refresh(
@@ -488,25 +486,18 @@ pub fn handle(
             refreshed
         }),
         Request::Stats(r) => answer(r, |r| {
-            device::stats(
-                catalog,
-                kernel_for(ctx, r.name.as_deref())?.as_ref(),
-                r.name.as_deref(),
-            )
+            device::stats(catalog, ctx.kernel()?.as_ref(), r.name.as_ref())
         }),
         Request::Metrics => answer(request::Metrics, |_| {
             Ok(MetricsResult {
                 text: crate::metrics::render(&snapshot(ctx)?),
             })
         }),
-        Request::Dependents(r) => answer(r, |r| {
-            validate_name(&r.name)?;
-            dependents(catalog, &r.name)
-        }),
+        Request::Dependents(r) => answer(r, |r| dependents(catalog, &r.name)),
         Request::RestoreStatus => answer(request::RestoreStatus, |_| Ok(ctx.restore_status())),
         Request::Bindings => answer(request::Bindings, |_| crate::binding::list(catalog)),
         Request::Record(r) => answer(r, |r| {
-            let kernel = kernel_for(ctx, Some(&r.name))?;
+            let kernel = ctx.kernel()?;
             let phase = r.phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);
             let _changes = ctx.changes();
             prefetch::record(catalog, kernel.as_ref(), &r.name, phase, r.replace)
@@ -622,15 +613,6 @@ fn tree_bytes(path: &Path) -> u64 {
     }
 }
 
-/// The kernel for a request about device `name`, once the name is known to be valid: a bad
-/// name is a bad request whatever the host has.
-fn kernel_for(ctx: &Context, name: Option<&str>) -> Result<Arc<dyn Kernel>> {
-    if let Some(name) = name {
-        validate_name(name)?;
-    }
-    ctx.kernel()
-}
-
 /// Releases the holds nothing needs any more (see [`crate::holds::release_unneeded`]); a
 /// failure is logged: the change that asked for it is done.
 fn release_holds(catalog: &Catalog) {
@@ -644,7 +626,7 @@ fn release_holds(catalog: &Catalog) {
 /// The captured image a device is to serve: `image` captured first when `capture` and it
 /// is a path (`create --capture`, `ensure --capture`), else the image it names.
 fn device_image(
-    catalog: &Catalog,
+    ctx: &Context,
     settings: &Settings,
     image: &str,
     capture: bool,
@@ -652,27 +634,28 @@ fn device_image(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<String> {
     if capture && image.starts_with('/') {
-        capture_held(catalog, settings, Path::new(image), force_raw, progress)
+        capture_held(ctx, settings, Path::new(image), force_raw, progress)
     } else {
-        device::image_name(catalog, &settings.roots, image)
+        device::image_name(&ctx.catalog, &settings.roots, image)
     }
 }
 
 /// Captures the image at `path` for a device (`create --capture`, `ensure --capture`), with
 /// vmar's hold made before its identity is taken; returns its name.
 fn capture_held(
-    catalog: &Catalog,
+    ctx: &Context,
     settings: &Settings,
     path: &Path,
     force_raw: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<String> {
+    let catalog = &ctx.catalog;
     let mut file = open_image(catalog, settings, path, force_raw)?;
     let pending = crate::holds::prepare_capture(catalog, &mut file, false)?;
     let captured = catalog.capture(&file, None, false, progress);
     crate::holds::finish_capture(catalog, pending, &file);
     let record = captured?.0;
-    crate::watch::captured(catalog.dir(), &record);
+    crate::watch::captured(catalog.dir(), &record, ctx.auto_capture());
     Ok(record.name)
 }
 

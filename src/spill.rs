@@ -481,16 +481,16 @@ impl DigestCollector {
     pub fn extend_encoded(&mut self, encoded: &[u8]) -> Result<()> {
         const RECORD: usize = crate::digests::RECORD;
         if !encoded.len().is_multiple_of(RECORD) {
-            return Err(Error::Protocol(format!(
-                "{} bytes are not digest records (this is a bug)",
+            return Err(Error::internal(format!(
+                "{} bytes are not digest records",
                 encoded.len()
             )));
         }
         for record in encoded.chunks_exact(RECORD) {
             let (block, digest) = crate::digests::decode_record(record);
             if self.last.is_some_and(|last| last >= block) {
-                return Err(Error::Protocol(format!(
-                    "block {block} hashed out of order (this is a bug)"
+                return Err(Error::internal(format!(
+                    "block {block} hashed out of order"
                 )));
             }
             match self.nonzero.last_mut() {
@@ -512,9 +512,8 @@ impl DigestCollector {
     /// Ends collection: the digest-ordered stream and the block-ordered records.
     pub fn finish(mut self) -> Result<Hashed> {
         let Some(fingerprint) = self.fingerprint.take() else {
-            return Err(Error::Protocol(
-                "a collector fingerprinted by its caller finished without it (this is a bug)"
-                    .into(),
+            return Err(Error::internal(
+                "a collector fingerprinted by its caller finished without it",
             ));
         };
         self.finish_with(fingerprint.finish())

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use inotify::{Inotify, WatchMask};
@@ -30,19 +30,40 @@ const KEEP: usize = 100;
 /// How often the watcher looks at its queue.
 const TICK: Duration = Duration::from_millis(200);
 
-/// The report of the running watcher; `None` when auto-capture is off.
-static REPORT: Mutex<Option<AutoCaptureReport>> = Mutex::new(None);
+/// What auto-capture did so far: written by the watcher's thread, read by whoever answers
+/// `images`. Its owner makes one and hands a clone to [`start`] (vmard: the service's
+/// `Context` holds it); it stays empty while no watcher runs.
+#[derive(Clone, Debug, Default)]
+pub struct Report(Arc<Mutex<Option<AutoCaptureReport>>>);
 
-/// What auto-capture did so far, or `None` when it is off.
-pub fn report() -> Option<AutoCaptureReport> {
-    REPORT.lock().ok().and_then(|r| r.clone())
-}
+impl Report {
+    /// What auto-capture did so far, or `None` when it is off.
+    pub fn snapshot(&self) -> Option<AutoCaptureReport> {
+        self.0.lock().ok().and_then(|r| r.clone())
+    }
 
-fn with_report(f: impl FnOnce(&mut AutoCaptureReport)) {
-    if let Ok(mut guard) = REPORT.lock()
-        && let Some(report) = guard.as_mut()
-    {
-        f(report);
+    /// Starts a new report (a watcher starting).
+    fn set(&self, report: AutoCaptureReport) {
+        if let Ok(mut guard) = self.0.lock() {
+            *guard = Some(report);
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AutoCaptureReport)) {
+        if let Ok(mut guard) = self.0.lock()
+            && let Some(report) = guard.as_mut()
+        {
+            f(report);
+        }
+    }
+
+    /// Whether `path` is among the skipped files (true when that cannot be told).
+    fn lists_skipped(&self, path: &Path) -> bool {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|r| r.skipped.iter().any(|s| s.path == path)))
+            .unwrap_or(true)
     }
 }
 
@@ -99,7 +120,7 @@ fn save_forgotten(state_dir: &Path, list: &[Forgotten]) -> Result<()> {
     let path = state_dir.join(FORGOTTEN_FILE);
     let tmp = state_dir.join(format!("{FORGOTTEN_FILE}.tmp"));
     let bytes = serde_json::to_vec(list)
-        .map_err(|e| Error::Protocol(format!("cannot encode {FORGOTTEN_FILE}: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode {FORGOTTEN_FILE}: {e}")))?;
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut file = std::fs::File::create(&tmp)?;
@@ -139,9 +160,9 @@ pub fn forgotten(state_dir: &Path, record: &crate::records::ImageRecord) {
 }
 
 /// Image `record` was captured (by anyone): what auto-capture skipped of its path before is
-/// stale, and a forget of it no longer applies.
-pub fn captured(state_dir: &Path, record: &crate::records::ImageRecord) {
-    with_report(|r| r.skipped.retain(|s| s.path != record.path));
+/// stale (dropped from `report`), and a forget of it no longer applies.
+pub fn captured(state_dir: &Path, record: &crate::records::ImageRecord, report: &Report) {
+    report.update(|r| r.skipped.retain(|s| s.path != record.path));
     let mut list = forgotten_list(state_dir);
     let before = list.len();
     list.retain(|f| f.path != record.path);
@@ -225,6 +246,8 @@ struct Watcher {
     waiting: BTreeMap<PathBuf, Waiting>,
     /// Last reason each path was skipped for, so a file is reported once per reason.
     skipped: HashMap<PathBuf, String>,
+    /// What it reports (shared with its owner).
+    report: Report,
 }
 
 impl Watcher {
@@ -255,7 +278,7 @@ impl Watcher {
     fn gone(&mut self, path: &Path) {
         self.waiting.remove(path);
         if self.skipped.remove(path).is_some() {
-            with_report(|r| r.skipped.retain(|s| s.path != path));
+            self.report.update(|r| r.skipped.retain(|s| s.path != path));
         }
     }
 
@@ -276,11 +299,7 @@ impl Watcher {
 
     fn skip(&mut self, path: &Path, kind: &str, reason: String) {
         // Reported already, unless a capture cleared it from the report since.
-        let reported = REPORT
-            .lock()
-            .ok()
-            .and_then(|r| r.as_ref().map(|r| r.skipped.iter().any(|s| s.path == path)))
-            .unwrap_or(true);
+        let reported = self.report.lists_skipped(path);
         if self.skipped.get(path) == Some(&reason) && reported {
             return;
         }
@@ -292,7 +311,7 @@ impl Watcher {
             reason,
             at: crate::time::now_secs(),
         };
-        with_report(|r| {
+        self.report.update(|r| {
             r.skipped.retain(|s| s.path != entry.path);
             r.skipped.push(entry);
             let excess = r.skipped.len().saturating_sub(KEEP);
@@ -330,7 +349,7 @@ impl Watcher {
             self.capture(&path);
         }
         let waiting: Vec<PathBuf> = self.waiting.keys().cloned().collect();
-        with_report(|r| r.waiting = waiting);
+        self.report.update(|r| r.waiting = waiting);
     }
 
     fn capture(&mut self, path: &Path) {
@@ -361,7 +380,7 @@ impl Watcher {
                         name: result.image.name,
                         at: crate::time::now_secs(),
                     };
-                    with_report(|r| {
+                    self.report.update(|r| {
                         r.skipped.retain(|s| s.path != entry.path);
                         r.captured.push(entry);
                         let excess = r.captured.len().saturating_sub(KEEP);
@@ -400,12 +419,14 @@ impl Watcher {
 
 /// Starts watching `roots` (not their subdirectories) and capturing through vmard's
 /// `socket`; files already in the roots are considered too (they may have arrived while
-/// vmard was down; captured, unchanged ones cost nothing). Runs until shutdown.
+/// vmard was down; captured, unchanged ones cost nothing). Runs until shutdown; what it does
+/// goes into `report`.
 pub fn start(
     roots: Vec<PathBuf>,
     socket: PathBuf,
     state_dir: PathBuf,
     settle: Duration,
+    report: Report,
 ) -> Result<()> {
     let mut inotify =
         Inotify::init().map_err(|e| Error::io("cannot start inotify for", "auto-capture", e))?;
@@ -424,19 +445,18 @@ pub fn start(
             .map_err(|e| Error::io("cannot watch image root", root, e))?;
         watched.insert(wd, root.clone());
     }
-    if let Ok(mut report) = REPORT.lock() {
-        *report = Some(AutoCaptureReport {
-            roots: roots.clone(),
-            settle_ms: u64::try_from(settle.as_millis()).unwrap_or(u64::MAX),
-            ..AutoCaptureReport::default()
-        });
-    }
+    report.set(AutoCaptureReport {
+        roots: roots.clone(),
+        settle_ms: u64::try_from(settle.as_millis()).unwrap_or(u64::MAX),
+        ..AutoCaptureReport::default()
+    });
     let mut watcher = Watcher {
         client: Client::new(socket),
         state_dir,
         settle,
         waiting: BTreeMap::new(),
         skipped: HashMap::new(),
+        report,
     };
     watcher.rescan(&roots);
     tracing::info!(roots = ?roots, settle = ?settle, "auto-capture watches the image roots");
@@ -510,6 +530,54 @@ mod tests {
         ] {
             assert!(!temporary_name(OsStr::new(name)), "{name}");
         }
+    }
+
+    fn watcher(dir: &Path, report: &Report) -> Watcher {
+        report.set(AutoCaptureReport {
+            roots: vec![dir.to_path_buf()],
+            ..AutoCaptureReport::default()
+        });
+        Watcher {
+            client: Client::new(dir.join("no-socket")),
+            state_dir: dir.to_path_buf(),
+            settle: Duration::from_secs(3600),
+            waiting: BTreeMap::new(),
+            skipped: HashMap::new(),
+            report: report.clone(),
+        }
+    }
+
+    #[test]
+    fn each_watcher_reports_to_the_report_its_owner_gave_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mine, other) = (Report::default(), Report::default());
+        assert_eq!(mine.snapshot(), None, "empty until a watcher starts");
+        let mut watcher_a = watcher(dir.path(), &mine);
+        let _watcher_b = watcher(dir.path(), &other);
+        let partial = dir.path().join("web.raw.part");
+        let image = dir.path().join("web.raw");
+        watcher_a.touched(partial.clone());
+        watcher_a.touched(image.clone());
+        watcher_a.tick();
+
+        let seen = mine.snapshot().unwrap();
+        let skipped: Vec<(&Path, &str)> = seen
+            .skipped
+            .iter()
+            .map(|s| (s.path.as_path(), s.kind.as_str()))
+            .collect();
+        assert_eq!(skipped, [(partial.as_path(), "temporary-name")]);
+        assert_eq!(seen.waiting, std::slice::from_ref(&image));
+        assert_eq!(seen.roots, [dir.path().to_path_buf()]);
+        let untouched = other.snapshot().unwrap();
+        assert!(untouched.skipped.is_empty() && untouched.waiting.is_empty());
+
+        // A file renamed away leaves the report; the other report never saw it.
+        watcher_a.gone(&partial);
+        watcher_a.tick();
+        let seen = mine.snapshot().unwrap();
+        assert!(seen.skipped.is_empty());
+        assert_eq!(seen.waiting, [image]);
     }
 
     #[test]

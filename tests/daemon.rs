@@ -410,6 +410,24 @@ fn malformed_requests_are_answered_with_protocol_errors() {
         assert_eq!(reply["type"], "error", "{request}: {reply}");
         assert_eq!(reply["kind"], "protocol", "{request}: {reply}");
     }
+    // A name is checked as the request is read, and refused as the name it is, whichever
+    // request carries it (a client other than vmarctl sends anything).
+    for request in [
+        r#"{"op":"verify","name":"a/b"}"#,
+        r#"{"op":"create","name":"../x","image":"base"}"#,
+        r#"{"op":"stats","name":".hidden"}"#,
+        r#"{"op":"warm","names":["ok","no way"]}"#,
+        r#"{"op":"capture","path":"/x.raw","name":"-n"}"#,
+    ] {
+        let mut stream = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+        writeln!(stream, "{request}").unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        let reply: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(reply["kind"], "invalid-name", "{request}: {reply}");
+        let message = reply["message"].as_str().unwrap();
+        assert!(message.starts_with("invalid name \""), "{request}: {reply}");
+    }
     // The daemon is still serving.
     assert!(daemon.ctl(&["ping"]).status.success());
 }
@@ -613,10 +631,15 @@ fn oversized_requests_get_an_answer() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path());
     let client = vmar::client::Client::new(&daemon.socket);
-    let huge = "x".repeat(3 << 20);
-    let err = client
-        .call(vmar::protocol::request::Verify { name: huge }, &mut |_| {})
-        .unwrap_err();
+    // (A path: a name that long is not one, and the client would not send it.)
+    let huge = format!("/{}", "x".repeat(3 << 20));
+    let capture = vmar::protocol::request::Capture {
+        path: huge.into(),
+        name: None,
+        recapture: false,
+        force_raw: false,
+    };
+    let err = client.call(capture, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
     // A long invalid name is not echoed whole.
     let long = "a/".repeat(5000);

@@ -14,6 +14,7 @@ use common::{
     write_image,
 };
 use serde_json::Value;
+use vmar::fault::Step;
 use vmar::kernel::sim::SimKernel;
 
 /// Images sharing blocks: holes, zeros, shared and unique blocks, a partial last block.
@@ -456,34 +457,47 @@ fn images_that_devices_read_cannot_be_forgotten_or_recaptured() {
     ok(&daemon, &["forget", "db"]);
 }
 
-/// Every state-changing step of each operation, as VMAR_FAULTS names them.
-const CREATE_STEPS: &[&str] = &[
-    "loop.attach",
-    "catalog.commit#1",
-    "dm.create",
-    "dm.load",
-    "dm.resume",
-    "dm.stats",
-    "catalog.commit#2",
+/// A fault step and which time it is reached (1 for the first).
+type At = (Step, u32);
+
+/// `at` as `VMAR_FAULTS` names it, with `action`.
+fn fault(at: At, action: &str) -> String {
+    format!("{}#{}={action}", at.0, at.1)
+}
+
+/// Every state-changing step of each operation.
+const CREATE_STEPS: &[At] = &[
+    (Step::LoopAttach, 1),
+    (Step::CatalogCommit, 1),
+    (Step::DmCreate, 1),
+    (Step::DmLoad, 1),
+    (Step::DmResume, 1),
+    (Step::DmStats, 1),
+    (Step::CatalogCommit, 2),
 ];
 // (A refresh reuses the loop devices its device holds: it attaches none.)
-const REFRESH_STEPS: &[&str] = &["dm.load", "dm.suspend", "dm.resume"];
-const REMOVE_STEPS: &[&str] = &["catalog.commit#1", "dm.remove", "catalog.commit#2"];
+const REFRESH_STEPS: &[At] = &[(Step::DmLoad, 1), (Step::DmSuspend, 1), (Step::DmResume, 1)];
+const REMOVE_STEPS: &[At] = &[
+    (Step::CatalogCommit, 1),
+    (Step::DmRemove, 1),
+    (Step::CatalogCommit, 2),
+];
 
 /// Runs `op` on a daemon that fails or dies at `step`, then restarts it cleanly and checks
 /// the invariants; returns the restarted daemon.
-fn fault_then_restart(dir: &Path, step: &str, action: &str, op: &[&str]) -> Daemon {
-    eprintln!("fault: {op:?} with {step}={action}");
+fn fault_then_restart(dir: &Path, step: At, action: &str, op: &[&str]) -> Daemon {
+    let faults = fault(step, action);
+    eprintln!("fault: {op:?} with {faults}");
     // A start records the stamps of index runs that have settled (1 s old) in a commit of its
     // own: let a clean start do that now, so that the faulty one counts only the commits of
     // `op` (otherwise, on a loaded machine, `catalog.commit#1` hits the start instead).
     std::thread::sleep(std::time::Duration::from_millis(1100));
     drop(Daemon::start_sim(dir, ""));
-    let mut faulty = Daemon::start_sim(dir, &format!("{step}={action}"));
+    let mut faulty = Daemon::start_sim(dir, &faults);
     let (succeeded, out) = faulty.json(op);
     if action == "kill" {
-        assert!(!succeeded, "{op:?} with {step}=kill answered: {out}");
-        assert!(faulty.exited(), "{step}=kill did not kill vmard");
+        assert!(!succeeded, "{op:?} with {faults} answered: {out}");
+        assert!(faulty.exited(), "{faults} did not kill vmard");
     }
     drop(faulty);
     let daemon = Daemon::start_sim(dir, "");
@@ -502,7 +516,7 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             capture_all(&daemon, &images);
             ok(&daemon, &["create", "base", "base"]);
             drop(daemon);
-            let daemon = fault_then_restart(dir.path(), step, action, &["create", "web", "web"]);
+            let daemon = fault_then_restart(dir.path(), *step, action, &["create", "web", "web"]);
             // Whatever happened, the name is usable: created, or free to create.
             let list = device_states(&daemon);
             if !list.iter().any(|(n, _)| n == "web") {
@@ -519,11 +533,12 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             ok(&daemon, &["create", "db", "db"]);
             drop(daemon);
             sim(dir.path()).open_device("db").unwrap();
-            let daemon = fault_then_restart(dir.path(), step, action, &["refresh", "db"]);
+            let daemon = fault_then_restart(dir.path(), *step, action, &["refresh", "db"]);
             assert_eq!(
                 device_states(&daemon),
                 [("db".to_string(), "active".to_string())],
-                "{step}={action}"
+                "{}",
+                fault(*step, action)
             );
             cases += 1;
         }
@@ -534,12 +549,12 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
             capture_all(&daemon, &images);
             ok(&daemon, &["create", "web", "web"]);
             drop(daemon);
-            let daemon = fault_then_restart(dir.path(), step, action, &["remove", "web"]);
+            let daemon = fault_then_restart(dir.path(), *step, action, &["remove", "web"]);
             let list = device_states(&daemon);
-            if action == "kill" && *step != "catalog.commit#1" {
+            if action == "kill" && *step != (Step::CatalogCommit, 1) {
                 // A removal interrupted once it is recorded is finished at restart, never
                 // undone; killed before that, nothing happened.
-                assert!(list.is_empty(), "{step}=kill: {list:?}");
+                assert!(list.is_empty(), "{}: {list:?}", fault(*step, action));
             }
             if !list.is_empty() {
                 ok(&daemon, &["remove", "web"]);
@@ -554,14 +569,23 @@ fn a_fault_at_any_step_of_create_refresh_or_remove_is_repaired() {
     );
 }
 
+/// The steps of the catalog's changes, and the changes that reach each: forget writes no
+/// digest list and hashes nothing.
+const CATALOG_STEPS: &[(At, &[&str])] = &[
+    ((Step::CaptureBatch, 1), &["capture", "recapture"]),
+    ((Step::CaptureHashed, 1), &["capture", "recapture"]),
+    ((Step::IndexWrite, 1), &["capture", "recapture", "forget"]),
+    ((Step::DigestsWrite, 1), &["capture", "recapture"]),
+    (
+        (Step::CatalogCommit, 1),
+        &["capture", "recapture", "forget"],
+    ),
+];
+
 #[test]
 fn a_kill_at_any_step_of_capture_recapture_or_forget_keeps_the_catalog_whole() {
-    let steps = ["index.write", "digests.write", "catalog.commit"];
-    for step in steps {
-        for op in ["capture", "recapture", "forget"] {
-            if step == "digests.write" && op == "forget" {
-                continue; // forget writes no digest list
-            }
+    for &(step, ops) in CATALOG_STEPS {
+        for &op in ops {
             let dir = tempfile::tempdir().unwrap();
             let images = family(dir.path());
             let daemon = Daemon::start_sim(dir.path(), "");
@@ -576,13 +600,13 @@ fn a_kill_at_any_step_of_capture_recapture_or_forget_keeps_the_catalog_whole() {
                 "recapture" => vec!["capture", "--recapture", s(&images[1])],
                 _ => vec!["forget", "base"],
             };
-            let mut faulty = Daemon::start_sim(dir.path(), &format!("{step}=kill"));
+            let mut faulty = Daemon::start_sim(dir.path(), &fault(step, "kill"));
             let (succeeded, out) = faulty.json(&args);
-            assert!(!succeeded && faulty.exited(), "{op} {step}: {out}");
+            assert!(!succeeded && faulty.exited(), "{op} {step:?}: {out}");
             drop(faulty);
             let daemon = Daemon::start_sim(dir.path(), "");
             let after = ok(&daemon, &["images"]);
-            assert_eq!(before, after, "{op} killed at {step} changed the catalog");
+            assert_eq!(before, after, "{op} killed at {step:?} changed the catalog");
             for name in ["base", "web"] {
                 if op != "recapture" || name == "base" {
                     let report = ok(&daemon, &["verify", name]);
@@ -664,16 +688,21 @@ fn sigterm_closes_the_catalog_and_leaves_devices() {
     );
 }
 
+/// The steps of a restore with work of every kind (see the test below).
+const RESTORE_STEPS: &[At] = &[
+    (Step::DmCreate, 1),
+    (Step::DmLoad, 1),
+    (Step::DmResume, 1),
+    (Step::DmSuspend, 1),
+    (Step::DmClear, 1),
+    (Step::DmRemove, 1),
+    (Step::LoopDetach, 1),
+];
+
 #[test]
 fn a_kill_during_restore_is_repaired_by_the_next_restore() {
     use vmar::kernel::Kernel;
-    for step in [
-        "dm.create",
-        "dm.load",
-        "dm.resume",
-        "dm.suspend",
-        "dm.remove",
-    ] {
+    for &step in RESTORE_STEPS {
         let dir = tempfile::tempdir().unwrap();
         let images = family(dir.path());
         let daemon = Daemon::start_sim(dir.path(), "");
@@ -685,8 +714,9 @@ fn a_kill_during_restore_is_repaired_by_the_next_restore() {
         ok(&daemon, &["create", "db", "db"]);
         drop(daemon);
         let kernel = sim(dir.path());
-        // Restore has work: base missing, web suspended with a table waiting, db differing,
-        // and a leftover without a record.
+        // Restore has work: base missing, web suspended with its own table waiting (an
+        // interrupted swap: cleared), db differing, a leftover without a record, and a loop
+        // device a crash left without autoclear.
         kernel.dm_remove("base", false).unwrap();
         let table = kernel.dm_table("web").unwrap();
         kernel.dm_load("web", &table).unwrap();
@@ -698,8 +728,9 @@ fn a_kill_during_restore_is_repaired_by_the_next_restore() {
         kernel
             .dm_create("stray", &own_uuid(dir.path(), "stray"))
             .unwrap();
-        let mut faulty = Daemon::launch_sim(dir.path(), &format!("{step}=kill"));
-        assert!(!faulty.ready(), "restore never reached {step}");
+        kernel.plant_loop(&images[2], false).unwrap();
+        let mut faulty = Daemon::launch_sim(dir.path(), &fault(step, "kill"));
+        assert!(!faulty.ready(), "restore never reached {step:?}");
         drop(faulty);
         let daemon = Daemon::start_sim(dir.path(), "");
         let mut got = device_states(&daemon);
@@ -711,10 +742,166 @@ fn a_kill_during_restore_is_repaired_by_the_next_restore() {
                 ("db".to_string(), "active".to_string()),
                 ("web".to_string(), "active".to_string())
             ],
-            "restore killed at {step}"
+            "restore killed at {step:?}"
         );
         check_invariants(dir.path(), &daemon);
     }
+}
+
+/// `dir` with the family captured and devices base, web and db, vmard stopped.
+fn family_with_devices(dir: &Path) -> Vec<PathBuf> {
+    let images = family(dir);
+    let daemon = Daemon::start_sim(dir, "");
+    capture_all(&daemon, &images);
+    for name in ["base", "web", "db"] {
+        ok(&daemon, &["create", name, name]);
+    }
+    drop(daemon);
+    images
+}
+
+/// Every device active again, serving its image, after a clean start.
+fn all_restored(dir: &Path, images_before: &Value) {
+    let daemon = Daemon::start_sim(dir, "");
+    assert_eq!(&ok(&daemon, &["images"]), images_before);
+    let mut got = device_states(&daemon);
+    got.sort();
+    assert_eq!(
+        got,
+        ["base", "db", "web"].map(|n| (n.to_string(), "active".to_string()))
+    );
+    check_invariants(dir, &daemon);
+}
+
+/// Each fault step is in the list of a fault test, which runs an operation that reaches
+/// it and asserts that a kill there killed vmard (so the step was reached) and what holds
+/// after: a step added to [`Step::ALL`] without such a test fails here.
+#[test]
+fn every_fault_step_is_exercised_by_a_fault_test() {
+    let lists: [(&str, Vec<At>); 7] = [
+        ("CREATE_STEPS", CREATE_STEPS.to_vec()),
+        ("REFRESH_STEPS", REFRESH_STEPS.to_vec()),
+        ("REMOVE_STEPS", REMOVE_STEPS.to_vec()),
+        (
+            "CATALOG_STEPS",
+            CATALOG_STEPS.iter().map(|(at, _)| *at).collect(),
+        ),
+        ("RESTORE_STEPS", RESTORE_STEPS.to_vec()),
+        ("OPEN_STEPS", OPEN_STEPS.to_vec()),
+        ("RECOVER_STEPS", RECOVER_STEPS.to_vec()),
+    ];
+    let exercised: std::collections::BTreeSet<Step> = lists
+        .iter()
+        .flat_map(|(_, list)| list.iter().map(|(step, _)| *step))
+        .collect();
+    let missing: Vec<&str> = Step::ALL
+        .iter()
+        .filter(|step| !exercised.contains(step))
+        .map(|step| step.name())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "fault steps no fault test exercises: {missing:?}; add each to the list of the test \
+         whose operation reaches it ({:?})",
+        lists.map(|(name, _)| name)
+    );
+}
+
+#[test]
+fn a_misspelt_fault_step_stops_vmard_naming_the_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("kernel");
+    let started = Daemon::try_start_env(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &["--sim", s(&kernel)],
+        &[("VMAR_FAULTS", "dm.lod=kill")],
+    );
+    let Err(stderr) = started else {
+        panic!("vmard started with an unknown fault step");
+    };
+    assert!(
+        stderr.contains("unknown fault step \"dm.lod\"") && stderr.contains("dm.load"),
+        "{stderr}"
+    );
+}
+
+/// The steps of opening the catalog at start.
+const OPEN_STEPS: &[At] = &[(Step::CatalogInit, 1)];
+
+#[test]
+fn a_fault_at_the_catalogs_open_loses_nothing_and_says_where() {
+    for (step, action) in OPEN_STEPS.iter().flat_map(|&s| [(s, "fail"), (s, "kill")]) {
+        let dir = tempfile::tempdir().unwrap();
+        family_with_devices(dir.path());
+        let before = ok(&Daemon::start_sim(dir.path(), ""), &["images"]);
+        let state = dir.path().join("state");
+        let socket = dir.path().join("run/vmard.sock");
+        let kernel = dir.path().join("kernel");
+        let faults = fault(step, action);
+        let started = Daemon::try_start_env(
+            dir.path(),
+            &state,
+            &socket,
+            &["--sim", s(&kernel)],
+            &[("VMAR_FAULTS", &faults)],
+        );
+        let Err(stderr) = started else {
+            panic!("vmard started through {faults}");
+        };
+        if action == "fail" {
+            // The catalog cannot be opened: vmard stops, saying at which step.
+            assert!(
+                stderr.contains(&format!("injected fault at step {}", step.0)),
+                "{stderr}"
+            );
+        }
+        // The devices were left serving, and the next start has every record.
+        assert_eq!(sim(dir.path()).state().unwrap().devices.len(), 3);
+        all_restored(dir.path(), &before);
+    }
+}
+
+#[test]
+fn a_failed_clear_during_restore_fails_that_device_alone_and_is_repaired_next() {
+    use vmar::kernel::Kernel;
+    let dir = tempfile::tempdir().unwrap();
+    family_with_devices(dir.path());
+    let before = ok(&Daemon::start_sim(dir.path(), ""), &["images"]);
+    // web is left as an interrupted swap to its own table leaves it: suspended, the table
+    // waiting in the inactive slot. Restore clears that slot and resumes.
+    let kernel = sim(dir.path());
+    let table = kernel.dm_table("web").unwrap();
+    kernel.dm_load("web", &table).unwrap();
+    kernel.dm_suspend("web").unwrap();
+    let state = dir.path().join("state");
+    let socket = dir.path().join("run/vmard.sock");
+    let kernel_dir = dir.path().join("kernel");
+    let faults = format!("{}=fail", Step::DmClear);
+    let daemon = Daemon::try_start_env(
+        dir.path(),
+        &state,
+        &socket,
+        &["--sim", s(&kernel_dir), "--retry-interval", "3600"],
+        &[("VMAR_FAULTS", &faults)],
+    )
+    .expect("one device failing does not stop vmard");
+    let (_, status) = daemon.document(&["restore-status"]);
+    let failed = &status["report"]["failed"];
+    assert_eq!(failed.as_array().map(Vec::len), Some(1), "{status}");
+    assert_eq!(failed[0][0], "web", "{status}");
+    assert!(
+        failed[0][1]
+            .as_str()
+            .is_some_and(|why| why.contains("dm.clear")),
+        "{status}"
+    );
+    for name in ["base", "db"] {
+        assert_eq!(ok(&daemon, &["status", name])["state"], "active");
+    }
+    drop(daemon);
+    all_restored(dir.path(), &before);
 }
 
 #[test]
@@ -1098,22 +1285,23 @@ fn recover_killed_at(dir: &Path, faults: &str) -> bool {
 /// Every step of `vmard --recover` at which a kill must keep the records: while the new
 /// catalog is built aside, once it is complete, once the swap is decided, and between each
 /// rename of the swap (old catalog, index and backup moved aside, new ones moved in).
-const RECOVER_STEPS: &[&str] = &[
-    "catalog.commit#2",
-    "recover.staged",
-    "recover.marked",
-    "recover.aside#1",
-    "recover.swap#1",
-    "recover.aside#2",
-    "recover.swap#2",
-    "recover.aside#3",
-    "recover.swap#3",
-    "recover.swapped",
+const RECOVER_STEPS: &[At] = &[
+    (Step::CatalogCommit, 2),
+    (Step::RecoverStaged, 1),
+    (Step::RecoverMarked, 1),
+    (Step::RecoverAside, 1),
+    (Step::RecoverSwap, 1),
+    (Step::RecoverAside, 2),
+    (Step::RecoverSwap, 2),
+    (Step::RecoverAside, 3),
+    (Step::RecoverSwap, 3),
+    (Step::RecoverSwapped, 1),
 ];
 
 #[test]
 fn a_kill_at_any_step_of_recovery_keeps_the_records_and_the_devices() {
-    for step in RECOVER_STEPS {
+    for &at in RECOVER_STEPS {
+        let step = fault(at, "kill");
         let dir = tempfile::tempdir().unwrap();
         let images = family(dir.path());
         let daemon = Daemon::start_sim(dir.path(), "");
@@ -1134,7 +1322,7 @@ fn a_kill_at_any_step_of_recovery_keeps_the_records_and_the_devices() {
         let catalog = dir.path().join("state/catalog.redb");
         std::fs::write(&catalog, vec![0x5a; 4096]).unwrap();
         assert!(
-            recover_killed_at(dir.path(), &format!("{step}=kill")),
+            recover_killed_at(dir.path(), &step),
             "--recover was not killed at {step}"
         );
         assert_eq!(

@@ -1,11 +1,12 @@
 //! Real-kernel tests of the device path: device-mapper and loop devices. They need root and
-//! a kernel with dm-mod, so they are ignored by `cargo test`; `tools/kernel-test` builds
+//! a kernel with dm-mod, so they are ignored by `cargo test`; `tools/kernel-test.py` builds
 //! them, boots Debian's kernel in QEMU and runs them there with `--ignored`.
 
 mod common;
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{Block, Daemon, alias_node, capture_all, device_states, ok, s, write_image};
 use serde_json::Value;
 
-const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test";
+const NEEDS: &str = "needs root and a kernel with device-mapper: run tools/kernel-test.py";
 
 /// Removes every dm device when a test ends, passed or failed, so that one failure does not
 /// leave devices behind that make the next tests fail too. Only in the test guest.
@@ -130,7 +131,7 @@ fn create(daemon: &Daemon, name: &str, image: &str) -> Value {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_devices_serve_images_byte_for_byte() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -214,7 +215,7 @@ fn linear_targets(daemon: &Daemon, name: &str) -> Vec<(u64, u64, String, u64)> {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_shared_blocks_come_from_one_place() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -258,7 +259,7 @@ fn real_shared_blocks_come_from_one_place() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_refresh_while_reading() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -325,7 +326,7 @@ fn real_refresh_while_reading() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_remove_while_open() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -354,7 +355,7 @@ fn real_remove_while_open() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_target_budget() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -396,7 +397,7 @@ fn real_target_budget() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_changed_images_are_refused() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -415,7 +416,7 @@ fn real_changed_images_are_refused() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_large_table() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -454,7 +455,7 @@ fn live_table(daemon: &Daemon, name: &str) -> Value {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_restore_after_reboot() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -465,19 +466,32 @@ fn real_restore_after_reboot() {
     for name in ["base", "web", "db"] {
         create(&daemon, name, name);
     }
-    // udev gives each device a stable name from vmar's rules.
+    // udev gives each device a stable name from vmar's rules: /dev/vmar/NAME is a block
+    // node of its own (AppArmor sees that path, not /dev/dm-N), by-id a symlink.
     for name in ["base", "web", "db"] {
-        for link in [
-            PathBuf::from(format!("/dev/vmar/{name}")),
-            PathBuf::from(format!("/dev/disk/by-id/vmar-{name}")),
-        ] {
-            eventually("the udev links", || link.exists());
-            assert_eq!(
-                std::fs::canonicalize(&link).unwrap(),
-                std::fs::canonicalize(node(name)).unwrap()
-            );
-        }
+        let by_id = PathBuf::from(format!("/dev/disk/by-id/vmar-{name}"));
+        eventually("the udev link", || by_id.exists());
+        assert_eq!(
+            std::fs::canonicalize(&by_id).unwrap(),
+            std::fs::canonicalize(node(name)).unwrap()
+        );
+        let vmar = PathBuf::from(format!("/dev/vmar/{name}"));
+        eventually("the /dev/vmar node", || vmar.exists());
+        let meta = std::fs::symlink_metadata(&vmar).unwrap();
+        assert!(meta.file_type().is_block_device(), "{vmar:?}: {meta:?}");
+        assert_eq!(meta.rdev(), std::fs::metadata(node(name)).unwrap().rdev());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o640, "{vmar:?}");
     }
+    // A removed device takes its node along; another device under that name gets a new one.
+    assert!(daemon.json(&["remove", "db"]).0);
+    eventually("the removed device's node to go", || {
+        !Path::new("/dev/vmar/db").exists()
+    });
+    create(&daemon, "db", "db");
+    eventually("the node of the device created again", || {
+        std::fs::metadata("/dev/vmar/db")
+            .is_ok_and(|m| m.rdev() == std::fs::metadata(node("db")).map(|n| n.rdev()).unwrap_or(0))
+    });
     let before: Vec<Value> = ["base", "web"]
         .iter()
         .map(|n| live_table(&daemon, n))
@@ -575,7 +589,7 @@ fn stats(daemon: &Daemon, args: &[&str]) -> Value {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_stats_count_reads_by_class_and_cache_sharing() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -705,23 +719,25 @@ fn dm_cookies() -> Vec<String> {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_kill_at_every_device_step_is_repaired_at_restart() {
     let _clean = require_dm();
-    let steps: &[(&str, &[&str])] = &[
-        ("catalog.commit#1", &["create", "web", "web"]),
-        ("dm.create", &["create", "web", "web"]),
-        ("dm.load", &["create", "web", "web"]),
-        ("dm.resume", &["create", "web", "web"]),
-        ("catalog.commit#2", &["create", "web", "web"]),
-        ("dm.load", &["refresh", "base"]),
-        ("dm.suspend", &["refresh", "base"]),
-        ("dm.resume", &["refresh", "base"]),
-        ("catalog.commit#1", &["remove", "base"]),
-        ("dm.remove", &["remove", "base"]),
-        ("catalog.commit#2", &["remove", "base"]),
+    use vmar::fault::Step;
+    let steps: &[(Step, u32, &[&str])] = &[
+        (Step::CatalogCommit, 1, &["create", "web", "web"]),
+        (Step::DmCreate, 1, &["create", "web", "web"]),
+        (Step::DmLoad, 1, &["create", "web", "web"]),
+        (Step::DmResume, 1, &["create", "web", "web"]),
+        (Step::CatalogCommit, 2, &["create", "web", "web"]),
+        (Step::DmLoad, 1, &["refresh", "base"]),
+        (Step::DmSuspend, 1, &["refresh", "base"]),
+        (Step::DmResume, 1, &["refresh", "base"]),
+        (Step::CatalogCommit, 1, &["remove", "base"]),
+        (Step::DmRemove, 1, &["remove", "base"]),
+        (Step::CatalogCommit, 2, &["remove", "base"]),
     ];
-    for (step, op) in steps {
+    for &(step, nth, op) in steps {
+        let step = format!("{step}#{nth}");
         let dir = tempfile::tempdir().unwrap();
         let images = family(dir.path());
         let state = dir.path().join("state");
@@ -782,7 +798,7 @@ fn real_kill_at_every_device_step_is_repaired_at_restart() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_kernel_agrees_with_the_in_memory_one() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -882,7 +898,7 @@ fn real_kernel_agrees_with_the_in_memory_one() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_concurrent_changes_of_one_name_never_serve_the_wrong_image() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -1091,7 +1107,7 @@ fn second_reader_cost(first: &Path, second: &Path, lower: &[PathBuf]) -> Vec<u64
 /// in base's block device's page cache. The same tables put directly over the block devices
 /// (the path without loop devices) read those blocks from base's device again.
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_block_device_images_share_the_page_cache() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -1302,7 +1318,7 @@ fn read_range(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> 
 /// and its extents of that image fail with EIO (dm `error` targets swapped in while open),
 /// while the rest of the device still reads.
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_writes_to_served_images_are_refused_or_fail_closed() {
     let _clean = require_dm();
     // SAFETY: the guest runs these tests one at a time (--test-threads=1); nothing reads
@@ -1380,7 +1396,7 @@ fn real_writes_to_served_images_are_refused_or_fail_closed() {
 /// write while vmard is stopped is found at restart by sampled digests, so restore no
 /// longer calls the device unchanged, and a new create over it is refused.
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_block_device_images_written_in_place_are_refused_or_found() {
     let _clean = require_dm();
     // SAFETY: the guest runs these tests one at a time (--test-threads=1); nothing reads
@@ -1457,7 +1473,7 @@ fn real_block_device_images_written_in_place_are_refused_or_found() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_deleted_images_are_held_and_restored_after_reboot() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();
@@ -1545,7 +1561,7 @@ fn real_deleted_images_are_held_and_restored_after_reboot() {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_a_kill_while_waiting_for_udev_leaves_no_cookie_after_the_restart() {
     let _clean = require_dm();
     let udev = |what: &str| {
@@ -1644,7 +1660,7 @@ fn working_set(daemon: &Daemon, name: &str) -> std::collections::BTreeSet<u64> {
 }
 
 #[test]
-#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test"]
+#[ignore = "needs root and a kernel with device-mapper: run tools/kernel-test.py"]
 fn real_working_sets_are_recorded_from_dm_stats_and_warmed() {
     let _clean = require_dm();
     let dir = tempfile::tempdir().unwrap();

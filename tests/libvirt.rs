@@ -27,9 +27,10 @@ fn disk_elements_validate_against_libvirts_schema() {
     }
     let dir = tempfile::tempdir().unwrap();
     let overlay = dir.path().join("vm1.qcow2");
+    let web = vmar::name::DeviceName::new("web").unwrap();
     for disk in [
-        vmar::libvirt::disk_xml("web", "vda", None).unwrap(),
-        vmar::libvirt::disk_xml("web", "vdb", Some(&overlay)).unwrap(),
+        vmar::libvirt::disk_xml(&web, "vda", None).unwrap(),
+        vmar::libvirt::disk_xml(&web, "vdb", Some(&overlay)).unwrap(),
     ] {
         let domain = format!(
             "<domain type='kvm'>\n<name>vm1</name>\n<memory unit='MiB'>512</memory>\n\

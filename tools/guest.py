@@ -1,4 +1,4 @@
-"""Shared by tools/kernel-test and tools/bench-instantiate: a QEMU guest booting Debian's own
+"""Shared by tools/kernel-test.py and tools/bench-instantiate.py: a QEMU guest booting Debian's own
 kernel from a small initramfs (busybox, chosen kernel modules with their dependencies,
 Debian's udev with dmsetup's dm rules and vmar's rules, and vmar's binaries with their shared
 libraries), whose /init prints results on the serial console and powers off.
@@ -220,11 +220,18 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
             sys.exit(f"udev rule {rule} not found (install dmsetup)")
     for extra in (ROOT / "udev").glob("*.rules"):
         shutil.copy2(extra, rules / extra.name)
+    # The rules' helpers (RUN+="vmar-devnode ..." is looked up in /lib/udev).
+    for helper in (ROOT / "udev").glob("vmar-*"):
+        shutil.copy2(helper, tree / "lib/udev" / helper.name)
     dmsetup = Path("/sbin/dmsetup").resolve()
     (tree / "sbin").mkdir(exist_ok=True)
     shutil.copy2(dmsetup, tree / "sbin/dmsetup")
+    # util-linux's flock, which vmar-devnode takes (busybox has none).
+    flock = Path("/usr/bin/flock").resolve()
+    (tree / "usr/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(flock, tree / "usr/bin/flock")
     wanted = set()
-    for binary in [*binaries, udev / "bin/udevadm", dmsetup]:
+    for binary in [*binaries, udev / "bin/udevadm", dmsetup, flock]:
         wanted.add(binary)
         wanted.update(libraries(binary))
     # The binaries go to /vmar/bin: the guest mounts a tmpfs over /tmp, where a checkout may be.
@@ -243,7 +250,7 @@ def build_initramfs(work, moddir, udev, modules, binaries, init, files=None):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(loader), dest)
     (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-    (tree / "etc/group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (tree / "etc/group").write_text("root:x:0:\ndisk:x:6:\nnogroup:x:65534:\n")
     for dest, source in (files or {}).items():
         target = tree / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -279,3 +286,21 @@ def boot(vmlinuz, initramfs, timeout, memory, extra=()):
         output = (e.stdout or b"").decode(errors="replace")
         output += f"\nGUEST: timed out after {timeout} s\n"
     return output, time.monotonic() - started
+
+
+def finish(work, output, seconds, tag, shown):
+    """Ends a guest suite: keeps the guest's console in work/guest.log, prints the lines
+    `shown` selects and the suite's `TAG: N passed, N failed` count, and exits non-zero
+    unless some tests passed and none failed."""
+    (work / "guest.log").write_text(output)
+    for line in output.splitlines():
+        line = line.rstrip("\r")
+        if shown(line):
+            print(line)
+    print(f"{tag}: guest ran {seconds:.1f} s wall time (log: {work / 'guest.log'})")
+    counts = re.findall(rf"{tag}: (\d+) passed, (\d+) failed", output)
+    if not counts:
+        sys.exit(f"{tag.lower()}: no result from the guest")
+    passed, failed = map(int, counts[-1])
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(0 if failed == 0 and passed > 0 else 1)

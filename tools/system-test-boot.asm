@@ -1,10 +1,10 @@
-; The VM that libvirt starts inside tools/system-test's guest: a boot sector, the first
+; The VM that libvirt starts inside tools/system-test.py's guest: a boot sector, the first
 ; sector of the image it boots from. Through the BIOS (INT 13h extended reads, which SeaBIOS
 ; serves from virtio-blk) it reads the whole disk, SECTORS sectors, and prints on the serial
 ; port a checksum of every byte, then powers the machine off. A kernel would do the same
 ; with a driver of its own, but booting one under nested emulation takes many minutes.
 ;
-; Checksum (tools/system-test computes the same over the image file): over the disk's
+; Checksum (tools/system-test.py computes the same over the image file): over the disk's
 ; little-endian 32-bit words w, a = a + w and b = b + a, both modulo 2^32, from 0; printed
 ; as "INNER-VM: sum " then b and a, each as 8 lower-case hex digits.
 ;

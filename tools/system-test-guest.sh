@@ -1,7 +1,7 @@
 #!/bin/bash
 # Checks pass commands to `bash -c` in single quotes on purpose (expanded there, not here).
 # shellcheck disable=SC2016
-# Guest side of tools/system-test, run by systemd (vmar-system-test.service) after
+# Guest side of tools/system-test.py, run by systemd (vmar-system-test.service) after
 # multi-user.target on each boot of a Debian 12 guest; /var/lib/vmar is a persistent disk
 # holding this script, the package and the images (staged outside the default image root,
 # which the package must create, and moved in after the install). Boot 1 installs the package and checks
@@ -12,7 +12,7 @@
 set -u
 T=/var/lib/vmar/system-test
 IMAGES=/var/lib/vmar/images
-# Where tools/system-test puts the images: the package creates $IMAGES, they go there after.
+# Where tools/system-test.py puts the images: the package creates $IMAGES, they go there after.
 STAGED=/var/lib/vmar/staged-images
 LOG=$T/log
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -352,6 +352,10 @@ boot1() {
     check "/dev/vmar/tiny and /dev/mapper/vmar-tiny exist" \
         test -b /dev/vmar/tiny -a -b /dev/mapper/vmar-tiny
     check "/dev/vmar/tiny reads back equal to tiny.raw" cmp /dev/vmar/tiny "$IMAGES/tiny.raw"
+    check "/dev/vmar/tiny is a block node of its own (not a symlink), root:disk 0640, the device's number" \
+        bash -c '! test -L /dev/vmar/tiny && [ "$(stat -c "%t:%T %U:%G %a" /dev/vmar/tiny)" = "$(stat -L -c "%t:%T" /dev/mapper/vmar-tiny) root:disk 640" ]'
+    check "the package let virt-aa-helper read /dev/vmar (one line in its local include, profile loaded)" \
+        bash -c '/usr/lib/vmar/vmar-apparmor status && grep -c "abstractions/vmar-virt-aa-helper" /etc/apparmor.d/local/usr.lib.libvirt.virt-aa-helper | grep -x 1 && aa-status | grep -q virt-aa-helper'
     hidden_checks "after create"
     check "journal: vmard logs without a second timestamp" no_second_timestamp
 
@@ -509,6 +513,9 @@ boot2() {
     check "after dpkg -r: the devices are still live" \
         bash -c 'dmsetup info vmar-tiny && dmsetup info vmar-lvmpart && cmp /dev/mapper/vmar-tiny /var/lib/vmar/images/tiny.raw'
     check "after dpkg -r: the catalog is kept" test -e /var/lib/vmar/catalog.redb
+    check "after dpkg -r: virt-aa-helper's local include no longer names vmar" \
+        bash -c '! grep vmar /etc/apparmor.d/local/usr.lib.libvirt.virt-aa-helper'
+    check "after dpkg -r: the live devices keep their /dev/vmar nodes" test -b /dev/vmar/tiny
     echo 3 >"$T/phase"
     say "finished"
     sync

@@ -1,5 +1,5 @@
 # shellcheck shell=bash disable=SC2016
-# Operations checks of tools/system-test, sourced by tools/system-test-guest.sh (whose say,
+# Operations checks of tools/system-test.py, sourced by tools/system-test-guest.sh (whose say,
 # check, ok, fail, table, same_table, $T, $IMAGES and $LOG they use): monitoring (metrics, the
 # node_exporter textfile timer, the read-only socket, uid/pid in the log), the watchdog, a
 # reload with a bad configuration, the restore check unit and udev triggers. The metrics the

@@ -128,6 +128,8 @@ fn main() -> Result<()> {
     if args.check_config {
         return check_config(&args);
     }
+    // Tests' fault injection: a misspelt step stops vmard instead of injecting nothing.
+    vmar::fault::init()?;
     // Signals are taken by one thread with sigwait: block them before any thread starts.
     let mut signals = SigSet::empty();
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
@@ -425,8 +427,14 @@ fn start_auto_capture(
     }
     let settle = config.auto_capture_settle(&args.config)?;
     let roots = context.settings().roots.roots().to_vec();
-    vmar::watch::start(roots, socket.to_path_buf(), args.state_dir.clone(), settle)
-        .context("cannot start auto-capture")
+    vmar::watch::start(
+        roots,
+        socket.to_path_buf(),
+        args.state_dir.clone(),
+        settle,
+        context.auto_capture().clone(),
+    )
+    .context("cannot start auto-capture")
 }
 
 /// Starts the image guard: images that live devices read are checked now, then on every

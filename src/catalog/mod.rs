@@ -26,7 +26,7 @@ use crate::fault;
 use crate::image::{BLOCK_SIZE, ImageFile, default_name, validate_name};
 use crate::index::{self, Run, RunWriter};
 use crate::map::{BlockMap, ImageId, MapBuilder, MapSummary, Source};
-use crate::protocol::Progress;
+use crate::progress::Progress;
 pub use crate::records::{CaptureStatus, DeviceRecord, DeviceState, ImageRecord, NameBinding};
 use crate::records::{decode_digests, decode_extents, encode_extents, seal, unseal};
 use crate::scan::hash_image;
@@ -145,10 +145,15 @@ impl<T, E: Into<redb::Error>> CatalogContext<T> for std::result::Result<T, E> {
     }
 }
 
+mod backfill;
+mod compact;
+mod forget;
 mod held;
 mod lock;
 mod rebuild;
 mod recover;
+mod refs;
+mod runs;
 mod store;
 mod workset;
 
@@ -375,7 +380,7 @@ impl Catalog {
         if self.meta_in(&txn, PATHS_BUILT)? == 0 {
             self.build_paths(&txn)?;
         }
-        fault::point("catalog.init")?;
+        fault::point(fault::Step::CatalogInit)?;
         txn.commit().ctx(dir)?;
         let txn = self.read_txn()?;
         let runs = txn.open_table(RUNS).ctx(dir)?;
@@ -581,7 +586,7 @@ impl Catalog {
         let mut spill = self.spill()?;
         let (scan, hashed, writer, mut sidecar) = self.digests_of(image, &mut spill, progress)?;
         let hashed_at = started.elapsed();
-        fault::point("capture.hashed")?;
+        fault::point(fault::Step::CaptureHashed)?;
         let now = image.current_identity()?;
         if now != image.identity {
             return Err(Error::ChangedDuringCapture {

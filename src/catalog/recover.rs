@@ -127,11 +127,11 @@ impl Catalog {
             recovery
         };
         crate::index::sync_dir(&staged_dir)?;
-        fault::point("recover.staged")?;
+        fault::point(fault::Step::RecoverStaged)?;
         let aside = unique_dir(dir, ASIDE_PREFIX)?;
         crate::index::sync_dir(dir)?;
         write_marker(dir, &Marker { staged, aside })?;
-        fault::point("recover.marked")?;
+        fault::point(fault::Step::RecoverMarked)?;
         finish_interrupted(dir)?;
         let catalog = Catalog::open_with(dir, false, lock)?;
         Ok((catalog, recovery))
@@ -235,15 +235,15 @@ pub(super) fn finish_interrupted(dir: &Path) -> Result<()> {
                     old.display()
                 )));
             }
-            fault::point("recover.aside")?;
+            fault::point(fault::Step::RecoverAside)?;
             std::fs::rename(&live, &old).map_err(|e| Error::io("cannot move aside", &live, e))?;
             crate::index::sync_dir(&aside)?;
         }
-        fault::point("recover.swap")?;
+        fault::point(fault::Step::RecoverSwap)?;
         std::fs::rename(&new, &live).map_err(|e| Error::io("cannot move in", &new, e))?;
         crate::index::sync_dir(dir)?;
     }
-    fault::point("recover.swapped")?;
+    fault::point(fault::Step::RecoverSwapped)?;
     std::fs::remove_file(&marker_path).map_err(|e| Error::io("cannot remove", &marker_path, e))?;
     crate::index::sync_dir(dir)?;
     // What is left of the staging directory is its lock and scratch space.
@@ -271,7 +271,7 @@ fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
     let path = dir.join(MARKER);
     let tmp = dir.join(format!("{MARKER}.tmp"));
     let bytes = serde_json::to_vec(marker)
-        .map_err(|e| Error::Protocol(format!("cannot encode the recovery marker: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot encode the recovery marker: {e}")))?;
     let mut file = std::fs::File::create(&tmp).map_err(|e| Error::io("cannot create", &tmp, e))?;
     file.write_all(&bytes)
         .and_then(|()| file.sync_all())

@@ -146,7 +146,7 @@ impl Catalog {
     /// Commits `txn` (fsync); a fault point for the crash tests. After a failed commit the
     /// database is re-opened, so that the next request can succeed.
     pub(super) fn commit(&self, txn: WriteTransaction) -> Result<()> {
-        fault::point("catalog.commit")?;
+        fault::point(fault::Step::CatalogCommit)?;
         let committed = txn.commit();
         if committed.is_err() {
             self.reopen();

@@ -13,6 +13,7 @@
 //! [`crate::fault::point`], so tests can fail or kill vmard at any step on both kernels.
 
 pub mod dmstats;
+#[cfg(feature = "daemon")]
 pub mod real;
 pub mod sim;
 
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::fault;
+use crate::fault::{self, Step};
 use crate::image::{ImageFile, ImageIdentity};
 use crate::instance::InstanceId;
 use crate::table::{BlockDev, Target};
@@ -76,8 +77,9 @@ pub fn device_name(argument: &str) -> &str {
         .unwrap_or(argument)
 }
 
-/// A vmar device as the kernel has it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A vmar device as the kernel has it. Not a wire type: `status` reports it as
+/// `protocol::LiveInfo` (`device/status.rs` copies it).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveDevice {
     /// Name without the `vmar-` prefix.
     pub name: String,
@@ -90,13 +92,10 @@ pub struct LiveDevice {
     /// Suspended: reads wait until it is resumed.
     pub suspended: bool,
     /// Whether it has an active table (one created by a crashed create may not).
-    #[serde(default)]
     pub active_table: bool,
     /// Whether a table is loaded in the inactive slot, waiting for a resume.
-    #[serde(default)]
     pub inactive_table: bool,
     /// Removal deferred to its last close.
-    #[serde(default)]
     pub deferred_remove: bool,
     /// Targets of the active table.
     pub targets: u64,
@@ -267,27 +266,27 @@ pub struct Checked<K>(pub K);
 
 impl<K: Kernel> Kernel for Checked<K> {
     fn dm_create(&self, name: &str, uuid: &str) -> Result<()> {
-        fault::point("dm.create")?;
+        fault::point(Step::DmCreate)?;
         self.0.dm_create(name, uuid)
     }
     fn dm_load(&self, name: &str, table: &[Target]) -> Result<()> {
-        fault::point("dm.load")?;
+        fault::point(Step::DmLoad)?;
         self.0.dm_load(name, table)
     }
     fn dm_suspend(&self, name: &str) -> Result<()> {
-        fault::point("dm.suspend")?;
+        fault::point(Step::DmSuspend)?;
         self.0.dm_suspend(name)
     }
     fn dm_resume(&self, name: &str) -> Result<()> {
-        fault::point("dm.resume")?;
+        fault::point(Step::DmResume)?;
         self.0.dm_resume(name)
     }
     fn dm_clear(&self, name: &str) -> Result<()> {
-        fault::point("dm.clear")?;
+        fault::point(Step::DmClear)?;
         self.0.dm_clear(name)
     }
     fn dm_remove(&self, name: &str, deferred: bool) -> Result<()> {
-        fault::point("dm.remove")?;
+        fault::point(Step::DmRemove)?;
         self.0.dm_remove(name, deferred)
     }
     fn dm_info(&self, name: &str) -> Result<Option<LiveDevice>> {
@@ -303,7 +302,7 @@ impl<K: Kernel> Kernel for Checked<K> {
         self.0.stats_regions(name)
     }
     fn stats_create(&self, name: &str, step: Sectors, program: &str) -> Result<()> {
-        fault::point("dm.stats")?;
+        fault::point(Step::DmStats)?;
         self.0.stats_create(name, step, program)
     }
     fn stats_areas(&self, name: &str, id: u64) -> Result<Vec<AreaReads>> {
@@ -316,11 +315,11 @@ impl<K: Kernel> Kernel for Checked<K> {
         self.0.loop_hold(info)
     }
     fn loop_attach(&self, image: &ImageFile) -> Result<LoopHold> {
-        fault::point("loop.attach")?;
+        fault::point(Step::LoopAttach)?;
         self.0.loop_attach(image)
     }
     fn loop_detach(&self, info: &LoopInfo) -> Result<()> {
-        fault::point("loop.detach")?;
+        fault::point(Step::LoopDetach)?;
         self.0.loop_detach(info)
     }
     fn residency(&self, path: &Path, size: u64) -> Result<Residency> {

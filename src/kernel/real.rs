@@ -340,7 +340,7 @@ impl Kernel for RealKernel {
             })?;
             let path = device
                 .path()
-                .ok_or_else(|| Error::Protocol("loop device without a path".into()))?;
+                .ok_or_else(|| Error::internal("loop device without a path"))?;
             drop(device);
             let node = fs::OpenOptions::new()
                 .read(true)

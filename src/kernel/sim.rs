@@ -308,10 +308,8 @@ impl SimKernel {
         let path = self.dir.join(STATE_FILE);
         match fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                Error::Protocol(format!(
-                    "simulated kernel state {} is corrupt: {e}",
-                    path.display()
-                ))
+                let corrupt = std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+                Error::io("corrupt simulated kernel state", &path, corrupt)
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SimState::default()),
             Err(e) => Err(Error::io("cannot read", &path, e)),
@@ -333,7 +331,7 @@ impl SimKernel {
         let path = self.dir.join(STATE_FILE);
         let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
         let bytes = serde_json::to_vec(&state)
-            .map_err(|e| Error::Protocol(format!("cannot encode simulated state: {e}")))?;
+            .map_err(|e| Error::internal(format!("cannot encode simulated state: {e}")))?;
         fs::write(&tmp, bytes).map_err(|e| Error::io("cannot write", &tmp, e))?;
         fs::rename(&tmp, &path).map_err(|e| Error::io("cannot rename", &path, e))?;
         Ok(out)

@@ -30,9 +30,10 @@ use std::time::Duration;
 
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
-use crate::image::{BLOCK_SIZE, validate_name};
+use crate::image::BLOCK_SIZE;
 use crate::kernel::Kernel;
 use crate::map::ImageId;
+use crate::name::{DeviceName, Name};
 use crate::protocol::{
     Progress, RecordResult, SetSummary, WarmImage, WarmReport, WorkingSetResult,
 };
@@ -77,9 +78,8 @@ fn summary(phase: &str, set: &workset::WorkingSet, extents: bool) -> SetSummary 
 }
 
 /// The image a device or image name stands for: a saved device's image, else the image of
-/// that name (neither: `unknown-image`, exit status 4).
+/// that name (neither: `unknown-image`, exit status 4). The name is only looked up.
 fn image_of(catalog: &Catalog, name: &str) -> Result<String> {
-    validate_name(name)?;
     if let Some(device) = catalog.device(name)? {
         return Ok(device.image);
     }
@@ -99,7 +99,7 @@ fn check_phase(phase: &str) -> Result<()> {
 }
 
 /// `working-set NAME`: the stored sets of a device's (or an image's) image.
-pub fn show(catalog: &Catalog, name: &str, extents: bool) -> Result<WorkingSetResult> {
+pub fn show(catalog: &Catalog, name: &Name, extents: bool) -> Result<WorkingSetResult> {
     let image = catalog.image(&image_of(catalog, name)?)?;
     let sets = catalog
         .working_sets(image.id)?
@@ -113,7 +113,7 @@ pub fn show(catalog: &Catalog, name: &str, extents: bool) -> Result<WorkingSetRe
 }
 
 /// `forget-working-set`: drops the sets of NAME's image (of `phase`, or all).
-pub fn forget(catalog: &Catalog, name: &str, phase: Option<&str>) -> Result<usize> {
+pub fn forget(catalog: &Catalog, name: &Name, phase: Option<&str>) -> Result<usize> {
     if let Some(phase) = phase {
         check_phase(phase)?;
     }
@@ -177,7 +177,7 @@ fn size_of(file: &File, path: &std::path::Path) -> Result<u64> {
 pub fn record(
     catalog: &Catalog,
     kernel: &dyn Kernel,
-    name: &str,
+    name: &DeviceName,
     phase: &str,
     replace: bool,
 ) -> Result<RecordResult> {
@@ -192,7 +192,6 @@ fn record_areas(
     replace: bool,
     areas: Option<Vec<(u64, u64)>>,
 ) -> Result<RecordResult> {
-    validate_name(name)?;
     check_phase(phase)?;
     let unknown = || Error::UnknownDevice {
         name: name.to_string(),
@@ -280,9 +279,10 @@ pub struct Plan {
 
 /// Plans warming `names` (devices or images): the union of their working sets (of `phase`,
 /// or all phases) through their maps as served under `max_targets`, less what is cached.
+/// The names are only looked up (a request's were checked when it was read).
 pub fn plan(
     catalog: &Catalog,
-    names: &[String],
+    names: &[impl AsRef<str>],
     phase: Option<&str>,
     max_targets: u64,
     policy: MergePolicy,
@@ -295,7 +295,7 @@ pub fn plan(
     let mut per_image_bytes = 0;
     let mut seen = BTreeSet::new();
     for name in names {
-        let image_name = image_of(catalog, name)?;
+        let image_name = image_of(catalog, name.as_ref())?;
         if !seen.insert(image_name.clone()) {
             continue;
         }
@@ -315,7 +315,7 @@ pub fn plan(
         per_image_bytes += mine_blocks * BLOCK_SIZE;
         canonical.extend(mine);
         report.images.push(WarmImage {
-            name: name.clone(),
+            name: name.as_ref().to_string(),
             image: record.name,
             phases,
             bytes: workset::blocks(&runs) * BLOCK_SIZE,
@@ -509,7 +509,7 @@ impl Plan {
 /// goes away); with `cancel`, stops the running warms instead.
 pub fn warm(
     catalog: &Catalog,
-    names: &[String],
+    names: &[Name],
     phase: Option<&str>,
     max_targets: u64,
     cancel: bool,

@@ -20,11 +20,13 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::budget::BudgetCost;
-use crate::kernel::LiveDevice;
-use crate::map::{Extent, MapSummary, Source};
+use crate::map::{Extent, MapSummary};
+pub use crate::progress::Progress;
 use crate::records::{CaptureStatus, ImageRecord};
+pub use crate::records::{ImageFileState, KeptBy};
 use crate::stats::{ClassBytes, ReadBytes, TargetCounts};
 use crate::table::Target;
+pub use crate::verify::{Mismatch, VerifyReport};
 
 pub mod request;
 pub use request::{Call, Request};
@@ -124,13 +126,6 @@ impl RestoreStatus {
     pub fn ok(&self) -> bool {
         self.error.is_none() && self.report.as_ref().is_none_or(|r| r.failed.is_empty())
     }
-}
-
-/// Progress of a long operation, in bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Progress {
-    pub done: u64,
-    pub total: u64,
 }
 
 /// One line vmard sends.
@@ -340,7 +335,8 @@ pub struct DeviceStatus {
     /// Its path, `/dev/vmar/NAME` (the udev rule makes it; `/dev/mapper/vmar-NAME` is
     /// dmsetup's name of the same device).
     pub node: String,
-    pub live: Option<LiveDevice>,
+    /// What the kernel has under its dm name (none: no such device).
+    pub live: Option<LiveInfo>,
     /// Target counts of the live table by type.
     #[serde(default)]
     pub target_types: BTreeMap<String, u64>,
@@ -352,6 +348,33 @@ pub struct DeviceStatus {
     /// The live table, when asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table: Option<Vec<Target>>,
+}
+
+/// A device as the kernel has it, as `status` reports it: the fields of the kernel seam's
+/// `LiveDevice` (`src/kernel/`), copied so that the wire does not change with the seam.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveInfo {
+    /// Name without the `vmar-` prefix.
+    pub name: String,
+    pub dm_name: String,
+    pub uuid: Option<String>,
+    pub major: u32,
+    pub minor: u32,
+    pub open_count: i32,
+    pub read_only: bool,
+    /// Suspended: reads wait until it is resumed.
+    pub suspended: bool,
+    /// Whether it has an active table (one created by a crashed create may not).
+    #[serde(default)]
+    pub active_table: bool,
+    /// Whether a table is loaded in the inactive slot, waiting for a resume.
+    #[serde(default)]
+    pub inactive_table: bool,
+    /// Removal deferred to its last close.
+    #[serde(default)]
+    pub deferred_remove: bool,
+    /// Targets of the active table.
+    pub targets: u64,
 }
 
 /// Result of `create` and `refresh`.
@@ -452,37 +475,6 @@ pub struct StatsReport {
     pub sharing_factor: Option<f64>,
 }
 
-/// The first block whose mapped content differs from the image.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Mismatch {
-    pub block: u64,
-    /// Byte offset of the first differing byte in the image.
-    pub offset: u64,
-    pub source: Source,
-    /// Name of the image the block was read from (for redirects).
-    pub source_image: Option<String>,
-}
-
-/// Outcome of a verification.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VerifyReport {
-    pub name: String,
-    pub blocks: u64,
-    pub bytes_compared: u64,
-    pub ok: bool,
-    pub mismatch: Option<Mismatch>,
-    /// Bytes read from the image and the images it redirects to (holes and own blocks are
-    /// not read).
-    #[serde(default)]
-    pub bytes_read: u64,
-    /// Of those, bytes that were not in the page cache before and were dropped after.
-    #[serde(default)]
-    pub bytes_dropped: u64,
-    /// Wall time of the verification, in microseconds.
-    #[serde(default)]
-    pub micros: u64,
-}
-
 /// One image of `images`: its record's fields and `file`, where its file stands. (Written
 /// out by hand: serde's `flatten` cannot carry the record's 128-bit times.)
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -524,26 +516,6 @@ impl std::ops::Deref for ImageEntry {
     fn deref(&self) -> &ImageRecord {
         &self.record
     }
-}
-
-/// Where a captured image's file stands, and what keeps it (see [`crate::holds`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageFileState {
-    /// `present`: its path names the captured file; `gone`: deleted, renamed, or the path
-    /// names another file now.
-    pub state: String,
-    /// vmar's hold on the captured file (a hard link in the state directory), if any.
-    pub hold: Option<PathBuf>,
-    /// Why there is no hold.
-    pub not_held: Option<String>,
-    pub kept_by: KeptBy,
-}
-
-/// What needs an image: saved devices that read it, images whose maps redirect into it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeptBy {
-    pub devices: Vec<String>,
-    pub images: Vec<String>,
 }
 
 /// A working set in figures.

@@ -7,6 +7,9 @@
 //! disagree about what a request returns without the compiler saying so. [`Request`], the
 //! enum of all of them, is what travels on the wire (`{"op":"map","name":"web",...}`).
 //!
+//! Names are [`ImageName`], [`DeviceName`] or [`Name`] (either): checked as the request is
+//! read, so handlers never see an invalid one.
+//!
 //! A new request: its struct here, a variant in [`Request`], a line in the `pairs!` table,
 //! and its handler in [`crate::service`] (see docs/architecture.md).
 
@@ -15,6 +18,8 @@ use std::path::PathBuf;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::name::{DeviceName, ImageName, Name};
 
 use super::{
     CaptureResult, CheckReport, DeviceChange, DeviceStatus, EnsureResult, ForgetResult,
@@ -143,7 +148,7 @@ pub struct Ping;
 pub struct Capture {
     pub path: PathBuf,
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<ImageName>,
     #[serde(default)]
     pub recapture: bool,
     /// Capture even if the first bytes look like a container format (qcow2, vmdk, ...).
@@ -158,7 +163,7 @@ pub struct Images;
 /// The map of an image: its figures, and its extents if `extents`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Map {
-    pub name: String,
+    pub name: ImageName,
     #[serde(default)]
     pub extents: bool,
 }
@@ -167,7 +172,7 @@ pub struct Map {
 /// image name); images not named get a `loop:NAME` placeholder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Table {
-    pub name: String,
+    pub name: ImageName,
     #[serde(default)]
     pub devices: BTreeMap<String, String>,
 }
@@ -175,20 +180,20 @@ pub struct Table {
 /// Read the image through its map and compare.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Verify {
-    pub name: String,
+    pub name: ImageName,
 }
 
 /// Remove an image from the catalog; the result names the images whose maps changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Forget {
-    pub name: String,
+    pub name: ImageName,
 }
 
 /// Create device `name` serving `image` (a captured image's name, or an absolute path; with
 /// `capture`, a path not captured yet is captured first).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Create {
-    pub name: String,
+    pub name: DeviceName,
     pub image: String,
     #[serde(flatten)]
     pub options: DeviceOptions,
@@ -214,7 +219,7 @@ pub struct DeviceOptions {
 /// content.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ensure {
-    pub name: String,
+    pub name: DeviceName,
     #[serde(default)]
     pub image: Option<String>,
     #[serde(flatten)]
@@ -223,9 +228,9 @@ pub struct Ensure {
 
 impl Ensure {
     /// Device `name` serving the content its name is bound to (what the libvirt hook asks).
-    pub fn bound(name: impl Into<String>) -> Ensure {
+    pub fn bound(name: DeviceName) -> Ensure {
         Ensure {
-            name: name.into(),
+            name,
             image: None,
             options: DeviceOptions::default(),
         }
@@ -236,7 +241,7 @@ impl Ensure {
 /// `remove --deferred`). `force` is its old name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Remove {
-    pub name: String,
+    pub name: DeviceName,
     #[serde(default, alias = "force")]
     pub deferred: bool,
 }
@@ -248,7 +253,7 @@ pub struct List;
 /// One device; with `table`, its live table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
-    pub name: String,
+    pub name: DeviceName,
     #[serde(default)]
     pub table: bool,
 }
@@ -256,7 +261,7 @@ pub struct Status {
 /// Load the current map of a device's image into the live device, atomically.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refresh {
-    pub name: String,
+    pub name: DeviceName,
 }
 
 /// Bytes read by class of extent, target counts and page-cache sharing, of device `name` or
@@ -264,7 +269,7 @@ pub struct Refresh {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<DeviceName>,
 }
 
 /// Whether every saved device is active and correct and every image root can be used.
@@ -278,7 +283,7 @@ pub struct Metrics;
 /// The devices and maps that read image `name`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dependents {
-    pub name: String,
+    pub name: ImageName,
 }
 
 /// What the restore at vmard's start did.
@@ -294,7 +299,7 @@ pub struct Bindings;
 /// `replace` (see [`crate::prefetch`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    pub name: String,
+    pub name: DeviceName,
     #[serde(default)]
     pub phase: Option<String>,
     #[serde(default)]
@@ -304,7 +309,7 @@ pub struct Record {
 /// The working sets of a device's (or an image's) image; with `extents`, their runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkingSet {
-    pub name: String,
+    pub name: Name,
     #[serde(default)]
     pub extents: bool,
 }
@@ -312,7 +317,7 @@ pub struct WorkingSet {
 /// Drop the working sets of a device's (or an image's) image, of `phase` or all.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForgetWorkingSet {
-    pub name: String,
+    pub name: Name,
     #[serde(default)]
     pub phase: Option<String>,
 }
@@ -323,7 +328,7 @@ pub struct ForgetWorkingSet {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Warm {
     #[serde(default)]
-    pub names: Vec<String>,
+    pub names: Vec<Name>,
     #[serde(default)]
     pub phase: Option<String>,
     #[serde(default)]
@@ -333,6 +338,18 @@ pub struct Warm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dev(name: &str) -> DeviceName {
+        DeviceName::new(name).unwrap()
+    }
+
+    fn img(name: &str) -> ImageName {
+        ImageName::new(name).unwrap()
+    }
+
+    fn either(name: &str) -> Name {
+        Name::new(name).unwrap()
+    }
 
     /// The request lines vmarctl sent before requests were types of their own, recorded
     /// from its socket: each must parse and travel again byte for byte.
@@ -386,7 +403,7 @@ mod tests {
         // The request types become the variants whose lines were recorded.
         let typed: [(Request, usize); 4] = [
             (Ping.into(), 0),
-            (Ensure::bound("d").into(), 10),
+            (Ensure::bound(dev("d")).into(), 10),
             (RestoreStatus.into(), 20),
             (
                 Capture {
@@ -413,7 +430,7 @@ mod tests {
         let typed: [(Request, usize); 4] = [
             (
                 Record {
-                    name: "d".into(),
+                    name: dev("d"),
                     phase: Some("app".into()),
                     replace: true,
                 }
@@ -422,7 +439,7 @@ mod tests {
             ),
             (
                 WorkingSet {
-                    name: "n".into(),
+                    name: either("n"),
                     extents: true,
                 }
                 .into(),
@@ -430,7 +447,7 @@ mod tests {
             ),
             (
                 ForgetWorkingSet {
-                    name: "n".into(),
+                    name: either("n"),
                     phase: None,
                 }
                 .into(),
@@ -438,7 +455,7 @@ mod tests {
             ),
             (
                 Warm {
-                    names: vec!["a".into(), "b".into()],
+                    names: vec![either("a"), either("b")],
                     phase: None,
                     cancel: false,
                 }
@@ -462,7 +479,7 @@ mod tests {
         assert_eq!(
             parsed,
             Record {
-                name: "d".into(),
+                name: dev("d"),
                 phase: None,
                 replace: false
             }
@@ -478,12 +495,12 @@ mod tests {
         assert_eq!(
             parsed,
             Request::Remove(Remove {
-                name: "d".into(),
+                name: dev("d"),
                 deferred: true
             })
         );
         let parsed: Request = serde_json::from_str(r#"{"op":"ensure","name":"d"}"#).unwrap();
-        assert_eq!(parsed, Ensure::bound("d").into());
+        assert_eq!(parsed, Ensure::bound(dev("d")).into());
         let parsed: Request = serde_json::from_str(r#"{"op":"stats"}"#).unwrap();
         assert_eq!(parsed, Stats { name: None }.into());
         assert!(serde_json::from_str::<Request>(r#"{"op":"map"}"#).is_err());
@@ -494,7 +511,7 @@ mod tests {
     fn the_read_only_socket_serves_what_only_reads() {
         assert!(
             Request::from(Map {
-                name: "n".into(),
+                name: img("n"),
                 extents: false
             })
             .is_read_only()
@@ -502,34 +519,34 @@ mod tests {
         assert!(Request::from(Check).is_read_only());
         assert!(
             Request::from(WorkingSet {
-                name: "n".into(),
+                name: either("n"),
                 extents: true
             })
             .is_read_only()
         );
         for writes in [
             Request::from(Record {
-                name: "d".into(),
+                name: dev("d"),
                 phase: None,
                 replace: false,
             }),
             Request::from(ForgetWorkingSet {
-                name: "n".into(),
+                name: either("n"),
                 phase: None,
             }),
             Request::from(Warm {
-                names: vec!["n".into()],
+                names: vec![either("n")],
                 phase: None,
                 cancel: false,
             }),
         ] {
             assert!(!writes.is_read_only(), "{writes:?}");
         }
-        assert!(!Request::from(Verify { name: "n".into() }).is_read_only());
-        assert!(!Request::from(Forget { name: "n".into() }).is_read_only());
+        assert!(!Request::from(Verify { name: img("n") }).is_read_only());
+        assert!(!Request::from(Forget { name: img("n") }).is_read_only());
         assert!(
             !Request::from(Remove {
-                name: "d".into(),
+                name: dev("d"),
                 deferred: false
             })
             .is_read_only()

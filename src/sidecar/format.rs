@@ -20,7 +20,6 @@
 
 use std::io::{Read, Write};
 
-use crate::digests::RECORD;
 use crate::image::BLOCK_SIZE;
 use crate::records::Fingerprint;
 use crate::scan::Digest;
@@ -206,6 +205,19 @@ impl<W: Write> Encoder<W> {
     }
 }
 
+/// Bytes of one decoded record: block (u64 LE), then digest, as digest lists store them
+/// (the daemon's `digests::RECORD`; its tests check the two agree).
+pub const RECORD: usize = 8 + 32;
+
+/// The block and digest of one decoded record (`record` is at least [`RECORD`] bytes).
+pub fn decode_record(record: &[u8]) -> (u64, Digest) {
+    let mut block = [0u8; 8];
+    block.copy_from_slice(&record[..8]);
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&record[8..RECORD]);
+    (u64::from_le_bytes(block), digest)
+}
+
 /// Bytes the decoder reads from its input at a time: few reads, and the seal is hashed in
 /// pieces large enough for BLAKE3's SIMD lanes.
 const READ_BYTES: usize = 1 << 20;
@@ -214,7 +226,7 @@ const READ_BYTES: usize = 1 << 20;
 /// out may be used before [`Decoder::next_batch`] returned `Ok(false)`: only then is the
 /// whole file known to be intact and trusted.
 ///
-/// Records come out as digest lists store them ([`crate::digests`]: block u64 LE, then the
+/// Records come out as digest lists store them ([`RECORD`]: block u64 LE, then the
 /// digest, 40 bytes each), which is also what the image's fingerprint hashes: a batch is
 /// hashed into the fingerprint in one update and can be written to the image's digest list
 /// as it is, with no per-block work beyond laying the bytes out.

@@ -28,12 +28,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::digests::RECORD;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile};
 use crate::scan::{Digest, ScanStats, hash_block, is_zero};
 use crate::units::usize_of;
-use format::{DecodeError, Decoder, Encoder, Header, Seal};
+use format::{DecodeError, Decoder, Encoder, Header, RECORD, Seal, decode_record};
 
 pub use crate::config::SidecarMode as Mode;
 
@@ -194,7 +193,7 @@ impl Sidecars {
     }
 
     /// Reads the sidecar of `image` and hands its digests to `consume` in block order, laid
-    /// out as digest lists store them (block u64 LE, digest; [`crate::digests::RECORD`]
+    /// out as digest lists store them (block u64 LE, digest; [`format::RECORD`]
     /// bytes each), while a random sample of the image's blocks is read (in offset order,
     /// on another thread) and checked against them at the end. On `Err` whatever `consume`
     /// received must be thrown away.
@@ -437,7 +436,7 @@ fn decode_all<R: std::io::Read + Send>(
 /// into `expected`: such a block has its record in this batch, or none (a zero block).
 fn pick_samples(batch: &[u8], samples: &[u64], next: &mut usize, expected: &mut [Option<Digest>]) {
     let records = batch.len() / RECORD;
-    let block_at = |i: usize| crate::digests::decode_record(&batch[i * RECORD..]).0;
+    let block_at = |i: usize| decode_record(&batch[i * RECORD..]).0;
     let Some(last) = records.checked_sub(1).map(block_at) else {
         return;
     };
@@ -453,7 +452,7 @@ fn pick_samples(batch: &[u8], samples: &[u64], next: &mut usize, expected: &mut 
             }
         }
         lo = l;
-        let (block, digest) = crate::digests::decode_record(&batch[l * RECORD..]);
+        let (block, digest) = decode_record(&batch[l * RECORD..]);
         if block == sample {
             expected[*next] = Some(digest);
         }
@@ -748,13 +747,9 @@ mod tests {
             let expected = decode_all(&mut decoder, &samples, 1000, &mut |batch| {
                 batches += 1;
                 if Some(batches) == fail_at {
-                    return Err(Error::Protocol("disk full".into()));
+                    return Err(Error::internal("disk full"));
                 }
-                got.extend(
-                    batch
-                        .chunks_exact(RECORD)
-                        .map(crate::digests::decode_record),
-                );
+                got.extend(batch.chunks_exact(RECORD).map(decode_record));
                 Ok(())
             });
             (expected, got, batches, decoder.fingerprint())

@@ -97,7 +97,7 @@ struct Round {
 }
 
 /// Seconds the reads of `r` would take at 200 requests/s and 100 MB/s (the throttled disk
-/// of tools/bench-instantiate's runs in docs/benchmarks.md), one request per `pread`.
+/// of tools/bench-instantiate.py's runs in docs/benchmarks.md), one request per `pread`.
 fn model(r: Round) -> f64 {
     r.reads as f64 / 200.0 + r.bytes as f64 / 100e6
 }

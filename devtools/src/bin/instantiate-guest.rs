@@ -1,4 +1,4 @@
-//! Guest side of `tools/bench-instantiate`: replays the reads of N VMs starting together,
+//! Guest side of `tools/bench-instantiate.py`: replays the reads of N VMs starting together,
 //! once through plain read-only loop devices of their raw images and once through vmar
 //! devices, from a cold page cache, and prints one `BENCH: {json}` line per run.
 //!
@@ -12,14 +12,14 @@
 //! /proc/meminfo, both through procfs.
 //!
 //! `--workload trace` replays instead the disk reads that real boots of the images made
-//! (tools/trace-boot), phase by phase (OS, then application, without dropping the cache in
+//! (tools/trace-boot.py), phase by phase (OS, then application, without dropping the cache in
 //! between), in order and with O_DIRECT, at the queue depth the guest used, over the whole
 //! image: `plain` through a buffered read-only loop device of the image file, `vmar` through
 //! /dev/mapper/vmar-NAME, and the path libvirt uses, a qcow2 overlay whose raw backing file is
 //! the image file (`qemu-plain`) or the vmar device (`qemu-vmar`), read by QEMU's own block
 //! layer (`qemu-io -t none`, i.e. `cache=none`).
 //!
-//! Not a tool to run by hand: it expects the guest `tools/bench-instantiate` boots.
+//! Not a tool to run by hand: it expects the guest `tools/bench-instantiate.py` boots.
 
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
@@ -37,7 +37,7 @@ use procfs::{Current, Meminfo};
 use serde_json::{Value, json};
 use vmar::units::usize_of;
 
-/// Offset of the ext4 partition in the images tools/make-images builds.
+/// Offset of the ext4 partition in the images tools/make-images.py builds.
 const PARTITION_OFFSET: u64 = 1 << 20;
 
 #[derive(Parser, Debug)]

@@ -8,6 +8,7 @@ use clap::Args;
 use indicatif::HumanBytes;
 use serde::Serialize;
 use vmar::error::ExitClass;
+use vmar::name::ImageName;
 use vmar::protocol::{CaptureResult, request};
 use vmar::records::CaptureStatus;
 
@@ -142,14 +143,21 @@ fn capture(
     for (path, name) in images {
         let absolute = std::path::absolute(path)
             .with_context(|| format!("cannot resolve {}", path.display()))?;
-        let request = request::Capture {
-            path: absolute,
-            name: name.clone(),
-            recapture,
-            force_raw,
-        };
         let label = format!("capture {}", path.display());
-        let outcome = match ctx.call_with_progress(request, &label) {
+        let captured = name
+            .as_deref()
+            .map(ImageName::new)
+            .transpose()
+            .and_then(|name| {
+                let request = request::Capture {
+                    path: absolute,
+                    name,
+                    recapture,
+                    force_raw,
+                };
+                ctx.call_with_progress(request, &label)
+            });
+        let outcome = match captured {
             Ok(mut result) => {
                 let rebuilt = if result.status == CaptureStatus::Recaptured {
                     std::iter::once(result.image.name.clone())

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use vmar::error::ExitClass;
+use vmar::name::DeviceName;
 use vmar::protocol::request::{self, DeviceOptions};
 use vmar::protocol::{DeviceChange, DeviceStatus};
 
@@ -69,7 +70,7 @@ impl Run for CreateArgs {
             crate::capture::on_interrupt_of_capture();
         }
         let request = request::Create {
-            name: name.to_string(),
+            name: DeviceName::new(name)?,
             image: image_reference(&self.image)?,
             options: self.options(),
         };
@@ -102,7 +103,7 @@ impl Run for EnsureArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let name = &self.name;
         let request = request::Ensure {
-            name: name.to_string(),
+            name: DeviceName::new(name)?,
             image: self.image.as_deref().map(image_reference).transpose()?,
             options: self.options(),
         };
@@ -149,7 +150,7 @@ impl Run for RemoveArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let name = &self.name;
         let removed = ctx.call(request::Remove {
-            name: name.to_string(),
+            name: DeviceName::new(name)?,
             deferred: self.deferred,
         })?;
         ctx.show(out, &removed, |out, removed| {
@@ -242,7 +243,7 @@ struct StatusDoc {
 impl Run for StatusArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let status = ctx.call(request::Status {
-            name: self.name.clone(),
+            name: DeviceName::new(self.name.as_str())?,
             table: self.table,
         })?;
         let fingerprint = match &status.image {
@@ -273,7 +274,7 @@ pub struct RefreshArgs {
 impl Run for RefreshArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let refreshed = ctx.call(request::Refresh {
-            name: self.name.clone(),
+            name: DeviceName::new(self.name.as_str())?,
         })?;
         ctx.show(out, &refreshed, |out, c| print_change(out, "refreshed", c))?;
         Ok(ExitClass::Success)

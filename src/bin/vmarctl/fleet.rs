@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use vmar::error::ExitClass;
+use vmar::name::ImageName;
 use vmar::protocol::request;
 
 use crate::context::{Ctx, Run};
@@ -27,7 +28,7 @@ pub fn lines(ctx: &Ctx, names: &[String]) -> Result<Vec<vmar::fleet::Line>> {
     let mut lines = Vec::new();
     for name in names {
         let map = ctx.call(request::Map {
-            name: name.clone(),
+            name: ImageName::new(name.as_str())?,
             extents: true,
         })?;
         let record = images

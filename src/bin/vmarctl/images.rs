@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 use vmar::error::ExitClass;
+use vmar::name::ImageName;
 use vmar::protocol::{ImageFileState, request};
 use vmar::records::ImageRecord;
 
@@ -135,7 +136,7 @@ struct Forgotten {
 impl Run for ForgetArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let result = ctx.call(request::Forget {
-            name: self.name.clone(),
+            name: ImageName::new(self.name.as_str())?,
         })?;
         let forgotten = Forgotten {
             record: result.image,
@@ -175,7 +176,7 @@ const DEPENDENT_COLUMNS: &[Column] = &[
 impl Run for DependentsArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let found = ctx.call(request::Dependents {
-            name: self.image.clone(),
+            name: ImageName::new(self.image.as_str())?,
         })?;
         if ctx.json {
             print_json(out, &found)?;

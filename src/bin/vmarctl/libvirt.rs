@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use vmar::error::ExitClass;
+use vmar::name::DeviceName;
 use vmar::protocol::request;
 
 use crate::context::{Ctx, Run, device_arg};
@@ -30,7 +31,7 @@ pub struct LibvirtXmlArgs {
 
 impl Run for LibvirtXmlArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
-        let name = self.name.as_str();
+        let name = &DeviceName::new(self.name.as_str())?;
         let overlay = self.overlay.as_deref();
         // libvirt's XML is text: a path that is not UTF-8 would be written altered.
         if let Some(path) = overlay.filter(|p| p.to_str().is_none()) {
@@ -52,7 +53,7 @@ impl Run for LibvirtXmlArgs {
                 }
                 // The device must serve the content its name is bound to, live, so that
                 // qemu-img can open the whole chain.
-                let ensured = ctx.call(request::Ensure::bound(name))?;
+                let ensured = ctx.call(request::Ensure::bound(name.clone()))?;
                 if path.exists() {
                     // An existing overlay must be directly over this device, of its image's
                     // size.
@@ -75,7 +76,7 @@ impl Run for LibvirtXmlArgs {
             None => {
                 // The device must be one vmard knows.
                 ctx.call(request::Status {
-                    name: name.to_string(),
+                    name: name.clone(),
                     table: false,
                 })?;
             }
@@ -131,7 +132,7 @@ impl Run for LibvirtHookArgs {
         }
         let mut failed = Vec::new();
         for name in &names {
-            if let Err(e) = ctx.call(request::Ensure::bound(name.as_str())) {
+            if let Err(e) = ctx.call(request::Ensure::bound(name.clone())) {
                 failed.push(format!("/dev/vmar/{name}: {e:#}"));
             }
         }

@@ -7,6 +7,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use indicatif::HumanBytes;
 use vmar::error::ExitClass;
+use vmar::name::ImageName;
 use vmar::protocol::{MapResult, request};
 
 use crate::context::{Ctx, Run};
@@ -23,7 +24,7 @@ pub struct MapArgs {
 impl Run for MapArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let map = ctx.call(request::Map {
-            name: self.name.clone(),
+            name: ImageName::new(self.name.as_str())?,
             extents: self.extents,
         })?;
         ctx.show(out, &map, print_map)?;
@@ -84,7 +85,7 @@ impl Run for DmTableArgs {
         if !devices.is_empty() {
             // A --device for an image the table does not read would be silently ignored.
             let map = ctx.call(request::Map {
-                name: name.to_string(),
+                name: ImageName::new(name)?,
                 extents: false,
             })?;
             let mut read: Vec<&str> = vec![map.name.as_str()];
@@ -99,7 +100,7 @@ impl Run for DmTableArgs {
             }
         }
         let table = ctx.call(request::Table {
-            name: name.to_string(),
+            name: ImageName::new(name)?,
             devices,
         })?;
         ctx.show(out, &table, |out, table| {
@@ -132,7 +133,7 @@ impl Run for VerifyArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let name = &self.name;
         let request = request::Verify {
-            name: name.to_string(),
+            name: ImageName::new(name)?,
         };
         let report = ctx.call_with_progress(request, &format!("verify {name}"))?;
         ctx.show(out, &report, |out, report| {

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 use indicatif::HumanBytes;
 use vmar::error::ExitClass;
+use vmar::name::{DeviceName, Name};
 use vmar::protocol::{SetSummary, WarmReport, request};
 
 use crate::context::{Ctx, Run, device_arg};
@@ -26,7 +27,7 @@ pub struct RecordArgs {
 impl Run for RecordArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let result = ctx.call(request::Record {
-            name: self.name.clone(),
+            name: DeviceName::new(self.name.as_str())?,
             phase: Some(self.phase.clone()),
             replace: self.replace,
         })?;
@@ -66,7 +67,7 @@ impl Run for WorkingSetArgs {
         let name = &self.name;
         if self.forget {
             let result = ctx.call(request::ForgetWorkingSet {
-                name: name.clone(),
+                name: Name::new(name.as_str())?,
                 phase: self.phase.clone(),
             })?;
             ctx.show(out, &result, |out, r| {
@@ -76,7 +77,7 @@ impl Run for WorkingSetArgs {
             return Ok(ExitClass::Success);
         }
         let result = ctx.call(request::WorkingSet {
-            name: name.clone(),
+            name: Name::new(name.as_str())?,
             extents: self.extents,
         })?;
         ctx.show(out, &result, |out, result| {
@@ -112,7 +113,11 @@ impl Run for WarmArgs {
     fn run(&self, ctx: &Ctx, out: &mut dyn Write) -> Result<ExitClass> {
         let report = ctx.call_with_progress(
             request::Warm {
-                names: self.names.clone(),
+                names: self
+                    .names
+                    .iter()
+                    .map(|name| Name::new(name.as_str()))
+                    .collect::<vmar::Result<_>>()?,
                 phase: self.phase.clone(),
                 cancel: self.cancel,
             },

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Args;
 use vmar::error::ExitClass;
+use vmar::name::DeviceName;
 use vmar::protocol::{DeviceStats, StatsReport, request};
 
 use crate::context::{Ctx, Run, device_arg};
@@ -52,7 +53,7 @@ fn stats(
     count: Option<u64>,
 ) -> Result<()> {
     let request = request::Stats {
-        name: name.map(str::to_string),
+        name: name.map(DeviceName::new).transpose()?,
     };
     let tables = stats_tables(args)?;
     let Some(interval) = interval else {

@@ -24,12 +24,12 @@ vmard's peak RSS, map extents.
 Goals it reports against (figures, not assertions): last 10 within 1.5x of the first 10,
 forget under 0.2 s, restart to ping under 50 ms, capture peak RSS under 128 MiB.
 
-    tools/bench-scale [--images 1000] [--image-size 16M] [--restarts 11] [--forgets 3]
+    tools/bench-scale.py [--images 1000] [--image-size 16M] [--restarts 11] [--forgets 3]
                       [--sparse-size 1T] [--sparse-data 8G] [--sparse-runs 1]
                       [--skip-family] [--skip-sparse] [--work DIR] [--json FILE]
                       [--vmard PATH] [--reference PATH]
 
-A quick run: tools/bench-scale --images 100 --sparse-size 64G --sparse-data 1G
+A quick run: tools/bench-scale.py --images 100 --sparse-size 64G --sparse-data 1G
 """
 
 import argparse
@@ -37,27 +37,18 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
+from toollib import RELEASE, ROOT, cpu_seconds, median, peak_rss_kib, run
+from toollib import build_release as build
+
 VMARD = RELEASE / "vmard"
 GOALS = {"capture_ratio": 1.5, "forget_seconds": 0.2, "restart_seconds": 0.050,
          "peak_rss_mib": 128}
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, **kw)
-
-
-def build():
-    run(["cargo", "build", "--release", "--quiet", "--bins", "-p", "vmar", "-p", "vmar-devtools"],
-        cwd=ROOT)
 
 
 def generated(work, name, make):
@@ -110,22 +101,6 @@ def warm_data(path):
                 offset += len(chunk)
     finally:
         os.close(fd)
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of a process so far (all its threads): less sensitive to
-    other jobs on the machine than wall time."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_kib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
 
 
 def disk_usage(path):
@@ -256,10 +231,6 @@ def restart_rows(label, r, goal=True):
                      (f"{spread(ref)}; CPU {median(ref_cpu) * 1000:.0f}; measured / reference "
                      f"{median(secs) / median(ref):.2f}x")))
     return rows
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
 
 
 def spread(xs):

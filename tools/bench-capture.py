@@ -12,7 +12,7 @@ image (timed), then runs `vmarctl verify` on it; each verify reports bytes read 
 
 Prints medians of N runs with the min..max spread (other jobs share the CPUs).
 
-    tools/bench-capture [--dense-size 2G] [--sparse-size 4G] [--verify-size 64G]
+    tools/bench-capture.py [--dense-size 2G] [--sparse-size 4G] [--verify-size 64G]
                         [--verify-data-percent 5] [--runs 5] [--work DIR] [--skip-capture]
                         [--skip-verify] [--vmard VMARD]
 """
@@ -28,19 +28,14 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RELEASE = ROOT / "target" / "release"
+from toollib import RELEASE, ROOT, build_release, cpu_seconds, peak_rss_kib, run
+
 VMARD = RELEASE / "vmard"
 TOOLS = ROOT / "target" / "tools"
 
 
-def run(cmd, **kw):
-    return subprocess.run(cmd, check=True, **kw)
-
-
 def build():
-    run(["cargo", "build", "--release", "--quiet", "--bins", "-p", "vmar", "-p", "vmar-devtools"],
-        cwd=ROOT)
+    build_release()
     b3sum = TOOLS / "bin" / "b3sum"
     if not b3sum.exists():
         print("installing b3sum (the reference) with cargo ...", file=sys.stderr)
@@ -76,21 +71,6 @@ def time_b3sum(b3sum, path):
     cpu = (after.children_user - before.children_user
            + after.children_system - before.children_system)
     return wall, cpu
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of a process so far (all its threads)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_kib(pid):
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
 
 
 def resident_bytes(path):

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Lints the project's scripts: shellcheck on every shell script, ruff on every Python one,
-# found by their first line or extension among the files git tracks in tools/ and packaging/
+# found by their first line or extension among the files git tracks in tools/, packaging/ and udev/
 # (so a new script is linted without being listed here). tools/test runs it; it needs the
 # Debian package of shellcheck, and installs ruff, pinned, into target/tools/ruff from PyPI.
 #
-#     tools/lint
+#     tools/lint.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,12 +12,15 @@ RUFF_VERSION=0.17.6
 
 shell=() python=()
 while IFS= read -r f; do
-    first=$(head -n1 "$f")
-    case $f:$first in
-        *.py:* | *:'#!'*python*) python+=("$f") ;;
-        *.sh:* | *:'#!'*sh) shell+=("$f") ;;
+    case $f in
+        *.py) python+=("$f"); continue ;;
+        *.sh) shell+=("$f"); continue ;;
     esac
-done < <(git ls-files tools packaging)
+    case $(head -n1 "$f") in
+        '#!'*python*) python+=("$f") ;;
+        '#!'*sh) shell+=("$f") ;;
+    esac
+done < <(git ls-files --cached --others --exclude-standard tools packaging udev)
 
 shellcheck "${shell[@]}"
 

@@ -5,7 +5,7 @@ Builds once (cached in work/system/) a Debian 12 root file system with debootstr
 udev, dmsetup, lvm2, AppArmor, libvirt-daemon-system and qemu-system-x86, and Debian's
 kernel, whose own vmlinuz and initrd boot it. Every run boots a fresh qcow2 overlay of that
 root with a second, persistent disk mounted at /var/lib/vmar that carries the package built
-by tools/package, the guest-side script (tools/system-test-guest.sh) and the images (staged
+by tools/package.sh, the guest-side script (tools/system-test-guest.sh) and the images (staged
 beside /var/lib/vmar/images, which a fresh install must create), one of
 which boots the tiny VM that libvirt starts in the guest (tools/system-test-boot.asm: it
 reads its whole disk through the BIOS and prints a checksum).
@@ -13,7 +13,7 @@ The guest script runs as a systemd service after multi-user.target, in two boots
 reboot between them, and reports on the serial console; this tool prints its results and
 `N passed, N failed`, and exits non-zero on any failure.
 
-    tools/system-test [--timeout SECONDS] [--memory MIB] [--rebuild] [--quick] [--deb FILE]
+    tools/system-test.py [--timeout SECONDS] [--memory MIB] [--rebuild] [--quick] [--deb FILE]
 
 --quick skips the VM that libvirt starts in the guest.
 Needs root (debootstrap, mkfs.ext4 -d) and qemu-system-x86 (installed if missing). Uses TCG.
@@ -287,7 +287,7 @@ def main():
     parser.add_argument("--memory", type=int, default=2048, help="guest memory in MiB")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached root")
     parser.add_argument("--quick", action="store_true", help="skip the inner VM")
-    parser.add_argument("--deb", help="use this package instead of running tools/package")
+    parser.add_argument("--deb", help="use this package instead of running tools/package.sh")
     parser.add_argument("--build-only", action="store_true",
                         help="only build (or find) the cached root file system")
     args = parser.parse_args()
@@ -305,7 +305,7 @@ def main():
     if args.deb:
         deb = Path(args.deb)
     else:
-        out = run([str(ROOT / "tools/package")], capture_output=True, text=True).stdout
+        out = run([str(ROOT / "tools/package.sh")], capture_output=True, text=True).stdout
         deb = ROOT / out.strip().splitlines()[-1]
     data = prepare_data_disk(deb, args.quick)
     prepared = time.monotonic()

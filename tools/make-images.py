@@ -6,7 +6,7 @@ raw disk (MBR, one Linux partition at 1 MiB) whose ext4 file system is filled fr
 tree with `mkfs.ext4 -d`, without mounting anything. Each image holds Debian's kernel and an
 initramfs (initramfs-tools) in /boot, boots with systemd as init (QEMU boots the kernel and
 initramfs of the image's tree directly, as a boot loader would load them: see
-tools/trace-boot), and starts its application as a service. Two marker units write a line
+tools/trace-boot.py), and starts its application as a service. Two marker units write a line
 to the serial console: `VMAR-OS-READY` once the OS is up (sshd and the gettys started) and
 `VMAR-APP-READY` once the application answers (an HTTP request to nginx, `pg_isready`, ...).
 The application's units are ordered after the first marker, so a boot splits cleanly into
@@ -20,7 +20,7 @@ Trees and images are cached under work/images: a rerun only rebuilds what is mis
 whose configuration (packages, units) changed. Needs root (debootstrap), and installs
 debootstrap and fdisk with apt-get if missing.
 
-    tools/make-images [--size 3G] [--suite bookworm] [--mirror URL]
+    tools/make-images.py [--size 3G] [--suite bookworm] [--mirror URL]
                       [--only NAME... | --all | --family]
 
 Builds base, web, db and dev unless told otherwise; --all adds cache, php, node and mail;
@@ -203,15 +203,6 @@ def configure(name, tree):
         run(["chroot", str(tree), "update-initramfs", "-c", "-k", "all"],
             stdout=subprocess.DEVNULL)
     stamp.write_text(digest)
-
-
-def boot_files(tree):
-    """The kernel and initramfs in the tree's /boot (what a boot loader would load)."""
-    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
-    if not kernels:
-        sys.exit(f"make-images: no kernel in {tree / 'boot'}")
-    release = kernels[-1].name[len("vmlinuz-"):]
-    return kernels[-1], tree / "boot" / f"initrd.img-{release}"
 
 
 def build_image(name, tree, size):

@@ -5,7 +5,7 @@
 # with lintian (no overrides: errors and warnings fail the build). Prints the path of the
 # .deb on its last line.
 #
-#     tools/package [--no-lintian]
+#     tools/package.sh [--no-lintian]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +14,7 @@ lintian=1
 
 needs=(dpkg-dev fakeroot binutils)
 [ "$lintian" = 0 ] || needs+=(lintian)
-tools/install-build-deps "${needs[@]}"
+tools/install-build-deps.sh "${needs[@]}"
 
 version=$(cargo metadata --no-deps --format-version 1 --locked |
     python3 -c 'import json,sys; print(next(p["version"] for p in json.load(sys.stdin)["packages"] if p["name"]=="vmar"))')

@@ -19,7 +19,7 @@ of vmard's own `seconds`. Both with the image in the page cache (hot) and droppe
 before each capture (cold: posix_fadvise DONTNEED on the image file only), so the cold
 capture reads the disk.
 
-    tools/bench-fleet [--hosts 8] [--images 4] [--image-size 256M] [--big 2G] [--runs 3]
+    tools/bench-fleet.py [--hosts 8] [--images 4] [--image-size 256M] [--big 2G] [--runs 3]
                       [--work DIR] [--json FILE] [--skip-share] [--skip-time]
 
 Runs itself in a private mount namespace (unshare; --map-root-user when not root) where the

@@ -1,12 +1,4 @@
-//! The correctness oracle: reads every block of an image through its map, from the canonical
-//! copies, and proves it equals the image itself. Used by tests and by operators before they
-//! trust a map with a VM.
-//!
-//! It reads only what can differ: blocks mapped to the image's own copy are equal by
-//! construction, and zero-mapped blocks inside holes read as zeros by definition, so only
-//! written zero-mapped blocks and redirected blocks (both ends) are read. What it reads that
-//! was not in the page cache before is dropped from it afterwards, so that verifying does not
-//! evict the shared pages vmar exists to keep cached.
+//! The oracle's reading and comparing (see the module above for what it reads).
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -22,23 +14,16 @@ use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 use crate::image::{BLOCK_SIZE, ImageFile};
 use crate::map::{ImageId, Source};
-use crate::protocol::Progress;
+use crate::progress::Progress;
 use crate::scan::{data_ranges, is_zero};
 use crate::sys::{Residency, residency};
 use crate::units::usize_of;
 
+use super::{Mismatch, VerifyReport};
+
 /// Blocks compared by one parallel task, and per progress step.
 const PIECE_BLOCKS: u64 = 256;
 const STEP_BLOCKS: u64 = 16 * 1024;
-
-pub use crate::protocol::{Mismatch, VerifyReport};
-
-impl VerifyReport {
-    /// Bytes read per second.
-    pub fn read_rate(&self) -> f64 {
-        self.bytes_read as f64 / (self.micros.max(1) as f64 / 1e6)
-    }
-}
 
 /// An open file verify reads, with what the page cache held of it when verify started.
 struct Reader {

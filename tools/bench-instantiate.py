@@ -2,7 +2,7 @@
 """The paper's experiment on a real kernel: N VMs start together from different images that
 share content, with and without vmar; wall time, bytes read from disk and page cache used.
 
-Builds (cached) the realistic images of tools/make-images, a guest disk holding them (ext4
+Builds (cached) the realistic images of tools/make-images.py, a guest disk holding them (ext4
 filled with `mkfs.ext4 -d`), and for each image the list of files its boot and its
 application read (the boot's executables and data, the application's, and the shared
 libraries both load, found with `ldd` inside the image's root tree). Then boots Debian's
@@ -12,12 +12,12 @@ images with vmard, and for N = 1, 2, 4 and each mode mounts the images' ext4 rea
 the block device and reads the listed files with O_DIRECT from a cold cache: `plain` through
 buffered read-only loop devices of the image files, `vmar` through /dev/mapper/vmar-NAME.
 
-    tools/bench-instantiate [--workload files|trace] [--rounds 3] [--ns 1,2,4]
+    tools/bench-instantiate.py [--workload files|trace] [--rounds 3] [--ns 1,2,4]
                             [--memory 3072] [--disk-mbps 0] [--disk-iops 0]
                             [--plot docs/instantiate.svg] [--json FILE]
 
 `--workload trace` replaces the file lists with the reads real boots of the images made
-(tools/trace-boot: bootable images, every guest read of its disk recorded by QEMU, split at
+(tools/trace-boot.py: bootable images, every guest read of its disk recorded by QEMU, split at
 the images' serial markers into an OS phase and an application phase). In the guest, for
 each set of images (`main`: base, web, db, dev; `family`: web and the web-* images, one
 application stack built four times), each N and each path, N processes start together, each
@@ -351,8 +351,8 @@ def report(results, plot_path):
 
 def trace_files(names):
     """Writes NAME.PHASE.trace (a line `qd K`, then `OFFSET BYTES` per read) from the cached
-    traces of tools/trace-boot; returns them as guest path -> host path."""
-    guest.run([str(ROOT / "tools/trace-boot"), "--only", *names])
+    traces of tools/trace-boot.py; returns them as guest path -> host path."""
+    guest.run([str(ROOT / "tools/trace-boot.py"), "--only", *names])
     out = WORK / "traces"
     out.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -715,7 +715,7 @@ def main():
 
     if os.geteuid() != 0:
         sys.exit("bench-instantiate: needs root (debootstrap, chroot ldd)")
-    guest.run([str(ROOT / "tools/make-images"), "--only", *names], stdout=subprocess.DEVNULL)
+    guest.run([str(ROOT / "tools/make-images.py"), "--only", *names], stdout=subprocess.DEVNULL)
     images = [ROOT / "work/images" / f"{n}.raw" for n in names]
     WORK.mkdir(parents=True, exist_ok=True)
     lists = build_lists(names)

@@ -21,7 +21,7 @@ Prints `N passed, N failed`; exit status 0 only when nothing failed.
 Downloads once (apt-get download, cached in work/fleet): nfs-kernel-server, nfs-common,
 libnfsidmap1, libwrap0 (extracted, not installed).
 
-    tools/fleet-test [--timeout SECONDS] [--memory MIB]
+    tools/fleet-test.py [--timeout SECONDS] [--memory MIB]
 """
 
 import argparse
@@ -228,18 +228,8 @@ def main():
     initramfs = guest.build_initramfs(WORK, moddir, udev, guest.MODULES + MODULES, binaries,
                                       INIT, nfs_files(nfs))
     output, seconds = guest.boot(vmlinuz, initramfs, args.timeout, args.memory)
-    (WORK / "guest.log").write_text(output)
-    for line in output.splitlines():
-        line = line.rstrip("\r")
-        if "FLEET-TEST" in line or "GUEST:" in line:
-            print(line)
-    print(f"FLEET-TEST: guest ran {seconds:.1f} s wall time (log: {WORK / 'guest.log'})")
-    m = re.findall(r"FLEET-TEST: (\d+) passed, (\d+) failed", output)
-    if not m:
-        sys.exit("fleet-test: no result from the guest")
-    passed, failed = map(int, m[-1])
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(0 if failed == 0 and passed > 0 else 1)
+    guest.finish(WORK, output, seconds, "FLEET-TEST",
+                 lambda line: "FLEET-TEST" in line or "GUEST:" in line)
 
 
 if __name__ == "__main__":

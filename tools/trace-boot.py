@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Boots each image of tools/make-images in QEMU and records every read the guest makes of
+"""Boots each image of tools/make-images.py in QEMU and records every read the guest makes of
 its disk, in order, split at the images' two serial-console markers into an OS phase (until
 `VMAR-OS-READY`) and an application phase (until `VMAR-APP-READY`).
 
@@ -14,7 +14,7 @@ before are served by the overlay, not the image, and are left out), and
 issued: the queue depth the guest used). QEMU stamps events with the wall clock
 (`-msg timestamp=on`); the markers are stamped when their line reaches this process.
 
-    tools/trace-boot [--only NAME... | --family | --all] [--memory 1024] [--timeout 1800]
+    tools/trace-boot.py [--only NAME... | --family | --all] [--memory 1024] [--timeout 1800]
                      [--force]
 
 Builds missing images with tools/make-images. Caches each trace as work/traces/NAME.json
@@ -36,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from toollib import boot_files
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "work" / "images"
 WORK = ROOT / "work" / "traces"
@@ -54,19 +56,11 @@ def log(message):
     print(f"trace-boot: {message}", file=sys.stderr, flush=True)
 
 
-def boot_files(tree):
-    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
-    if not kernels:
-        sys.exit(f"trace-boot: no kernel in {tree / 'boot'} (rebuild with tools/make-images)")
-    release = kernels[-1].name[len("vmlinuz-"):]
-    return kernels[-1], tree / "boot" / f"initrd.img-{release}"
-
-
 def boot(name, memory, timeout):
     """Boots the image; returns the raw trace path, QEMU's start time (wall clock) and the
     marker times (wall clock), or exits with the console's tail."""
     image = IMAGES / f"{name}.raw"
-    vmlinuz, initrd = boot_files(IMAGES / "trees" / name)
+    vmlinuz, initrd = boot_files(IMAGES / "trees" / name, "trace-boot")
     raw = WORK / f"{name}.events"
     raw.unlink(missing_ok=True)
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-m", str(memory),
@@ -253,7 +247,7 @@ def main():
     if args.reparse:
         traces = {name: reparse(name) for name in names}
     else:
-        subprocess.run([str(ROOT / "tools/make-images"), "--only", *names], check=True,
+        subprocess.run([str(ROOT / "tools/make-images.py"), "--only", *names], check=True,
                        stdout=subprocess.DEVNULL)
         traces = {name: trace(name, args.memory, args.timeout, args.force) for name in names}
     summary(traces)

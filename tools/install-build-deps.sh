@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that building vmar needs, plus any named on the command line,
-# with apt-get, only those missing. tools/demo, tools/test and tools/package call it, so a
+# with apt-get, only those missing. tools/demo, tools/test and tools/package.sh call it, so a
 # fresh Debian 12 machine with only the Rust toolchain can run them. Without root it says
 # what to install (sudo if available) instead of failing later inside cargo.
 #
-#     tools/install-build-deps [PACKAGE...]
+#     tools/install-build-deps.sh [PACKAGE...]
 set -euo pipefail
 
 # bindgen of the devicemapper and loopdev-3 crates needs libclang and the libdevmapper

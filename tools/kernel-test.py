@@ -7,13 +7,11 @@ work without udev), the release binaries and the kernel test binary; its /init r
 with --ignored and powers off. The result comes back on the serial console as
 `KERNEL-TEST: N passed, M failed`; the exit status is 0 only when nothing failed.
 
-    tools/kernel-test [--filter NAME] [--timeout SECONDS] [--memory MIB]
+    tools/kernel-test.py [--filter NAME] [--timeout SECONDS] [--memory MIB]
 """
 
 import argparse
 import os
-import re
-import sys
 
 import guest
 
@@ -50,18 +48,8 @@ def main():
                        log=os.environ.get("VMAR_TEST_LOG", "error"), filter=args.filter or "")
     initramfs = guest.build_initramfs(WORK, moddir, udev, guest.MODULES, binaries, init)
     output, seconds = guest.boot(vmlinuz, initramfs, args.timeout, args.memory)
-    (WORK / "guest.log").write_text(output)
-    for line in output.splitlines():
-        line = line.rstrip("\r")
-        if not line.startswith("[") or "KERNEL-TEST" in line or "GUEST:" in line:
-            print(line)
-    print(f"KERNEL-TEST: guest ran {seconds:.1f} s wall time (log: {WORK / 'guest.log'})")
-    m = re.findall(r"KERNEL-TEST: (\d+) passed, (\d+) failed", output)
-    if not m:
-        sys.exit("kernel-test: no result from the guest")
-    passed, failed = map(int, m[-1])
-    print(f"{passed} passed, {failed} failed")
-    sys.exit(0 if failed == 0 and passed > 0 else 1)
+    guest.finish(WORK, output, seconds, "KERNEL-TEST",
+                 lambda line: not line.startswith("[") or "KERNEL-TEST" in line or "GUEST:" in line)
 
 
 if __name__ == "__main__":
