@@ -769,7 +769,7 @@ fn own_prefetch(images: &Path, names: &[String], phase: &str, sets: &Sets) -> Re
     std::thread::spawn(move || -> Result<Value> {
         let _ = pio::lower_priority();
         let (mut set_bytes, mut cached_bytes, mut requests, mut request_bytes) = (0, 0, 0, 0);
-        let (mut read_bytes, mut reads) = (0, 0);
+        let (mut read_bytes, mut reads, mut gap_bytes) = (0, 0, 0);
         for (i, name) in names.iter().enumerate() {
             let Some(runs) = sets.get(&(name.clone(), phase.clone())) else {
                 continue;
@@ -800,6 +800,7 @@ fn own_prefetch(images: &Path, names: &[String], phase: &str, sets: &Sets) -> Re
             }
             requests += planned.len() as u64;
             request_bytes += planned.iter().map(|r| r.len).sum::<u64>();
+            gap_bytes += planned.iter().map(|r| r.len - r.wanted).sum::<u64>();
             read_bytes += outcome.bytes;
             reads += outcome.reads;
         }
@@ -808,6 +809,7 @@ fn own_prefetch(images: &Path, names: &[String], phase: &str, sets: &Sets) -> Re
             "cached_bytes": cached_bytes,
             "requests": requests,
             "request_bytes": request_bytes,
+            "gap_bytes": gap_bytes,
             "read_bytes": read_bytes,
             "reads": reads,
             "merge_gap": policy.max_gap,
