@@ -78,6 +78,9 @@ pub struct Config {
     /// Seconds after a device's first open at which vmard records its working set [default:
     /// 0, never].
     pub record_after: Option<f64>,
+    /// Largest gap (bytes) a warm reads through to join two runs into one request
+    /// [default: 131072].
+    pub prefetch_merge_gap: Option<u64>,
 }
 
 /// Every key of the file: (key, value type, default, what it does). vmar.toml(5) is made
@@ -179,6 +182,12 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "0",
         "Record a device's working set (phase boot) this many seconds after its first open: the blocks read since the device was last closed whose pages are cached then (what vmarctl record does). vmard looks at the devices every 5 s. Applies after a SIGHUP.",
     ),
+    (
+        "prefetch_merge_gap",
+        "bytes (0 to 8388608)",
+        "131072",
+        "Largest gap between two runs of a warm (vmarctl warm, prefetch = \"create\") that is read through to join them into one request: a request costs the disk a seek or an I/O operation, a gap costs its bytes. 0 reads exactly the working sets' union (no byte beyond it) in more requests. Applies to warms planned after a SIGHUP.",
+    ),
 ];
 
 /// What a host does with sidecars (`sidecars` in vmar.toml).
@@ -235,6 +244,23 @@ impl Config {
             self.prefetch.unwrap_or_default(),
             (!after.is_zero()).then_some(after),
         ))
+    }
+
+    /// `prefetch_merge_gap` in bytes; rejects a gap longer than a warm's largest request.
+    pub fn prefetch_merge_gap(&self, path: &Path) -> Result<u64> {
+        let gap = self
+            .prefetch_merge_gap
+            .unwrap_or(crate::workset::DEFAULT_MERGE_GAP);
+        if gap > crate::workset::MAX_REQUEST {
+            return Err(Error::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "prefetch_merge_gap = {gap}: give bytes between 0 and {}",
+                    crate::workset::MAX_REQUEST
+                ),
+            });
+        }
+        Ok(gap)
     }
 
     /// The image guard's settings; rejects an interval outside 0.1 s .. 1 day.
@@ -356,6 +382,18 @@ mod tests {
                 Some(std::time::Duration::from_secs(90))
             )
         );
+        assert_eq!(
+            config.prefetch_merge_gap(&path).unwrap(),
+            crate::workset::DEFAULT_MERGE_GAP
+        );
+        std::fs::write(&path, "prefetch_merge_gap = 0\n").unwrap();
+        let config = Config::load(&path, false).unwrap();
+        assert_eq!(config.prefetch_merge_gap(&path).unwrap(), 0);
+        std::fs::write(&path, "prefetch_merge_gap = 8388609\n").unwrap();
+        let config = Config::load(&path, false).unwrap();
+        assert!(config.prefetch_merge_gap(&path).is_err());
+        std::fs::write(&path, "prefetch_merge_gap = -1\n").unwrap();
+        assert!(Config::load(&path, false).is_err());
         std::fs::write(&path, "record_after = -3\n").unwrap();
         assert!(Config::load(&path, false).unwrap().prefetch(&path).is_err());
         std::fs::write(&path, "prefetch = \"always\"\n").unwrap();

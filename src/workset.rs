@@ -323,11 +323,17 @@ pub struct MergePolicy {
     pub max_request: u64,
 }
 
+/// Default [`MergePolicy::max_gap`] (`prefetch_merge_gap` in vmar.toml).
+pub const DEFAULT_MERGE_GAP: u64 = 128 * 1024;
+
+/// [`MergePolicy::max_request`]: the largest request a warm reads.
+pub const MAX_REQUEST: u64 = 8 << 20;
+
 impl Default for MergePolicy {
     fn default() -> MergePolicy {
         MergePolicy {
-            max_gap: 128 * 1024,
-            max_request: 8 << 20,
+            max_gap: DEFAULT_MERGE_GAP,
+            max_request: MAX_REQUEST,
         }
     }
 }

@@ -344,3 +344,90 @@ fn create_warms_in_the_background_and_the_recorder_records_after_the_first_open(
         "the set was not warmed (cold before: {cold})"
     );
 }
+
+#[test]
+fn warms_merge_across_the_configured_gap_which_a_reload_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (paths, family) = family(dir.path());
+    let config = dir.path().join("vmar.toml");
+    std::fs::write(&config, "prefetch_merge_gap = 0\n").unwrap();
+    let kernel_dir = dir.path().join("kernel");
+    let daemon = Daemon::start_args(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &["--sim", s(&kernel_dir), "--config", s(&config)],
+    );
+    capture_all(&daemon, &paths);
+    let ids = ids(&daemon);
+    let sources = expected_sources(&family, &ids);
+    ok(&daemon, &["create", "web1", "web"]);
+    // Two runs of web's own blocks, two blocks apart.
+    let boot = [44, 45, 48, 49];
+    read(&sim(dir.path()), "web1", boot);
+    ok(&daemon, &["record", "web1"]);
+    let want = non_zero(&family, 1, &boot);
+    assert_eq!(want.len(), 4, "the test wants four data blocks");
+    assert_eq!(set_blocks(&daemon, "web1", "boot"), want);
+    let canon = canonical(&sources, &ids, 1, &want);
+    let block = BLOCK as u64;
+    let warm_cold = || {
+        drop_cache(&paths);
+        // Dropping the cache works on most file systems (not tmpfs).
+        let cold = canon
+            .iter()
+            .all(|b| !all_cached(&paths, &ids, &BTreeSet::from([*b])));
+        (cold, ok(&daemon, &["warm", "web1"]))
+    };
+    // Gap 0: each run its own request, nothing beyond the set.
+    let (cold, report) = warm_cold();
+    if cold {
+        assert_eq!(report["requests"], 2, "{report}");
+        assert_eq!(report["gap_bytes"], 0, "{report}");
+        assert_eq!(
+            report["read_bytes"].as_u64().unwrap(),
+            4 * block,
+            "{report}"
+        );
+    }
+    // The default gap after a reload: one request reading through the two-block gap.
+    std::fs::write(&config, "").unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (cold, report) = warm_cold();
+        if !cold {
+            break;
+        }
+        if report["requests"] == 1 {
+            assert_eq!(report["gap_bytes"].as_u64().unwrap(), 2 * block, "{report}");
+            assert_eq!(
+                report["read_bytes"].as_u64().unwrap(),
+                6 * block,
+                "{report}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reload did not apply: {report}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A gap longer than a request is refused by --check-config.
+    std::fs::write(&config, "prefetch_merge_gap = 9000000\n").unwrap();
+    let checked = common::vmard(
+        dir.path(),
+        &dir.path().join("state"),
+        &dir.path().join("run/vmard.sock"),
+        &["--check-config", "--config", s(&config)],
+    )
+    .output()
+    .unwrap();
+    assert!(!checked.status.success());
+    assert!(
+        String::from_utf8_lossy(&checked.stdout).contains("prefetch_merge_gap")
+            || String::from_utf8_lossy(&checked.stderr).contains("prefetch_merge_gap"),
+        "{checked:?}"
+    );
+}

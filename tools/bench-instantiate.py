@@ -29,6 +29,13 @@ QEMU's block layer with cache=none (qemu-io -t none). Prints, per set, phase and
 bytes and requests read from the disk, page-cache growth, the traces' content bound (unique
 non-zero 4 KiB blocks by content, which no redirection can read less of) and the ratios.
 
+With --paths naming prefetch paths (plain+prefetch, vmar+prefetch, vmar+prefetch-during,
+vmar+prefetch-gap0), the guest first records each image's working set per phase with vmard
+(`vmarctl record` after a replay of that image alone on its vmar device), then each round
+prefetches before each phase (vmarctl warm of the N devices, or each image's own set from
+its own file for plain+prefetch) and counts the prefetch in the phase's time; the prefetch's
+and the replays' bytes and requests are reported apart.
+
 Prints a table of medians over the rounds, with the vmar/plain ratios, and writes every run
 to --results (default work/instantiate/results.json). --disk-mbps throttles the guest's disk (QEMU throttling) to
 model slower image storage; 0 (default) leaves it as fast as the host's disk.
@@ -62,6 +69,14 @@ TRACE_SETS = {"main": ["base", "web", "db", "dev"],
               "mixed": ["base", "web", "db", "dev", "web-rebuild", "web-tools", "web-ops",
                         "cache"]}
 TRACE_PATHS = ["plain", "vmar", "qemu-plain", "qemu-vmar"]
+# Paths with prefetch of the working sets vmard records in a recording pass (not run unless
+# named with --paths): each round's time includes the prefetch. `plain+prefetch` reads each
+# image's own set from its own file (the baseline), `vmar+prefetch` has vmard warm the N
+# devices' union before the replays, `-during` beside them, `-gap0` with
+# prefetch_merge_gap = 0.
+PREFETCH_PATHS = ["plain+prefetch", "vmar+prefetch", "vmar+prefetch-during",
+                  "vmar+prefetch-gap0"]
+ALL_PATHS = TRACE_PATHS + PREFETCH_PATHS
 PHASES = ["os", "app"]
 # QEMU's tools the guest runs for the qemu-* paths (copied with their libraries).
 QEMU_TOOLS = ["qemu-io", "qemu-img"]
@@ -483,6 +498,25 @@ def trace_table(data):
                                 "trace_bytes"]}
         times = [r["seconds"] for r in chosen]
         table[key]["spread"] = (max(times) - min(times)) / statistics.median(times)
+        table[key]["min"], table[key]["max"] = min(times), max(times)
+        table[key]["rounds"] = len(chosen)
+        if all("prefetch" in r for r in chosen):
+            fetch = [r["prefetch"] for r in chosen]
+            table[key]["prefetch"] = {
+                k: statistics.median(f[k] or 0 for f in fetch)
+                for k in ["seconds", "disk_bytes_read", "disk_reads"]}
+            table[key]["prefetch"]["requests"] = statistics.median(
+                f["report"].get("requests", 0) for f in fetch)
+            table[key]["prefetch"]["gap_bytes"] = statistics.median(
+                f["report"].get("gap_bytes", 0) for f in fetch)
+            # What the sets hold: vmar's union of canonical extents (each shared block
+            # once), or the sum of the images' own sets for plain+prefetch.
+            table[key]["prefetch"]["set_bytes"] = statistics.median(
+                f["report"].get("union_bytes", f["report"].get("set_bytes", 0)) for f in fetch)
+        if all("replay" in r for r in chosen):
+            table[key]["replay"] = {
+                k: statistics.median(r["replay"][k] for r in chosen)
+                for k in ["seconds", "disk_bytes_read", "disk_reads"]}
     sets = data.get("sets", TRACE_SETS)
     for label, names in sets.items():
         for other, members in sets.items():
@@ -491,6 +525,24 @@ def trace_table(data):
                         and (label, phase, n, path) not in table):
                     table[(label, phase, n, path)] = row
     return table
+
+
+def pooled(paths):
+    """Trace results of several runs of the same images as one: their rounds pooled (each
+    round's runs keep their figures; medians are over all of them)."""
+    data = json.loads(paths[0].read_text())
+    for path in paths[1:]:
+        more = json.loads(path.read_text())
+        if (more["disk_mbps"], more["disk_iops"]) != (data["disk_mbps"], data["disk_iops"]):
+            sys.exit(f"bench-instantiate: {path} ran on another disk throttle")
+        offset = data["rounds"]
+        for r in more["runs"]:
+            data["runs"].append({**r, "round": r["round"] + offset})
+        data["rounds"] += more["rounds"]
+        data["recordings"] = data.get("recordings", []) + more.get("recordings", [])
+        for key, bound in more["bounds"].items():
+            data["bounds"].setdefault(key, bound)
+    return data
 
 
 def covered_sets(sets):
@@ -511,27 +563,56 @@ def trace_report(data):
             if not ns:
                 continue
             print(f"\nset {label} ({', '.join(sets[label])}), {phase} phase")
-            print(f"{'N':>2} {'path':<10} {'time s':>7} {'MiB read':>9} {'requests':>8} "
-                  f"{'cache MiB':>9} {'spread':>6} | {'time/plain':>10} {'MiB/plain':>9} {'MiB/bound':>9}")
+            print(f"{'N':>2} {'path':<20} {'r':>2} {'time s':>7} {'range s':>13} {'MiB read':>9} "
+                  f"{'requests':>8} {'cache MiB':>9} | {'time/plain':>10} {'MiB/plain':>9} "
+                  f"{'MiB/bound':>9} {'time/p+pf':>9} {'MiB/p+pf':>8} | prefetch s, MiB/requests; "
+                  f"replays MiB/requests")
             for n in ns:
                 bound = data["bounds"].get(f"{label}/{n}/{phase}", {})
                 plain = table.get((label, phase, n, "plain"))
                 qplain = table.get((label, phase, n, "qemu-plain"))
-                for path in TRACE_PATHS:
+                pplain = table.get((label, phase, n, "plain+prefetch"))
+                for path in ALL_PATHS:
                     r = table.get((label, phase, n, path))
                     if not r:
                         continue
                     ref = qplain if path.startswith("qemu") else plain
-                    print(f"{n:>2} {path:<10} {r['seconds']:>7.2f} "
+                    versus, versus_bytes = "-", "-"
+                    if pplain and path.startswith("vmar"):
+                        versus = ratio(r["seconds"], pplain["seconds"])
+                        versus_bytes = ratio(r["disk_bytes_read"], pplain["disk_bytes_read"])
+                    fetch = ""
+                    if "prefetch" in r:
+                        f = r["prefetch"]
+                        fetch = (f"{f['seconds']:.2f} s, {f['disk_bytes_read'] / mib:.1f}/"
+                                 f"{f['disk_reads']:.0f} (sets {f['set_bytes'] / mib:.1f}, "
+                                 f"gaps {f['gap_bytes'] / mib:.1f})")
+                    if "replay" in r:
+                        fetch += (f"; {r['replay']['disk_bytes_read'] / mib:.1f}/"
+                                  f"{r['replay']['disk_reads']:.0f}")
+                    print(f"{n:>2} {path:<20} {r['rounds']:>2} {r['seconds']:>7.2f} "
+                          f"{r['min']:>6.2f}-{r['max']:<6.2f} "
                           f"{r['disk_bytes_read'] / mib:>9.1f} {r['disk_reads']:>8.0f} "
-                          f"{r['cached_bytes'] / mib:>9.1f} {r['spread']:>6.0%} | "
+                          f"{r['cached_bytes'] / mib:>9.1f} | "
                           f"{ratio(r['seconds'], ref['seconds']) if ref else '-':>10} "
                           f"{ratio(r['disk_bytes_read'], ref['disk_bytes_read']) if ref else '-':>9} "
-                          f"{ratio(r['disk_bytes_read'], bound.get('content', 0)):>9}")
+                          f"{ratio(r['disk_bytes_read'], bound.get('content', 0)):>9} "
+                          f"{versus:>9} {versus_bytes:>8} | {fetch}")
                     summary[f"{label}/{n}/{phase}/{path}"] = r
-                print(f"{n:>2} {'traces':<10} {'':>7} {bound.get('distinct', 0) / mib:>9.1f} "
-                      f"{'':>8} {'':>9} {'':>6} | distinct blocks; content bound "
+                print(f"{n:>2} {'traces':<20} {'':>2} {'':>7} {'':>13} "
+                      f"{bound.get('distinct', 0) / mib:>9.1f} "
+                      f"{'':>8} {'':>9} | distinct blocks; content bound "
                       f"{bound.get('content', 0) / mib:.1f} MiB")
+    records = data.get("recordings", [])
+    if records:
+        print("\nworking sets recorded by vmard (replay of each image alone, cold cache)")
+        print(f"{'image':<12} {'phase':<5} {'replayed MiB':>12} {'read areas MiB':>14} "
+              f"{'recorded MiB':>12} {'set MiB/runs':>13}")
+        for r in records:
+            res = r["result"]
+            print(f"{r['record']:<12} {r['phase']:<5} {r['replay_bytes'] / mib:>12.1f} "
+                  f"{res['read_area_bytes'] / mib:>14.1f} {res['recorded_bytes'] / mib:>12.1f} "
+                  f"{res['set']['bytes'] / mib:>8.1f}/{res['set']['runs']}")
     return summary
 
 
@@ -558,7 +639,9 @@ def trace_plot(results, path):
               if label == widest or phase == "app"]
     panels = [(lb, ph) for lb, ph in panels if any(k[:2] == (lb, ph) for k in table)]
     fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels), 6), squeeze=False)
-    styles = {"plain": "o-", "vmar": "s-", "qemu-plain": "o--", "qemu-vmar": "s--"}
+    styles = {"plain": "o-", "vmar": "s-", "qemu-plain": "o--", "qemu-vmar": "s--",
+              "plain+prefetch": "o:", "vmar+prefetch": "s:", "vmar+prefetch-during": "^:",
+              "vmar+prefetch-gap0": "v:"}
     for col, (label, phase) in enumerate(panels):
         ns = sorted({k[2] for k in table if k[:2] == (label, phase)})
         for mode, style in styles.items():
@@ -621,6 +704,9 @@ def run_trace(args, ns):
              "mount -t ext4 $OVL /overlays || echo 'BENCH-FAILED: no /overlays'\n")
     if args.readahead_kb is not None:
         setup += f"echo {args.readahead_kb} > /sys/block/vda/queue/read_ahead_kb\n"
+    # Whether the idle I/O class of the warms means anything: mq-deadline and BFQ honour it.
+    setup += ("echo \"BENCH: scheduler $(cat /sys/block/vda/queue/scheduler), read_ahead_kb "
+              "$(cat /sys/block/vda/queue/read_ahead_kb)\"\n")
     init = INIT.format(names=",".join(names), ns=",".join(map(str, ns)), rounds=args.rounds,
                        setup=setup,
                        extra=f"--workload trace {sets} --paths {args.paths}")
@@ -633,6 +719,8 @@ def run_trace(args, ns):
     output, seconds = guest.boot(vmlinuz, initramfs, args.timeout, args.memory,
                                  ["-drive", drive])
     (WORK / "guest-trace.log").write_text(output)
+    for line in re.findall(r"^BENCH: (scheduler .*?)\r?$", output, re.MULTILINE):
+        log(f"guest disk: {line}")
     log(f"guest ran {seconds:.0f} s (log: {WORK / 'guest-trace.log'})")
     if "BENCH-DONE" not in output:
         for line in output.splitlines()[-30:]:
@@ -643,6 +731,7 @@ def run_trace(args, ns):
             "readahead_kb": args.readahead_kb,
             "disk_iops": args.disk_iops, "memory_mib": args.memory, "sets": TRACE_SETS,
             "bounds": bounds, "captures": [r for r in records if "capture" in r],
+            "recordings": [r for r in records if "record" in r],
             "runs": [r for r in records if "mode" in r]}
     data["summary"] = trace_report(data)
     out = args.json or WORK / "trace-results.json"
@@ -659,7 +748,8 @@ def main():
     parser.add_argument("--workload", choices=["files", "trace"], default="files",
                         help="read the images' file lists, or replay traced boots")
     parser.add_argument("--paths", default=",".join(TRACE_PATHS),
-                        help="trace workload: paths to read the images through")
+                        help="trace workload: paths to read the images through, of "
+                        + ", ".join(ALL_PATHS))
     parser.add_argument("--json", type=Path, help="trace workload: write the results here")
     parser.add_argument("--readahead-kb", type=int,
                         help="trace workload: the guest disk's read_ahead_kb, which the image "
@@ -678,8 +768,10 @@ def main():
     parser.add_argument("--results", type=Path, default=WORK / "results.json",
                         help="where to write every run as JSON")
     parser.add_argument("--plot", type=Path, help="write a plot (SVG or PNG) here")
-    parser.add_argument("--replot", type=Path, metavar="RESULTS",
-                        help="only print the table and plot of an earlier results file")
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="RESULTS",
+                        help="only print the table and plot of earlier results files (trace "
+                        "workload: several runs of the same images are taken together, their "
+                        "rounds pooled)")
     parser.add_argument("--floors", action="store_true",
                         help="trace workload: only print, from the cached traces and images, "
                         "what each set's N images read and what no sharing can remove")
@@ -700,15 +792,23 @@ def main():
         trace_floors([int(n) for n in args.ns.split(",")])
         return
     if args.replot:
-        if json.loads(args.replot.read_text()).get("workload") == "trace":
-            trace_report(json.loads(args.replot.read_text()))
+        first = json.loads(args.replot[0].read_text())
+        if first.get("workload") == "trace":
+            data = pooled(args.replot)
+            trace_report(data)
             if args.plot:
-                trace_plot(args.replot, args.plot)
+                merged = WORK / "trace-pooled.json"
+                merged.parent.mkdir(parents=True, exist_ok=True)
+                merged.write_text(json.dumps(data, indent=1))
+                trace_plot(merged, args.plot)
         else:
-            report(args.replot, args.plot)
+            report(args.replot[0], args.plot)
         return
     ns = [int(n) for n in args.ns.split(",")]
     if args.workload == "trace":
+        unknown = set(args.paths.split(",")) - set(ALL_PATHS)
+        if unknown:
+            sys.exit(f"bench-instantiate: unknown paths {sorted(unknown)} (of {ALL_PATHS})")
         run_trace(args, ns)
         return
     names = IMAGES[:max(ns)]

@@ -312,7 +312,12 @@ fn load_settings(
     // Applied here, once the whole file is known good; SIGHUP also makes the guard check.
     let (mode, record_after) = config.prefetch(&args.config)?;
     vmar::guard::set_settings(config.guard(&args.config)?);
-    vmar::prefetch::set_settings(vmar::prefetch::Settings { mode, record_after });
+    let merge_gap = config.prefetch_merge_gap(&args.config)?;
+    vmar::prefetch::set_settings(vmar::prefetch::Settings {
+        mode,
+        record_after,
+        merge_gap,
+    });
     Ok((Settings { max_targets, roots }, group))
 }
 
@@ -347,7 +352,7 @@ fn check_config(args: &Args) -> Result<()> {
         Ok((settings, group, config)) => {
             let prefetch = vmar::prefetch::settings();
             println!(
-                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}, prefetch {:?}, record_after {}",
+                "{}: ok: image roots {:?}, max_targets {}, socket group {}, auto_capture {}, prefetch {:?}, record_after {}, prefetch_merge_gap {}",
                 args.config.display(),
                 settings.roots.roots(),
                 settings.max_targets,
@@ -356,7 +361,8 @@ fn check_config(args: &Args) -> Result<()> {
                 prefetch.mode,
                 prefetch
                     .record_after
-                    .map_or("never".to_string(), |d| format!("{} s", d.as_secs_f64()))
+                    .map_or("never".to_string(), |d| format!("{} s", d.as_secs_f64())),
+                prefetch.merge_gap
             );
             // vmard starts without them (their devices wait): said, not refused.
             for (root, why) in settings.roots.missing() {

@@ -42,17 +42,41 @@ use crate::table::BlockDev;
 use crate::workset::{self, MergePolicy, Mode, ReadRequest, Run};
 
 /// The prefetch part of vmar.toml.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub mode: Mode,
     /// Record a device's working set this long after its first open (`None`: only when
     /// asked).
     pub record_after: Option<Duration>,
+    /// Largest gap (bytes) a warm reads through to join two runs into one request
+    /// ([`MergePolicy::max_gap`]).
+    pub merge_gap: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            mode: Mode::Off,
+            record_after: None,
+            merge_gap: workset::DEFAULT_MERGE_GAP,
+        }
+    }
+}
+
+impl Settings {
+    /// How warms merge their runs into requests under these settings.
+    pub fn policy(&self) -> MergePolicy {
+        MergePolicy {
+            max_gap: self.merge_gap,
+            ..MergePolicy::default()
+        }
+    }
 }
 
 static SETTINGS: RwLock<Settings> = RwLock::new(Settings {
     mode: Mode::Off,
     record_after: None,
+    merge_gap: workset::DEFAULT_MERGE_GAP,
 });
 
 /// Sets what vmard does by itself (at start and on SIGHUP).
@@ -524,7 +548,7 @@ pub fn warm(
     if names.is_empty() {
         return Err(Error::Protocol("name the devices or images to warm".into()));
     }
-    let plan = plan(catalog, names, phase, max_targets, MergePolicy::default())?;
+    let plan = plan(catalog, names, phase, max_targets, settings().policy())?;
     Ok(plan.execute(&crate::shutdown::cancelled, progress))
 }
 
@@ -540,7 +564,7 @@ pub fn after_device(catalog: &Catalog, name: &str, max_targets: u64) {
         &[name.to_string()],
         None,
         max_targets,
-        MergePolicy::default(),
+        settings().policy(),
     ) {
         Ok(plan) if plan.requests.is_empty() => {}
         Ok(plan) => {

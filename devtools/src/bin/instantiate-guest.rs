@@ -19,6 +19,20 @@
 //! the image file (`qemu-plain`) or the vmar device (`qemu-vmar`), read by QEMU's own block
 //! layer (`qemu-io -t none`, i.e. `cache=none`).
 //!
+//! Prefetch paths (trace workload): before the timed rounds, a recording pass replays each
+//! image's traced boot on its vmar device alone, from a cold cache, phase by phase, and has
+//! vmard record what it served (`vmarctl record NAME --phase os|app --replace`: dm-stats read
+//! areas x page-cache residency, as on a host; the cache is dropped before each phase's
+//! replay so that each phase's set holds that phase's reads). Then in each round, before
+//! each phase: `vmar+prefetch` has vmard warm the N devices' sets of that phase (`vmarctl
+//! warm NAME... --phase P`: their union, every shared block once) and then starts the
+//! replays; `vmar+prefetch-during` starts the warm together with the replays;
+//! `vmar+prefetch-gap0` is `vmar+prefetch` with `prefetch_merge_gap = 0` (vmard's
+//! configuration rewritten and reloaded with SIGHUP); `plain+prefetch` reads each image's
+//! own recorded set from its own file (sorted and merged by the same rule, no sharing, the
+//! same reader in the idle I/O class) before the replays through plain loop devices. The
+//! prefetch's time is part of the phase's time.
+//!
 //! Not a tool to run by hand: it expects the guest `tools/bench-instantiate.py` boots.
 
 use std::fmt::Write as _;
@@ -35,7 +49,10 @@ use clap::Parser;
 use loopdev::{LoopControl, LoopDevice};
 use procfs::{Current, Meminfo};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use vmar::prefetch::io as pio;
 use vmar::units::usize_of;
+use vmar::workset::{self, Canonical, MergePolicy, Run};
 
 /// Offset of the ext4 partition in the images tools/make-images.py builds.
 const PARTITION_OFFSET: u64 = 1 << 20;
@@ -92,7 +109,55 @@ struct Args {
     /// Replay one trace on one device: DEVICE TRACE (internal).
     #[arg(long, num_args = 2, value_names = ["DEVICE", "TRACE"])]
     replay: Option<Vec<PathBuf>>,
+    /// vmard's configuration file (rewritten, and vmard reloaded, by `vmar+prefetch-gap0`).
+    #[arg(long, default_value = vmar::config::DEFAULT_CONFIG)]
+    vmard_config: PathBuf,
 }
+
+/// The phases of a traced boot, in order.
+const PHASES: [&str; 2] = ["os", "app"];
+
+/// How a path of the trace workload prefetches before (or while) its replays run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Prefetch {
+    None,
+    /// Each image's own set from its own file (plain images).
+    Own,
+    /// `vmarctl warm` of the N devices: before the replays, or while they run.
+    Warm {
+        during: bool,
+    },
+}
+
+/// A path of the trace workload: how images are reached, how they are prefetched, and the
+/// merge gap vmard warms with (`None`: its configured one).
+struct PathSpec {
+    access: String,
+    prefetch: Prefetch,
+    merge_gap: Option<u64>,
+}
+
+fn path_spec(path: &str) -> Result<PathSpec> {
+    let (access, prefetch, merge_gap) = match path {
+        "plain" | "vmar" | "qemu-plain" | "qemu-vmar" => (path, Prefetch::None, None),
+        "plain+prefetch" => ("plain", Prefetch::Own, None),
+        "vmar+prefetch" => ("vmar", Prefetch::Warm { during: false }, None),
+        "vmar+prefetch-during" => ("vmar", Prefetch::Warm { during: true }, None),
+        "vmar+prefetch-gap0" => ("vmar", Prefetch::Warm { during: false }, Some(0)),
+        _ => bail!(
+            "unknown path {path} (plain, vmar, qemu-plain, qemu-vmar, plain+prefetch, vmar+prefetch, vmar+prefetch-during, vmar+prefetch-gap0)"
+        ),
+    };
+    Ok(PathSpec {
+        access: access.to_string(),
+        prefetch,
+        merge_gap,
+    })
+}
+
+/// Recorded working sets in image blocks, by (image, phase), as `vmarctl working-set
+/// --extents` gives them.
+type Sets = BTreeMap<(String, String), Vec<Run>>;
 
 /// One traced phase of one image: its reads (offset, bytes) in order and the queue depth
 /// the guest used.
@@ -563,8 +628,16 @@ impl Access {
 }
 
 /// Starts the N VMs of one phase together, each a process in its own cgroup, and measures
-/// them until the last one is done.
-fn trace_phase(args: &Args, names: &[String], paths: &[Access], phase: &str) -> Result<Value> {
+/// them until the last one is done. With a prefetch, its time counts: the phase starts when
+/// the prefetch does.
+fn trace_phase(
+    args: &Args,
+    names: &[String],
+    paths: &[Access],
+    phase: &str,
+    prefetch: Prefetch,
+    sets: &Sets,
+) -> Result<Value> {
     let cgroups = vm_cgroups(&args.cgroups, names.len())?;
     let mut commands = Vec::new();
     let mut trace_bytes = 0;
@@ -575,6 +648,23 @@ fn trace_phase(args: &Args, names: &[String], paths: &[Access], phase: &str) -> 
     }
     let before = snapshot(&args.disk)?;
     let started = Instant::now();
+    let mut prefetched = None;
+    if prefetch == Prefetch::Own {
+        let report = own_prefetch(&args.images, names, phase, sets)?;
+        prefetched = Some((
+            report,
+            started.elapsed().as_secs_f64(),
+            snapshot(&args.disk)?,
+        ));
+    } else if prefetch == (Prefetch::Warm { during: false }) {
+        let report = warm(args, names, phase)?;
+        prefetched = Some((
+            report,
+            started.elapsed().as_secs_f64(),
+            snapshot(&args.disk)?,
+        ));
+    }
+    let replays_started = started.elapsed().as_secs_f64();
     let mut children = Vec::new();
     for (i, command) in commands.iter().enumerate() {
         let join = match &cgroups {
@@ -592,17 +682,31 @@ fn trace_phase(args: &Args, names: &[String], paths: &[Access], phase: &str) -> 
                 .context("starting a VM process")?,
         );
     }
-    let mut seconds = Vec::new();
-    for mut child in children {
-        let status = child.wait()?;
-        seconds.push(started.elapsed().as_secs_f64());
-        if !status.success() {
-            bail!("a VM process failed in phase {phase}: {status}");
+    let (seconds, during) = std::thread::scope(|scope| -> Result<_> {
+        // The warm runs beside the VMs, as vmard's background warm after `ensure` would.
+        let warming = (prefetch == Prefetch::Warm { during: true }).then(|| {
+            scope.spawn(|| -> Result<(Value, f64)> {
+                let report = warm(args, names, phase)?;
+                Ok((report, started.elapsed().as_secs_f64()))
+            })
+        });
+        let mut seconds = Vec::new();
+        for mut child in children {
+            let status = child.wait()?;
+            seconds.push(started.elapsed().as_secs_f64());
+            if !status.success() {
+                bail!("a VM process failed in phase {phase}: {status}");
+            }
         }
-    }
+        let during = match warming {
+            Some(h) => Some(h.join().unwrap_or_else(|_| bail!("the warm panicked"))?),
+            None => None,
+        };
+        Ok((seconds, during))
+    })?;
     let wall = started.elapsed().as_secs_f64();
     let after = snapshot(&args.disk)?;
-    Ok(merged(
+    let mut result = merged(
         json!({
             "phase": phase,
             "seconds": wall,
@@ -611,7 +715,165 @@ fn trace_phase(args: &Args, names: &[String], paths: &[Access], phase: &str) -> 
             "cgroup_per_vm": cgroups.is_some(),
         }),
         before.delta(&after),
-    ))
+    );
+    if let Some((report, secs, mid)) = prefetched {
+        // Before the replays: the disk's figures split at the end of the prefetch.
+        result["prefetch"] = merged(
+            json!({"seconds": secs, "during": false, "report": report}),
+            before.delta(&mid),
+        );
+        result["replay"] = merged(
+            json!({"seconds": wall - replays_started}),
+            mid.delta(&after),
+        );
+    }
+    if let Some((report, secs)) = during {
+        // Beside the replays: the disk cannot tell whose reads were whose; the warm's own
+        // report can.
+        result["prefetch"] = json!({
+            "seconds": secs,
+            "during": true,
+            "report": report,
+            "disk_bytes_read": report["read_bytes"],
+            "disk_reads": report["reads"],
+        });
+    }
+    Ok(result)
+}
+
+/// `vmarctl warm` of the N devices' sets of `phase` (their union, as vmard reads it).
+fn warm(args: &Args, names: &[String], phase: &str) -> Result<Value> {
+    let mut command = vec!["warm"];
+    command.extend(names.iter().map(String::as_str));
+    command.extend(["--phase", phase]);
+    let report = vmarctl(args, &command)?;
+    if let Some(errors) = report["errors"].as_array()
+        && !errors.is_empty()
+    {
+        bail!("warm of {names:?} failed: {report}");
+    }
+    Ok(report)
+}
+
+/// Per-image prefetch on plain images, the baseline: each image's own recorded set of
+/// `phase`, read from its own file with the rule vmard's warm uses (less what is cached,
+/// merged across the same gaps, in disk order, one 1 MiB buffer, readahead off, idle I/O
+/// class), one image after the other, nothing shared. Returns figures like a warm report's.
+fn own_prefetch(images: &Path, names: &[String], phase: &str, sets: &Sets) -> Result<Value> {
+    let policy = MergePolicy::default();
+    let names = names.to_vec();
+    let images = images.to_path_buf();
+    let sets = sets.clone();
+    let phase = phase.to_string();
+    // A thread of its own: the idle class is set on the calling thread.
+    std::thread::spawn(move || -> Result<Value> {
+        let _ = pio::lower_priority();
+        let (mut set_bytes, mut cached_bytes, mut requests, mut request_bytes) = (0, 0, 0, 0);
+        let (mut read_bytes, mut reads, mut gap_bytes) = (0, 0, 0);
+        for (i, name) in names.iter().enumerate() {
+            let Some(runs) = sets.get(&(name.clone(), phase.clone())) else {
+                continue;
+            };
+            let id = u32::try_from(i)?;
+            let own = workset::union(
+                runs.iter()
+                    .map(|r| Canonical {
+                        image: id,
+                        start: r.start,
+                        len: r.len,
+                    })
+                    .collect(),
+            );
+            set_bytes += workset::blocks(runs) * 4096;
+            let path = images.join(format!("{name}.raw"));
+            let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let size = file.metadata()?.len();
+            let cached = pio::cached_runs(&file, &path, size, &own)?;
+            cached_bytes += cached.iter().map(|c| c.len).sum::<u64>() * 4096;
+            let rest = workset::subtract(&own, &cached);
+            let mut planned = workset::requests(&rest, |_| size, policy);
+            workset::order(&mut planned, |r| pio::physical_offset(&file, r.offset));
+            let open = |_| pio::open_for_reading(&path).ok().map(|f| (f, name.clone()));
+            let outcome = pio::read_requests(&open, &planned, &|| false, &mut |_| {});
+            if !outcome.errors.is_empty() {
+                bail!("prefetch of {name} failed: {:?}", outcome.errors);
+            }
+            requests += planned.len() as u64;
+            request_bytes += planned.iter().map(|r| r.len).sum::<u64>();
+            gap_bytes += planned.iter().map(|r| r.len - r.wanted).sum::<u64>();
+            read_bytes += outcome.bytes;
+            reads += outcome.reads;
+        }
+        Ok(json!({
+            "set_bytes": set_bytes,
+            "cached_bytes": cached_bytes,
+            "requests": requests,
+            "request_bytes": request_bytes,
+            "gap_bytes": gap_bytes,
+            "read_bytes": read_bytes,
+            "reads": reads,
+            "merge_gap": policy.max_gap,
+        }))
+    })
+    .join()
+    .unwrap_or_else(|_| bail!("the prefetch thread panicked"))
+}
+
+/// Points vmard's configuration at merge gap `gap` (`None`: the default) and reloads it.
+fn set_merge_gap(args: &Args, gap: Option<u64>) -> Result<()> {
+    if let Some(dir) = args.vmard_config.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let text = gap.map_or(String::new(), |g| format!("prefetch_merge_gap = {g}\n"));
+    fs::write(&args.vmard_config, text)
+        .with_context(|| format!("writing {}", args.vmard_config.display()))?;
+    run("sh", &["-c", "kill -HUP $(pidof vmard)"])?;
+    // vmard reloads on its signal thread; a warm planned after this sees the new gap (the
+    // report's gap_bytes are checked).
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    Ok(())
+}
+
+/// The recording pass: each image's traced boot replayed alone on its vmar device from a
+/// cold cache, phase by phase, and recorded by vmard as it would on a host (`vmarctl record
+/// NAME --phase P --replace`: the device's dm-stats read areas x page-cache residency).
+/// The cache is dropped before each phase's replay, so each phase's set is what that phase
+/// read. Returns the sets as stored (image blocks).
+fn record_sets(args: &Args, names: &[&String]) -> Result<Sets> {
+    let mut sets = Sets::new();
+    for name in names {
+        let device = Path::new("/dev/mapper").join(format!("vmar-{name}"));
+        for phase in PHASES {
+            drop_caches()?;
+            let trace = args.traces.join(format!("{name}.{phase}.trace"));
+            let started = Instant::now();
+            let (requests, bytes) = replay(&device, &trace)?;
+            let replayed = started.elapsed().as_secs_f64();
+            let out = vmarctl(args, &["record", name, "--phase", phase, "--replace"])?;
+            println!(
+                "BENCH: {}",
+                json!({"record": name, "phase": phase, "replay_requests": requests,
+                       "replay_bytes": bytes, "replay_seconds": replayed, "result": out})
+            );
+        }
+        let shown = vmarctl(args, &["working-set", name, "--extents"])?;
+        for set in shown["sets"].as_array().into_iter().flatten() {
+            let phase = set["phase"].as_str().unwrap_or_default().to_string();
+            let runs = set["extents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    Some(Run {
+                        start: e[0].as_u64()?,
+                        len: e[1].as_u64()?,
+                    })
+                })
+                .collect();
+            sets.insert(((*name).clone(), phase), runs);
+        }
+    }
+    Ok(sets)
 }
 
 /// One start of N VMs on one path: the OS phase from a cold cache, then the application
@@ -622,11 +884,13 @@ fn trace_run(
     names: &[String],
     path: &str,
     round: usize,
+    sets: &Sets,
 ) -> Result<Vec<Value>> {
+    let spec = path_spec(path)?;
     let mut paths = Vec::new();
     for name in names {
         paths.push(Access::open(
-            path,
+            &spec.access,
             name,
             &args.images.join(format!("{name}.raw")),
             &args.overlays,
@@ -634,9 +898,19 @@ fn trace_run(
     }
     let _ = Command::new("udevadm").arg("settle").status();
     drop_caches()?;
+    if spec.merge_gap.is_some() {
+        set_merge_gap(args, spec.merge_gap)?;
+    }
     let mut results = Vec::new();
-    for phase in ["os", "app"] {
-        let mut r = trace_phase(args, names, &paths, phase)?;
+    for phase in PHASES {
+        let mut r = trace_phase(args, names, &paths, phase, spec.prefetch, sets)?;
+        if let Some(gap) = spec.merge_gap {
+            let gaps = r["prefetch"]["report"]["gap_bytes"].as_u64().unwrap_or(0);
+            if gap == 0 && gaps > 0 {
+                bail!("vmard still merges across gaps after the reload ({gaps} gap bytes)");
+            }
+            r["merge_gap"] = json!(gap);
+        }
         r["workload"] = json!("trace");
         r["set"] = json!(set);
         r["mode"] = json!(path);
@@ -644,6 +918,9 @@ fn trace_run(
         r["round"] = json!(round);
         r["images"] = json!(names);
         results.push(r);
+    }
+    if spec.merge_gap.is_some() {
+        set_merge_gap(args, None)?;
     }
     for p in paths {
         p.close()?;
@@ -702,6 +979,19 @@ fn main() -> Result<()> {
         );
     }
     if args.workload == "trace" {
+        for path in &args.paths {
+            path_spec(path)?;
+        }
+        let mut recorded = Sets::new();
+        if args.paths.iter().any(|p| p.contains("prefetch")) {
+            let mut names: Vec<&String> = Vec::new();
+            for name in sets.iter().flat_map(|(_, n)| n) {
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+            recorded = record_sets(&args, &names).context("recording the working sets")?;
+        }
         for round in 0..args.rounds {
             // A set's first N images that an earlier set already started together (the
             // eight-image set begins with the main four) are not run twice in a round.
@@ -713,7 +1003,7 @@ fn main() -> Result<()> {
                     }
                     started.push(&names[..n]);
                     for path in &args.paths {
-                        let results = trace_run(&args, label, &names[..n], path, round)
+                        let results = trace_run(&args, label, &names[..n], path, round, &recorded)
                             .with_context(|| format!("{path} run of {label} with {n} images"))?;
                         for r in results {
                             println!("BENCH: {r}");
