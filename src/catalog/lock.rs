@@ -21,7 +21,7 @@ pub struct StateLock {
 impl StateLock {
     /// Takes the lock of `dir` (creating the directory if needed), or says who holds it.
     pub fn take(dir: &Path) -> Result<StateLock> {
-        super::store::create_private_dir(dir)?;
+        super::state_dir::create_private_dir(dir)?;
         let path = dir.join(LOCK_FILE);
         // A read-only state dir can still be locked, if its lock file exists.
         let file = OpenOptions::new()

@@ -154,12 +154,15 @@ mod rebuild;
 mod recover;
 mod refs;
 mod runs;
+mod stamps;
+mod state_dir;
 mod store;
 mod workset;
 
 pub use lock::{LOCK_FILE, StateLock};
 pub use recover::Recovery;
-use store::{clear, create_private_dir, existing_state};
+use state_dir::{create_private_dir, existing_state};
+use store::clear;
 
 impl Catalog {
     /// Opens the catalog in `dir`, creating it only in a directory that holds no vmar state
@@ -205,7 +208,7 @@ impl Catalog {
         }
         create_private_dir(dir)?;
         create_private_dir(&index_dir)?;
-        store::check_writable(dir, &file)?;
+        state_dir::check_writable(dir, &file)?;
         let exists = file.exists();
         // redb panics on some truncated files instead of returning an error.
         let opened = std::panic::catch_unwind(|| {

@@ -2,7 +2,7 @@
 //! one starts a rebuild, see `rebuild.rs`), naming a new run with its checksum, deleting the
 //! files of runs no longer named.
 
-use super::store::RunStamp;
+use super::stamps::RunStamp;
 use super::*;
 
 impl Catalog {
