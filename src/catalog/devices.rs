@@ -1,0 +1,106 @@
+//! Device records and name bindings: the devices a state dir made, and the image (by
+//! fingerprint) each device name served, kept in the catalog.
+
+use super::*;
+
+impl Catalog {
+    /// Saved devices, by name.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>> {
+        self.records(DEVICES, "device")
+    }
+
+    /// The saved device `name`, if any.
+    pub fn device(&self, name: &str) -> Result<Option<DeviceRecord>> {
+        Ok(self.devices()?.into_iter().find(|d| d.name == name))
+    }
+
+    /// Saves (or replaces) a device record.
+    pub fn save_device(&self, record: &DeviceRecord) -> Result<()> {
+        let _guard = self.lock()?;
+        let dir = &self.dir;
+        let bytes = serde_json::to_vec(record)
+            .map_err(|e| self.corrupt(format!("cannot encode device record: {e}")))?;
+        let txn = self.write_txn()?;
+        txn.open_table(DEVICES)
+            .ctx(dir)?
+            .insert(record.name.as_str(), seal(&bytes).as_slice())
+            .ctx(dir)?;
+        self.commit(txn)?;
+        self.write_backup(vec![crate::backup::Change::Device {
+            record: record.clone(),
+        }]);
+        Ok(())
+    }
+
+    /// Removes a device record; true if there was one.
+    pub fn forget_device(&self, name: &str) -> Result<bool> {
+        let _guard = self.lock()?;
+        let dir = &self.dir;
+        let txn = self.write_txn()?;
+        let existed = txn
+            .open_table(DEVICES)
+            .ctx(dir)?
+            .remove(name)
+            .ctx(dir)?
+            .is_some();
+        self.commit(txn)?;
+        if existed {
+            self.write_backup(vec![crate::backup::Change::ForgetDevice {
+                name: name.to_string(),
+            }]);
+        }
+        Ok(existed)
+    }
+
+    /// The content device name `name` last served, if it ever served any.
+    pub fn name_binding(&self, name: &str) -> Result<Option<NameBinding>> {
+        let dir = &self.dir;
+        let txn = self.read_txn()?;
+        let table = match txn.open_table(NAME_BINDINGS) {
+            Ok(table) => table,
+            // Catalogs from before bindings have no such table until the first one.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e).ctx(dir),
+        };
+        let Some(value) = table.get(name).ctx(dir)? else {
+            return Ok(None);
+        };
+        let binding = serde_json::from_slice(self.unseal(value.value(), "name binding")?)
+            .map_err(|e| self.corrupt(format!("corrupt name binding record: {e}")))?;
+        Ok(Some(binding))
+    }
+
+    /// Every device name's binding, by name.
+    pub fn name_bindings(&self) -> Result<Vec<NameBinding>> {
+        let exists = {
+            let txn = self.read_txn()?;
+            match txn.open_table(NAME_BINDINGS) {
+                Ok(_) => true,
+                Err(redb::TableError::TableDoesNotExist(_)) => false,
+                Err(e) => return Err(e).ctx(&self.dir),
+            }
+        };
+        if !exists {
+            return Ok(Vec::new());
+        }
+        self.records(NAME_BINDINGS, "name binding")
+    }
+
+    /// Records (or replaces) the content a device name serves.
+    pub fn bind_name(&self, binding: &NameBinding) -> Result<()> {
+        let _guard = self.lock()?;
+        let dir = &self.dir;
+        let bytes = serde_json::to_vec(binding)
+            .map_err(|e| self.corrupt(format!("cannot encode name binding: {e}")))?;
+        let txn = self.write_txn()?;
+        txn.open_table(NAME_BINDINGS)
+            .ctx(dir)?
+            .insert(binding.name.as_str(), seal(&bytes).as_slice())
+            .ctx(dir)?;
+        self.commit(txn)?;
+        self.write_backup(vec![crate::backup::Change::BindName {
+            binding: binding.clone(),
+        }]);
+        Ok(())
+    }
+}
