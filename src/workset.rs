@@ -16,9 +16,15 @@
 use crate::image::BLOCK_SIZE;
 use crate::map::{BlockMap, ImageId, Source};
 
-/// Most runs of one stored working set (16 bytes each: at most 256 KiB per image and
+/// Most runs of one stored working set (20 bytes each: at most 320 KiB per image and
 /// phase). A set with more runs is coarsened: its smallest gaps are filled.
 pub const MAX_RUNS: usize = 16 * 1024;
+
+/// Recordings a run may go unread before it leaves a set: a block that none of the last
+/// `KEEP_RECORDINGS` recordings of the phase found (a boot that once read something the
+/// later ones do not, a package removed since) stops being warmed, so sets follow what boots
+/// read now rather than grow with every odd boot.
+pub const KEEP_RECORDINGS: u32 = 4;
 
 /// Longest label of a phase (`boot`, `app`, ...).
 pub const MAX_PHASE: usize = 32;
@@ -56,6 +62,8 @@ impl Run {
 pub struct WorkingSet {
     /// Sorted, disjoint, non-adjacent runs of image blocks.
     pub runs: Vec<Run>,
+    /// For each run, the last recording (counted from 1) that found it; as many as `runs`.
+    pub seen: Vec<u32>,
     /// Recordings merged into it.
     pub recordings: u32,
     /// Unix time of the last recording.
@@ -120,9 +128,16 @@ pub fn runs_of(blocks: impl IntoIterator<Item = u64>) -> Vec<Run> {
 /// Coarsens normalized `runs` to at most `max` runs (at least 1) by filling the smallest
 /// gaps first: the set only grows, and grows least.
 pub fn bound(runs: Vec<Run>, max: usize) -> Vec<Run> {
+    let seen = vec![0; runs.len()];
+    bound_seen(runs, seen, max).0
+}
+
+/// [`bound`], keeping each run's last recording: a run that swallows others was last found
+/// by the latest of them.
+fn bound_seen(runs: Vec<Run>, seen: Vec<u32>, max: usize) -> (Vec<Run>, Vec<u32>) {
     let max = max.max(1);
     if runs.len() <= max {
-        return runs;
+        return (runs, seen);
     }
     // Gap after run i, smallest first; fill the (len - max) smallest (ties: earlier first).
     let mut gaps: Vec<(u64, usize)> = runs
@@ -136,55 +151,124 @@ pub fn bound(runs: Vec<Run>, max: usize) -> Vec<Run> {
         fill[i] = true;
     }
     let mut out: Vec<Run> = Vec::with_capacity(max);
+    let mut out_seen: Vec<u32> = Vec::with_capacity(max);
     let mut joining = false;
-    for (i, run) in runs.into_iter().enumerate() {
-        match out.last_mut() {
-            Some(last) if joining => last.len = run.end() - last.start,
-            _ => out.push(run),
+    for (i, (run, seen)) in runs.into_iter().zip(seen).enumerate() {
+        match (out.last_mut(), out_seen.last_mut()) {
+            (Some(last), Some(last_seen)) if joining => {
+                last.len = run.end() - last.start;
+                *last_seen = (*last_seen).max(seen);
+            }
+            _ => {
+                out.push(run);
+                out_seen.push(seen);
+            }
         }
         joining = fill[i];
     }
-    out
+    (out, out_seen)
 }
 
-/// `previous` and a new recording merged: their union, bounded to [`MAX_RUNS`] runs.
+/// `previous` and a new recording merged: what the new recording found, and the runs of
+/// earlier ones that one of the last [`KEEP_RECORDINGS`] recordings found (older runs age
+/// out), bounded to [`MAX_RUNS`] runs. Age is kept per run: a run joined to one a recording
+/// found (adjacent, or through a filled gap) is as recent as it.
 pub fn merge_recording(previous: Option<&WorkingSet>, recorded: &[Run], now: u64) -> WorkingSet {
-    let mut runs = recorded.to_vec();
-    let mut recordings = 1;
+    let recordings = previous.map_or(1, |p| p.recordings.saturating_add(1));
+    let new = normalize(recorded.to_vec());
+    // Pieces of (run, last recording that found it): the new runs, and what is left of the
+    // previous ones outside them, unless too old.
+    let mut pieces: Vec<(Run, u32)> = new.iter().map(|&r| (r, recordings)).collect();
     if let Some(previous) = previous {
-        runs.extend_from_slice(&previous.runs);
-        recordings = previous.recordings.saturating_add(1);
+        for (&run, &seen) in previous.runs.iter().zip(&previous.seen) {
+            if recordings - seen.min(recordings) >= KEEP_RECORDINGS {
+                continue;
+            }
+            pieces.extend(outside(run, &new).into_iter().map(|r| (r, seen)));
+        }
     }
+    pieces.sort_unstable();
+    let mut runs: Vec<Run> = Vec::with_capacity(pieces.len());
+    let mut seen: Vec<u32> = Vec::with_capacity(pieces.len());
+    for (run, s) in pieces {
+        match (runs.last_mut(), seen.last_mut()) {
+            (Some(last), Some(last_seen)) if run.start <= last.end() => {
+                last.len = last.end().max(run.end()) - last.start;
+                *last_seen = (*last_seen).max(s);
+            }
+            _ => {
+                runs.push(run);
+                seen.push(s);
+            }
+        }
+    }
+    let (runs, seen) = bound_seen(runs, seen, MAX_RUNS);
     WorkingSet {
-        runs: bound(normalize(runs), MAX_RUNS),
+        runs,
+        seen,
         recordings,
         updated: now,
     }
 }
 
-const MAGIC: &[u8; 4] = b"WS1\0";
-
-/// Encodes a working set: magic, recordings (u32), updated (u64), then (start, len) u64
-/// pairs, little-endian.
-pub fn encode(set: &WorkingSet) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + set.runs.len() * 16);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&set.recordings.to_le_bytes());
-    out.extend_from_slice(&set.updated.to_le_bytes());
-    for run in &set.runs {
-        out.extend_from_slice(&run.start.to_le_bytes());
-        out.extend_from_slice(&run.len.to_le_bytes());
+/// The parts of `run` that no run of `cut` (normalized) covers.
+fn outside(run: Run, cut: &[Run]) -> Vec<Run> {
+    let mut out = Vec::new();
+    let mut at = run.start;
+    let first = cut.partition_point(|c| c.end() <= run.start);
+    for c in &cut[first..] {
+        if c.start >= run.end() {
+            break;
+        }
+        if c.start > at {
+            out.push(Run {
+                start: at,
+                len: c.start - at,
+            });
+        }
+        at = at.max(c.end());
+    }
+    if at < run.end() {
+        out.push(Run {
+            start: at,
+            len: run.end() - at,
+        });
     }
     out
 }
 
-/// Decodes what [`encode`] wrote; refuses anything else (wrong magic, torn pairs, runs out
-/// of order or overlapping).
+/// Records of vmar before sets aged: (start, len) pairs, every run as recent as the set.
+const MAGIC_V1: &[u8; 4] = b"WS1\0";
+const MAGIC: &[u8; 4] = b"WS2\0";
+
+/// Encodes a working set: magic, recordings (u32), updated (u64), then (start u64, len u64,
+/// seen u32) triples, little-endian.
+pub fn encode(set: &WorkingSet) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + set.runs.len() * 20);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&set.recordings.to_le_bytes());
+    out.extend_from_slice(&set.updated.to_le_bytes());
+    for (i, run) in set.runs.iter().enumerate() {
+        out.extend_from_slice(&run.start.to_le_bytes());
+        out.extend_from_slice(&run.len.to_le_bytes());
+        let seen = set.seen.get(i).copied().unwrap_or(set.recordings);
+        out.extend_from_slice(&seen.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes what [`encode`] wrote, or an older record without the runs' last recordings
+/// (they count as found by the latest); refuses anything else (wrong magic, torn entries,
+/// runs out of order or overlapping, a run found by a recording the set has not had).
 pub fn decode(bytes: &[u8]) -> Result<WorkingSet, String> {
-    let rest = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or("not a working set record")?;
-    if rest.len() < 12 || (rest.len() - 12) % 16 != 0 {
+    let (rest, entry) = if let Some(rest) = bytes.strip_prefix(MAGIC.as_slice()) {
+        (rest, 20)
+    } else if let Some(rest) = bytes.strip_prefix(MAGIC_V1.as_slice()) {
+        (rest, 16)
+    } else {
+        return Err("not a working set record".into());
+    };
+    if rest.len() < 12 || (rest.len() - 12) % entry != 0 {
         return Err(format!("working set record of {} bytes", bytes.len()));
     }
     let u64_at = |b: &[u8], at: usize| {
@@ -196,8 +280,10 @@ pub fn decode(bytes: &[u8]) -> Result<WorkingSet, String> {
     word.copy_from_slice(&rest[..4]);
     let recordings = u32::from_le_bytes(word);
     let updated = u64_at(rest, 4);
-    let mut runs: Vec<Run> = Vec::with_capacity((rest.len() - 12) / 16);
-    for pair in rest[12..].chunks_exact(16) {
+    let count = (rest.len() - 12) / entry;
+    let mut runs: Vec<Run> = Vec::with_capacity(count);
+    let mut seen: Vec<u32> = Vec::with_capacity(count);
+    for pair in rest[12..].chunks_exact(entry) {
         let run = Run {
             start: u64_at(pair, 0),
             len: u64_at(pair, 8),
@@ -206,10 +292,24 @@ pub fn decode(bytes: &[u8]) -> Result<WorkingSet, String> {
         if run.len == 0 || run.start.checked_add(run.len).is_none() || !ordered {
             return Err(format!("bad run {run:?} in a working set record"));
         }
+        let found = if entry == 20 {
+            let mut word = [0u8; 4];
+            word.copy_from_slice(&pair[16..20]);
+            u32::from_le_bytes(word)
+        } else {
+            recordings
+        };
+        if found > recordings {
+            return Err(format!(
+                "run {run:?} found by recording {found} of a set of {recordings}"
+            ));
+        }
         runs.push(run);
+        seen.push(found);
     }
     Ok(WorkingSet {
         runs,
+        seen,
         recordings,
         updated,
     })
@@ -591,14 +691,51 @@ mod tests {
         let second = merge_recording(Some(&first), &[run(1, 3)], 9);
         assert_eq!(second.runs, vec![run(0, 4), run(8, 1)]);
         assert_eq!((second.recordings, second.updated), (2, 9));
+        // 0..4 touches what the second found, so it is as recent; 8 was found by the first.
+        assert_eq!(second.seen, vec![2, 1]);
         let many: Vec<Run> = (0..(MAX_RUNS as u64 + 10)).map(|i| run(i * 3, 1)).collect();
-        assert_eq!(merge_recording(None, &many, 0).runs.len(), MAX_RUNS);
+        let bounded = merge_recording(None, &many, 0);
+        assert_eq!(
+            (bounded.runs.len(), bounded.seen.len()),
+            (MAX_RUNS, MAX_RUNS)
+        );
+    }
+
+    #[test]
+    fn blocks_no_recent_recording_found_age_out() {
+        // The first boot reads 100..110 once; the later ones read only 0..10 and 50..60.
+        let mut set = merge_recording(None, &[run(0, 10), run(100, 10)], 1);
+        for n in 2..=KEEP_RECORDINGS {
+            set = merge_recording(Some(&set), &[run(0, 10), run(50, 10)], n.into());
+            assert_eq!(
+                set.runs,
+                vec![run(0, 10), run(50, 10), run(100, 10)],
+                "recording {n}: found {} recordings ago, still kept",
+                n - 1
+            );
+        }
+        set = merge_recording(Some(&set), &[run(0, 10)], 9);
+        // 100..110 was last found KEEP_RECORDINGS recordings ago: gone; 50..60 stays.
+        assert_eq!(set.runs, vec![run(0, 10), run(50, 10)]);
+        assert_eq!(set.seen, vec![KEEP_RECORDINGS + 1, KEEP_RECORDINGS]);
+        // Found again, a run starts over, whole (age is kept per run: a run any part of
+        // which a recording found is as recent as that recording).
+        set = merge_recording(Some(&set), &[run(55, 2)], 10);
+        assert_eq!(set.runs, vec![run(0, 10), run(50, 10)]);
+        assert_eq!(set.seen, vec![KEEP_RECORDINGS + 1, KEEP_RECORDINGS + 2]);
+        for n in 0..KEEP_RECORDINGS - 1 {
+            set = merge_recording(Some(&set), &[run(55, 2)], 11 + u64::from(n));
+        }
+        // 0..10 aged out; 50..60, part of which every recent recording read, stays.
+        assert_eq!(set.runs, vec![run(50, 10)]);
+        assert_eq!(set.recordings, 2 * KEEP_RECORDINGS + 1);
     }
 
     #[test]
     fn records_round_trip_and_damage_is_refused() {
         let set = WorkingSet {
             runs: vec![run(0, 4), run(8, 1), run(1 << 40, 7)],
+            seen: vec![1, 3, 2],
             recordings: 3,
             updated: 1_700_000_000,
         };
@@ -606,6 +743,24 @@ mod tests {
         assert_eq!(decode(&bytes).unwrap(), set);
         assert!(decode(&bytes[..bytes.len() - 1]).is_err());
         assert!(decode(b"nope").is_err());
+        // A run found by a recording the set has not had.
+        let mut later = set.clone();
+        later.seen[1] = 4;
+        assert!(decode(&encode(&later)).is_err());
+        // A record of the first format: no last recordings, every run counts as recent.
+        let mut v1 = b"WS1\0".to_vec();
+        v1.extend_from_slice(&3u32.to_le_bytes());
+        v1.extend_from_slice(&1_700_000_000u64.to_le_bytes());
+        for r in &set.runs {
+            v1.extend_from_slice(&r.start.to_le_bytes());
+            v1.extend_from_slice(&r.len.to_le_bytes());
+        }
+        let old = decode(&v1).unwrap();
+        assert_eq!(
+            (old.runs.clone(), old.seen.clone()),
+            (set.runs.clone(), vec![3, 3, 3])
+        );
+        assert!(decode(&v1[..v1.len() - 4]).is_err());
         let mut overlapping = set.clone();
         overlapping.runs = vec![run(0, 4), run(3, 1)];
         assert!(decode(&encode(&overlapping)).is_err());

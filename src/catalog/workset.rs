@@ -106,6 +106,7 @@ mod tests {
     fn set(start: u64, recordings: u32) -> WorkingSet {
         WorkingSet {
             runs: vec![Run { start, len: 3 }],
+            seen: vec![recordings],
             recordings,
             updated: 42,
         }
