@@ -296,195 +296,20 @@ pub fn handle(
     let settings = ctx.settings();
     let max_targets = settings.max_targets;
     match request {
-        Request::Ping => answer(request::Ping, |_| {
-            Ok(PingResult {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-                protocol: PROTOCOL_VERSION,
-                state_dir: catalog.dir().to_path_buf(),
-                instance: Some(ctx.instance.to_string()),
-                roots: settings.roots.health(),
-                waiting: ctx.waiting(),
-            })
-        }),
-        Request::Check => answer(request::Check, |_| {
-            crate::check::check(
-                catalog,
-                ctx.kernel().ok().as_deref(),
-                &ctx.instance,
-                &settings.roots,
-                max_targets,
-                &ctx.waiting(),
-            )
-        }),
-        Request::Capture(r) => answer(r, |r| {
-            let started = Instant::now();
-            let mut image = open_image(catalog, &settings, &r.path, r.force_raw)?;
-            // Re-capture rewrites maps that devices may use: checked and done under the lock.
-            let _changes = r.recapture.then(|| ctx.changes());
-            let pending = crate::holds::prepare_capture(catalog, &mut image, r.recapture)?;
-            let captured =
-                catalog.capture_changing(&image, r.name.as_deref(), r.recapture, progress);
-            crate::holds::finish_capture(catalog, pending, &image);
-            let captured = captured?;
-            crate::watch::captured(catalog.dir(), &captured.record, ctx.auto_capture());
-            Ok(CaptureResult {
-                status: captured.status,
-                image: captured.record,
-                seconds: started.elapsed().as_secs_f64(),
-                changed: captured.changed,
-                sidecar: captured.sidecar,
-            })
-        }),
-        Request::Images => answer(request::Images, |_| {
-            let images = catalog.images()?;
-            let files = crate::holds::file_states(catalog, &images)?;
-            Ok(ImagesResult {
-                images: images
-                    .into_iter()
-                    .zip(files)
-                    .map(|(record, file)| ImageEntry {
-                        record,
-                        file: Some(file),
-                    })
-                    .collect(),
-                auto_capture: ctx.auto_capture.snapshot(),
-            })
-        }),
-        Request::Map(r) => answer(r, |r| {
-            let (record, map) = catalog.map(&r.name)?;
-            let sources = catalog.sources_of(&record, &map)?;
-            let references = map
-                .referenced_images()
-                .into_iter()
-                .filter_map(|id| {
-                    let name = sources.get(&id)?.name.clone();
-                    Some(ImageRef { id, name })
-                })
-                .collect();
-            Ok(MapResult {
-                name: record.name,
-                size: record.size,
-                summary: record.summary,
-                references,
-                extents: r.extents.then_some(map.extents),
-            })
-        }),
+        Request::Ping => answer(request::Ping, |_| ping(ctx, &settings)),
+        Request::Check => answer(request::Check, |_| check(ctx, &settings)),
+        Request::Capture(r) => answer(r, |r| capture(ctx, &settings, r, progress)),
+        Request::Images => answer(request::Images, |_| images(ctx)),
+        Request::Map(r) => answer(r, |r| map(catalog, r)),
         Request::Table(r) => answer(r, |r| table_of(catalog, &r.name, &r.devices)),
         Request::Verify(r) => answer(r, |r| verify(catalog, &r.name, progress)),
-        Request::Forget(r) => answer(r, |r| {
-            let _changes = ctx.changes();
-            if let Ok(kernel) = ctx.kernel() {
-                device::prune(catalog, kernel.as_ref())?;
-            }
-            let (image, changed) = catalog.forget(&r.name)?;
-            release_holds(catalog);
-            crate::watch::forgotten(catalog.dir(), &image);
-            Ok(ForgetResult { image, changed })
-        }),
-        Request::Create(r) => answer(r, |r| {
-            let image = device_image(
-                ctx,
-                &settings,
-                &r.image,
-                r.options.capture,
-                r.options.force_raw,
-                progress,
-            )?;
-            let kernel = ctx.kernel()?;
-            let created = {
-                let _changes = ctx.changes();
-                binding::create(
-                    catalog,
-                    kernel.as_ref(),
-                    &ctx.instance,
-                    &r.name,
-                    &image,
-                    max_targets,
-                    r.options.rebind,
-                )
-            };
-            // Answered once the guard refuses writes to the images the new device reads.
-            crate::guard::sync();
-            let created = created?;
-            prefetch::after_device(catalog, &r.name, max_targets);
-            Ok(created)
-        }),
-        Request::Ensure(r) => answer(r, |r| {
-            let image = match &r.image {
-                Some(image) => Some(device_image(
-                    ctx,
-                    &settings,
-                    image,
-                    r.options.capture,
-                    r.options.force_raw,
-                    progress,
-                )?),
-                None => None,
-            };
-            let kernel = ctx.kernel()?;
-            let ensured = {
-                let _changes = ctx.changes();
-                binding::ensure(
-                    catalog,
-                    kernel.as_ref(),
-                    &ctx.instance,
-                    &r.name,
-                    image.as_deref(),
-                    max_targets,
-                    r.options.rebind,
-                )
-            };
-            crate::guard::sync();
-            let ensured = ensured?;
-            prefetch::after_device(catalog, &r.name, max_targets);
-            Ok(ensured)
-        }),
-        Request::Remove(r) => answer(r, |r| {
-            let kernel = ctx.kernel()?;
-            let removed = {
-                let _changes = ctx.changes();
-                let removed =
-                    device::remove(catalog, kernel.as_ref(), &ctx.instance, &r.name, r.deferred)?;
-                release_holds(catalog);
-                removed
-            };
-            // Answered once the guard no longer refuses writes to images nothing reads now.
-            crate::guard::sync();
-            Ok(removed)
-        }),
-        Request::List => answer(request::List, |_| {
-            let mut devices =
-                device::list(catalog, ctx.kernel()?.as_ref(), &ctx.instance, max_targets)?;
-            devices.iter_mut().for_each(|d| ctx.explain(d));
-            Ok(devices)
-        }),
-        Request::Status(r) => answer(r, |r| {
-            let mut status = device::status(
-                catalog,
-                ctx.kernel()?.as_ref(),
-                &ctx.instance,
-                &r.name,
-                max_targets,
-                r.table,
-            )?;
-            ctx.explain(&mut status);
-            Ok(status)
-        }),
-        Request::Refresh(r) => answer(r, |r| {
-            let kernel = ctx.kernel()?;
-            let refreshed = {
-                let _changes = ctx.changes();
-                device::refresh(
-                    catalog,
-                    kernel.as_ref(),
-                    &ctx.instance,
-                    &r.name,
-                    max_targets,
-                )
-            };
-            crate::guard::sync();
-            refreshed
-        }),
+        Request::Forget(r) => answer(r, |r| forget(ctx, r)),
+        Request::Create(r) => answer(r, |r| create(ctx, &settings, r, progress)),
+        Request::Ensure(r) => answer(r, |r| ensure(ctx, &settings, r, progress)),
+        Request::Remove(r) => answer(r, |r| remove(ctx, r)),
+        Request::List => answer(request::List, |_| list(ctx, max_targets)),
+        Request::Status(r) => answer(r, |r| status(ctx, r, max_targets)),
+        Request::Refresh(r) => answer(r, |r| refresh(ctx, r, max_targets)),
         Request::Stats(r) => answer(r, |r| {
             device::stats(catalog, ctx.kernel()?.as_ref(), r.name.as_ref())
         }),
@@ -496,12 +321,7 @@ pub fn handle(
         Request::Dependents(r) => answer(r, |r| dependents(catalog, &r.name)),
         Request::RestoreStatus => answer(request::RestoreStatus, |_| Ok(ctx.restore_status())),
         Request::Bindings => answer(request::Bindings, |_| crate::binding::list(catalog)),
-        Request::Record(r) => answer(r, |r| {
-            let kernel = ctx.kernel()?;
-            let phase = r.phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);
-            let _changes = ctx.changes();
-            prefetch::record(catalog, kernel.as_ref(), &r.name, phase, r.replace)
-        }),
+        Request::Record(r) => answer(r, |r| record(ctx, r)),
         Request::WorkingSet(r) => answer(r, |r| prefetch::show(catalog, &r.name, r.extents)),
         Request::ForgetWorkingSet(r) => answer(r, |r| {
             Ok(ForgetWorkingSetResult {
@@ -519,6 +339,245 @@ pub fn handle(
             )
         }),
     }
+}
+
+// One handler per request whose work is more than a call: each takes its request and
+// returns its reply type (`C::Reply` of its [`Call`]), so `handle` above only dispatches.
+
+fn ping(ctx: &Context, settings: &Settings) -> Result<PingResult> {
+    Ok(PingResult {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: PROTOCOL_VERSION,
+        state_dir: ctx.catalog.dir().to_path_buf(),
+        instance: Some(ctx.instance.to_string()),
+        roots: settings.roots.health(),
+        waiting: ctx.waiting(),
+    })
+}
+
+fn check(ctx: &Context, settings: &Settings) -> Result<<request::Check as Call>::Reply> {
+    crate::check::check(
+        &ctx.catalog,
+        ctx.kernel().ok().as_deref(),
+        &ctx.instance,
+        &settings.roots,
+        settings.max_targets,
+        &ctx.waiting(),
+    )
+}
+
+fn capture(
+    ctx: &Context,
+    settings: &Settings,
+    r: request::Capture,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<CaptureResult> {
+    let catalog = &ctx.catalog;
+    let started = Instant::now();
+    let mut image = open_image(catalog, settings, &r.path, r.force_raw)?;
+    // Re-capture rewrites maps that devices may use: checked and done under the lock.
+    let _changes = r.recapture.then(|| ctx.changes());
+    let pending = crate::holds::prepare_capture(catalog, &mut image, r.recapture)?;
+    let captured = catalog.capture_changing(&image, r.name.as_deref(), r.recapture, progress);
+    crate::holds::finish_capture(catalog, pending, &image);
+    let captured = captured?;
+    crate::watch::captured(catalog.dir(), &captured.record, ctx.auto_capture());
+    Ok(CaptureResult {
+        status: captured.status,
+        image: captured.record,
+        seconds: started.elapsed().as_secs_f64(),
+        changed: captured.changed,
+        sidecar: captured.sidecar,
+    })
+}
+
+fn images(ctx: &Context) -> Result<ImagesResult> {
+    let images = ctx.catalog.images()?;
+    let files = crate::holds::file_states(&ctx.catalog, &images)?;
+    Ok(ImagesResult {
+        images: images
+            .into_iter()
+            .zip(files)
+            .map(|(record, file)| ImageEntry {
+                record,
+                file: Some(file),
+            })
+            .collect(),
+        auto_capture: ctx.auto_capture.snapshot(),
+    })
+}
+
+fn map(catalog: &Catalog, r: request::Map) -> Result<MapResult> {
+    let (record, map) = catalog.map(&r.name)?;
+    let sources = catalog.sources_of(&record, &map)?;
+    let references = map
+        .referenced_images()
+        .into_iter()
+        .filter_map(|id| {
+            let name = sources.get(&id)?.name.clone();
+            Some(ImageRef { id, name })
+        })
+        .collect();
+    Ok(MapResult {
+        name: record.name,
+        size: record.size,
+        summary: record.summary,
+        references,
+        extents: r.extents.then_some(map.extents),
+    })
+}
+
+fn forget(ctx: &Context, r: request::Forget) -> Result<ForgetResult> {
+    let catalog = &ctx.catalog;
+    let _changes = ctx.changes();
+    if let Ok(kernel) = ctx.kernel() {
+        device::prune(catalog, kernel.as_ref())?;
+    }
+    let (image, changed) = catalog.forget(&r.name)?;
+    release_holds(catalog);
+    crate::watch::forgotten(catalog.dir(), &image);
+    Ok(ForgetResult { image, changed })
+}
+
+fn create(
+    ctx: &Context,
+    settings: &Settings,
+    r: request::Create,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<<request::Create as Call>::Reply> {
+    let catalog = &ctx.catalog;
+    let image = device_image(
+        ctx,
+        settings,
+        &r.image,
+        r.options.capture,
+        r.options.force_raw,
+        progress,
+    )?;
+    let kernel = ctx.kernel()?;
+    let created = {
+        let _changes = ctx.changes();
+        binding::create(
+            catalog,
+            kernel.as_ref(),
+            &ctx.instance,
+            &r.name,
+            &image,
+            settings.max_targets,
+            r.options.rebind,
+        )
+    };
+    // Answered once the guard refuses writes to the images the new device reads.
+    crate::guard::sync();
+    let created = created?;
+    prefetch::after_device(catalog, &r.name, settings.max_targets);
+    Ok(created)
+}
+
+fn ensure(
+    ctx: &Context,
+    settings: &Settings,
+    r: request::Ensure,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<<request::Ensure as Call>::Reply> {
+    let catalog = &ctx.catalog;
+    let image = match &r.image {
+        Some(image) => Some(device_image(
+            ctx,
+            settings,
+            image,
+            r.options.capture,
+            r.options.force_raw,
+            progress,
+        )?),
+        None => None,
+    };
+    let kernel = ctx.kernel()?;
+    let ensured = {
+        let _changes = ctx.changes();
+        binding::ensure(
+            catalog,
+            kernel.as_ref(),
+            &ctx.instance,
+            &r.name,
+            image.as_deref(),
+            settings.max_targets,
+            r.options.rebind,
+        )
+    };
+    crate::guard::sync();
+    let ensured = ensured?;
+    prefetch::after_device(catalog, &r.name, settings.max_targets);
+    Ok(ensured)
+}
+
+fn remove(ctx: &Context, r: request::Remove) -> Result<<request::Remove as Call>::Reply> {
+    let catalog = &ctx.catalog;
+    let kernel = ctx.kernel()?;
+    let removed = {
+        let _changes = ctx.changes();
+        let removed = device::remove(catalog, kernel.as_ref(), &ctx.instance, &r.name, r.deferred)?;
+        release_holds(catalog);
+        removed
+    };
+    // Answered once the guard no longer refuses writes to images nothing reads now.
+    crate::guard::sync();
+    Ok(removed)
+}
+
+fn list(ctx: &Context, max_targets: u64) -> Result<<request::List as Call>::Reply> {
+    let mut devices = device::list(
+        &ctx.catalog,
+        ctx.kernel()?.as_ref(),
+        &ctx.instance,
+        max_targets,
+    )?;
+    devices.iter_mut().for_each(|d| ctx.explain(d));
+    Ok(devices)
+}
+
+fn status(
+    ctx: &Context,
+    r: request::Status,
+    max_targets: u64,
+) -> Result<<request::Status as Call>::Reply> {
+    let mut status = device::status(
+        &ctx.catalog,
+        ctx.kernel()?.as_ref(),
+        &ctx.instance,
+        &r.name,
+        max_targets,
+        r.table,
+    )?;
+    ctx.explain(&mut status);
+    Ok(status)
+}
+
+fn refresh(
+    ctx: &Context,
+    r: request::Refresh,
+    max_targets: u64,
+) -> Result<<request::Refresh as Call>::Reply> {
+    let kernel = ctx.kernel()?;
+    let refreshed = {
+        let _changes = ctx.changes();
+        device::refresh(
+            &ctx.catalog,
+            kernel.as_ref(),
+            &ctx.instance,
+            &r.name,
+            max_targets,
+        )
+    };
+    crate::guard::sync();
+    refreshed
+}
+
+fn record(ctx: &Context, r: request::Record) -> Result<<request::Record as Call>::Reply> {
+    let kernel = ctx.kernel()?;
+    let phase = r.phase.as_deref().unwrap_or(crate::workset::DEFAULT_PHASE);
+    let _changes = ctx.changes();
+    prefetch::record(&ctx.catalog, kernel.as_ref(), &r.name, phase, r.replace)
 }
 
 /// The devices and maps that read image `name`.

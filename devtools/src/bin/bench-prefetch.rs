@@ -203,6 +203,7 @@ fn main() -> Result<()> {
             id,
             "boot",
             &WorkingSet {
+                seen: vec![1; runs.len()],
                 runs: runs.clone(),
                 recordings: 1,
                 updated: 0,
