@@ -316,10 +316,10 @@ def ensure_matplotlib():
                    "python3-matplotlib"], env=env, stdout=subprocess.DEVNULL)
 
 
-def plot(results, path):
-    """Plots time and bytes read against N from a results file. Uses Debian's
-    python3-matplotlib (installed if missing), under /usr/bin/python3 when this interpreter
-    (e.g. a pyenv one) cannot import it."""
+def pyplot(results, path):
+    """matplotlib's pyplot (Agg), from Debian's python3-matplotlib (installed if missing);
+    None when this interpreter (e.g. a pyenv one) cannot import it, after /usr/bin/python3
+    made the plot of `results` at `path` instead."""
     try:
         import matplotlib
     except ImportError:
@@ -327,10 +327,20 @@ def plot(results, path):
         if sys.executable != "/usr/bin/python3":
             guest.run(["/usr/bin/python3", __file__, "--plot-only", str(results),
                        "--plot", str(path)])
-            return
+            return None
         import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot(results, path):
+    """Plots time and bytes read against N from a results file. Uses Debian's
+    python3-matplotlib (installed if missing), under /usr/bin/python3 when this interpreter
+    (e.g. a pyenv one) cannot import it."""
+    plt = pyplot(results, path)
+    if plt is None:
+        return
     data = json.loads(results.read_text())
     table = median_runs(data["runs"])
     ns = sorted({n for (_, n) in table if ("plain", n) in table and ("vmar", n) in table})
@@ -619,17 +629,9 @@ def trace_report(data):
 def trace_plot(results, path):
     """Plots, per set and phase, wall time and bytes read against N for every path, with
     the content bound. Uses matplotlib like plot()."""
-    try:
-        import matplotlib
-    except ImportError:
-        ensure_matplotlib()
-        if sys.executable != "/usr/bin/python3":
-            guest.run(["/usr/bin/python3", __file__, "--plot-only", str(results),
-                       "--plot", str(path)])
-            return
-        import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(results, path)
+    if plt is None:
+        return
     data = json.loads(results.read_text())
     table = trace_table(data)
     sets = data["sets"]
