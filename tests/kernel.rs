@@ -515,8 +515,22 @@ fn real_restore_after_reboot() {
     run(&["create", "vmar-junk", "--uuid", &junk, "--notable"]);
     run(&["create", "vmar-older", "--uuid", "VMAR-older", "--notable"]);
     write_image(&images[2], &[Block::Unique(99)], 0);
+    // A node a device removed without vmar's udev rules left behind: it names a number that
+    // any device may get next. vmard removes it when it starts.
+    let stale = Path::new("/dev/vmar/leftover");
+    nix::sys::stat::mknod(
+        stale,
+        nix::sys::stat::SFlag::S_IFBLK,
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+        nix::sys::stat::makedev(253, 250),
+    )
+    .unwrap();
 
     let daemon = Daemon::start_with(dir.path(), &state, &socket);
+    assert!(
+        std::fs::symlink_metadata(stale).is_err(),
+        "a /dev/vmar node that names no live vmar device survived vmard's start"
+    );
     let states = device_states(&daemon);
     // db's image was rewritten in place: restored failed closed (its extents read as EIO),
     // never served as unchanged.

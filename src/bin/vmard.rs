@@ -182,6 +182,9 @@ fn main() -> Result<()> {
     // Restore saved devices before reporting ready, so that units ordered after vmard (VMs)
     // find their devices. A device that cannot be served is reported and skipped. Clients
     // that connect meanwhile wait in the socket's backlog.
+    if args.sim.is_none() {
+        remove_stale_nodes(server.context());
+    }
     let status = if args.no_restore {
         "devices not restored (--no-restore)".to_string()
     } else {
@@ -574,6 +577,30 @@ fn reload(args: &Args, context: &Context) {
             context.set_settings(settings);
         }
         Err(e) => tracing::error!("configuration not reloaded, keeping the old one: {e:#}"),
+    }
+}
+
+/// Removes `/dev/vmar` nodes that name no live vmar device of their name (see
+/// [`vmar::device::nodes`]). Before the restore, so that no device it creates is meanwhile
+/// given its node by udev; on a host without device-mapper there is nothing to look at.
+fn remove_stale_nodes(context: &Context) {
+    let Ok(kernel) = context.kernel() else {
+        return;
+    };
+    let live = |name: &str| {
+        Ok(kernel
+            .dm_info(name)?
+            .map(|d| nix::sys::stat::makedev(d.major.into(), d.minor.into())))
+    };
+    let removed = vmar::device::nodes::remove_stale(
+        std::path::Path::new(vmar::device::nodes::NODE_DIR),
+        live,
+    );
+    if !removed.is_empty() {
+        tracing::warn!(
+            nodes = ?removed,
+            "removed /dev/vmar nodes that named no live vmar device of their name"
+        );
     }
 }
 

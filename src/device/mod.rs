@@ -12,10 +12,11 @@
 //!
 //! One job per file: `plan.rs` (a device's table), `steps.rs` (the kernel steps changes are
 //! made of: activate, swap, claim, dm-stats), `create.rs`, `refresh.rs`, `remove.rs`,
-//! `restore.rs` (with unit tests on the in-memory kernel), `status.rs` (`list`, `status`)
-//! and `stats.rs`.
+//! `restore.rs` (with unit tests on the in-memory kernel), `status.rs` (`list`, `status`),
+//! `stats.rs` and `nodes.rs` (`/dev/vmar` nodes that name no live device, removed at start).
 
 mod create;
+pub mod nodes;
 mod plan;
 mod refresh;
 mod remove;

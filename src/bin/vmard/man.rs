@@ -83,7 +83,7 @@ pub fn vmard(command: clap::Command, out: &mut dyn Write) -> Result<()> {
             ),
             (
                 "/dev/vmar/NAME",
-                "Device NAME (also /dev/mapper/vmar-NAME), read-only.",
+                "Device NAME (also /dev/mapper/vmar-NAME), read-only: a block device node of its own, made and removed with the device by udev (61-vmar.rules, vmar-devnode). At start, before restoring, vmard removes nodes there that name no live vmar device of their name.",
             ),
             (
                 "/lib/systemd/system/vmard.service",
