@@ -32,6 +32,43 @@ fn family(dir: &Path) -> (Vec<PathBuf>, Vec<(Vec<Block>, usize)>) {
     (paths, blocks)
 }
 
+/// The family captured by a vmard on the simulated kernel with vmar.toml `config` (none when
+/// empty): the daemon, the image paths, the family's blocks, the images' ids and where each
+/// block is served from.
+struct Captured {
+    daemon: Daemon,
+    paths: Vec<PathBuf>,
+    family: Vec<(Vec<Block>, usize)>,
+    ids: Vec<u32>,
+    sources: Vec<Vec<Source>>,
+}
+
+fn captured(dir: &Path, config: &str) -> Captured {
+    let (paths, family) = family(dir);
+    let daemon = if config.is_empty() {
+        Daemon::start_sim(dir, "")
+    } else {
+        let file = dir.join("vmar.toml");
+        std::fs::write(&file, config).unwrap();
+        Daemon::start_args(
+            dir,
+            &dir.join("state"),
+            &dir.join("run/vmard.sock"),
+            &["--sim", s(&dir.join("kernel")), "--config", s(&file)],
+        )
+    };
+    capture_all(&daemon, &paths);
+    let ids = ids(&daemon);
+    let sources = expected_sources(&family, &ids);
+    Captured {
+        daemon,
+        paths,
+        family,
+        ids,
+        sources,
+    }
+}
+
 fn sim(dir: &Path) -> SimKernel {
     SimKernel::open(&dir.join("kernel")).unwrap()
 }
@@ -146,11 +183,13 @@ fn all_cached(paths: &[PathBuf], ids: &[u32], blocks: &BTreeSet<(u32, u64)>) -> 
 #[test]
 fn recorded_sets_are_what_devices_read_and_warming_reads_their_union_once() {
     let dir = tempfile::tempdir().unwrap();
-    let (paths, family) = family(dir.path());
-    let daemon = Daemon::start_sim(dir.path(), "");
-    capture_all(&daemon, &paths);
-    let ids = ids(&daemon);
-    let sources = expected_sources(&family, &ids);
+    let Captured {
+        daemon,
+        paths,
+        family,
+        ids,
+        sources,
+    } = captured(dir.path(), "");
     ok(&daemon, &["create", "web1", "web"]);
     ok(&daemon, &["create", "db1", "db"]);
     let kernel = sim(dir.path());
@@ -287,19 +326,13 @@ fn recorded_sets_are_what_devices_read_and_warming_reads_their_union_once() {
 #[test]
 fn create_warms_in_the_background_and_the_recorder_records_after_the_first_open() {
     let dir = tempfile::tempdir().unwrap();
-    let (paths, family) = family(dir.path());
-    let config = dir.path().join("vmar.toml");
-    std::fs::write(&config, "prefetch = \"create\"\nrecord_after = 1\n").unwrap();
-    let kernel_dir = dir.path().join("kernel");
-    let daemon = Daemon::start_args(
-        dir.path(),
-        &dir.path().join("state"),
-        &dir.path().join("run/vmard.sock"),
-        &["--sim", s(&kernel_dir), "--config", s(&config)],
-    );
-    capture_all(&daemon, &paths);
-    let ids = ids(&daemon);
-    let sources = expected_sources(&family, &ids);
+    let Captured {
+        daemon,
+        paths,
+        family,
+        ids,
+        sources,
+    } = captured(dir.path(), "prefetch = \"create\"\nrecord_after = 1\n");
     ok(&daemon, &["create", "web1", "web"]);
     let kernel = sim(dir.path());
     // Reads while closed (a look at the disk before the VM starts) do not count, once the
@@ -348,19 +381,14 @@ fn create_warms_in_the_background_and_the_recorder_records_after_the_first_open(
 #[test]
 fn warms_merge_across_the_configured_gap_which_a_reload_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let (paths, family) = family(dir.path());
+    let Captured {
+        daemon,
+        paths,
+        family,
+        ids,
+        sources,
+    } = captured(dir.path(), "prefetch_merge_gap = 0\n");
     let config = dir.path().join("vmar.toml");
-    std::fs::write(&config, "prefetch_merge_gap = 0\n").unwrap();
-    let kernel_dir = dir.path().join("kernel");
-    let daemon = Daemon::start_args(
-        dir.path(),
-        &dir.path().join("state"),
-        &dir.path().join("run/vmard.sock"),
-        &["--sim", s(&kernel_dir), "--config", s(&config)],
-    );
-    capture_all(&daemon, &paths);
-    let ids = ids(&daemon);
-    let sources = expected_sources(&family, &ids);
     ok(&daemon, &["create", "web1", "web"]);
     // Two runs of web's own blocks, two blocks apart.
     let boot = [44, 45, 48, 49];
