@@ -334,6 +334,20 @@ def pyplot(results, path):
     return plt
 
 
+def disk_label(data):
+    """How the guest's disk was throttled in the run of `data`, for a plot's title."""
+    limits = [f"{data['disk_mbps']} MB/s" if data["disk_mbps"] else "",
+              f"{data['disk_iops']} IOPS" if data["disk_iops"] else ""]
+    return "disk " + " ".join(x for x in limits if x) if any(limits) else "disk not throttled"
+
+
+def save_plot(fig, path):
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    log(f"plot written to {path}")
+
+
 def plot(results, path):
     """Plots time and bytes read against N from a results file. Uses Debian's
     python3-matplotlib (installed if missing), under /usr/bin/python3 when this interpreter
@@ -355,15 +369,10 @@ def plot(results, path):
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
-    limits = [f"{data['disk_mbps']} MB/s" if data["disk_mbps"] else "",
-              f"{data['disk_iops']} IOPS" if data["disk_iops"] else ""]
-    disk = "disk " + " ".join(x for x in limits if x) if any(limits) else "disk not throttled"
+    disk = disk_label(data)
     fig.suptitle(f"cold start of N VMs, median of {data['rounds']} rounds "
                  f"(QEMU TCG guest, {disk})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    log(f"plot written to {path}")
+    save_plot(fig, path)
 
 
 def report(results, plot_path):
@@ -663,15 +672,10 @@ def trace_plot(results, path):
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    limits = [f"{data['disk_mbps']} MB/s" if data["disk_mbps"] else "",
-              f"{data['disk_iops']} IOPS" if data["disk_iops"] else ""]
-    disk = "disk " + " ".join(x for x in limits if x) if any(limits) else "disk not throttled"
+    disk = disk_label(data)
     fig.suptitle(f"replayed boot traces of N VMs started together, median of "
                  f"{data['rounds']} rounds (QEMU TCG guest, {disk})", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    log(f"plot written to {path}")
+    save_plot(fig, path)
 
 
 def run_trace(args, ns):
