@@ -134,6 +134,18 @@ mod workset;
 
 pub use capture::Captured;
 
+/// For the catalog's unit tests: a catalog in `dir/state` that has captured one small image,
+/// `dir/img.raw` (three blocks of 7s).
+#[cfg(test)]
+fn captured_for_test(dir: &Path) -> Catalog {
+    let image = dir.join("img.raw");
+    std::fs::write(&image, [7u8; 3 * 4096]).unwrap();
+    let catalog = Catalog::open(&dir.join("state")).unwrap();
+    let file = ImageFile::open(&image).unwrap();
+    catalog.capture(&file, None, false, &mut |_| {}).unwrap();
+    catalog
+}
+
 pub use lock::{LOCK_FILE, StateLock};
 pub use recover::Recovery;
 use state_dir::{create_private_dir, existing_state};

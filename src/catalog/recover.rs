@@ -356,13 +356,8 @@ mod tests {
     #[test]
     fn two_recoveries_never_share_an_aside_name() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("img.raw");
-        std::fs::write(&image, [7u8; 3 * 4096]).unwrap();
         let state = dir.path().join("state");
-        let catalog = Catalog::open(&state).unwrap();
-        let file = ImageFile::open(&image).unwrap();
-        catalog.capture(&file, None, false, &mut |_| {}).unwrap();
-        drop(catalog);
+        drop(crate::catalog::captured_for_test(dir.path()));
         // Two recoveries in one second (retried if a second boundary falls between them).
         for _ in 0..3 {
             let second = crate::time::now_secs();

@@ -185,15 +185,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn captured(dir: &Path) -> Catalog {
-        let image = dir.join("img.raw");
-        std::fs::write(&image, [7u8; 3 * 4096]).unwrap();
-        let catalog = Catalog::open(&dir.join("state")).unwrap();
-        let file = ImageFile::open(&image).unwrap();
-        catalog.capture(&file, None, false, &mut |_| {}).unwrap();
-        catalog
-    }
+    use crate::catalog::captured_for_test as captured;
 
     /// Flips one byte in the middle of every index run, in place.
     fn damage_runs(state: &Path) {

@@ -380,15 +380,7 @@ pub(super) fn clear(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn captured(dir: &Path) -> Catalog {
-        let image = dir.join("img.raw");
-        std::fs::write(&image, [7u8; 3 * 4096]).unwrap();
-        let catalog = Catalog::open(&dir.join("state")).unwrap();
-        let file = ImageFile::open(&image).unwrap();
-        catalog.capture(&file, None, false, &mut |_| {}).unwrap();
-        catalog
-    }
+    use crate::catalog::captured_for_test as captured;
 
     #[test]
     fn a_damaged_record_is_refused() {
