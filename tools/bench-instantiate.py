@@ -678,6 +678,17 @@ def trace_plot(results, path):
     save_plot(fig, path)
 
 
+def guest_drive(disk, args):
+    """QEMU's -drive for the guest's disk of image files: read-only, O_DIRECT on the host,
+    throttled as --disk-mbps and --disk-iops ask."""
+    drive = f"file={disk},if=virtio,format=raw,readonly=on,cache=none,aio=native"
+    if args.disk_mbps:
+        drive += f",throttling.bps-read={args.disk_mbps * 1000 * 1000}"
+    if args.disk_iops:
+        drive += f",throttling.iops-read={args.disk_iops}"
+    return drive
+
+
 def run_trace(args, ns):
     if os.geteuid() != 0:
         sys.exit("bench-instantiate: needs root (debootstrap, QEMU)")
@@ -717,13 +728,8 @@ def run_trace(args, ns):
                        setup=setup,
                        extra=f"--workload trace {sets} --paths {args.paths}")
     initramfs = guest.build_initramfs(WORK, moddir, udev, MODULES, binaries, init, files)
-    drive = f"file={disk},if=virtio,format=raw,readonly=on,cache=none,aio=native"
-    if args.disk_mbps:
-        drive += f",throttling.bps-read={args.disk_mbps * 1000 * 1000}"
-    if args.disk_iops:
-        drive += f",throttling.iops-read={args.disk_iops}"
     output, seconds = guest.boot(vmlinuz, initramfs, args.timeout, args.memory,
-                                 ["-drive", drive])
+                                 ["-drive", guest_drive(disk, args)])
     (WORK / "guest-trace.log").write_text(output)
     for line in re.findall(r"^BENCH: (scheduler .*?)\r?$", output, re.MULTILINE):
         log(f"guest disk: {line}")
@@ -835,13 +841,8 @@ def main():
                        setup="")
     files = {f"/bench/lists/{n}.list": lists / f"{n}.list" for n in names}
     initramfs = guest.build_initramfs(WORK, moddir, udev, MODULES, binaries, init, files)
-    drive = f"file={disk},if=virtio,format=raw,readonly=on,cache=none,aio=native"
-    if args.disk_mbps:
-        drive += f",throttling.bps-read={args.disk_mbps * 1000 * 1000}"
-    if args.disk_iops:
-        drive += f",throttling.iops-read={args.disk_iops}"
     output, seconds = guest.boot(vmlinuz, initramfs, args.timeout, args.memory,
-                                 ["-drive", drive])
+                                 ["-drive", guest_drive(disk, args)])
     (WORK / "guest.log").write_text(output)
     log(f"guest ran {seconds:.0f} s (log: {WORK / 'guest.log'})")
     records = [json.loads(m) for m in re.findall(r"^BENCH: (\{.*\})\r?$", output, re.MULTILINE)]
