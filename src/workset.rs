@@ -71,6 +71,12 @@ pub struct WorkingSet {
 }
 
 impl WorkingSet {
+    /// The last recording that found run `i` (the latest when the set does not say: a set
+    /// built without `seen`, or read from a record of the first format).
+    pub fn seen(&self, i: usize) -> u32 {
+        self.seen.get(i).copied().unwrap_or(self.recordings)
+    }
+
     /// Blocks it holds.
     pub fn blocks(&self) -> u64 {
         blocks(&self.runs)
@@ -180,7 +186,8 @@ pub fn merge_recording(previous: Option<&WorkingSet>, recorded: &[Run], now: u64
     // previous ones outside them, unless too old.
     let mut pieces: Vec<(Run, u32)> = new.iter().map(|&r| (r, recordings)).collect();
     if let Some(previous) = previous {
-        for (&run, &seen) in previous.runs.iter().zip(&previous.seen) {
+        for (i, &run) in previous.runs.iter().enumerate() {
+            let seen = previous.seen(i);
             if recordings - seen.min(recordings) >= KEEP_RECORDINGS {
                 continue;
             }
@@ -251,7 +258,7 @@ pub fn encode(set: &WorkingSet) -> Vec<u8> {
     for (i, run) in set.runs.iter().enumerate() {
         out.extend_from_slice(&run.start.to_le_bytes());
         out.extend_from_slice(&run.len.to_le_bytes());
-        let seen = set.seen.get(i).copied().unwrap_or(set.recordings);
+        let seen = set.seen(i);
         out.extend_from_slice(&seen.to_le_bytes());
     }
     out
@@ -699,6 +706,16 @@ mod tests {
             (bounded.runs.len(), bounded.seen.len()),
             (MAX_RUNS, MAX_RUNS)
         );
+        // A set that does not say which recording found its runs counts them as recent.
+        let unaged = WorkingSet {
+            runs: vec![run(20, 2)],
+            seen: Vec::new(),
+            recordings: 7,
+            updated: 0,
+        };
+        let merged = merge_recording(Some(&unaged), &[run(0, 1)], 1);
+        assert_eq!(merged.runs, vec![run(0, 1), run(20, 2)]);
+        assert_eq!(merged.seen, vec![8, 7]);
     }
 
     #[test]
