@@ -380,9 +380,12 @@ fn open_sidecar(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Records handed to `consume` at a time by [`Sidecars::import`]: 2.5 MiB, a few updates of
-/// the fingerprint and writes of the digest list per 2 GiB of dense image.
-const IMPORT_BATCH: usize = 64 * 1024;
+/// Records handed to `consume` at a time by [`Sidecars::import`]: 640 KiB, still long
+/// updates of the fingerprint and writes of the digest list, and small enough that the
+/// batches in flight stay in the CPU's caches between the decoder writing them and the
+/// catalog reading them. Batches of 65,536 (2.5 MiB) took about 10% longer and 1,400 more
+/// page faults per 2 GiB import (docs/benchmarks.md, sidecar import).
+const IMPORT_BATCH: usize = 16 * 1024;
 
 /// Decodes every record of `decoder` into `consume`, and picks out the digests the sidecar
 /// gives for `samples` (sorted blocks; `None`: no record, a zero block). Reading, checking
