@@ -56,31 +56,21 @@ impl Catalog {
     pub fn name_binding(&self, name: &str) -> Result<Option<NameBinding>> {
         let dir = &self.dir;
         let txn = self.read_txn()?;
-        let table = match txn.open_table(NAME_BINDINGS) {
-            Ok(table) => table,
-            // Catalogs from before bindings have no such table until the first one.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e).ctx(dir),
+        let Some(table) = self.table_if_made(&txn, NAME_BINDINGS)? else {
+            return Ok(None);
         };
         let Some(value) = table.get(name).ctx(dir)? else {
             return Ok(None);
         };
-        let binding = serde_json::from_slice(self.unseal(value.value(), "name binding")?)
-            .map_err(|e| self.corrupt(format!("corrupt name binding record: {e}")))?;
-        Ok(Some(binding))
+        Ok(Some(self.decode_json(value.value(), "name binding")?))
     }
 
     /// Every device name's binding, by name.
     pub fn name_bindings(&self) -> Result<Vec<NameBinding>> {
-        let exists = {
-            let txn = self.read_txn()?;
-            match txn.open_table(NAME_BINDINGS) {
-                Ok(_) => true,
-                Err(redb::TableError::TableDoesNotExist(_)) => false,
-                Err(e) => return Err(e).ctx(&self.dir),
-            }
-        };
-        if !exists {
+        if self
+            .table_if_made(&self.read_txn()?, NAME_BINDINGS)?
+            .is_none()
+        {
             return Ok(Vec::new());
         }
         self.records(NAME_BINDINGS, "name binding")

@@ -382,8 +382,13 @@ impl Catalog {
     }
 
     fn decode(&self, bytes: &[u8]) -> Result<ImageRecord> {
-        serde_json::from_slice(self.unseal(bytes, "image")?)
-            .map_err(|e| self.corrupt(format!("corrupt image record: {e}")))
+        self.decode_json(bytes, "image")
+    }
+
+    /// A sealed JSON record (`what` names its kind in errors): checksum, then JSON.
+    fn decode_json<T: serde::de::DeserializeOwned>(&self, bytes: &[u8], what: &str) -> Result<T> {
+        serde_json::from_slice(self.unseal(bytes, what)?)
+            .map_err(|e| self.corrupt(format!("corrupt {what} record: {e}")))
     }
 
     /// All images in capture order.
@@ -403,9 +408,7 @@ impl Catalog {
         let mut records = Vec::new();
         for entry in table.iter().ctx(dir)? {
             let (_, value) = entry.ctx(dir)?;
-            let record = serde_json::from_slice(self.unseal(value.value(), what)?)
-                .map_err(|e| self.corrupt(format!("corrupt {what} record: {e}")))?;
-            records.push(record);
+            records.push(self.decode_json(value.value(), what)?);
         }
         Ok(records)
     }

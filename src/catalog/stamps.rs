@@ -111,10 +111,8 @@ impl Catalog {
     pub(super) fn run_stamps(&self) -> Result<BTreeMap<u64, RunStamp>> {
         let dir = &self.dir;
         let txn = self.read_txn()?;
-        let table = match txn.open_table(RUN_STAMPS) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
-            Err(e) => return Err(e).ctx(dir),
+        let Some(table) = self.table_if_made(&txn, RUN_STAMPS)? else {
+            return Ok(BTreeMap::new());
         };
         let mut stamps = BTreeMap::new();
         for entry in table.iter().ctx(dir)? {

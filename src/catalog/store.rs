@@ -59,6 +59,21 @@ impl Catalog {
         Ok(())
     }
 
+    /// Table `table` in `txn`, or `None` in a catalog that has not created it yet: tables
+    /// added after a catalog was made (bindings, run stamps, working sets) appear with their
+    /// first record.
+    pub(super) fn table_if_made<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        txn: &redb::ReadTransaction,
+        table: TableDefinition<K, V>,
+    ) -> Result<Option<redb::ReadOnlyTable<K, V>>> {
+        match txn.open_table(table) {
+            Ok(table) => Ok(Some(table)),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(e).ctx(&self.dir),
+        }
+    }
+
     pub(super) fn read_txn(&self) -> Result<redb::ReadTransaction> {
         let db = self.db.read().unwrap_or_else(|p| p.into_inner());
         match &*db {

@@ -20,11 +20,8 @@ impl Catalog {
     pub fn working_sets(&self, id: ImageId) -> Result<Vec<(String, WorkingSet)>> {
         let dir = self.dir();
         let txn = self.read_txn()?;
-        let table = match txn.open_table(WORKING_SETS) {
-            Ok(table) => table,
-            // None recorded yet on this catalog.
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e).ctx(dir),
+        let Some(table) = self.table_if_made(&txn, WORKING_SETS)? else {
+            return Ok(Vec::new());
         };
         let mut sets = Vec::new();
         for entry in table.range((id, "")..).ctx(dir)? {
