@@ -16,20 +16,15 @@ impl Catalog {
 
     /// Saves (or replaces) a device record.
     pub fn save_device(&self, record: &DeviceRecord) -> Result<()> {
-        let _guard = self.lock()?;
-        let dir = &self.dir;
-        let bytes = serde_json::to_vec(record)
-            .map_err(|e| self.corrupt(format!("cannot encode device record: {e}")))?;
-        let txn = self.write_txn()?;
-        txn.open_table(DEVICES)
-            .ctx(dir)?
-            .insert(record.name.as_str(), seal(&bytes).as_slice())
-            .ctx(dir)?;
-        self.commit(txn)?;
-        self.write_backup(vec![crate::backup::Change::Device {
-            record: record.clone(),
-        }]);
-        Ok(())
+        self.save_by_name(
+            DEVICES,
+            &record.name,
+            record,
+            "device record",
+            crate::backup::Change::Device {
+                record: record.clone(),
+            },
+        )
     }
 
     /// Removes a device record; true if there was one.
@@ -78,19 +73,38 @@ impl Catalog {
 
     /// Records (or replaces) the content a device name serves.
     pub fn bind_name(&self, binding: &NameBinding) -> Result<()> {
+        self.save_by_name(
+            NAME_BINDINGS,
+            &binding.name,
+            binding,
+            "name binding",
+            crate::backup::Change::BindName {
+                binding: binding.clone(),
+            },
+        )
+    }
+
+    /// Saves `value` sealed under `name` in `table`, in a transaction of its own, then
+    /// journals `change` to the backup. `what` names it in the error.
+    fn save_by_name<T: serde::Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &str,
+        value: &T,
+        what: &str,
+        change: crate::backup::Change,
+    ) -> Result<()> {
         let _guard = self.lock()?;
         let dir = &self.dir;
-        let bytes = serde_json::to_vec(binding)
-            .map_err(|e| self.corrupt(format!("cannot encode name binding: {e}")))?;
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| self.corrupt(format!("cannot encode {what}: {e}")))?;
         let txn = self.write_txn()?;
-        txn.open_table(NAME_BINDINGS)
+        txn.open_table(table)
             .ctx(dir)?
-            .insert(binding.name.as_str(), seal(&bytes).as_slice())
+            .insert(name, seal(&bytes).as_slice())
             .ctx(dir)?;
         self.commit(txn)?;
-        self.write_backup(vec![crate::backup::Change::BindName {
-            binding: binding.clone(),
-        }]);
+        self.write_backup(vec![change]);
         Ok(())
     }
 }
